@@ -1,0 +1,57 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what it needs into .venv first.
+# The dev/CI install pins every package through constraints.txt (torch==2.13.0 resolves to the CPU build on
+# disk here and to the same release on a GPU machine); the library itself only declares ranges.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MIP := $(VENV)/bin/mip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+
+DEMO_DIR ?= demo_out
+DEMO_PROFILES ?= 150
+DEMO_ARCH ?= qwen2_5_vl
+DEMO_MINUTES ?= 15
+export MIP_THREADS ?= 1
+export OMP_NUM_THREADS ?= 1
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+
+.PHONY: install test test-fast demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+# ---- demo: benchmark -> vanilla model (cached) -> evaluation table
+$(DEMO_DIR)/bench/manifest.json: | install
+	$(MIP) benchmark make --out $(DEMO_DIR)/bench --profiles $(DEMO_PROFILES) --seed 0
+
+$(DEMO_DIR)/vanilla/model.safetensors: $(DEMO_DIR)/bench/manifest.json
+	$(MIP) vanilla --bench $(DEMO_DIR)/bench --arch $(DEMO_ARCH) --size demo --minutes $(DEMO_MINUTES) \
+		--out $(DEMO_DIR)/vanilla
+
+demo: install $(DEMO_DIR)/vanilla/model.safetensors
+	$(MIP) eval --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench --forget 10 \
+		--json $(DEMO_DIR)/vanilla_eval.json
+
+bench: install
+	$(PY) benches/run_all.py
+
+lint: install  # ruff is not a dependency; install it to use this target
+	$(VENV)/bin/ruff check mip_core tasks flows tests || true
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,1 @@
+"""Prefect layer: thin over mip_core (see the package docstrings)."""

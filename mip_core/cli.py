@@ -1,0 +1,144 @@
+"""``mip``: the command-line entry point. Each command parses flags and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mip_core.errors import MipError
+
+
+def _model_tiny(args: argparse.Namespace) -> None:
+    from mip_core.modeling import build_tiny, save_model
+
+    model, processor = build_tiny(args.arch, size=args.size, seed=args.seed)
+    save_model(model, processor, args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote a random {args.arch} ({args.size}, {n / 1e6:.2f} M parameters) to {args.out}")
+
+
+def _benchmark_make(args: argparse.Namespace) -> None:
+    from mip_core.benchmark import make_benchmark
+
+    manifest = make_benchmark(args.out, args.profiles, args.seed, image_size=args.image_size)
+    print(f"wrote benchmark {args.out}: {manifest.n_profiles} profiles, seed {manifest.seed}, "
+          f"counts {json.dumps(manifest.counts, sort_keys=True)}")
+
+
+def _vanilla(args: argparse.Namespace) -> None:
+    import torch
+
+    from mip_core.benchmark import load_benchmark
+    from mip_core.modeling import build_tiny, load_model, save_model
+    from mip_core.training import TrainConfig, train
+
+    torch.set_num_threads(args.threads)
+    bench = load_benchmark(args.bench)
+    if args.init:
+        loaded = load_model(args.init)
+        model, processor = loaded.model, loaded.processor
+    else:
+        model, processor = build_tiny(args.arch, size=args.size, seed=args.seed)
+    cfg = TrainConfig(steps=args.steps, max_minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, threads=args.threads, probe_every=args.probe_every)
+    log = train(model, processor, bench, cfg)
+    save_model(model, processor, args.out)
+    Path(args.out, "training_log.json").write_text(json.dumps(log.to_dict(), indent=1) + "\n")
+    print(f"trained {log.steps_done} steps in {log.seconds:.0f}s; wrote {args.out}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from mip_core.benchmark import load_benchmark
+    from mip_core.evaluation import evaluate, format_table, read_json, write_json
+    from mip_core.modeling import load_model
+
+    torch.set_num_threads(args.threads)
+    reference = read_json(args.reference) if args.reference else None
+    bench = load_benchmark(args.bench)
+    loaded = load_model(args.model)
+    t0 = time.perf_counter()
+    rows = evaluate(loaded.model, loaded.processor, bench, forget_pct=args.forget, splits=args.splits,
+                    reference=reference, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    print(f"model {args.model} on {args.bench} (forget {args.forget} %), {time.perf_counter() - t0:.0f}s")
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+        print(f"wrote {args.json}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mip_core.adapters import ADAPTERS, DEFAULT_ARCH, TINY_SIZES
+    from mip_core.evaluation import SPLITS
+
+    parser = argparse.ArgumentParser(prog="mip", description="MIP-Editor: unlearning for multimodal LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    threads = dict(type=int, default=int(os.environ.get("MIP_THREADS", "1")),
+                   help="torch threads (default 1, or $MIP_THREADS): 1 is fastest on a shared 2-core machine")
+
+    model = sub.add_parser("model", help="build models").add_subparsers(dest="model_command", required=True,
+                                                                        metavar="SUBCOMMAND")
+    tiny = model.add_parser("tiny", help="build a tiny random model with a locally trained tokenizer and processor")
+    tiny.add_argument("--arch", required=True, choices=sorted(ADAPTERS))
+    tiny.add_argument("--out", required=True, help="output folder or fsspec URI (s3://bucket/prefix)")
+    tiny.add_argument("--size", default="demo", choices=sorted(TINY_SIZES))
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_model_tiny)
+
+    bench = sub.add_parser("benchmark", help="synthetic forget benchmark").add_subparsers(
+        dest="benchmark_command", required=True, metavar="SUBCOMMAND")
+    make = bench.add_parser("make", help="generate the fictitious-profile benchmark (same seed, same bytes)")
+    make.add_argument("--out", required=True, help="output folder")
+    make.add_argument("--profiles", type=int, default=150, help="number of fictitious people (default 150)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
+    make.set_defaults(func=_benchmark_make)
+
+    vanilla = sub.add_parser("vanilla", help="fine-tune a model on every profile and the utility set")
+    vanilla.add_argument("--bench", required=True, help="benchmark folder")
+    vanilla.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ADAPTERS),
+                         help="architecture of the tiny model to build (ignored with --init)")
+    vanilla.add_argument("--size", default="demo", choices=sorted(TINY_SIZES))
+    vanilla.add_argument("--init", help="start from this model folder/URI instead of a random tiny model")
+    vanilla.add_argument("--out", required=True, help="output folder or URI")
+    vanilla.add_argument("--steps", type=int, default=6000)
+    vanilla.add_argument("--minutes", type=float, default=15.0, help="training time budget (default 15)")
+    vanilla.add_argument("--batch-size", type=int, default=16)
+    vanilla.add_argument("--lr", type=float, default=3e-3)
+    vanilla.add_argument("--probe-every", type=int, default=250, help="steps between learning-curve points")
+    vanilla.add_argument("--seed", type=int, default=0)
+    vanilla.add_argument("--threads", **threads)
+    vanilla.set_defaults(func=_vanilla)
+
+    ev = sub.add_parser("eval", help="evaluate a model: MC accuracy and ROUGE-L per split and modality")
+    ev.add_argument("--model", required=True, help="model folder or URI")
+    ev.add_argument("--bench", required=True, help="benchmark folder")
+    ev.add_argument("--forget", type=int, default=5, choices=(5, 10, 15), help="forget split, in %% of profiles")
+    ev.add_argument("--reference", help="a `--json` evaluation of the model before unlearning: adds forgetting "
+                                        "rate and retention")
+    ev.add_argument("--json", help="write tidy result rows to this file")
+    ev.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--threads", **threads)
+    ev.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MipError as exc:
+        print(f"mip: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,17 @@
+"""Typed errors raised at the library's boundaries. Every message names what is wrong and what to do."""
+
+
+class MipError(Exception):
+    """Base class of the project's errors."""
+
+
+class UnsupportedModelError(MipError, ValueError):
+    """The model's ``config.model_type`` has no adapter, or its modules do not match the adapter."""
+
+
+class ModelLoadError(MipError, ValueError):
+    """A model folder or URI is missing files or cannot be read."""
+
+
+class InputError(MipError, ValueError):
+    """A user-supplied value (a request, an item, a flag) is invalid."""

@@ -1,0 +1,42 @@
+"""Metric functions on plain values: no model, so each can be checked by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+from rouge_score import rouge_scorer
+
+
+@lru_cache(maxsize=1)
+def _scorer() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (``rouge-score``; lower-cased, alphanumeric tokens) of one prediction."""
+    return float(_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+def mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def mc_correct(option_scores: Sequence[float], answer_index: int) -> bool:
+    """Exact multiple-choice scoring: the option with the highest log-likelihood must be the answer.
+
+    Ties count as wrong unless the answer is the first of the tied maxima (``argmax`` order), which makes a
+    model that scores every option equally no better than always picking option 0.
+    """
+    best = max(range(len(option_scores)), key=lambda i: option_scores[i])
+    return best == answer_index
+
+
+def forgetting_rate(reference: float, current: float) -> float:
+    """``(ref - current) / ref``: 1 means everything the reference knew is gone, 0 nothing forgotten."""
+    return (reference - current) / reference if reference > 0 else float("nan")
+
+
+def retention(reference: float, current: float) -> float:
+    """``current / ref``: 1 means the reference's knowledge is fully kept."""
+    return current / reference if reference > 0 else float("nan")

@@ -1,0 +1,122 @@
+"""Evaluate a model on the benchmark: exact multiple choice (option log-likelihoods) and greedy generation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mip_core.benchmark import Benchmark, Item
+from mip_core.evaluation.metrics import forgetting_rate, mc_correct, mean, retention, rouge_l
+from mip_core.modeling.inputs import IGNORE_INDEX, collate, encode
+from mip_core.types import MODALITIES
+
+SPLITS = ("forget", "retain", "test", "utility")
+#: Which headline figure each split gets against a reference evaluation (method.md section 6).
+RELATIVE_METRIC = {"forget": "forgetting_rate", "test": "forgetting_rate", "retain": "retention",
+                   "utility": "retention"}
+
+
+@dataclass(frozen=True, slots=True)
+class EvalRow:
+    """One tidy result row, the unit of the ``--json`` output."""
+
+    split: str
+    modality: str
+    task: str  # "mc" | "gen"
+    metric: str  # "accuracy" | "rougeL" | "forgetting_rate" | "retention"
+    value: float
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "modality": self.modality, "task": self.task, "metric": self.metric,
+                "value": self.value, "n": self.n}
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, examples: Sequence[dict[str, Tensor]], pad_id: int,
+                      batch_size: int) -> list[float]:
+    """Summed log-probability of each example's labelled tokens (the answer and its end token)."""
+    out: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        labels = batch.pop("labels")[:, 1:]  # [B, S-1]: token t+1 is predicted at t
+        logprobs = model(**batch).logits[:, :-1].float().log_softmax(-1)  # [B, S-1, V]
+        mask = labels != IGNORE_INDEX
+        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, S-1]
+        out.extend((picked * mask).sum(dim=1).tolist())
+    return out
+
+
+def multiple_choice(model: nn.Module, processor: Any, bench: Benchmark, items: Sequence[Item],
+                    batch_size: int = 64, progress: bool = False) -> list[bool]:
+    """For each item, whether the highest-likelihood option (as the answer) is the right one."""
+    examples = []
+    for it in items:
+        image = bench.load_image(it) if it.image else None
+        examples.extend(encode(processor, it.question, image, opt, item_id=it.item_id) for opt in it.options)
+    scores = []
+    pad_id = processor.tokenizer.pad_token_id
+    for start in tqdm(range(0, len(examples), batch_size * 8), desc="multiple choice", disable=not progress):
+        scores.extend(sequence_logprobs(model, examples[start : start + batch_size * 8], pad_id, batch_size))
+    n_opt = len(items[0].options) if items else 0
+    return [mc_correct(scores[k * n_opt : (k + 1) * n_opt], it.answer_index) for k, it in enumerate(items)]
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, processor: Any, bench: Benchmark, items: Sequence[Item],
+                     batch_size: int = 64, max_new_tokens: int = 16, progress: bool = False) -> list[str]:
+    """Greedy, batched (left-padded) generation of each item's answer."""
+    tokenizer = processor.tokenizer
+    answers: list[str] = []
+    for start in tqdm(range(0, len(items), batch_size), desc="generation", disable=not progress):
+        chunk = items[start : start + batch_size]
+        encoded = [encode(processor, it.question, bench.load_image(it) if it.image else None, item_id=it.item_id)
+                   for it in chunk]
+        batch = collate(encoded, tokenizer.pad_token_id, padding_side="left")
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = generated[:, batch["input_ids"].shape[1]:]
+        answers.extend(s.strip() for s in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
+
+
+def evaluate(model: nn.Module, processor: Any, bench: Benchmark, *, forget_pct: int = 5,
+             splits: Sequence[str] = SPLITS, reference: Sequence[EvalRow] | None = None, batch_size: int = 64,
+             progress: bool = False, log: Callable[[str], None] | None = None) -> list[EvalRow]:
+    """Accuracy (MC) and ROUGE-L (generation) for each split x modality; relative figures against ``reference``."""
+    model.eval()
+    rows: list[EvalRow] = []
+    for split in splits:
+        for modality in MODALITIES:
+            items = bench.split_items(split, forget_pct=forget_pct, modality=modality)
+            if not items:
+                continue
+            correct = multiple_choice(model, processor, bench, items, batch_size, progress)
+            predictions = generate_answers(model, processor, bench, items, batch_size, progress=progress)
+            rows.append(EvalRow(split, modality, "mc", "accuracy", mean([float(c) for c in correct]), len(items)))
+            rows.append(EvalRow(split, modality, "gen", "rougeL",
+                                mean([rouge_l(p, it.answer) for p, it in zip(predictions, items)]), len(items)))
+            if log:
+                log(f"{split:8s} {modality:10s} mc={rows[-2].value:.3f} rougeL={rows[-1].value:.3f} n={len(items)}")
+    if reference is not None:
+        rows.extend(relative_rows(rows, reference))
+    return rows
+
+
+def relative_rows(rows: Sequence[EvalRow], reference: Sequence[EvalRow]) -> list[EvalRow]:
+    """Forgetting rate (forget, test) and retention (retain, utility) of each absolute row against its twin."""
+    ref = {(r.split, r.modality, r.task, r.metric): r.value for r in reference}
+    out = []
+    for row in rows:
+        key = (row.split, row.modality, row.task, row.metric)
+        if row.metric not in ("accuracy", "rougeL") or key not in ref:
+            continue
+        kind = RELATIVE_METRIC[row.split]
+        fn = forgetting_rate if kind == "forgetting_rate" else retention
+        out.append(EvalRow(row.split, row.modality, row.task, kind, fn(ref[key], row.value), row.n))
+    return out

@@ -1,0 +1,41 @@
+"""Shared fixtures. Heavy fixtures are session-scoped and must be treated as read-only by tests."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+SMALL_CORPUS = [
+    "What is the name of this person?", "Where was Anna Lee born?", "Lisbon", "Anna Lee", "What does she do?",
+    "What colour is the shape?", "red", "blue", "How many?", "three", "1974", "engineer",
+] * 4
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def build_arch(arch: str, **overrides):
+    """A tiny random model of ``arch`` (``test`` size) and its processor, trained on a small corpus."""
+    from mip_core.modeling import build_tiny
+
+    return build_tiny(arch, size="test", corpus=SMALL_CORPUS, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """{arch: (model, processor)} for every supported architecture. Read-only."""
+    from mip_core.adapters import ADAPTERS
+
+    return {arch: build_arch(arch) for arch in ADAPTERS}

@@ -1,0 +1,36 @@
+"""Guards on the architecture: the dependency direction and where model names may appear."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_mip_core_imports_without_prefect_or_ray():
+    code = "import sys; sys.modules['prefect'] = None; sys.modules['ray'] = None; import mip_core, mip_core.cli"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_no_model_names_outside_adapters():
+    pattern = re.compile(r"qwen|llava|_name_or_path", re.IGNORECASE)
+    offenders = [
+        str(p.relative_to(ROOT)) for p in (ROOT / "mip_core").rglob("*.py")
+        if "adapters" not in p.parts and pattern.search(p.read_text())
+    ]
+    assert offenders == []
+
+
+def test_cli_help_on_every_command():
+    from mip_core.cli import build_parser
+
+    parser = build_parser()
+    commands = [["--help"], ["model", "--help"], ["model", "tiny", "--help"], ["benchmark", "--help"],
+                ["benchmark", "make", "--help"], ["vanilla", "--help"], ["eval", "--help"]]
+    for argv in commands:
+        out = subprocess.run([sys.executable, "-m", "mip_core.cli", *argv], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0 and "usage: mip" in out.stdout, (argv, out.stderr)
+    assert parser.prog == "mip"
