@@ -46,9 +46,10 @@ def _vanilla(args: argparse.Namespace) -> None:
         model, processor = build_tiny(args.arch, size=args.size, seed=args.seed)
     cfg = TrainConfig(steps=args.steps, max_minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, threads=args.threads, probe_every=args.probe_every)
-    log = train(model, processor, bench, cfg)
+    log = train(model, processor, bench, cfg, log=lambda line: print(line, flush=True))
     save_model(model, processor, args.out)
-    Path(args.out, "training_log.json").write_text(json.dumps(log.to_dict(), indent=1) + "\n")
+    record = {"arch": model.config.model_type, "size": None if args.init else args.size, **log.to_dict()}
+    Path(args.out, "training_log.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"trained {log.steps_done} steps in {log.seconds:.0f}s; wrote {args.out}")
 
 
