@@ -36,6 +36,8 @@ class TrainConfig:
     decay_fraction: float = 0.25  # final fraction of steps with linear decay to 10% of ``lr``
     clip_norm: float = 1.0  # gradient-norm clipping
     multimodal_weight: float = 2.0  # sampling weight of multimodal items (image facts are learned last)
+    identity_warmup_steps: int = 0  # first steps in which "who is in the image" items are oversampled
+    identity_warmup_weight: float = 8.0  # their sampling weight multiplier during that warm-up
     probe_every: int = 250  # steps between learning-curve probes (0: never)
     probe_items: int = 256  # training items per probe and modality
     seed: int = 0
@@ -118,6 +120,10 @@ def train(model: nn.Module, processor: Any, bench: Benchmark, cfg: TrainConfig,
     log(f"encoded {len(examples)} training examples in {time.perf_counter() - t0:.1f}s")
     pad_id = processor.tokenizer.pad_token_id
     weights = [cfg.multimodal_weight if it.modality == "multimodal" else 1.0 for it in items]
+    # Identity warm-up: naming the person in the image teaches the vision tower to tell people apart, which every
+    # other image-conditioned fact needs first.
+    warmup_weights = [w * (cfg.identity_warmup_weight if it.fact == "name" and it.modality == "multimodal" else 1)
+                      for w, it in zip(weights, items)]
     probes = {
         modality: [examples[i] for i in rng.sample(idx, min(cfg.probe_items, len(idx)))]
         for modality in ("multimodal", "text")
@@ -133,7 +139,9 @@ def train(model: nn.Module, processor: Any, bench: Benchmark, cfg: TrainConfig,
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg, cfg.steps)
-        batch = collate([examples[i] for i in rng.choices(range(len(examples)), weights, k=cfg.batch_size)], pad_id)
+        step_weights = warmup_weights if step < cfg.identity_warmup_steps else weights
+        batch = collate([examples[i] for i in rng.choices(range(len(examples)), step_weights, k=cfg.batch_size)],
+                        pad_id)
         loss = model(**batch).loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower TrainConfig.lr")
