@@ -9,7 +9,7 @@ MIP := $(VENV)/bin/mip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
 DEMO_DIR ?= demo_out
-DEMO_PROFILES ?= 150
+DEMO_PROFILES ?= 100
 DEMO_ARCH ?= qwen2_5_vl
 DEMO_MINUTES ?= 15
 export MIP_THREADS ?= 1

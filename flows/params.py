@@ -18,13 +18,13 @@ class VanillaSpec(BaseModel):
 
     workdir: str = Field(description="Folder for every artifact: bench/, vanilla/ and vanilla_eval.json. "
                                      "Relative paths resolve against the worker's working directory.")
-    profiles: int = Field(150, ge=4, description="Number of fictitious people in the synthetic benchmark.")
+    profiles: int = Field(100, ge=4, description="Number of fictitious people in the synthetic benchmark.")
     seed: int = Field(0, ge=0, description="Seed of the benchmark, the model's initial weights and training.")
     arch: Literal["qwen2_5_vl", "qwen2_vl", "llava"] = Field(
         "qwen2_5_vl", description="Architecture of the tiny random model that is fine-tuned.")
     size: Literal["demo", "test"] = Field(
-        "demo", description="Tiny model size: 'demo' memorises 150 profiles; 'test' is for CI-sized runs.")
-    steps: int = Field(6000, ge=1, description="Maximum optimiser steps (`minutes` may stop earlier).")
+        "demo", description="Tiny model size: 'demo' memorises 100 profiles; 'test' is for CI-sized runs.")
+    steps: int = Field(7000, ge=1, description="Maximum optimiser steps (`minutes` may stop earlier).")
     minutes: float = Field(15, gt=0, description="Wall-clock budget for the training loop, in minutes.")
     forget_pct: Literal[5, 10, 15] = Field(
         10, description="Forget split to report, in % of profiles (the other profiles are the retain split).")

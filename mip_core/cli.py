@@ -45,7 +45,8 @@ def _vanilla(args: argparse.Namespace) -> None:
     else:
         model, processor = build_tiny(args.arch, size=args.size, seed=args.seed)
     cfg = TrainConfig(steps=args.steps, max_minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, threads=args.threads, probe_every=args.probe_every)
+                      seed=args.seed, threads=args.threads, probe_every=args.probe_every,
+                      identity_warmup_steps=args.identity_warmup)
     log = train(model, processor, bench, cfg, log=lambda line: print(line, flush=True))
     save_model(model, processor, args.out)
     record = {"arch": model.config.model_type, "size": None if args.init else args.size, **log.to_dict()}
@@ -74,6 +75,57 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def _attribute(args: argparse.Namespace) -> int:
+    import torch
+
+    from mip_core.attribution import AttributionConfig, attribute_items
+    from mip_core.benchmark import load_benchmark
+    from mip_core.errors import InputError
+    from mip_core.modeling import load_model
+    from mip_core.results import write_item_paths
+
+    torch.set_num_threads(args.threads)
+    bench = load_benchmark(args.bench)
+    items = bench.split_items(args.split, forget_pct=args.forget, modality=args.modality)
+    if args.items:
+        wanted = [i for i in args.items.split(",") if i]
+        known = {it.item_id: it for it in items}
+        unknown = [i for i in wanted if i not in known]
+        if unknown:
+            raise InputError(f"--items: {', '.join(unknown)} not in split {args.split!r} (forget {args.forget} %); "
+                             f"item ids are the item_id column of {args.bench}/items.parquet; fix or drop --items")
+        items = [known[i] for i in wanted]
+    cfg = AttributionConfig(steps=args.steps, top_k=args.top_k, batch_items=args.batch_items)
+    loaded = load_model(args.model)
+    request_ids = {it.item_id: args.request_id for it in items} if args.request_id else None
+    t0 = time.perf_counter()
+    paths, failures = attribute_items(loaded.model, loaded.adapter, loaded.processor, bench, items, cfg,
+                                      request_ids=request_ids)
+    seconds = time.perf_counter() - t0
+    ref = write_item_paths(paths, args.out, run_id=args.run_id)
+    print(f"attributed {len(paths)} of {len(items)} items in {seconds:.1f}s "
+          f"({len(paths) / max(seconds, 1e-9):.2f} items/s); wrote {ref.n_rows} rows to {ref.uri}")
+    for failure in failures:
+        print(f"mip: item {failure.item_id} failed: {failure.reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _paths_reduce(args: argparse.Namespace) -> None:
+    from mip_core.paths import reduce_paths
+    from mip_core.results import read_item_paths, write_path_graph
+
+    graph = reduce_paths(read_item_paths(args.inputs), run_id=args.run_id)
+    ref = write_path_graph(graph, args.out)
+    print(f"reduced {len(args.inputs)} input(s) to {ref.n_rows} neurons; wrote {ref.uri}")
+
+
+def _paths_show(args: argparse.Namespace) -> None:
+    from mip_core.paths import summarize
+    from mip_core.results import read_path_graph
+
+    print(summarize(read_path_graph(args.uri), top=args.top))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mip_core.adapters import ADAPTERS, DEFAULT_ARCH, TINY_SIZES
     from mip_core.evaluation import SPLITS
@@ -96,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="benchmark_command", required=True, metavar="SUBCOMMAND")
     make = bench.add_parser("make", help="generate the fictitious-profile benchmark (same seed, same bytes)")
     make.add_argument("--out", required=True, help="output folder")
-    make.add_argument("--profiles", type=int, default=150, help="number of fictitious people (default 150)")
+    make.add_argument("--profiles", type=int, default=100, help="number of fictitious people (default 100)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
     make.set_defaults(func=_benchmark_make)
@@ -108,10 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     vanilla.add_argument("--size", default="demo", choices=sorted(TINY_SIZES))
     vanilla.add_argument("--init", help="start from this model folder/URI instead of a random tiny model")
     vanilla.add_argument("--out", required=True, help="output folder or URI")
-    vanilla.add_argument("--steps", type=int, default=6000)
+    vanilla.add_argument("--steps", type=int, default=7000)
     vanilla.add_argument("--minutes", type=float, default=15.0, help="training time budget (default 15)")
     vanilla.add_argument("--batch-size", type=int, default=16)
     vanilla.add_argument("--lr", type=float, default=3e-3)
+    vanilla.add_argument("--identity-warmup", type=int, default=1500,
+                         help="first steps that oversample 'who is in the image' items (default 1500)")
     vanilla.add_argument("--probe-every", type=int, default=250, help="steps between learning-curve points")
     vanilla.add_argument("--seed", type=int, default=0)
     vanilla.add_argument("--threads", **threads)
@@ -128,17 +182,45 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--threads", **threads)
     ev.set_defaults(func=_eval)
+
+    att = sub.add_parser("attribute", help="influential neuron paths of benchmark items (IGI text, IFI vision)")
+    att.add_argument("--model", required=True, help="model folder or URI")
+    att.add_argument("--bench", required=True, help="benchmark folder")
+    att.add_argument("--split", default="forget", choices=SPLITS)
+    att.add_argument("--forget", type=int, default=5, choices=(5, 10, 15), help="forget split, in %% of profiles")
+    att.add_argument("--modality", choices=("multimodal", "text"),
+                     help="only this modality (multimodal items go to the vision tower, text items to the LLM)")
+    att.add_argument("--items", help="comma-separated item ids (default: the whole split)")
+    att.add_argument("--steps", type=int, default=4, help="Riemann steps m (default 4)")
+    att.add_argument("--top-k", type=int, default=5, help="neurons kept per layer (default 5)")
+    att.add_argument("--batch-items", type=int, default=4, help="items per forward/backward (x steps rows)")
+    att.add_argument("--request-id", help="forget-request id recorded on every path (lineage)")
+    att.add_argument("--run-id", default="cli", help="run id stored in every row")
+    att.add_argument("--out", required=True, help="output dataset: folder or URI (s3://bucket/prefix)")
+    att.add_argument("--threads", **threads)
+    att.set_defaults(func=_attribute)
+
+    paths = sub.add_parser("paths", help="path graphs").add_subparsers(dest="paths_command", required=True,
+                                                                       metavar="SUBCOMMAND")
+    reduce = paths.add_parser("reduce", help="reduce per-item paths into one global path graph")
+    reduce.add_argument("inputs", nargs="+", metavar="IN_URI", help="per-item path datasets (mip attribute --out)")
+    reduce.add_argument("--out", required=True, help="output dataset: folder or URI")
+    reduce.add_argument("--run-id", default="cli", help="run id stored in every row")
+    reduce.set_defaults(func=_paths_reduce)
+    show = paths.add_parser("show", help="print a path graph per tower and layer: union size, top neurons, support")
+    show.add_argument("uri", help="path graph dataset (mip paths reduce --out)")
+    show.add_argument("--top", type=int, default=5, help="neurons listed per layer (default 5)")
+    show.set_defaults(func=_paths_show)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except MipError as exc:
         print(f"mip: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

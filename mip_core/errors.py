@@ -15,3 +15,11 @@ class ModelLoadError(MipError, ValueError):
 
 class InputError(MipError, ValueError):
     """A user-supplied value (a request, an item, a flag) is invalid."""
+
+
+class ArtifactError(MipError, ValueError):
+    """A dataset is missing, incomplete or modified, or its store is unreachable; the message says the fix."""
+
+
+class SchemaMismatchError(ArtifactError):
+    """An artifact's ``mip.schema`` (or its columns) differs from what the reader expects."""

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from mip_core.errors import InputError, MipError
+from mip_core.errors import ArtifactError, InputError, MipError, SchemaMismatchError
 from mip_core.storage import filesystem, is_remote, storage_options
 from mip_core.types import TOWERS, ItemPath, PathNode, Tower
 
@@ -94,14 +94,6 @@ _SORT_KEYS: dict[str, list[tuple[str, str]]] = {
     PATH_GRAPH: [("tower", "ascending"), ("layer", "ascending"), ("score_sum", "descending"),
                  ("neuron", "ascending")],
 }  # fmt: skip
-
-
-class ArtifactError(MipError, ValueError):
-    """A dataset is missing, incomplete or modified, or its store is unreachable; the message says the fix."""
-
-
-class SchemaMismatchError(ArtifactError):
-    """An artifact's ``mip.schema`` (or its columns) differs from what the reader expects."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ from mip_core.modeling.inputs import IGNORE_INDEX, collate, encode
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
-    """Vanilla fine-tuning schedule. Defaults memorise 150 profiles with the ``demo`` model on one CPU thread."""
+    """Vanilla fine-tuning schedule. Defaults memorise 100 profiles with the ``demo`` model on one CPU thread."""
 
-    steps: int = 6000  # optimiser steps (upper bound; ``max_minutes`` may stop earlier)
+    steps: int = 7000  # optimiser steps (upper bound; ``max_minutes`` may stop earlier)
     max_minutes: float = 15.0  # wall-clock budget for the optimisation loop
     batch_size: int = 16  # examples per step
     lr: float = 3e-3  # peak AdamW learning rate
@@ -35,8 +35,8 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up from 0
     decay_fraction: float = 0.25  # final fraction of steps with linear decay to 10% of ``lr``
     clip_norm: float = 1.0  # gradient-norm clipping
-    multimodal_weight: float = 2.0  # sampling weight of multimodal items (image facts are learned last)
-    identity_warmup_steps: int = 0  # first steps in which "who is in the image" items are oversampled
+    multimodal_weight: float = 1.0  # sampling weight of multimodal items relative to text items
+    identity_warmup_steps: int = 1500  # first steps oversampling "who is in the image" items (at most steps/4)
     identity_warmup_weight: float = 8.0  # their sampling weight multiplier during that warm-up
     probe_every: int = 250  # steps between learning-curve probes (0: never)
     probe_items: int = 256  # training items per probe and modality
@@ -139,7 +139,7 @@ def train(model: nn.Module, processor: Any, bench: Benchmark, cfg: TrainConfig,
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg, cfg.steps)
-        step_weights = warmup_weights if step < cfg.identity_warmup_steps else weights
+        step_weights = warmup_weights if step < min(cfg.identity_warmup_steps, cfg.steps // 4) else weights
         batch = collate([examples[i] for i in rng.choices(range(len(examples)), step_weights, k=cfg.batch_size)],
                         pad_id)
         loss = model(**batch).loss

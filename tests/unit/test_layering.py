@@ -29,7 +29,8 @@ def test_cli_help_on_every_command():
 
     parser = build_parser()
     commands = [["--help"], ["model", "--help"], ["model", "tiny", "--help"], ["benchmark", "--help"],
-                ["benchmark", "make", "--help"], ["vanilla", "--help"], ["eval", "--help"]]
+                ["benchmark", "make", "--help"], ["vanilla", "--help"], ["eval", "--help"],
+                ["attribute", "--help"], ["paths", "--help"], ["paths", "reduce", "--help"], ["paths", "show", "--help"]]
     for argv in commands:
         out = subprocess.run([sys.executable, "-m", "mip_core.cli", *argv], capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0 and "usage: mip" in out.stdout, (argv, out.stderr)

@@ -1,0 +1,53 @@
+"""`mip attribute` -> `mip paths reduce` -> `mip paths show` on a tiny model, through the real CLI entry point."""
+
+from __future__ import annotations
+
+import pyarrow.dataset as ds
+import pytest
+
+from mip_core.benchmark import load_benchmark, make_benchmark
+from mip_core.cli import main
+from mip_core.modeling import save_model
+from mip_core.results import read_item_paths, read_path_graph
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("cli")
+    make_benchmark(root / "bench", 8, seed=0, n_utility=8)
+    model, processor = tiny_models["qwen2_5_vl"]
+    save_model(model, processor, str(root / "model"))
+    return root
+
+
+def test_attribute_reduce_show(workdir, capsys):
+    bench = load_benchmark(workdir / "bench")
+    forget = bench.split_items("forget", forget_pct=15)
+    text = [it.item_id for it in forget if it.modality == "text"][:2]
+    image = [it.item_id for it in forget if it.modality == "multimodal"][:1]
+    out = workdir / "paths"
+    code = main(["attribute", "--model", str(workdir / "model"), "--bench", str(workdir / "bench"),
+                 "--forget", "15", "--items", ",".join(text + image), "--top-k", "3", "--steps", "2",
+                 "--request-id", "req-1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    paths = read_item_paths(str(out))
+    assert sorted(p.item_id for p in paths) == sorted(text + image)
+    assert {p.tower for p in paths} == {"language", "vision"}
+    assert all(p.request_id == "req-1" for p in paths)
+    assert ds.dataset(str(out), partitioning="hive").count_rows() == 2 * 2 * 3 + 1 * 2 * 3  # items x layers x k
+
+    assert main(["paths", "reduce", str(out), "--out", str(workdir / "graph")]) == 0
+    graph = read_path_graph(str(workdir / "graph"))
+    assert set(graph.towers()) == {"language", "vision"}
+    assert all(node.request_ids == ("req-1",) for node in graph.nodes)
+    capsys.readouterr()
+    assert main(["paths", "show", str(workdir / "graph")]) == 0
+    shown = capsys.readouterr().out
+    assert "language L0" in shown and "vision" in shown and "union=" in shown
+
+
+def test_attribute_rejects_unknown_items_and_reports_failures(workdir, capsys):
+    code = main(["attribute", "--model", str(workdir / "model"), "--bench", str(workdir / "bench"),
+                 "--items", "p9999-hobby-text-qa", "--out", str(workdir / "nope")])
+    err = capsys.readouterr().err
+    assert code == 2 and "p9999-hobby-text-qa" in err and "--items" in err
