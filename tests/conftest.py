@@ -39,3 +39,6 @@ def tiny_models():
     from mip_core.adapters import ADAPTERS
 
     return {arch: build_arch(arch) for arch in ADAPTERS}
+
+
+from s3_server import s3_endpoint  # noqa: E402,F401  (session fixture: a real S3 HTTP server on 127.0.0.1)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
-from pathlib import Path
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -23,11 +21,7 @@ from mip_core.results import (
 from mip_core.storage import filesystem
 from mip_core.types import ItemPath, PathNode
 
-try:
-    from tests.s3_server import S3Server, s3_endpoint
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path (`python -m pytest` does)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.s3_server import S3Server, s3_endpoint  # noqa: F401
+from s3_server import S3Server
 
 PATHS = [
     ItemPath(

@@ -24,14 +24,19 @@ def test_no_model_names_outside_adapters():
     assert offenders == []
 
 
-def test_cli_help_on_every_command():
-    from mip_core.cli import build_parser
+def test_cli_help_on_every_command(capsys):
+    import pytest
 
-    parser = build_parser()
+    from mip_core.cli import main
+
     commands = [["--help"], ["model", "--help"], ["model", "tiny", "--help"], ["benchmark", "--help"],
                 ["benchmark", "make", "--help"], ["vanilla", "--help"], ["eval", "--help"],
                 ["attribute", "--help"], ["paths", "--help"], ["paths", "reduce", "--help"], ["paths", "show", "--help"]]
     for argv in commands:
-        out = subprocess.run([sys.executable, "-m", "mip_core.cli", *argv], capture_output=True, text=True, cwd=ROOT)
-        assert out.returncode == 0 and "usage: mip" in out.stdout, (argv, out.stderr)
-    assert parser.prog == "mip"
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0, argv
+        assert "usage: mip" in capsys.readouterr().out, argv
+    # the installed console script is the same entry point
+    out = subprocess.run([str(Path(sys.executable).with_name("mip")), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: mip" in out.stdout, out.stderr

@@ -98,6 +98,28 @@ def test_pyarrow_dataset_hive_reads_same_rows_and_filters(tmp_path):
     assert sorted(set(vision.column("item_id").to_pylist())) == ["q1", "q3"]
 
 
+def test_duckdb_and_polars_read_the_datasets(tmp_path):
+    """Other Parquet readers see the same rows, with ``tower`` recovered from the hive partition."""
+    import duckdb
+    import polars as pl
+
+    root = tmp_path / "ip"
+    write_item_paths(PATHS, str(root), run_id="run-1")
+    ours = read_item_paths_table(str(root))
+    expected = sorted(zip(ours.column("tower").to_pylist(), ours.column("item_id").to_pylist(),
+                          ours.column("layer").to_pylist(), ours.column("neuron").to_pylist()))
+    rows = duckdb.sql(f"SELECT tower, item_id, layer, neuron FROM read_parquet('{root}/*/*.parquet', "
+                      "hive_partitioning = true) ORDER BY ALL").fetchall()
+    assert rows == expected
+    frame = pl.read_parquet(f"{root}/**/*.parquet", hive_partitioning=True)
+    assert sorted(frame.select("tower", "item_id", "layer", "neuron").iter_rows()) == expected
+    graph = reduce_paths(PATHS, run_id="run-1")
+    write_path_graph(graph, str(tmp_path / "g"))
+    support = duckdb.sql(f"SELECT sum(support) FROM read_parquet('{tmp_path}/g/*/*.parquet', "
+                         "hive_partitioning = true) WHERE tower = 'vision'").fetchall()[0][0]
+    assert support == sum(n.support for n in graph.nodes if n.tower == "vision")
+
+
 def test_path_graph_round_trip_and_hive(tmp_path):
     graph = reduce_paths(PATHS, run_id="run-1")
     ref = write_path_graph(graph, str(tmp_path / "g"))
