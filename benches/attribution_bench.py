@@ -103,7 +103,7 @@ def main() -> None:
         bare_param = bare_seconds(model, adapter, examples, cfg, pad_id, param_grads=True)
         bare_act = bare_seconds(model, adapter, examples, cfg, pad_id, param_grads=False)
         naive_times, agree = [], 0
-        for it, ex, path in list(zip(items, examples, paths))[: args.naive_items]:
+        for ex, path in list(zip(examples, paths, strict=True))[: args.naive_items]:
             t0 = time.perf_counter()
             ref = naive_path(model, adapter, ex, tower, cfg.steps, cfg.top_k, pad_id)
             naive_times.append(time.perf_counter() - t0)

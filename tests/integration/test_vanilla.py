@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mip_core.benchmark import load_benchmark, make_benchmark
 from mip_core.evaluation import evaluate

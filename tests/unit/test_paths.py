@@ -9,16 +9,11 @@ import pytest
 
 from mip_core.errors import InputError
 from mip_core.paths import GraphNode, PathGraph, RetainFilter, reduce_paths, summarize
-from mip_core.types import ItemPath, PathNode
+from mip_core.types import ItemPath
+from path_builders import item_path
 
 
-def _path(item: str, request: str | None, tower: str, *layers: list[tuple[int, float]]) -> ItemPath:
-    nodes = tuple(
-        PathNode(layer=li, rank=r, neuron=n, score=s)
-        for li, layer in enumerate(layers)
-        for r, (n, s) in enumerate(layer)
-    )
-    return ItemPath(item_id=item, request_id=request, tower=tower, nodes=nodes)  # type: ignore[arg-type]
+_path = item_path
 
 
 # language L0: 7 <- a .5, b .25 | 3 <- a .25, c .25 | 5 <- b .75 | 1 <- c .125

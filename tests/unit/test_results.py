@@ -29,17 +29,11 @@ from mip_core.results import (
     write_item_paths,
     write_path_graph,
 )
-from mip_core.types import ItemPath, PathNode
+from mip_core.types import ItemPath
+from path_builders import item_path
 
 
-def _path(item: str, request: str | None, tower: str, *layers: list[tuple[int, float]]) -> ItemPath:
-    """A path with ``layers[l]`` = ``[(neuron, score), ...]`` in rank order; scores exact in float32."""
-    nodes = tuple(
-        PathNode(layer=li, rank=r, neuron=n, score=s)
-        for li, layer in enumerate(layers)
-        for r, (n, s) in enumerate(layer)
-    )
-    return ItemPath(item_id=item, request_id=request, tower=tower, nodes=nodes)  # type: ignore[arg-type]
+_path = item_path
 
 
 PATHS = [
