@@ -1,13 +1,15 @@
-"""`mip attribute` -> `mip paths reduce` -> `mip paths show` on a tiny model, through the real CLI entry point."""
+"""The `mip` commands end to end on tiny models, through the real CLI entry point."""
 
 from __future__ import annotations
+
+import json
 
 import pyarrow.dataset as ds
 import pytest
 
 from mip_core.benchmark import load_benchmark, make_benchmark
 from mip_core.cli import main
-from mip_core.modeling import save_model
+from mip_core.modeling import load_model, save_model
 from mip_core.results import read_item_paths, read_path_graph
 
 
@@ -51,3 +53,37 @@ def test_attribute_rejects_unknown_items_and_reports_failures(workdir, capsys):
                  "--items", "p9999-hobby-text-qa", "--out", str(workdir / "nope")])
     err = capsys.readouterr().err
     assert code == 2 and "p9999-hobby-text-qa" in err and "--items" in err
+
+
+def test_model_tiny_benchmark_make_and_eval_with_reference(tmp_path, capsys):
+    assert main(["model", "tiny", "--arch", "llava", "--size", "test", "--out", str(tmp_path / "m")]) == 0
+    loaded = load_model(str(tmp_path / "m"))
+    assert loaded.model.config.model_type == "llava"
+    assert main(["benchmark", "make", "--out", str(tmp_path / "b"), "--profiles", "6", "--seed", "1"]) == 0
+    ref = tmp_path / "ref.json"
+    assert main(["eval", "--model", str(tmp_path / "m"), "--bench", str(tmp_path / "b"), "--forget", "15",
+                 "--splits", "forget", "retain", "--json", str(ref)]) == 0
+    rows = json.loads(ref.read_text())["rows"]
+    assert {(r["split"], r["modality"], r["task"], r["metric"]) for r in rows} == {
+        (s, m, t, metric) for s in ("forget", "retain") for m in ("multimodal", "text")
+        for t, metric in (("mc", "accuracy"), ("gen", "rougeL"))}
+    assert all(set(r) == {"split", "modality", "task", "metric", "value", "n"} and r["n"] > 0 for r in rows)
+    capsys.readouterr()
+    # the same model against itself: nothing forgotten, everything retained (where the reference is non-zero)
+    assert main(["eval", "--model", str(tmp_path / "m"), "--bench", str(tmp_path / "b"), "--forget", "15",
+                 "--splits", "forget", "retain", "--reference", str(ref), "--json", str(tmp_path / "rel.json")]) == 0
+    assert "forgetting_rate" in capsys.readouterr().out
+    rel = json.loads((tmp_path / "rel.json").read_text())["rows"]
+    by_metric = {}
+    for r in rel:
+        by_metric.setdefault(r["metric"], []).append(r["value"])
+    assert all(v == 0.0 for v in by_metric["forgetting_rate"] if v == v)  # NaN where the reference scored 0
+    assert all(v == 1.0 for v in by_metric["retention"] if v == v)
+
+
+def test_bad_inputs_name_the_problem(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "none"), "--bench", str(tmp_path / "none")]) == 2
+    assert "mip benchmark make" in capsys.readouterr().err
+    (tmp_path / "ref.json").write_text("{}")
+    assert main(["eval", "--model", "m", "--bench", "b", "--reference", str(tmp_path / "ref.json")]) == 2
+    assert "not a `mip eval --json` file" in capsys.readouterr().err
