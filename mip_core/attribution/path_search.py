@@ -37,7 +37,7 @@ from mip_core.adapters.base import ModelAdapter
 from mip_core.attribution.config import AttributionConfig
 from mip_core.errors import InputError
 from mip_core.hooks import patch
-from mip_core.modeling.inputs import IGNORE_INDEX, collate
+from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob, collate
 from mip_core.types import MLPSite, PathNode, Tower
 
 Method = Literal["ig", "fisher"]
@@ -45,21 +45,6 @@ Method = Literal["ig", "fisher"]
 METHOD_BY_TOWER: dict[Tower, Method] = {"language": "ig", "vision": "fisher"}
 #: Per example, the path neurons of earlier layers: ``{layer: neuron ids}``.
 EarlierPath = Mapping[int, Sequence[int]]
-
-
-def answer_logprob(logits: Tensor, labels: Tensor) -> Tensor:
-    """``F = log p(answer | prompt)`` per row: the summed log-probability of the labelled tokens, in float32.
-
-    Args: ``logits`` ``[R, S, V]``, ``labels`` ``[R, S]`` (``IGNORE_INDEX`` off the answer span).
-    Returns ``[R]``. Token ``t + 1`` is predicted at position ``t``.
-    """
-    targets = labels[:, 1:]  # [R, S-1]
-    is_answer = targets != IGNORE_INDEX
-    # Normalise the answer positions only: [n_answer, V] rather than [R, S-1, V] (large vocabularies).
-    logprobs = logits[:, :-1][is_answer].float().log_softmax(-1)  # [n_answer, V]
-    picked = logprobs.gather(-1, targets[is_answer].unsqueeze(-1)).squeeze(-1)  # [n_answer]
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[is_answer]
-    return picked.new_zeros(labels.shape[0]).index_add(0, rows, picked)
 
 
 def check_example(adapter: ModelAdapter, example: Mapping[str, Tensor], tower: Tower, item_id: str) -> None:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from mip_core.benchmark import Benchmark, Item
 from mip_core.evaluation.metrics import forgetting_rate, mc_correct, mean, retention, rouge_l
-from mip_core.modeling.inputs import IGNORE_INDEX, collate, encode
+from mip_core.modeling.inputs import answer_logprob, collate, encode
 from mip_core.types import MODALITIES
 
 SPLITS = ("forget", "retain", "test", "utility")
@@ -44,11 +44,8 @@ def sequence_logprobs(model: nn.Module, examples: Sequence[dict[str, Tensor]], p
     out: list[float] = []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id)
-        labels = batch.pop("labels")[:, 1:]  # [B, S-1]: token t+1 is predicted at t
-        logprobs = model(**batch).logits[:, :-1].float().log_softmax(-1)  # [B, S-1, V]
-        mask = labels != IGNORE_INDEX
-        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, S-1]
-        out.extend((picked * mask).sum(dim=1).tolist())
+        labels = batch.pop("labels")
+        out.extend(answer_logprob(model(**batch).logits, labels).tolist())
     return out
 
 

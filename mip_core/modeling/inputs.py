@@ -80,3 +80,20 @@ def collate(examples: Sequence[dict[str, Tensor]], pad_token_id: int, *, padding
         else:
             out[key] = torch.cat(values, dim=0)
     return out
+
+
+def answer_logprob(logits: Tensor, labels: Tensor) -> Tensor:
+    """``F = log p(answer | prompt)`` per row: the summed log-probability of the labelled tokens, in float32.
+
+    The one objective of the project: multiple-choice scoring ranks options by it, attribution differentiates it.
+
+    Args: ``logits`` ``[R, S, V]``, ``labels`` ``[R, S]`` (``IGNORE_INDEX`` off the answer span).
+    Returns ``[R]``. Token ``t + 1`` is predicted at position ``t``.
+    """
+    targets = labels[:, 1:]  # [R, S-1]
+    is_answer = targets != IGNORE_INDEX
+    # Normalise the answer positions only: [n_answer, V] rather than [R, S-1, V] (large vocabularies).
+    logprobs = logits[:, :-1][is_answer].float().log_softmax(-1)  # [n_answer, V]
+    picked = logprobs.gather(-1, targets[is_answer].unsqueeze(-1)).squeeze(-1)  # [n_answer]
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[is_answer]
+    return picked.new_zeros(labels.shape[0]).index_add(0, rows, picked)
