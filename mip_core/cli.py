@@ -8,7 +8,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from mip_core.errors import MipError
 
@@ -34,8 +33,8 @@ def _vanilla(args: argparse.Namespace) -> None:
     import torch
 
     from mip_core.benchmark import load_benchmark
-    from mip_core.modeling import build_tiny, load_model, save_model
-    from mip_core.training import TrainConfig, train
+    from mip_core.modeling import build_tiny, load_model
+    from mip_core.training import TrainConfig, save_trained, train
 
     torch.set_num_threads(args.threads)
     bench = load_benchmark(args.bench)
@@ -48,9 +47,7 @@ def _vanilla(args: argparse.Namespace) -> None:
                       seed=args.seed, threads=args.threads, probe_every=args.probe_every,
                       identity_warmup_steps=args.identity_warmup)
     log = train(model, processor, bench, cfg, log=lambda line: print(line, flush=True))
-    save_model(model, processor, args.out)
-    record = {"arch": model.config.model_type, "size": None if args.init else args.size, **log.to_dict()}
-    Path(args.out, "training_log.json").write_text(json.dumps(record, indent=1) + "\n")
+    save_trained(model, processor, log, args.out, size=None if args.init else args.size)
     print(f"trained {log.steps_done} steps in {log.seconds:.0f}s; wrote {args.out}")
 
 

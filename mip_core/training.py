@@ -7,6 +7,7 @@ training items, per modality, is logged as the learning curve.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -20,6 +21,10 @@ from torch import Tensor, nn
 from mip_core.benchmark import Benchmark, Item
 from mip_core.errors import InputError
 from mip_core.modeling.inputs import IGNORE_INDEX, collate, encode
+from mip_core.modeling.io import save_model
+from mip_core.storage import filesystem
+
+TRAINING_LOG = "training_log.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,3 +173,24 @@ def train(model: nn.Module, processor: Any, bench: Benchmark, cfg: TrainConfig,
     history.seconds = round(time.perf_counter() - start, 1)
     model.eval()
     return history
+
+
+def save_trained(model: nn.Module, processor: Any, log: TrainLog, uri: str, *, size: str | None) -> None:
+    """Save a trained model, then its training log (arch, size, config, curve) beside it.
+
+    The log is written last, so its presence marks a finished save; ``read_training_log`` is its reader.
+    """
+    save_model(model, processor, uri)
+    fs, path = filesystem(uri)
+    with fs.open(f"{path.rstrip('/')}/{TRAINING_LOG}", "w") as f:
+        f.write(json.dumps({"arch": model.config.model_type, "size": size, **log.to_dict()}, indent=1) + "\n")
+
+
+def read_training_log(uri: str) -> dict[str, Any] | None:
+    """The training log saved with a model by ``save_trained``, or None when there is none (unfinished save)."""
+    fs, path = filesystem(uri)
+    log_path = f"{path.rstrip('/')}/{TRAINING_LOG}"
+    if not fs.exists(log_path):
+        return None
+    with fs.open(log_path) as f:
+        return json.loads(f.read())

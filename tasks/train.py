@@ -11,8 +11,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from mip_core.benchmark import load_benchmark
-from mip_core.modeling import build_tiny, save_model
-from mip_core.training import TrainConfig, train
+from mip_core.modeling import build_tiny
+from mip_core.training import TrainConfig, read_training_log, save_trained, train
 
 
 # No retries: a retry would silently redo minutes of training; rerun the flow instead (reuse keeps the rest).
@@ -28,10 +28,9 @@ def train_vanilla_task(bench_dir: str, out_dir: str, arch: str, size: str, cfg: 
     """
     logger = get_run_logger()
     config = TrainConfig(**cfg)
-    log_path = Path(out_dir, "training_log.json")
     wanted = {"arch": arch, "size": size, "config": json.loads(json.dumps(dataclasses.asdict(config)))}
-    if reuse and log_path.is_file() and Path(out_dir, "model.safetensors").is_file():
-        previous = json.loads(log_path.read_text())
+    previous = read_training_log(out_dir) if reuse and Path(out_dir, "model.safetensors").is_file() else None
+    if previous is not None:
         if all(previous.get(k) == v for k, v in wanted.items()):
             logger.info("reusing trained model %s (pass reuse=False to retrain)", out_dir)
             return out_dir
@@ -39,7 +38,6 @@ def train_vanilla_task(bench_dir: str, out_dir: str, arch: str, size: str, cfg: 
     bench = load_benchmark(bench_dir)
     model, processor = build_tiny(arch, size=size, seed=config.seed)
     log = train(model, processor, bench, config, log=logger.info)
-    save_model(model, processor, out_dir)
-    log_path.write_text(json.dumps({"arch": arch, "size": size, **log.to_dict()}, indent=1) + "\n")
+    save_trained(model, processor, log, out_dir, size=size)
     logger.info("trained %d steps in %.0fs; wrote %s", log.steps_done, log.seconds, out_dir)
     return out_dir
