@@ -123,8 +123,111 @@ def _paths_show(args: argparse.Namespace) -> None:
     print(summarize(read_path_graph(args.uri), top=args.top))
 
 
+def _rmisu_config(args: argparse.Namespace):  # -> RMisUConfig | None (imported lazily)
+    from mip_core.editing.rmisu import RMisUConfig
+
+    given = {k: getattr(args, k) for k in ("layer", "target_scale", "retain_weight", "retain_ce_weight", "steps",
+                                           "lr", "batch_size") if getattr(args, k, None) is not None}
+    return RMisUConfig(**given) if given else None
+
+
+def _path_edit_overrides(args: argparse.Namespace) -> dict[str, bool]:
+    return {"prune": args.prune} if args.prune is not None else {}
+
+
+def _unlearn(args: argparse.Namespace) -> None:
+    import torch
+
+    from mip_core.attribution import AttributionConfig
+    from mip_core.benchmark import load_benchmark
+    from mip_core.editing.unlearn import save_unlearned, unlearn_benchmark
+    from mip_core.modeling import load_model
+    from mip_core.results import read_path_graph
+
+    torch.set_num_threads(args.threads)
+    graph = read_path_graph(args.paths) if args.paths else None  # before the model: fail fast on a bad URI
+    rmisu = _rmisu_config(args)
+    bench = load_benchmark(args.bench)
+    loaded = load_model(args.model)
+    t0 = time.perf_counter()
+    summary, graph = unlearn_benchmark(
+        loaded, bench, args.method, forget_pct=args.forget, seed=args.subset, graph=graph,
+        rmisu=rmisu, path_edit=_path_edit_overrides(args), attribution=AttributionConfig(top_k=args.top_k), log=lambda line: print(line, flush=True))
+    lineage = {"model": args.model, "bench": args.bench, "forget_pct": args.forget, "subset": args.subset,
+               "paths": args.paths or (graph.run_id if graph is not None else None)}
+    save_unlearned(loaded, summary, args.out, lineage=lineage)
+    print(f"{args.method}: edited {summary.trainable_parameters} parameters in {time.perf_counter() - t0:.0f}s; "
+          f"wrote {args.out}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    import json as json_
+
+    import torch
+
+    from mip_core.attribution import AttributionConfig
+    from mip_core.benchmark import load_benchmark
+    from mip_core.compare import (
+        DEFAULT_METHODS,
+        CompareConfig,
+        compare,
+        format_compare,
+        plot,
+        summarize,
+        to_json,
+    )
+    from mip_core.modeling import load_model
+    from mip_core.storage import filesystem
+
+    torch.set_num_threads(args.threads)
+    methods = DEFAULT_METHODS if args.methods == ["all"] else tuple(
+        m for part in args.methods for m in part.split(",") if m)
+    cfg = CompareConfig(forget_pct=args.forget, methods=tuple(methods), seeds=args.seeds,
+                        attribution=AttributionConfig(top_k=args.top_k), rmisu=_rmisu_config(args),
+                        path_edit=_path_edit_overrides(args), holdout_profiles=args.holdout)
+    bench = load_benchmark(args.bench)
+    loaded = load_model(args.model)
+    t0 = time.perf_counter()
+    rows = compare(loaded, bench, cfg, log=lambda line: print(line, flush=True))
+    seconds = time.perf_counter() - t0
+    summary = summarize(rows)
+    print(f"\n{len(methods)} methods x {args.seeds} forget subset(s) of {args.forget} % on {args.bench}, "
+          f"{seconds:.0f}s\n")
+    print(format_compare(summary))
+    if args.json:
+        fs, path = filesystem(args.json)
+        with fs.open(path, "w") as f:
+            f.write(json_.dumps(to_json(rows, cfg, {"model": args.model, "bench": args.bench,
+                                                    "seconds": round(seconds, 1)}), indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(summary, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def _add_model_bench_forget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder or URI (the vanilla model)")
+    p.add_argument("--bench", required=True, help="benchmark folder")
+    p.add_argument("--forget", type=int, default=5, choices=(5, 10, 15), help="forget split, in %% of profiles")
+
+
+def _add_edit_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("edit (MIP-Editor, random, rmu, ablations); defaults: mip_core/editing/rmisu.py")
+    g.add_argument("--layer", type=int, help="RMisU language layer l (default: 20%% of the depth)")
+    g.add_argument("--target-scale", type=float, help="lambda: target norm / frozen hidden-state norm")
+    g.add_argument("--retain-weight", type=float, help="gamma: weight of the retain representation term")
+    g.add_argument("--retain-ce-weight", type=float, help="weight of a retain cross-entropy term (0: off)")
+    g.add_argument("--steps", type=int, help="RMisU optimiser steps")
+    g.add_argument("--lr", type=float, help="RMisU learning rate")
+    g.add_argument("--batch-size", type=int, help="forget (and retain) inputs per RMisU step")
+    g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero the path neurons before RMisU (default: the method's)")
+    g.add_argument("--top-k", type=int, default=5, help="attribution: neurons kept per item and layer (default 5)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mip_core.adapters import ADAPTERS, DEFAULT_ARCH, TINY_SIZES
+    from mip_core.editing import METHOD_NAMES as METHODS
     from mip_core.evaluation import SPLITS
 
     parser = argparse.ArgumentParser(prog="mip", description="MIP-Editor: unlearning for multimodal LLMs.")
@@ -208,6 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("uri", help="path graph dataset (mip paths reduce --out)")
     show.add_argument("--top", type=int, default=5, help="neurons listed per layer (default 5)")
     show.set_defaults(func=_paths_show)
+    unl = sub.add_parser("unlearn", help="make a model forget a benchmark forget split with one method",
+                         epilog="example: mip unlearn --model demo_out/vanilla --bench demo_out/bench --forget 5 "
+                                "--method mip --out demo_out/mip05")
+    _add_model_bench_forget(unl)
+    unl.add_argument("--subset", type=int, default=0, help="forget subset (0: the benchmark's own; s>0: re-drawn)")
+    unl.add_argument("--method", default="mip", choices=list(METHODS), help="unlearning method (default mip)")
+    unl.add_argument("--paths", help="path graph URI (mip paths reduce); default: attribute the forget split")
+    unl.add_argument("--out", required=True, help="output model folder or URI")
+    unl.add_argument("--threads", **threads)
+    _add_edit_flags(unl)
+    unl.set_defaults(func=_unlearn)
+
+    cmp_ = sub.add_parser("compare", help="run every method from the same vanilla model and compare them",
+                          epilog="example: mip compare --model demo_out/vanilla --bench demo_out/bench --forget 5 "
+                                 "--methods all --seeds 3 --json out.json --plot out.png")
+    _add_model_bench_forget(cmp_)
+    cmp_.add_argument("--methods", nargs="+", default=["all"],
+                      help=f"'all' or names (space or comma separated): {', '.join(METHODS)}")
+    cmp_.add_argument("--seeds", type=int, default=1, help="forget subsets to repeat over (mean +- std)")
+    cmp_.add_argument("--holdout", type=int, default=10, help="never-seen profiles for the MIA AUC (default 10)")
+    cmp_.add_argument("--json", help="write tidy rows (+ method, seed) and the mean/std summary here")
+    cmp_.add_argument("--plot", help="write the forgetting-vs-retention scatter plot (PNG) here")
+    cmp_.add_argument("--threads", **threads)
+    _add_edit_flags(cmp_)
+    cmp_.set_defaults(func=_compare)
     return parser
 
 

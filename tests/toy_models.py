@@ -81,9 +81,14 @@ class FcMLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A residual block ``x + mlp(x)``: its output is the residual stream after the layer (``adapter.block``)."""
+
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
         self.mlp = mlp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mlp(x)
 
 
 class ToyVLM(nn.Module):
@@ -115,7 +120,7 @@ class ToyVLM(nn.Module):
         if pixel_values is not None:
             v = pixel_values  # [n_images, P, d_vision]
             for block in self.vision:
-                v = v + block.mlp(v)
+                v = block(v)
             features = self.projector(v.mean(1))  # [n_images, d_model]
             is_image = (input_ids == IMAGE).unsqueeze(-1).expand_as(h)  # one image token per image, in order
             h = h.masked_scatter(is_image, features)
@@ -123,7 +128,7 @@ class ToyVLM(nn.Module):
         count = weight.cumsum(1).clamp(min=1.0)
         for block in self.language:
             c = (h * weight).cumsum(1) / count  # causal masked mean
-            h = c + block.mlp(c)
+            h = block(c)
         return SimpleNamespace(logits=self.head(h))
 
 

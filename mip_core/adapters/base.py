@@ -61,6 +61,7 @@ class ResolvedSite:
     mlp: nn.Module
     inputs: tuple[nn.Linear, ...]
     down: nn.Linear
+    block: nn.Module  # the transformer block holding the MLP: its output is the residual stream after the layer
 
 
 class ModelAdapter(ABC):
@@ -136,7 +137,8 @@ class ModelAdapter(ABC):
                         f"{[lin.out_features for lin in inputs]} outputs but its {layout.down} reads "
                         f"{site.d_mlp} neurons; this checkpoint does not match the {type(self).__name__} layout."
                     )
-                found.append(ResolvedSite(site, mlp, tuple(inputs), down))
+                block = modules.get(layout.path.format(i=i).rpartition(".")[0], mlp)
+                found.append(ResolvedSite(site, mlp, tuple(inputs), down, block))
             if len(found) == n and modules.get(layout.path.format(i=n)) is None:
                 return found
         raise UnsupportedModelError(
@@ -158,6 +160,10 @@ class ModelAdapter(ABC):
 
     def mlp(self, site: MLPSite) -> nn.Module:
         return self._sites[site].mlp
+
+    def block(self, site: MLPSite) -> nn.Module:
+        """The transformer block (decoder layer) that holds the site's MLP; its output is the residual stream."""
+        return self._sites[site].block
 
     def down_proj(self, site: MLPSite) -> nn.Linear:
         """The linear whose *input* is the neuron activation; column ``j`` of its weight reads neuron ``j``."""

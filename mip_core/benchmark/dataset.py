@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -70,6 +71,21 @@ class Benchmark:
     def retain_profile_ids(self, pct: int) -> frozenset[str]:
         forget = self.forget_profile_ids(pct)
         return frozenset(p.profile_id for p in self.profiles if p.profile_id not in forget)
+
+    def with_forget_seed(self, seed: int) -> Benchmark:
+        """The same benchmark with another forget subset of the same sizes (still nested).
+
+        Seed 0 is the benchmark's own split; seed ``s > 0`` re-draws every profile's ``forget_rank`` from a
+        permutation seeded by ``(manifest seed, s)``. Comparisons repeat over seeds because a handful of forget
+        profiles is too few to rank close methods on one split.
+        """
+        if seed == 0:
+            return self
+        if seed < 0:
+            raise BenchmarkError(f"forget seed must be >= 0, got {seed}")
+        perm = np.random.default_rng([self.manifest.seed, 104729, seed]).permutation(len(self.profiles))
+        profiles = tuple(dataclasses.replace(p, forget_rank=int(perm[i])) for i, p in enumerate(self.profiles))
+        return Benchmark(self.root, self.manifest, profiles, self.items)
 
     def split_items(self, split: str, *, forget_pct: int = 5, modality: str | None = None) -> list[Item]:
         """Items of one split, in table order.

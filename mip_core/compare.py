@@ -1,0 +1,298 @@
+"""Compare unlearning methods from one vanilla model, on the same forget subsets, in one run.
+
+For each forget seed (seed 0 = the benchmark's own forget split, seed ``s`` = another subset of the same size,
+see ``Benchmark.with_forget_seed``): evaluate the vanilla model, attribute the forget items once (the same path
+graph serves every path-based method), then for every method restore the vanilla weights, unlearn, evaluate
+against the vanilla rows and measure the membership-inference AUC. Rows are tidy (``mip eval --json`` rows plus
+``method`` and ``seed``); :func:`summarize` gives mean and standard deviation over seeds.
+
+Selectivity (the number methods are ranked by) is the harmonic mean of the MC forgetting rate on the forget
+split and the MC retention on the retain split, per modality: a method must do both to score.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mip_core.attribution import AttributionConfig, attribute_items
+from mip_core.benchmark import Benchmark
+from mip_core.benchmark.holdout import holdout_items
+from mip_core.editing import METHOD_NAMES
+from mip_core.editing.data import unlearn_data
+from mip_core.editing.methods import METHODS, get_method
+from mip_core.editing.rmisu import RMisUConfig
+from mip_core.errors import InputError
+from mip_core.evaluation import evaluate
+from mip_core.evaluation.mia import mia_auc
+from mip_core.evaluation.runner import SPLITS, EvalRow
+from mip_core.modeling.io import LoadedModel, cache_dir
+from mip_core.paths import reduce_paths
+from mip_core.training import encode_items
+from mip_core.types import MODALITIES
+
+COMPARE_SCHEMA = "mip-compare/1"
+#: The order methods are run and printed in; ``all`` expands to this.
+DEFAULT_METHODS = METHOD_NAMES
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    forget_pct: int = 5
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    seeds: int = 1  # forget subsets: 0 .. seeds-1
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    rmisu: RMisUConfig | None = None  # None: each method's default
+    path_edit: dict[str, Any] = field(default_factory=dict)  # PathEditConfig overrides (prune, train_rows, ...)
+    holdout_profiles: int = 10  # never-seen people for the membership-inference AUC
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} or 'all'")
+        if self.seeds < 1:
+            raise InputError(f"--seeds must be >= 1, got {self.seeds}")
+
+
+@dataclass(frozen=True, slots=True)
+class CompareRow:
+    """One tidy row: an :class:`EvalRow` of one method on one forget seed."""
+
+    method: str
+    seed: int
+    split: str
+    modality: str
+    task: str
+    metric: str
+    value: float
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "seed": self.seed, "split": self.split, "modality": self.modality,
+                "task": self.task, "metric": self.metric, "value": self.value, "n": self.n}
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """Harmonic mean of two rates, each clipped to [0, 1] (a negative forgetting rate counts as 0)."""
+    a, b = min(max(a, 0.0), 1.0), min(max(b, 0.0), 1.0)
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def selectivity_rows(rows: Sequence[EvalRow]) -> list[EvalRow]:
+    """Per modality: ``split="overall", metric="hm"``, the HM of MC forgetting rate and MC retention."""
+    idx = {(r.split, r.modality, r.task, r.metric): r for r in rows}
+    out = []
+    for modality in MODALITIES:
+        fr = idx.get(("forget", modality, "mc", "forgetting_rate"))
+        ret = idx.get(("retain", modality, "mc", "retention"))
+        if fr and ret:
+            out.append(EvalRow("overall", modality, "mc", "hm", harmonic_mean(fr.value, ret.value), fr.n))
+    return out
+
+
+def compare(loaded: LoadedModel, bench: Benchmark, cfg: CompareConfig, *, log: Callable[[str], None] = print,
+            holdout_root: str | Path | None = None) -> list[CompareRow]:
+    """Run every method of ``cfg`` on every forget seed from ``loaded``'s weights; returns tidy rows.
+
+    ``loaded.model`` is modified during the run and holds the vanilla weights again at the end.
+    """
+    model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
+    vanilla = copy.deepcopy(model.state_dict())
+    holdout_bench, holdout = holdout_items(bench, cfg.holdout_profiles, holdout_root or cache_dir())
+    non_members = {m: encode_items(processor, holdout_bench, [it for it in holdout if it.modality == m])
+                   for m in MODALITIES}
+    rows: list[CompareRow] = []
+    try:
+        for seed in range(cfg.seeds):
+            model.load_state_dict(vanilla)  # the previous seed's last method edited it
+            b = bench.with_forget_seed(seed)
+            forget = b.split_items("forget", forget_pct=cfg.forget_pct)
+            retain = b.split_items("retain", forget_pct=cfg.forget_pct)
+            data = unlearn_data(processor, b, forget, retain)
+            members = {m: [ex for ex, mod in zip(data.forget, data.forget_modality, strict=True) if mod == m]
+                       for m in MODALITIES}
+            log(f"seed {seed}: forgetting {len(b.forget_profile_ids(cfg.forget_pct))} profiles "
+                f"({len(forget)} items), retaining {len(retain)} items")
+
+            evaluated = _measure(loaded, b, cfg, members, non_members, None, log=log, label="vanilla")
+            rows.extend(_tag("vanilla", seed, evaluated))
+            reference = [r for r in evaluated if r.metric in ("accuracy", "rougeL")]
+            graph = None
+            if any(METHODS[m].needs_graph or getattr(METHODS[m], "uses_graph", False) for m in cfg.methods):
+                t0 = time.perf_counter()
+                paths, failures = attribute_items(model, adapter, processor, b, forget, cfg.attribution)
+                if failures:
+                    raise InputError(f"attribution failed for {len(failures)} forget items, first: "
+                                     f"{failures[0].reason}")
+                graph = reduce_paths(paths, run_id=f"compare-seed{seed}")
+                log(f"  attributed {len(paths)} items in {time.perf_counter() - t0:.0f}s: {len(graph)} path neurons")
+            for name in cfg.methods:
+                model.load_state_dict(vanilla)
+                method = get_method(name, rmisu=cfg.rmisu, path_edit_overrides=cfg.path_edit, seed=seed)
+                summary = method.run(model, adapter, data, graph=graph, log=lambda _line: None)
+                log(f"  {name:10s} edited {summary.trainable_parameters} parameters in {summary.seconds:.0f}s")
+                rows.extend(_tag(name, seed, _measure(loaded, b, cfg, members, non_members, reference, log=log,
+                                                      label=name)))
+    finally:
+        model.load_state_dict(vanilla)
+    return rows
+
+
+def _tag(method: str, seed: int, rows: Sequence[EvalRow]) -> list[CompareRow]:
+    return [CompareRow(method, seed, r.split, r.modality, r.task, r.metric, r.value, r.n) for r in rows]
+
+
+def _measure(loaded: LoadedModel, bench: Benchmark, cfg: CompareConfig, members: dict[str, list],
+             non_members: dict[str, list], reference: Sequence[EvalRow] | None, *, log: Callable[[str], None],
+             label: str) -> list[EvalRow]:
+    """Evaluate every split, add HM and the membership-inference AUC per modality."""
+    t0 = time.perf_counter()
+    pad = int(loaded.processor.tokenizer.pad_token_id)
+    evaluated = evaluate(loaded.model, loaded.processor, bench, forget_pct=cfg.forget_pct, splits=SPLITS,
+                         reference=reference, batch_size=cfg.batch_size)
+    evaluated += selectivity_rows(evaluated)
+    for m in MODALITIES:
+        if members[m] and non_members[m]:
+            evaluated.append(EvalRow("forget", m, "mia", "mia_auc",
+                                     mia_auc(loaded.model, members[m], non_members[m], pad, cfg.batch_size),
+                                     len(members[m])))
+    log(f"  {label:10s} evaluated in {time.perf_counter() - t0:.0f}s  " + _headline(evaluated))
+    return evaluated
+
+
+def _headline(rows: Sequence[EvalRow]) -> str:
+    idx = {(r.split, r.modality, r.task, r.metric): r.value for r in rows}
+    parts = []
+    for m in MODALITIES:
+        f, r = idx.get(("forget", m, "mc", "accuracy")), idx.get(("retain", m, "mc", "accuracy"))
+        hm = idx.get(("overall", m, "mc", "hm"))
+        parts.append(f"{m[:4]}: forget {f:.3f} retain {r:.3f}" + (f" hm {hm:.3f}" if hm is not None else ""))
+    return " | ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRow:
+    method: str
+    split: str
+    modality: str
+    task: str
+    metric: str
+    mean: float
+    std: float  # sample standard deviation over seeds (0 for one seed)
+    n_seeds: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "split": self.split, "modality": self.modality, "task": self.task,
+                "metric": self.metric, "mean": self.mean, "std": self.std, "n_seeds": self.n_seeds}
+
+
+def summarize(rows: Sequence[CompareRow]) -> list[SummaryRow]:
+    """Mean and standard deviation over seeds of every (method, split, modality, task, metric)."""
+    groups: dict[tuple[str, str, str, str, str], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r.method, r.split, r.modality, r.task, r.metric), []).append(r.value)
+    return [SummaryRow(*key, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+            for key, v in groups.items()]
+
+
+def paired_differences(rows: Sequence[CompareRow], a: str, b: str, *, metric: str = "hm"
+                       ) -> dict[str, list[float]]:
+    """Per modality, ``value(a) - value(b)`` of ``overall/<metric>`` on each seed (the paired comparison)."""
+    idx = {(r.method, r.seed, r.modality): r.value for r in rows if r.split == "overall" and r.metric == metric}
+    seeds = sorted({r.seed for r in rows})
+    return {m: [idx[(a, s, m)] - idx[(b, s, m)] for s in seeds if (a, s, m) in idx and (b, s, m) in idx]
+            for m in MODALITIES}
+
+
+#: (header, split, task, metric) of the printed table, per modality.
+TABLE_COLUMNS = (
+    ("forget", "forget", "mc", "accuracy"), ("retain", "retain", "mc", "accuracy"),
+    ("test", "test", "mc", "accuracy"), ("utility", "utility", "mc", "accuracy"),
+    ("F-rougeL", "forget", "gen", "rougeL"), ("R-rougeL", "retain", "gen", "rougeL"),
+    ("forget%", "forget", "mc", "forgetting_rate"), ("retain%", "retain", "mc", "retention"),
+    ("util%", "utility", "mc", "retention"), ("MIA", "forget", "mia", "mia_auc"), ("HM", "overall", "mc", "hm"),
+)
+
+
+def format_compare(summary: Sequence[SummaryRow]) -> str:
+    """One table per modality: a row per method, mean (and +-std over seeds when there are several)."""
+    idx = {(s.method, s.split, s.modality, s.task, s.metric): s for s in summary}
+    methods = list(dict.fromkeys(s.method for s in summary))
+    n_seeds = max((s.n_seeds for s in summary), default=1)
+    width = 14 if n_seeds > 1 else 9
+    lines = []
+    for modality in MODALITIES:
+        lines.append(f"{modality} (MC accuracy, ROUGE-L, rates vs vanilla; mean"
+                     f"{' +- std over ' + str(n_seeds) + ' forget subsets' if n_seeds > 1 else ''})")
+        lines.append(f"{'method':11s}" + "".join(f"{h:>{width}s}" for h, *_ in TABLE_COLUMNS))
+        for method in methods:
+            cells = []
+            for _, split, task, metric in TABLE_COLUMNS:
+                s = idx.get((method, split, modality, task, metric))
+                if s is None:
+                    cells.append(f"{'-':>{width}s}")
+                elif n_seeds > 1:
+                    cells.append(f"{s.mean:>7.3f}+-{s.std:.3f}"[-width:].rjust(width))
+                else:
+                    cells.append(f"{s.mean:>{width}.3f}")
+            lines.append(f"{method:11s}" + "".join(cells))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def to_json(rows: Sequence[CompareRow], cfg: CompareConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    summary = summarize(rows)
+    return {"schema": COMPARE_SCHEMA, "config": _config_dict(cfg), **(extra or {}),
+            "rows": [r.to_dict() for r in rows], "summary": [s.to_dict() for s in summary]}
+
+
+def _config_dict(cfg: CompareConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def plot(summary: Sequence[SummaryRow], out: str | Path) -> None:
+    """Forgetting rate vs retention (MC) per method, one panel per modality, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = {(s.method, s.split, s.modality, s.metric): s for s in summary if s.task == "mc"}
+    methods = [m for m in dict.fromkeys(s.method for s in summary) if m != "vanilla"]
+    fig, axes = plt.subplots(1, len(MODALITIES), figsize=(11, 4.8), sharey=True)
+    cmap = plt.get_cmap("tab20")
+    for ax, modality in zip(axes, MODALITIES, strict=True):
+        for k, method in enumerate(methods):
+            fr = idx.get((method, "forget", modality, "forgetting_rate"))
+            ret = idx.get((method, "retain", modality, "retention"))
+            if fr is None or ret is None:
+                continue
+            ax.errorbar(fr.mean, ret.mean, xerr=fr.std or None, yerr=ret.std or None, fmt="o", ms=7,
+                        color=cmap(k), capsize=3, label=method)
+            ax.annotate(method, (fr.mean, ret.mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.axvline(0.9, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{modality}")
+        ax.set_xlabel("forgetting rate (forget MC)")
+        ax.set_xlim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("retention (retain MC)")
+    axes[-1].legend(loc="lower left", fontsize=8, ncol=2)
+    fig.suptitle("Forgetting vs retention per method (top right is best)")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["COMPARE_SCHEMA", "DEFAULT_METHODS", "CompareConfig", "CompareRow", "SummaryRow", "compare",
+           "format_compare", "harmonic_mean", "paired_differences", "plot", "selectivity_rows", "summarize",
+           "to_json"]

@@ -1,0 +1,70 @@
+"""What every unlearning method sees and returns: encoded forget/retain data in, an edited model (in place) out.
+
+A method is a small class behind :data:`mip_core.editing.methods.METHODS`. It edits ``model`` in place and
+returns an :class:`EditSummary`; the caller saves the model as a plain HF checkpoint. Methods never read the
+benchmark themselves: they get :class:`UnlearnData` (examples encoded with their answers, labels on the answer
+span only), so the same code serves the benchmark, forget requests and tests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from mip_core.errors import InputError
+from mip_core.modeling.inputs import collate
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class UnlearnData:
+    """Encoded examples (``mip_core.modeling.encode`` with the answer): ``labels`` cover the answer span only.
+
+    ``forget_modality`` / ``retain_modality`` give each example's modality (``"multimodal"`` or ``"text"``), in
+    the same order, for methods that treat modalities apart (MANU) and for per-modality logs.
+    """
+
+    forget: Sequence[dict[str, Tensor]]
+    retain: Sequence[dict[str, Tensor]]
+    pad_token_id: int
+    forget_modality: Sequence[str] = ()
+    retain_modality: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not self.forget:
+            raise InputError("nothing to forget: the forget set is empty; pick a forget split or request items")
+        for name in ("forget", "retain"):
+            mods = getattr(self, f"{name}_modality")
+            if mods and len(mods) != len(getattr(self, name)):
+                raise InputError(f"UnlearnData.{name}_modality has {len(mods)} entries for "
+                                 f"{len(getattr(self, name))} examples")
+
+
+@dataclass(frozen=True)
+class EditSummary:
+    """What a method did: how many parameters it changed, its loss curve, and anything else worth logging."""
+
+    method: str
+    trainable_parameters: int  # parameters the optimiser (or the pruning) touched
+    steps: int = 0
+    seconds: float = 0.0
+    curve: tuple[dict[str, float], ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "trainable_parameters": self.trainable_parameters, "steps": self.steps,
+                "seconds": self.seconds, "curve": list(self.curve), "details": self.details}
+
+
+def batches(examples: Sequence[dict[str, Tensor]], batch_size: int, pad_token_id: int, rng: random.Random
+            ) -> Iterator[dict[str, Tensor]]:
+    """An endless stream of right-padded batches drawn with replacement (the research code's pairing rule)."""
+    if not examples:
+        raise InputError("cannot draw batches from an empty set of examples")
+    while True:
+        yield collate([examples[rng.randrange(len(examples))] for _ in range(batch_size)], pad_token_id)

@@ -1,0 +1,261 @@
+"""RMisU: representation misdirection at one LLM layer (method.md section 5; paper Eqs. 12-16, Adaptive RMU).
+
+At the output ``h_l`` of language layer ``l``, forget inputs are pushed towards a random direction and retain
+inputs are held where the frozen model puts them:
+
+- forget: ``u_i ~ Uniform(sphere)`` once per forget input ``i``; target ``v_t = lambda * ||h_l^frozen(x)_t|| * u_i``
+  at every real token ``t`` (an *adaptive* norm: the hidden states of small models reach norms in the
+  thousands, so a fixed target such as the research code's 10 does nothing; defect 7);
+- retain: ``h_l(x_r)`` stays close to ``h_l^frozen(x_r)``;
+- ``L = L_f + gamma * L_r (+ ce_weight * CE_retain)``. Padding is masked out of every term. Both squared
+  distances are divided, token by token, by the frozen squared norm of that token, so the loss is O(1) at any
+  model scale and ``gamma`` and the learning rate carry over between models.
+
+The forward stops at layer ``l`` (a hook raises once ``h_l`` exists), so the layers above it cost nothing. Only
+what an editor or the caller made trainable moves; the frozen reference is the same model with the editor
+switched off, so no second copy of the weights is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mip_core.adapters.base import ModelAdapter
+from mip_core.editing.base import Log, UnlearnData
+from mip_core.errors import InputError
+from mip_core.modeling.inputs import IGNORE_INDEX, collate
+
+
+@dataclass(frozen=True)
+class RMisUConfig:
+    """RMisU hyper-parameters. ``layer=None`` picks ``round(layer_fraction * n_layers)`` (capped at the last layer).
+
+    Defaults are the most selective setting measured on the demo model (BENCHMARKS.md, section 3); the paper's
+    settings are ``layer_fraction=0.2``, ``retain_weight=1``, ``retain_ce_weight=0`` with pruning.
+    """
+
+    layer: int | None = None  # language layer whose output is steered
+    layer_fraction: float = 0.75  # paper: 0.2 (7 of 36); later layers were more selective here (BENCHMARKS.md 3)
+    target_scale: float = 5.0  # lambda: target norm as a multiple of the frozen hidden-state norm
+    retain_weight: float = 5.0  # gamma, against the per-token normalised forget term
+    retain_ce_weight: float = 0.3  # weight of a retain cross-entropy term (Eq. 11); needs a full retain forward
+    steps: int = 300
+    lr: float = 3e-2
+    batch_size: int = 6  # forget inputs per step, paired with as many retain inputs (drawn with replacement)
+    clip_norm: float = 1.0
+    skip_shared_prefix: bool = True  # leave positions a forget input shares with a retain input out of L_f
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+                  "target_scale": self.target_scale > 0, "retain_weight": self.retain_weight >= 0,
+                  "retain_ce_weight": self.retain_ce_weight >= 0, "layer_fraction": 0 <= self.layer_fraction <= 1,
+                  "layer": self.layer is None or self.layer >= 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise InputError(f"RMisUConfig.{name}={getattr(self, name)!r} is out of range; see the field's "
+                                 f"comment in mip_core/editing/rmisu.py for valid values")
+
+    def resolve_layer(self, n_layers: int) -> int:
+        layer = self.layer if self.layer is not None else min(n_layers - 1, round(self.layer_fraction * n_layers))
+        if layer >= n_layers:
+            raise InputError(f"RMisUConfig.layer={layer} but the language model has {n_layers} layers "
+                             f"(0..{n_layers - 1}); pass a smaller --layer")
+        return layer
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class _Stop(Exception):
+    """Raised by the layer-``l`` hook to end a forward once ``h_l`` is known."""
+
+
+@contextmanager
+def _layer_output(block: nn.Module, stop: bool) -> Iterator[dict[str, Tensor]]:
+    """Capture the block's output hidden states ``[B, S, D]``; with ``stop``, end the forward right there."""
+    store: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple[object, ...], out: object) -> None:
+        store["h"] = out[0] if isinstance(out, tuple) else out  # type: ignore[assignment,index]
+        if stop:
+            raise _Stop
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def hidden_at(model: nn.Module, block: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """``h_l`` of ``batch`` (no labels), running the model only up to ``block``."""
+    with _layer_output(block, stop=True) as store:
+        try:
+            model(**batch)
+        except _Stop:
+            pass
+    if "h" not in store:
+        raise RuntimeError("the RMisU layer was never reached in the forward; is the block part of this model?")
+    return store["h"]
+
+
+def sphere(n: int, dim: int, seed: int) -> Tensor:
+    """``n`` directions drawn uniformly from the unit sphere in ``dim`` dimensions ``[n, dim]``."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, dim, generator=g)
+    return u / u.norm(dim=-1, keepdim=True)
+
+
+def _squared_error(h: Tensor, target: Tensor, frozen_norm: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens (``mask`` ``[B, S]``) of ``||h_t - target_t||^2 / ||h^frozen_t||^2``.
+
+    Per-token normalisation: the few template tokens every input shares carry hidden-state norms several times
+    those of the question's tokens (and are identical in forget and retain inputs); weighting each token by its
+    own norm keeps them from dominating the loss.
+    """
+    m = mask.to(h.dtype)
+    err = ((h - target) ** 2).sum(-1) / (frozen_norm**2).clamp(min=1e-12)  # [B, S]
+    return (err * m).sum() / m.sum().clamp(min=1)
+
+
+def retain_prefix_lengths(forget: Sequence[dict[str, Tensor]], retain: Sequence[dict[str, Tensor]],
+                          image_token_id: int | None = None) -> list[int]:
+    """For each forget example, the longest token prefix it shares with any retain example.
+
+    Image placeholder tokens (``image_token_id``) stand for different pixels in different inputs, so a prefix
+    ends at the first of them.
+
+    A causal model computes identical hidden states on identical prefixes, so on those positions no edit can
+    move a forget input without moving a retain input the same way: there the forget term only fights the
+    retain term (the chat template, and e.g. "What is the birthplace of" before a name). They are left out.
+    """
+    if not retain:
+        return [0] * len(forget)
+    length = max(int(e["input_ids"].shape[0]) for e in [*forget, *retain])
+    table = torch.full((len(retain), length), -1, dtype=torch.long)  # [R, S], -1 past the end
+    for r, ex in enumerate(retain):
+        table[r, : ex["input_ids"].shape[0]] = ex["input_ids"]
+    out = []
+    for ex in forget:
+        ids = ex["input_ids"]
+        same = (table[:, : ids.shape[0]] == ids).long()  # [R, S_i]
+        n = int(same.cumprod(1).sum(1).max())
+        if image_token_id is not None:
+            images = (ids == image_token_id).nonzero()
+            n = min(n, int(images[0, 0])) if len(images) else n
+        out.append(n)
+    return out
+
+
+def _retain_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the answer tokens of a batch."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=IGNORE_INDEX)
+
+
+def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params: list[nn.Parameter],
+              cfg: RMisUConfig, *, reference: Callable[[], AbstractContextManager[None]],
+              log: Log = print) -> tuple[list[dict[str, float]], int]:
+    """Optimise ``params`` with the RMisU loss; returns ``(curve, layer)``.
+
+    Args:
+        params: the only tensors that move (an editor's slices, or whole MLP weights for full-model RMisU).
+        reference: a context manager factory under which ``model`` is the frozen, unedited model
+            (``editor.disabled``): the reference states cost one no-grad forward up to layer ``l`` per batch.
+    """
+    if (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0) and not data.retain:
+        raise InputError("RMisU with a retain term needs retain examples; give some or set retain_weight=0")
+    layer = cfg.resolve_layer(adapter.n_layers("language"))
+    block = adapter.block(adapter.site("language", layer))
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    pad = data.pad_token_id
+    hidden_size = _probe_width(model, block, data)
+    directions = sphere(len(data.forget), hidden_size, cfg.seed)  # [n_forget, D]
+    prefixes = (retain_prefix_lengths(data.forget, data.retain, adapter.image_token_id)
+                if cfg.skip_shared_prefix else [0] * len(data.forget))
+
+    def frozen_hidden(batch: dict[str, Tensor]) -> Tensor:
+        with torch.no_grad(), reference():
+            return hidden_at(model, block, batch)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    model.eval()  # no dropout: the frozen and edited forwards must differ only by the edit
+    curve: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        f_idx = [rng.randrange(len(data.forget)) for _ in range(cfg.batch_size)]
+        fb = collate([data.forget[i] for i in f_idx], pad)
+        fb.pop("labels")
+        f_mask = fb["attention_mask"].clone()
+        for row, i in enumerate(f_idx):
+            f_mask[row, : prefixes[i]] = 0  # see retain_prefix_lengths
+        h_frozen = frozen_hidden(fb)
+        f_norm = h_frozen.norm(dim=-1)  # [B, S]
+        target = cfg.target_scale * f_norm.unsqueeze(-1) * directions[f_idx].unsqueeze(1)  # [B, S, D]
+        loss_f = _squared_error(hidden_at(model, block, fb), target, f_norm, f_mask)
+        loss = loss_f
+        point = {"step": step + 1, "forget": loss_f.item()}
+        if data.retain and (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0):
+            r_idx = [rng.randrange(len(data.retain)) for _ in range(cfg.batch_size)]
+            rb = collate([data.retain[i] for i in r_idx], pad)
+            labels = rb.pop("labels")
+            r_frozen = frozen_hidden(rb)
+            if cfg.retain_ce_weight > 0:
+                with _layer_output(block, stop=False) as store:
+                    logits = model(**rb).logits
+                h_r = store["h"]
+                ce = _retain_ce(logits, labels)
+                loss = loss + cfg.retain_ce_weight * ce
+                point["retain_ce"] = ce.item()
+            else:
+                h_r = hidden_at(model, block, rb)
+            loss_r = _squared_error(h_r, r_frozen, r_frozen.norm(dim=-1), rb["attention_mask"])
+            loss = loss + cfg.retain_weight * loss_r
+            point["retain"] = loss_r.item()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"RMisU loss became {float(loss)} at step {step + 1}; lower RMisUConfig.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+        optimizer.step()
+        point["loss"] = loss.item()
+        if step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
+            point["seconds"] = round(time.perf_counter() - t0, 2)
+            curve.append({k: round(v, 5) for k, v in point.items()})
+            log("rmisu " + "  ".join(f"{k}={v}" for k, v in curve[-1].items()))
+    return curve, layer
+
+
+def _probe_width(model: nn.Module, block: nn.Module, data: UnlearnData) -> int:
+    one = collate([data.forget[0]], data.pad_token_id)
+    one.pop("labels")
+    with torch.no_grad():
+        return int(hidden_at(model, block, one).shape[-1])
+
+
+@contextmanager
+def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Freeze every model parameter except ``params`` (restored on exit, also on error)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in params}
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+__all__ = ["RMisUConfig", "hidden_at", "run_rmisu", "sphere", "trainable_only"]

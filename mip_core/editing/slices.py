@@ -1,0 +1,220 @@
+"""PEFT-style neuron slices: train only the selected neurons' parameters, then merge them into the weights.
+
+A neuron ``j`` of a site is driven by row ``j`` (and bias entry ``j``) of each input linear (gate/up, or fc1)
+and read by column ``j`` of the down projection (down_proj, or fc2); see ``ModelAdapter.neuron_parameters``.
+:class:`NeuronEditor` keeps a trainable copy of exactly those slices for the selected neurons and adds the
+difference to the frozen linears' outputs through forward hooks, so:
+
+- the optimiser holds ``n * (n_inputs * (d_in + 1) + d_out)`` numbers per site, not whole matrices;
+- the base weights stay untouched until :meth:`NeuronEditor.merge`, so the frozen model that RMisU compares
+  against is the same model with the editor switched off (:meth:`NeuronEditor.disabled`), at no memory cost;
+- biases stay in the forward pass: the frozen linear adds its bias, the slice adds only its bias *change*
+  (the research code dropped biases while training and kept them at inference: defect 6 of method.md);
+- pruning is a column initialised to zero: the pruned neuron's activation still flows, but nothing reads it,
+  which is what zeroing the activation at every position does, and it merges into plain weights (no hooks
+  at inference).
+
+Under DeepSpeed ZeRO-3 only the edited sites' linears need gathering: the slices are copied out of the
+gathered weights once, and :meth:`merge` writes them back inside the same kind of gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from mip_core.adapters.base import ModelAdapter
+from mip_core.errors import InputError
+from mip_core.types import MLPSite
+
+#: Which neurons to edit: ascending, distinct neuron ids per site.
+NeuronSelection = Mapping[MLPSite, Sequence[int]]
+
+
+def check_selection(adapter: ModelAdapter, selection: NeuronSelection) -> dict[MLPSite, list[int]]:
+    """Validate a selection against the model; returns it with sorted ids and empty sites dropped."""
+    known = set(adapter.sites())
+    out: dict[MLPSite, list[int]] = {}
+    for site, ids in selection.items():
+        if site not in known:
+            raise InputError(f"selection names {site}, which this model does not have; its sites are "
+                             f"{[(s.tower, s.layer, s.d_mlp) for s in adapter.sites()]}. Was the path graph "
+                             f"computed on another model?")
+        ids = sorted({int(i) for i in ids})
+        if ids and (ids[0] < 0 or ids[-1] >= site.d_mlp):
+            raise InputError(f"selection for {site.tower} layer {site.layer} has neuron {ids[-1]} outside "
+                             f"0..{site.d_mlp - 1}; was the path graph computed on another model?")
+        if ids:
+            out[site] = ids
+    return dict(sorted(out.items()))
+
+
+class SiteSlices(nn.Module):
+    """Trainable slices of one site: input-linear rows ``[n, d_in]`` (+ bias ``[n]``) and down columns ``[d_out, n]``."""
+
+    def __init__(self, site: MLPSite, neurons: Sequence[int], inputs: Sequence[nn.Linear], down: nn.Linear, *,
+                 prune: bool, train_rows: bool, train_columns: bool) -> None:
+        super().__init__()
+        self.site = site
+        idx = torch.tensor(list(neurons), dtype=torch.long, device=down.weight.device)
+        self.register_buffer("neurons", idx, persistent=False)
+        with torch.no_grad():
+            self.rows = nn.ParameterList(
+                nn.Parameter(lin.weight[idx].detach().clone(), requires_grad=train_rows) for lin in inputs)
+            self.row_biases = nn.ParameterList(
+                nn.Parameter(lin.bias[idx].detach().clone(), requires_grad=train_rows)
+                for lin in inputs if lin.bias is not None)
+            start = torch.zeros_like(down.weight[:, idx]) if prune else down.weight[:, idx].detach().clone()
+            self.columns = nn.Parameter(start, requires_grad=train_columns)  # [d_out, n]
+        self.has_bias = tuple(lin.bias is not None for lin in inputs)
+
+    def row_delta(self, k: int, lin: nn.Linear, x: Tensor) -> Tensor:
+        """Change of input linear ``k``'s selected outputs: ``x (R - W[idx])^T + (b_R - b[idx])`` -> ``[..., n]``."""
+        weight = self.rows[k] - lin.weight[self.neurons]
+        bias = None
+        if self.has_bias[k]:
+            bias = self.row_biases[sum(self.has_bias[:k])] - lin.bias[self.neurons]
+        return nn.functional.linear(x, weight, bias)
+
+    def column_delta(self, down: nn.Linear, h: Tensor) -> Tensor:
+        """Change of the down projection's output: ``h[..., idx] (C - W_d[:, idx])^T`` -> ``[..., d_out]``."""
+        return nn.functional.linear(h[..., self.neurons], self.columns - down.weight[:, self.neurons])
+
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class NeuronEditor(nn.Module):
+    """Edit only the selected neurons of a model: attach, train :meth:`parameters`, :meth:`merge`, detach.
+
+    Use as a context manager; the hooks are always removed on exit, also when training raises::
+
+        with NeuronEditor(adapter, selection, prune=True) as editor:
+            optimiser = torch.optim.AdamW(editor.trainable_parameters(), lr=...)
+            ...  # forwards of adapter.model now see the edited slices
+            with editor.disabled():
+                ...  # the unedited model
+            editor.merge()  # write the slices into the weights (plain HF checkpoint from here on)
+    """
+
+    def __init__(self, adapter: ModelAdapter, selection: NeuronSelection, *, prune: bool = False,
+                 train_rows: bool = True, train_columns: bool = True) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.selection = check_selection(adapter, selection)
+        if not self.selection:
+            raise InputError("NeuronEditor got an empty selection: no neuron to edit. Check the path graph "
+                             "(`mip paths show`) or the method's neuron budget")
+        self.prune = prune
+        self.slices = nn.ModuleList(
+            SiteSlices(site, ids, adapter.neuron_inputs(site), adapter.down_proj(site), prune=prune,
+                       train_rows=train_rows, train_columns=train_columns)
+            for site, ids in self.selection.items())
+        self._handles: list[RemovableHandle] = []
+        self._enabled = True
+        self._merged = False
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for sl in self.slices:
+            site = sl.site
+            for k, lin in enumerate(self.adapter.neuron_inputs(site)):
+                self._handles.append(lin.register_forward_hook(self._row_hook(sl, k)))
+            self._handles.append(self.adapter.down_proj(site).register_forward_hook(self._column_hook(sl)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> NeuronEditor:  # noqa: PYI034 - Self needs Python 3.11
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def _row_hook(self, sl: SiteSlices, k: int) -> Callable[..., Tensor | None]:
+        def hook(module: nn.Linear, args: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
+            if not self._enabled:
+                return None
+            return out.index_add(out.dim() - 1, sl.neurons, sl.row_delta(k, module, args[0]))
+        return hook
+
+    def _column_hook(self, sl: SiteSlices) -> Callable[..., Tensor | None]:
+        def hook(module: nn.Linear, args: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
+            if not self._enabled:
+                return None
+            return out + sl.column_delta(module, args[0])
+        return hook
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Forwards inside see the unedited model (the frozen reference of RMisU)."""
+        previous, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.slices.parameters() if p.requires_grad]
+
+    def n_trainable(self) -> int:
+        return sum(sl.n_trainable() for sl in self.slices)
+
+    def n_neurons(self) -> int:
+        return sum(len(ids) for ids in self.selection.values())
+
+    def slice_state(self) -> dict[str, Tensor]:
+        """The slices alone, keyed ``{tower}.{layer}.{rows.k|row_biases.k|columns|neurons}``: an adapter file."""
+        out: dict[str, Tensor] = {}
+        for sl in self.slices:
+            prefix = f"{sl.site.tower}.{sl.site.layer}"
+            out[f"{prefix}.neurons"] = sl.neurons.detach().cpu()
+            for name, p in sl.named_parameters():
+                out[f"{prefix}.{name}"] = p.detach().cpu().contiguous()
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write the slices into the base weights and detach: the model is now a plain, edited HF model."""
+        if self._merged:
+            raise RuntimeError("NeuronEditor.merge() was already called; the slices are in the weights")
+        self.detach()
+        for sl in self.slices:
+            site, idx = sl.site, sl.neurons
+            bias_k = 0
+            for k, lin in enumerate(self.adapter.neuron_inputs(site)):
+                lin.weight[idx] = sl.rows[k].to(lin.weight.dtype)
+                if lin.bias is not None:
+                    lin.bias[idx] = sl.row_biases[bias_k].to(lin.bias.dtype)
+                    bias_k += 1
+            down = self.adapter.down_proj(site)
+            down.weight[:, idx] = sl.columns.to(down.weight.dtype)
+        self._merged = True
+
+
+def prune_columns(adapter: ModelAdapter, selection: NeuronSelection) -> int:
+    """Zero the down-projection columns of the selected neurons in place; returns how many numbers changed.
+
+    Equals zeroing the neurons' activations at every position (method.md Eq. 10) and needs no inference hooks.
+    """
+    changed = 0
+    with torch.no_grad():
+        for site, ids in check_selection(adapter, selection).items():
+            down = adapter.down_proj(site)
+            idx = torch.tensor(ids, dtype=torch.long, device=down.weight.device)
+            down.weight[:, idx] = 0
+            changed += down.weight.shape[0] * len(ids)
+    return changed
+
+
+__all__ = ["NeuronEditor", "NeuronSelection", "SiteSlices", "check_selection", "prune_columns"]

@@ -1,0 +1,51 @@
+"""Loss-based membership inference: can an attacker still tell forget items from never-seen ones?
+
+Score of an item = minus its mean per-token negative log-likelihood of the answer (length-normalised, so long
+names do not look "unseen"). The AUC is the probability that a forget item scores higher than a never-seen
+item (Mann-Whitney, ties counted half). A model that knows the forget set gives about 1.0; an unlearned model
+that treats the forgotten people like strangers gives about 0.5; well below 0.5 is itself a tell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mip_core.errors import InputError
+from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob, collate
+
+
+@torch.no_grad()
+def mean_answer_logprob(model: nn.Module, examples: Sequence[dict[str, Tensor]], pad_token_id: int,
+                        batch_size: int = 64) -> list[float]:
+    """Per example: log p(answer | prompt) divided by the number of answer tokens."""
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_token_id)
+        labels = batch.pop("labels")
+        total = answer_logprob(model(**batch).logits, labels)  # [B]
+        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1)
+        out.extend((total / n_tokens).tolist())
+    return out
+
+
+def auc(members: Sequence[float], non_members: Sequence[float]) -> float:
+    """P(member score > non-member score) + 0.5 P(equal): the ROC AUC of "higher score = member"."""
+    if not members or not non_members:
+        raise InputError(f"an AUC needs both members ({len(members)}) and non-members ({len(non_members)})")
+    m = torch.tensor(list(members), dtype=torch.float64).unsqueeze(1)
+    n = torch.tensor(list(non_members), dtype=torch.float64).unsqueeze(0)
+    return float(((m > n).double() + 0.5 * (m == n).double()).mean())
+
+
+def mia_auc(model: nn.Module, members: Sequence[dict[str, Tensor]], non_members: Sequence[dict[str, Tensor]],
+            pad_token_id: int, batch_size: int = 64) -> float:
+    """Loss-based membership-inference AUC of ``members`` (forget items) against ``non_members`` (never seen)."""
+    return auc(mean_answer_logprob(model, members, pad_token_id, batch_size),
+               mean_answer_logprob(model, non_members, pad_token_id, batch_size))
+
+
+__all__ = ["auc", "mean_answer_logprob", "mia_auc"]

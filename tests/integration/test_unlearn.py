@@ -1,0 +1,145 @@
+"""Every unlearning method on a tiny Qwen2.5-VL that has learnt an 8-person benchmark; `mip compare` end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mip_core.benchmark import load_benchmark, make_benchmark
+from mip_core.cli import main
+from mip_core.editing import METHOD_NAMES
+from mip_core.editing.data import unlearn_data
+from mip_core.editing.rmisu import RMisUConfig
+from mip_core.editing.unlearn import UNLEARN_LOG, save_unlearned, unlearn_benchmark
+from mip_core.evaluation.mia import mean_answer_logprob
+from mip_core.modeling import build_tiny, load_model, save_model
+from mip_core.training import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+FAST_RMISU = RMisUConfig(layer=1, steps=40, lr=1e-2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def vanilla(tmp_path_factory):
+    """(model dir, bench dir) of a tiny model trained on 8 profiles until it knows them (about 40 s)."""
+    root = tmp_path_factory.mktemp("unlearn")
+    make_benchmark(root / "bench", 8, seed=3, n_utility=20)
+    bench = load_benchmark(root / "bench")
+    model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)
+    train(model, processor, bench, TrainConfig(steps=450, warmup_steps=50, probe_every=0, seed=1),
+          log=lambda _: None)
+    save_model(model, processor, str(root / "vanilla"))
+    return str(root / "vanilla"), str(root / "bench")
+
+
+def forget_logprob(loaded, bench) -> float:
+    items = bench.split_items("forget", forget_pct=15)
+    data = unlearn_data(loaded.processor, bench, items, [])  # encoded exactly as the methods see them
+    scores = mean_answer_logprob(loaded.model, list(data.forget), data.pad_token_id)
+    return sum(scores) / len(scores)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_each_method_makes_the_forget_answers_less_likely(vanilla, method, tmp_path):
+    model_dir, bench_dir = vanilla
+    bench = load_benchmark(bench_dir)
+    loaded = load_model(model_dir)
+    before = forget_logprob(loaded, bench)
+    base = copy.deepcopy(loaded.model.state_dict())
+    summary, graph = unlearn_benchmark(loaded, bench, method, forget_pct=15, rmisu=FAST_RMISU, log=lambda _: None)
+    after = forget_logprob(loaded, bench)
+    # the forget answers' loss (minus the log-prob per token) at least doubles and rises by 0.01 nats or more
+    assert -after > max(2 * -before, -before + 0.01), f"{method}: log-prob per token {before:.4f} -> {after:.4f}"
+    changed = sum(int((p != base[k]).sum()) for k, p in loaded.model.state_dict().items())
+    assert 0 < changed
+    if method not in ("ga", "ga_diff", "kl_min", "npo", "rmu"):
+        # neuron-restricted: far fewer numbers than the model has
+        assert changed < 0.25 * sum(p.numel() for p in base.values()), (method, changed)
+    assert (graph is not None) == (method in ("mip", "random", "prune", "mip_text", "mip_vision"))
+    if method == "mip":
+        save_unlearned(loaded, summary, str(tmp_path / "out"), lineage={"test": True})
+        log = json.loads((tmp_path / "out" / UNLEARN_LOG).read_text())
+        assert log["method"] == "mip" and log["details"]["neurons"] == len(graph)
+
+
+def test_unlearned_checkpoint_loads_with_transformers_alone(vanilla, tmp_path):
+    model_dir, bench_dir = vanilla
+    out = tmp_path / "mip"
+    assert main(["unlearn", "--model", model_dir, "--bench", bench_dir, "--forget", "15", "--method", "mip",
+                 "--steps", "10", "--layer", "1", "--out", str(out)]) == 0
+    edited = load_model(str(out)).model.state_dict()
+    # No project on sys.path: a fresh interpreter with the editable install's path entries removed.
+    code = (
+        "import sys, os\n"
+        "root = os.path.realpath(sys.argv[2])\n"
+        "sys.path = [p for p in sys.path if p not in ('', '.') and os.path.realpath(p) != root]\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '').lower()\n"
+        "                 and 'editable' not in repr(f).lower()]\n"
+        "import importlib.util; assert importlib.util.find_spec('mip_core') is None, 'project still importable'\n"
+        "import transformers, torch\n"
+        f"m = transformers.AutoModelForImageTextToText.from_pretrained({str(out)!r})\n"
+        "torch.save({k: v for k, v in m.state_dict().items()}, sys.argv[1])\n"
+    )
+    dump = tmp_path / "state.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code, str(dump), str(repo)], check=True, cwd=tmp_path, env=env,
+                   timeout=300)
+    plain = torch.load(dump, weights_only=True)
+    for key, value in edited.items():
+        assert torch.equal(plain[key], value), key
+
+
+def test_compare_runs_every_method_and_writes_rows_and_plot(vanilla, tmp_path, capsys):
+    model_dir, bench_dir = vanilla
+    out_json, out_png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    os.environ["MIP_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        assert main(["compare", "--model", model_dir, "--bench", bench_dir, "--forget", "15", "--methods", "all",
+                     "--seeds", "2", "--holdout", "2", "--steps", "10", "--layer", "1", "--json", str(out_json),
+                     "--plot", str(out_png)]) == 0
+    finally:
+        os.environ.pop("MIP_CACHE_DIR")
+    printed = capsys.readouterr().out
+    assert "multimodal (MC accuracy" in printed and "text (MC accuracy" in printed
+    doc = json.loads(out_json.read_text())
+    assert doc["schema"] == "mip-compare/1"
+    methods = {r["method"] for r in doc["rows"]}
+    assert methods == {"vanilla", *METHOD_NAMES}
+    assert {r["seed"] for r in doc["rows"]} == {0, 1}
+    keys = {"method", "seed", "split", "modality", "task", "metric", "value", "n"}
+    assert all(set(r) == keys for r in doc["rows"])
+    mia = [r for r in doc["rows"] if r["metric"] == "mia_auc"]
+    assert {(r["method"], r["modality"]) for r in mia} >= {("vanilla", "text"), ("mip", "multimodal")}
+    assert all(0.0 <= r["value"] <= 1.0 for r in mia)
+    # the vanilla model knows its forget set better than strangers
+    assert all(r["value"] > 0.5 for r in mia if r["method"] == "vanilla"), mia
+    # every subset starts from the vanilla weights: the utility split does not depend on the forget subset
+    utility = {(r["seed"], r["modality"], r["task"]): r["value"] for r in doc["rows"]
+               if r["method"] == "vanilla" and r["split"] == "utility"}
+    assert all(utility[(1, m, t)] == utility[(0, m, t)] for _, m, t in utility), utility
+    hm = [r for r in doc["summary"] if r["metric"] == "hm"]
+    assert len(hm) == 2 * len(METHOD_NAMES) and all(r["n_seeds"] == 2 for r in hm)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_unlearn_and_compare_input_exits_2_with_the_fix(vanilla, tmp_path, capsys):
+    model_dir, bench_dir = vanilla
+    assert main(["unlearn", "--model", model_dir, "--bench", bench_dir, "--method", "mip", "--paths",
+                 str(tmp_path / "no-graph"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mip: error:") and "no-graph" in err, err  # fails before loading anything
+    assert not (tmp_path / "out").exists()
+    assert main(["compare", "--model", model_dir, "--bench", bench_dir, "--methods", "mip,magic"]) == 2
+    assert "unknown method(s) ['magic']" in capsys.readouterr().err
+    assert main(["unlearn", "--model", model_dir, "--bench", bench_dir, "--method", "rmu", "--lr", "-1",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "RMisUConfig.lr" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""Pure parts of `mip compare`: selectivity, summaries over seeds, paired differences, the table, MIA AUC."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mip_core.compare import (
+    CompareConfig,
+    CompareRow,
+    format_compare,
+    harmonic_mean,
+    paired_differences,
+    selectivity_rows,
+    summarize,
+)
+from mip_core.errors import InputError
+from mip_core.evaluation.mia import auc
+from mip_core.evaluation.runner import EvalRow
+
+
+def test_harmonic_mean_clips_rates_and_needs_both():
+    assert harmonic_mean(1.0, 1.0) == 1.0
+    assert harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
+    assert harmonic_mean(-0.2, 0.9) == 0.0  # a negative forgetting rate forgets nothing
+    assert harmonic_mean(1.0, 0.0) == 0.0
+
+
+def test_selectivity_rows_per_modality():
+    rows = [EvalRow("forget", "text", "mc", "forgetting_rate", 0.8, 25), EvalRow("retain", "text", "mc", "retention",
+                                                                                0.9, 475),
+            EvalRow("forget", "multimodal", "mc", "forgetting_rate", 0.5, 30)]  # no retain row: no HM
+    out = selectivity_rows(rows)
+    assert [(r.split, r.modality, r.metric) for r in out] == [("overall", "text", "hm")]
+    assert out[0].value == pytest.approx(2 * 0.8 * 0.9 / 1.7)
+
+
+def _rows(method: str, values: list[float]) -> list[CompareRow]:
+    return [CompareRow(method, seed, "overall", m, "mc", "hm", v, 10) for seed, v in enumerate(values)
+            for m in ("multimodal", "text")]
+
+
+def test_summarize_gives_mean_and_sample_std_over_seeds():
+    summary = {(s.method, s.modality): s for s in summarize(_rows("mip", [0.7, 0.8, 0.9]))}
+    s = summary[("mip", "text")]
+    assert s.mean == pytest.approx(0.8) and s.std == pytest.approx(0.1) and s.n_seeds == 3
+    one = summarize(_rows("mip", [0.7]))[0]
+    assert one.std == 0.0 and one.n_seeds == 1
+
+
+def test_paired_differences_match_seeds():
+    rows = _rows("mip", [0.7, 0.8, 0.9]) + _rows("random", [0.75, 0.7, 0.95])
+    diff = paired_differences(rows, "mip", "random")
+    assert diff["text"] == pytest.approx([-0.05, 0.1, -0.05])
+
+
+def test_table_has_one_row_per_method_and_modality_blocks():
+    rows = _rows("vanilla", [0.0, 0.0]) + _rows("mip", [0.7, 0.9])
+    text = format_compare(summarize(rows))
+    assert text.count("mip ") == 2 and "0.800+-0.141" in text and "over 2 forget subsets" in text
+
+
+def test_compare_config_rejects_unknown_methods_and_seeds():
+    with pytest.raises(InputError, match="unknown method"):
+        CompareConfig(methods=("mip", "magic"))
+    with pytest.raises(InputError, match="seeds"):
+        CompareConfig(seeds=0)
+
+
+def test_auc_is_the_mann_whitney_probability():
+    assert auc([3.0, 4.0], [1.0, 2.0]) == 1.0
+    assert auc([1.0, 2.0], [3.0, 4.0]) == 0.0
+    assert auc([1.0], [1.0]) == 0.5
+    assert math.isclose(auc([1.0, 3.0], [2.0]), 0.5)
+    with pytest.raises(InputError):
+        auc([], [1.0])

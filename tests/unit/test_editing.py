@@ -1,0 +1,271 @@
+"""Neuron-restricted editing on the hand-weighted toy VLM: slices, merge, pruning, selection rules, RMisU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toy_models import IMAGE, toy, toy_example
+
+from mip_core.editing import METHOD_NAMES
+from mip_core.editing.base import UnlearnData
+from mip_core.editing.methods import METHODS, MipEditor, PathEditConfig, RandomControl, get_method
+from mip_core.editing.rmisu import RMisUConfig, hidden_at, run_rmisu, sphere, trainable_only
+from mip_core.editing.selection import all_neurons, manu_scores, manu_selection, random_like, up_to_layer
+from mip_core.editing.slices import NeuronEditor, check_selection, prune_columns
+from mip_core.errors import InputError
+from mip_core.hooks import patch
+from mip_core.modeling.inputs import collate
+from mip_core.paths import GraphNode, PathGraph
+
+IMG = [[0.5, -0.2, 0.1], [0.3, 0.4, -0.6]]
+IMG2 = [[-0.4, 0.2, 0.6], [0.1, -0.3, 0.2]]
+
+
+def examples() -> tuple[list[dict], list[dict]]:
+    forget = [toy_example([1, 2, 3, 4], 2), toy_example([IMAGE, 2, 1], 1, image=IMG)]
+    retain = [toy_example([3, 1, 2, 2, 4], 2), toy_example([IMAGE, 3, 4], 1, image=IMG2), toy_example([2, 4], 1)]
+    return forget, retain
+
+
+def logits(model, exs) -> torch.Tensor:
+    batch = collate(exs, 0)
+    batch.pop("labels")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def selection(adapter):
+    return {adapter.site("language", 0): [1], adapter.site("language", 1): [0, 2], adapter.site("vision", 1): [0, 2]}
+
+
+def perturb(editor: NeuronEditor, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in editor.slices.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def allowed_mask(adapter, sel) -> dict[str, torch.Tensor]:
+    """Per parameter name: True where a selected neuron's slice lives (rows, bias entries, down columns)."""
+    model = adapter.model
+    masks = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+    names = {id(p): name for name, p in model.named_parameters()}
+    for site, ids in sel.items():
+        for lin in adapter.neuron_inputs(site):
+            masks[names[id(lin.weight)]][ids] = True
+            if lin.bias is not None:
+                masks[names[id(lin.bias)]][ids] = True
+        masks[names[id(adapter.down_proj(site).weight)]][:, ids] = True
+    return masks
+
+
+def test_attached_editor_is_the_identity_until_trained_and_disabled_is_the_base():
+    model, adapter = toy()
+    forget, retain = examples()
+    before = logits(model, forget + retain)
+    with NeuronEditor(adapter, selection(adapter)) as editor:
+        assert torch.allclose(logits(model, forget + retain), before, atol=1e-6)
+        perturb(editor)
+        edited = logits(model, forget + retain)
+        assert not torch.allclose(edited, before, atol=1e-3)
+        with editor.disabled():
+            assert torch.equal(logits(model, forget + retain), before)
+    assert torch.equal(logits(model, forget + retain), before), "detaching must leave the base model as it was"
+
+
+def test_merge_round_trip_gives_the_attached_outputs_and_changes_only_the_slices():
+    model, adapter = toy()
+    forget, retain = examples()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    sel = selection(adapter)
+    with NeuronEditor(adapter, sel) as editor:
+        perturb(editor)
+        attached = logits(model, forget + retain)
+        editor.merge()
+    assert torch.allclose(logits(model, forget + retain), attached, atol=1e-5)
+    masks = allowed_mask(adapter, sel)
+    changed_somewhere = 0
+    for name, p in model.named_parameters():
+        diff = p.detach() != base[name]
+        assert not (diff & ~masks[name]).any(), f"{name} changed outside the selected neurons' slices"
+        changed_somewhere += int(diff.any())
+    # every selected slice moved: gate/up rows of both language layers, fc1 rows + bias and fc2 of vision 1
+    assert changed_somewhere == 2 * 3 + 3
+    assert torch.equal(model.vision[1].mlp.fc2.bias, base["vision.1.mlp.fc2.bias"]), "the down bias is no slice"
+    with pytest.raises(RuntimeError, match="already"):
+        editor.merge()
+
+
+def test_slice_state_holds_only_the_selected_slices():
+    _model, adapter = toy()
+    editor = NeuronEditor(adapter, selection(adapter))
+    state = editor.slice_state()
+    assert state["vision.1.neurons"].tolist() == [0, 2]
+    assert state["vision.1.rows.0"].shape == (2, 3) and state["vision.1.row_biases.0"].shape == (2,)
+    assert state["language.1.columns"].shape == (4, 2)
+    assert editor.n_trainable() == (2 * 4 + 4) + 2 * (2 * 2 * 4 + 2 * 4) // 2 + (2 * 3 + 2 + 3 * 2)
+
+
+def test_pruned_checkpoint_matches_hook_based_zeroing():
+    forget, retain = examples()
+    model, adapter = toy()
+    sel = selection(adapter)
+    idx = {site: torch.tensor(ids) for site, ids in sel.items()}
+
+    def zero(site, a):
+        out = a.clone()
+        out[..., idx[site]] = 0
+        return out
+
+    with patch(adapter, {site: zero for site in sel}):
+        hooked = logits(model, forget + retain)
+    assert prune_columns(adapter, sel) == sum(adapter.down_proj(s).weight.shape[0] * len(i) for s, i in sel.items())
+    assert torch.allclose(logits(model, forget + retain), hooked, atol=1e-6)
+    # the editor's prune (zero-initialised columns), merged untrained, is the same checkpoint
+    model2, adapter2 = toy()
+    with NeuronEditor(adapter2, selection(adapter2), prune=True) as editor:
+        assert torch.allclose(logits(model2, forget + retain), hooked, atol=1e-6)
+        editor.merge()
+    for (n1, p1), (_, p2) in zip(model.named_parameters(), model2.named_parameters(), strict=True):
+        assert torch.equal(p1, p2), n1
+
+
+def test_selection_is_checked_against_the_model():
+    _model, adapter = toy()
+    site = adapter.site("language", 0)
+    with pytest.raises(InputError, match="outside 0..2"):
+        check_selection(adapter, {site: [3]})
+    other = type(site)("language", 7, 3)
+    with pytest.raises(InputError, match="does not have"):
+        check_selection(adapter, {other: [0]})
+    with pytest.raises(InputError, match="empty selection"):
+        NeuronEditor(adapter, {site: []})
+    assert check_selection(adapter, {site: [2, 0, 2]}) == {site: [0, 2]}
+
+
+def test_random_control_keeps_counts_per_site_and_is_seeded():
+    _model, adapter = toy()
+    sel = selection(adapter)
+    a, b, c = (random_like(adapter, sel, seed=s) for s in (0, 0, 1))
+    assert a == b and {s: len(v) for s, v in a.items()} == {s: len(v) for s, v in sel.items()}
+    big = {s: list(range(0, s.d_mlp, 2)) for s in adapter.sites()}
+    draws = [random_like(adapter, {s: v[:1] for s, v in big.items()}, seed=s) for s in range(12)]
+    assert len({tuple(map(tuple, d.values())) for d in draws}) > 1, "different seeds must draw different neurons"
+    assert c.keys() == sel.keys()
+
+
+def test_full_rmisu_selects_every_mlp_below_the_layer():
+    _model, adapter = toy()
+    full = all_neurons(adapter, language_up_to=0)
+    assert sorted((s.tower, s.layer) for s in full) == [("language", 0), ("vision", 0), ("vision", 1)]
+    assert all(v == list(range(s.d_mlp)) for s, v in full.items())
+    assert sorted((s.tower, s.layer) for s in up_to_layer(selection(adapter), 0)) == [("language", 0), ("vision", 1)]
+
+
+def test_manu_ranks_forget_specific_neurons_first():
+    site_a = type(toy()[1].site("language", 0))("language", 0, 3)
+    ones = torch.ones(3, dtype=torch.float64)
+    def stats(v):
+        return {"abs": v, "freq": v, "var": v, "rms": v, "n": ones * 5}
+
+    forget = {site_a: stats(torch.tensor([1.0, 1.0, 0.2], dtype=torch.float64))}
+    retain = {site_a: stats(torch.tensor([1.0, 0.1, 0.2], dtype=torch.float64))}
+    scores = manu_scores(forget, retain)
+    assert int(scores[site_a].argmax()) == 1  # active on the forget set, quiet on the retain set
+    text_only = manu_scores({site_a: stats(torch.tensor([0.1, 0.1, 2.0], dtype=torch.float64))}, retain)
+    assert manu_selection([scores, text_only], {site_a: 2}) == {site_a: [1, 2]}  # max over modalities
+
+
+def test_hidden_at_stops_after_the_layer():
+    model, adapter = toy()
+    forget, _ = examples()
+    calls = []
+    handle = model.language[1].register_forward_hook(lambda *a: calls.append(1))
+    batch = collate(forget, 0)
+    batch.pop("labels")
+    h = hidden_at(model, adapter.block(adapter.site("language", 0)), batch)
+    handle.remove()
+    assert h.shape == (2, 4, 4) and calls == []
+
+
+def test_sphere_directions_are_unit_and_seeded():
+    u = sphere(5, 16, seed=3)
+    assert torch.allclose(u.norm(dim=-1), torch.ones(5))
+    assert torch.equal(u, sphere(5, 16, seed=3)) and not torch.equal(u, sphere(5, 16, seed=4))
+
+
+def _data() -> UnlearnData:
+    forget, retain = examples()
+    return UnlearnData(forget, retain, 0, ["text", "multimodal"], ["text", "multimodal", "text"])
+
+
+def test_rmisu_moves_forget_representations_and_only_the_selected_slices():
+    model, adapter = toy()
+    data = _data()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    block = adapter.block(adapter.site("language", 1))
+    fb = collate(list(data.forget), 0)
+    fb.pop("labels")
+    h_before = hidden_at(model, block, fb).detach()
+    sel = selection(adapter)
+    editor = NeuronEditor(adapter, sel, prune=False)
+    params = editor.trainable_parameters()
+    cfg = RMisUConfig(layer=1, steps=60, lr=5e-2, batch_size=2, retain_weight=1.0, target_scale=3.0)
+    with editor, trainable_only(model, params):
+        curve, layer = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lambda _: None)
+        editor.merge()
+    assert layer == 1
+    assert curve[-1]["forget"] < 0.8 * curve[0]["forget"], curve
+    h_after = hidden_at(model, block, fb).detach()
+    assert (h_after - h_before).norm() > 0.1 * h_before.norm()
+    masks = allowed_mask(adapter, sel)
+    for name, p in model.named_parameters():
+        assert not ((p.detach() != base[name]) & ~masks[name]).any(), name
+        assert p.requires_grad, "trainable_only must restore the flags"
+
+
+def test_rmisu_config_is_validated_and_resolves_the_layer():
+    with pytest.raises(InputError, match="RMisUConfig.lr"):
+        RMisUConfig(lr=0)
+    assert RMisUConfig(layer_fraction=0.2).resolve_layer(36) == 7 and RMisUConfig().resolve_layer(4) == 3
+    with pytest.raises(InputError, match="has 2 layers"):
+        RMisUConfig(layer=5).resolve_layer(2)
+
+
+def test_registry_names_match_the_light_list_and_build():
+    assert tuple(METHODS) == METHOD_NAMES
+    m = get_method("random", rmisu=RMisUConfig(steps=3), path_edit_overrides={"prune": False}, seed=4)
+    assert isinstance(m, RandomControl) and m.seed == 4 and m.config.rmisu.steps == 3 and not m.config.prune
+    assert get_method("rmu", path_edit_overrides={"prune": True}).config.prune is False
+    assert get_method("mip", path_edit_overrides={"prune": True}).config.prune is True
+    with pytest.raises(InputError, match="unknown method"):
+        get_method("nope")
+
+
+def test_path_methods_need_a_graph_and_run_on_it():
+    model, adapter = toy()
+    data = _data()
+    method = MipEditor(PathEditConfig(rmisu=RMisUConfig(layer=1, steps=5, batch_size=2)))
+    with pytest.raises(InputError, match="needs a path graph"):
+        method.run(model, adapter, data, graph=None)
+    graph = PathGraph("t", (GraphNode("language", 0, 1, 1, 0.5, 0.5), GraphNode("vision", 1, 2, 1, 0.2, 0.2)))
+    summary = method.run(model, adapter, data, graph=graph, log=lambda _: None)
+    assert summary.details["per_site"] == {"language.0": 1, "vision.1": 1}
+    assert float(model.language[0].mlp.down_proj.weight[:, 1].detach().abs().sum()) != 0  # pruned, then retrained
+
+
+def test_retain_prefix_lengths_stop_where_forget_inputs_differ_and_at_images():
+    from mip_core.editing.rmisu import retain_prefix_lengths
+
+    forget = [toy_example([1, 2, 3, 4], 2), toy_example([1, IMAGE, 2, 1], 1, image=IMG), toy_example([4, 4], 1)]
+    retain = [toy_example([1, 2, 4, 4], 2), toy_example([1, IMAGE, 2, 1], 1, image=IMG2), toy_example([1], 0)]
+    # [1, 2] shared; the image token stands for other pixels, so the prefix stops before it; nothing shared
+    assert retain_prefix_lengths(forget, retain, IMAGE) == [2, 1, 0]
+    assert retain_prefix_lengths(forget, retain, None) == [2, 4, 0]
+    assert retain_prefix_lengths(forget, [], IMAGE) == [0, 0, 0]
+
+
+def test_every_registered_method_declares_whether_it_needs_a_graph():
+    for name, cls in METHODS.items():
+        assert isinstance(cls.needs_graph, bool), name
+        assert callable(cls().run), name
