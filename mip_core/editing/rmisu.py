@@ -168,7 +168,7 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     """Optimise ``params`` with the RMisU loss; returns ``(curve, layer)``.
 
     Args:
-        params: the only tensors that move (an editor's slices, or whole MLP weights for full-model RMisU).
+        params: the only tensors that move (an editor's slices; all neurons of the sites for full-model RMisU).
         reference: a context manager factory under which ``model`` is the frozen, unedited model
             (``editor.disabled``): the reference states cost one no-grad forward up to layer ``l`` per batch.
     """
@@ -180,7 +180,8 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     torch.manual_seed(cfg.seed)
     pad = data.pad_token_id
     hidden_size = _probe_width(model, block, data)
-    directions = sphere(len(data.forget), hidden_size, cfg.seed)  # [n_forget, D]
+    device = next(model.parameters()).device
+    directions = sphere(len(data.forget), hidden_size, cfg.seed).to(device)  # [n_forget, D]
     prefixes = (retain_prefix_lengths(data.forget, data.retain, adapter.image_token_id)
                 if cfg.skip_shared_prefix else [0] * len(data.forget))
 
@@ -194,7 +195,7 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         f_idx = [rng.randrange(len(data.forget)) for _ in range(cfg.batch_size)]
-        fb = collate([data.forget[i] for i in f_idx], pad)
+        fb = _on(collate([data.forget[i] for i in f_idx], pad), device)
         fb.pop("labels")
         f_mask = fb["attention_mask"].clone()
         for row, i in enumerate(f_idx):
@@ -207,7 +208,7 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
         point = {"step": step + 1, "forget": loss_f.item()}
         if data.retain and (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0):
             r_idx = [rng.randrange(len(data.retain)) for _ in range(cfg.batch_size)]
-            rb = collate([data.retain[i] for i in r_idx], pad)
+            rb = _on(collate([data.retain[i] for i in r_idx], pad), device)
             labels = rb.pop("labels")
             r_frozen = frozen_hidden(rb)
             if cfg.retain_ce_weight > 0:
@@ -236,8 +237,12 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     return curve, layer
 
 
+def _on(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _probe_width(model: nn.Module, block: nn.Module, data: UnlearnData) -> int:
-    one = collate([data.forget[0]], data.pad_token_id)
+    one = _on(collate([data.forget[0]], data.pad_token_id), next(model.parameters()).device)
     one.pop("labels")
     with torch.no_grad():
         return int(hidden_at(model, block, one).shape[-1])
