@@ -19,17 +19,19 @@ from dataclasses import replace
 import torch
 
 from mip_core.attribution import AttributionConfig, attribute_items
+from mip_core.attribution.items import tower_for
 from mip_core.benchmark import load_benchmark
 from mip_core.compare import harmonic_mean
 from mip_core.editing.data import unlearn_data
 from mip_core.editing.methods import PathEditConfig, path_edit
-from mip_core.editing.selection import from_graph, random_like
+from mip_core.editing.selection import contrastive_selection, dense_scores, from_graph, random_like
 from mip_core.evaluation import evaluate, forgetting_rate, retention
 from mip_core.modeling import load_model
 from mip_core.paths import RetainFilter, reduce_paths
 
 BASE = PathEditConfig()
-# name -> (PathEditConfig, top_k, retain filter max_ratio or None)
+# name -> (PathEditConfig, top_k, retain filter max_ratio, "contrastive" (continuous forget - retain scores at the
+# union's per-site budget) or None)
 VARIATIONS = {
     "default": (BASE, 5, None),
     "paper (prune, l=20%, gamma 1, no CE)": (
@@ -46,6 +48,7 @@ VARIATIONS = {
     "retain filter (ratio 1)": (BASE, 5, 1.0),
     "retain filter (ratio 0.25)": (BASE, 5, 0.25),
     "rows only": (replace(BASE, train_columns=False), 5, None),
+    "contrastive scores (same budget)": (BASE, 5, "contrastive"),
     "all token positions in L_f": (replace(BASE, rmisu=replace(BASE.rmisu, skip_shared_prefix=False)), 5, None),
 }
 
@@ -73,7 +76,7 @@ def main() -> None:
         model.load_state_dict(vanilla)
         ref = {(r.split, r.modality, r.task): r.value
                for r in evaluate(model, processor, bench, forget_pct=args.forget, splits=("forget", "retain"))}
-        graphs, retain_paths = {}, None
+        graphs, retain_paths, dense = {}, None, None
         for name, (cfg, top_k, ratio) in VARIATIONS.items():
             if args.only and name not in args.only:
                 continue
@@ -81,7 +84,7 @@ def main() -> None:
                 paths, _ = attribute_items(model, adapter, processor, bench, forget, AttributionConfig(top_k=top_k))
                 graphs[top_k] = paths
             paths = graphs[top_k]
-            if ratio is None:
+            if ratio is None or ratio == "contrastive":
                 graph = reduce_paths(paths, run_id="variation")
             else:
                 if retain_paths is None:
@@ -90,6 +93,16 @@ def main() -> None:
                 graph = reduce_paths(paths, run_id="variation", retain_paths=retain_paths,
                                      retain_filter=RetainFilter(ratio))
             sel = from_graph(adapter, graph)
+            if ratio == "contrastive":
+                if dense is None:
+                    dense = {kind: {site: scores for tower in ("language", "vision")
+                                    for site, scores in dense_scores(
+                                        model, adapter, [ex for ex, it in zip(exs, items, strict=True)
+                                                         if tower_for(it) == tower],
+                                        tower, AttributionConfig(top_k=top_k), data.pad_token_id).items()}
+                             for kind, exs, items in (("forget", data.forget, forget),
+                                                      ("retain", data.retain, retain))}
+                sel = contrastive_selection(dense["forget"], dense["retain"], {s: len(v) for s, v in sel.items()})
             for arm, selection in (("mip", sel), ("random", random_like(adapter, sel, seed=subset))):
                 model.load_state_dict(vanilla)
                 t0 = time.perf_counter()

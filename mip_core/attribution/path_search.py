@@ -238,7 +238,8 @@ def top_k(scores: Tensor, k: int, layer: int) -> list[PathNode]:
 
 
 def path_search(model: nn.Module, adapter: ModelAdapter, examples: Sequence[Mapping[str, Tensor]],
-                tower: Tower, cfg: AttributionConfig, *, pad_token_id: int = 0) -> list[list[PathNode]]:
+                tower: Tower, cfg: AttributionConfig, *, pad_token_id: int = 0,
+                scores_out: list[Tensor] | None = None) -> list[list[PathNode]]:
     """Greedy path search over all layers of ``tower``, first layer upward, for a batch of examples.
 
     Each example keeps its own path; all of them run together (``B * cfg.steps`` rows per pass, one pass per
@@ -246,6 +247,8 @@ def path_search(model: nn.Module, adapter: ModelAdapter, examples: Sequence[Mapp
 
     Returns:
         per example, ``cfg.top_k`` nodes per layer, layers ascending, rank 0 first in each layer.
+        With ``scores_out``, every layer's scores of every neuron (``[B, d_mlp]``, conditioned on the greedy
+        path below) are appended to it, layers ascending: what continuous (contrastive) selection needs.
 
     Raises:
         InputError: an example has no answer span, or no image on the vision tower.
@@ -263,6 +266,8 @@ def path_search(model: nn.Module, adapter: ModelAdapter, examples: Sequence[Mapp
         batch, labels = _copy_batch(examples, cfg.steps, pad_token_id, _device(model))
         for site in sites:
             scores = _scores(model, adapter, batch, labels, site, masks, len(examples), cfg.steps, method)
+            if scores_out is not None:
+                scores_out.append(scores)
             mask = torch.zeros(len(examples), site.d_mlp, dtype=torch.bool)
             for b in range(len(examples)):
                 picked = top_k(scores[b], cfg.top_k, site.layer)

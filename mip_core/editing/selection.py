@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from mip_core.adapters.base import ModelAdapter
+from mip_core.attribution.config import AttributionConfig
+from mip_core.attribution.path_search import path_search
 from mip_core.editing.slices import NeuronSelection, check_selection
 from mip_core.errors import InputError
 from mip_core.hooks import capture
@@ -51,6 +53,52 @@ def all_neurons(adapter: ModelAdapter, *, language_up_to: int) -> dict[MLPSite, 
 def up_to_layer(selection: NeuronSelection, layer: int) -> dict[MLPSite, list[int]]:
     """Only the sites an RMisU loss at language layer ``layer`` can reach: vision sites and language ``<= layer``."""
     return {s: list(ids) for s, ids in selection.items() if s.tower == "vision" or s.layer <= layer}
+
+
+# ---------------------------------------------------------------------------------------------- contrastive
+def dense_scores(model: nn.Module, adapter: ModelAdapter, examples: Sequence[dict[str, Tensor]], tower: Tower,
+                 cfg: AttributionConfig, pad_token_id: int) -> dict[MLPSite, Tensor]:
+    """Every neuron's path-search score per example: ``{site: [n_examples, d_mlp]}`` for the sites of ``tower``.
+
+    The same greedy search as the path graph (each example conditioned on its own top-k path below), keeping the
+    scores of all neurons instead of the top k.
+    """
+    sites = adapter.sites(tower)
+    per_site: dict[MLPSite, list[Tensor]] = {s: [] for s in sites}
+    for start in range(0, len(examples), cfg.batch_items):
+        layers: list[Tensor] = []
+        path_search(model, adapter, examples[start:start + cfg.batch_items], tower, cfg,
+                    pad_token_id=pad_token_id, scores_out=layers)
+        for site, scores in zip(sites, layers, strict=True):
+            per_site[site].append(scores)
+    return {s: torch.cat(v) if v else torch.zeros(0, s.d_mlp) for s, v in per_site.items()}
+
+
+def contrastive_scores(forget: Tensor, retain: Tensor) -> Tensor:
+    """``mean_f s_hat - mean_r s_hat`` per neuron, ``s_hat = s / max_j |s_j|`` per example (``[n, d] -> [d]``).
+
+    Scores shrink by orders of magnitude from item to item and layer to layer (method.md, BENCHMARKS.md 2), so each
+    example's scores are scaled to [-1, 1] before averaging: every item gets one vote. A neuron that serves the
+    forget items as much as the retain items scores about 0; one that serves only the forget items scores high.
+    """
+    def normalised_mean(s: Tensor) -> Tensor:
+        if s.shape[0] == 0:
+            return s.new_zeros(s.shape[1])
+        return (s / s.abs().amax(1, keepdim=True).clamp(min=1e-30)).mean(0)
+
+    return normalised_mean(forget.double()) - normalised_mean(retain.double())
+
+
+def contrastive_selection(forget: dict[MLPSite, Tensor], retain: dict[MLPSite, Tensor], budget: dict[MLPSite, int]
+                          ) -> dict[MLPSite, list[int]]:
+    """Top ``budget[site]`` neurons per site by :func:`contrastive_scores` (ties to the lower id)."""
+    out = {}
+    for site, n in budget.items():
+        if n <= 0 or site not in forget:
+            continue
+        score = contrastive_scores(forget[site], retain.get(site, forget[site].new_zeros(0, site.d_mlp)))
+        out[site] = sorted(int(j) for j in torch.argsort(-score, stable=True)[:n])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- MANU
@@ -128,5 +176,5 @@ def manu_selection(scores_by_modality: Sequence[dict[MLPSite, Tensor]], budget: 
     return out
 
 
-__all__ = ["activation_statistics", "all_neurons", "from_graph", "manu_scores", "manu_selection",
-           "random_like", "up_to_layer"]
+__all__ = ["activation_statistics", "all_neurons", "contrastive_scores", "contrastive_selection", "dense_scores",
+           "from_graph", "manu_scores", "manu_selection", "random_like", "up_to_layer"]

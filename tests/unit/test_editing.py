@@ -269,3 +269,36 @@ def test_every_registered_method_declares_whether_it_needs_a_graph():
     for name, cls in METHODS.items():
         assert isinstance(cls.needs_graph, bool), name
         assert callable(cls().run), name
+
+
+def test_contrastive_rule_picks_forget_only_neurons_over_shared_ones():
+    from mip_core.editing.selection import contrastive_scores, contrastive_selection
+
+    site = toy()[1].site("language", 0)
+    # neuron 0 serves forget and retain items alike (the strongest for both), neuron 1 serves only the forget
+    # items, neuron 2 nobody; scores differ in scale from item to item, as real attribution scores do
+    forget = torch.tensor([[1.0, 0.8, 0.0], [100.0, 90.0, 1.0], [1e-3, 5e-4, 0.0]])
+    retain = torch.tensor([[2.0, 0.0, 0.1], [50.0, 1.0, 0.0], [1e-4, 0.0, 0.0], [3.0, 0.1, 0.0]])
+    scores = contrastive_scores(forget, retain)
+    assert int(scores.argmax()) == 1 and abs(float(scores[0])) < 0.1
+    assert contrastive_selection({site: forget}, {site: retain}, {site: 1}) == {site: [1]}
+    # the union of per-item top-1 picks neuron 0 for every forget item: the shared one
+    assert set(forget.argmax(1).tolist()) == {0}
+
+
+def test_dense_scores_rank_like_the_path_search():
+    from mip_core.attribution import AttributionConfig
+    from mip_core.attribution.path_search import path_search
+    from mip_core.editing.selection import dense_scores
+
+    model, adapter = toy()
+    forget, retain = examples()
+    text = [forget[0], retain[0], retain[2]]
+    cfg = AttributionConfig(steps=3, top_k=1, batch_items=2)
+    dense = dense_scores(model, adapter, text, "language", cfg, pad_token_id=0)
+    nodes = path_search(model, adapter, text, "language", cfg, pad_token_id=0)
+    for site, scores in dense.items():
+        assert scores.shape == (3, 3)
+        for b in range(3):
+            top = [n for n in nodes[b] if n.layer == site.layer][0]
+            assert int(scores[b].argmax()) == top.neuron and float(scores[b].max()) == pytest.approx(top.score)
