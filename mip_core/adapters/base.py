@@ -22,7 +22,8 @@ from mip_core.types import TOWERS, MLPSite, Tower
 
 @dataclass(frozen=True, slots=True)
 class TinySize:
-    """Dimensions of a locally built model. ``demo`` memorises 100-200 profiles; ``test`` trains in seconds."""
+    """Dimensions of a locally built model. ``demo`` memorises 100-200 profiles; ``test`` trains in seconds;
+    ``scale2`` is the larger configuration for measuring how selectivity changes with scale."""
 
     name: str
     hidden: int  # d_model of the language model
@@ -41,6 +42,9 @@ class TinySize:
 TINY_SIZES: dict[str, TinySize] = {
     "demo": TinySize("demo", hidden=128, mlp=512, layers=4, heads=4, kv_heads=2,
                      vision_depth=2, vision_width=128, vision_mlp=256, vision_heads=4),
+    # twice the depth and MLP width of "demo" (about 5 M parameters): the second scale of the selectivity study
+    "scale2": TinySize("scale2", hidden=128, mlp=1024, layers=8, heads=4, kv_heads=2,
+                       vision_depth=4, vision_width=128, vision_mlp=512, vision_heads=4),
     "test": TinySize("test", hidden=64, mlp=256, layers=2, heads=4, kv_heads=2,
                      vision_depth=2, vision_width=64, vision_mlp=128, vision_heads=4),
 }
