@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mip_core.attribution import AttributionConfig, attribute_items
+from mip_core.attribution import AttributionConfig
 from mip_core.benchmark import Benchmark
 from mip_core.benchmark.holdout import holdout_items
 from mip_core.editing import METHOD_NAMES
 from mip_core.editing.data import unlearn_data
 from mip_core.editing.methods import METHODS, get_method
 from mip_core.editing.rmisu import RMisUConfig
+from mip_core.editing.unlearn import forget_graph
 from mip_core.errors import InputError
 from mip_core.evaluation import evaluate
 from mip_core.evaluation.mia import mia_auc
 from mip_core.evaluation.runner import SPLITS, EvalRow
 from mip_core.modeling.io import LoadedModel, cache_dir
-from mip_core.paths import reduce_paths
 from mip_core.training import encode_items
 from mip_core.types import MODALITIES
 
@@ -126,12 +126,9 @@ def compare(loaded: LoadedModel, bench: Benchmark, cfg: CompareConfig, *, log: C
             graph = None
             if any(METHODS[m].needs_graph or getattr(METHODS[m], "uses_graph", False) for m in cfg.methods):
                 t0 = time.perf_counter()
-                paths, failures = attribute_items(model, adapter, processor, b, forget, cfg.attribution)
-                if failures:
-                    raise InputError(f"attribution failed for {len(failures)} forget items, first: "
-                                     f"{failures[0].reason}")
-                graph = reduce_paths(paths, run_id=f"compare-seed{seed}")
-                log(f"  attributed {len(paths)} items in {time.perf_counter() - t0:.0f}s: {len(graph)} path neurons")
+                graph = forget_graph(loaded, b, forget_pct=cfg.forget_pct, cfg=cfg.attribution,
+                                     run_id=f"compare-seed{seed}")
+                log(f"  attributed {len(forget)} items in {time.perf_counter() - t0:.0f}s: {len(graph)} path neurons")
             for name in cfg.methods:
                 model.load_state_dict(vanilla)
                 method = get_method(name, rmisu=cfg.rmisu, path_edit_overrides=cfg.path_edit, seed=seed)

@@ -14,22 +14,17 @@ import torch
 from torch import Tensor, nn
 
 from mip_core.errors import InputError
-from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob, collate
+from mip_core.evaluation.runner import sequence_logprobs
+from mip_core.modeling.inputs import IGNORE_INDEX
 
 
-@torch.no_grad()
 def mean_answer_logprob(model: nn.Module, examples: Sequence[dict[str, Tensor]], pad_token_id: int,
                         batch_size: int = 64) -> list[float]:
     """Per example: log p(answer | prompt) divided by the number of answer tokens."""
     model.eval()
-    out: list[float] = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_token_id)
-        labels = batch.pop("labels")
-        total = answer_logprob(model(**batch).logits, labels)  # [B]
-        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1)
-        out.extend((total / n_tokens).tolist())
-    return out
+    totals = sequence_logprobs(model, examples, pad_token_id, batch_size)
+    n_tokens = [max(1, int((ex["labels"][1:] != IGNORE_INDEX).sum())) for ex in examples]
+    return [total / n for total, n in zip(totals, n_tokens, strict=True)]
 
 
 def auc(members: Sequence[float], non_members: Sequence[float]) -> float:
