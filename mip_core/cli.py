@@ -123,16 +123,12 @@ def _paths_show(args: argparse.Namespace) -> None:
     print(summarize(read_path_graph(args.uri), top=args.top))
 
 
-def _rmisu_config(args: argparse.Namespace):  # -> RMisUConfig | None (imported lazily)
-    from mip_core.editing.rmisu import RMisUConfig
-
-    given = {k: getattr(args, k) for k in ("layer", "target_scale", "retain_weight", "retain_ce_weight", "steps",
-                                           "lr", "batch_size") if getattr(args, k, None) is not None}
-    return RMisUConfig(**given) if given else None
-
-
-def _path_edit_overrides(args: argparse.Namespace) -> dict[str, bool]:
-    return {"prune": args.prune} if args.prune is not None else {}
+def _path_edit_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Edit flags given on the command line, as overrides of the chosen method's own settings."""
+    rmisu = {k: getattr(args, k) for k in ("layer", "target_scale", "retain_weight", "retain_ce_weight", "steps",
+                                           "lr", "batch_size", "target_per") if getattr(args, k, None) is not None}
+    edit = {k: getattr(args, k) for k in ("prune", "per_request") if getattr(args, k, None) is not None}
+    return {**edit, "rmisu": rmisu} if rmisu else edit
 
 
 def _unlearn(args: argparse.Namespace) -> None:
@@ -146,13 +142,13 @@ def _unlearn(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     graph = read_path_graph(args.paths) if args.paths else None  # before the model: fail fast on a bad URI
-    rmisu = _rmisu_config(args)
     bench = load_benchmark(args.bench)
     loaded = load_model(args.model)
     t0 = time.perf_counter()
     summary, graph = unlearn_benchmark(
         loaded, bench, args.method, forget_pct=args.forget, seed=args.subset, graph=graph,
-        rmisu=rmisu, path_edit=_path_edit_overrides(args), attribution=AttributionConfig(top_k=args.top_k), log=lambda line: print(line, flush=True))
+        path_edit=_path_edit_overrides(args), attribution=AttributionConfig(top_k=args.top_k),
+        log=lambda line: print(line, flush=True))
     lineage = {"model": args.model, "bench": args.bench, "forget_pct": args.forget, "subset": args.subset,
                "paths": args.paths or (graph.run_id if graph is not None else None)}
     save_unlearned(loaded, summary, args.out, lineage=lineage)
@@ -172,6 +168,7 @@ def _compare(args: argparse.Namespace) -> None:
         CompareConfig,
         compare,
         format_compare,
+        format_paired,
         plot,
         summarize,
         to_json,
@@ -183,8 +180,7 @@ def _compare(args: argparse.Namespace) -> None:
     methods = DEFAULT_METHODS if args.methods == ["all"] else tuple(
         m for part in args.methods for m in part.split(",") if m)
     cfg = CompareConfig(forget_pct=args.forget, methods=tuple(methods), seeds=args.seeds,
-                        attribution=AttributionConfig(top_k=args.top_k), rmisu=_rmisu_config(args),
-                        path_edit=_path_edit_overrides(args), holdout_profiles=args.holdout)
+                        attribution=AttributionConfig(top_k=args.top_k), path_edit=_path_edit_overrides(args), holdout_profiles=args.holdout)
     bench = load_benchmark(args.bench)
     loaded = load_model(args.model)
     t0 = time.perf_counter()
@@ -194,6 +190,7 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"\n{len(methods)} methods x {args.seeds} forget subset(s) of {args.forget} % on {args.bench}, "
           f"{seconds:.0f}s\n")
     print(format_compare(summary))
+    print(format_paired(rows, "mip", [m for m in methods if m != "mip"]))
     if args.json:
         fs, path = filesystem(args.json)
         with fs.open(path, "w") as f:
@@ -213,15 +210,19 @@ def _add_model_bench_forget(p: argparse.ArgumentParser) -> None:
 
 def _add_edit_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("edit (MIP-Editor, random, rmu, ablations); defaults: mip_core/editing/rmisu.py")
-    g.add_argument("--layer", type=int, help="RMisU language layer l (default: 20%% of the depth)")
+    g.add_argument("--layer", type=int, help="RMisU language layer l (default: the method's; mip: 75%% of the depth)")
     g.add_argument("--target-scale", type=float, help="lambda: target norm / frozen hidden-state norm")
     g.add_argument("--retain-weight", type=float, help="gamma: weight of the retain representation term")
     g.add_argument("--retain-ce-weight", type=float, help="weight of a retain cross-entropy term (0: off)")
     g.add_argument("--steps", type=int, help="RMisU optimiser steps")
     g.add_argument("--lr", type=float, help="RMisU learning rate")
     g.add_argument("--batch-size", type=int, help="forget (and retain) inputs per RMisU step")
+    g.add_argument("--target-per", choices=("input", "request"),
+                   help="one RMisU target direction per forget input or per request (default: the method's)")
     g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,
                    help="zero the path neurons before RMisU (default: the method's)")
+    g.add_argument("--per-request", action=argparse.BooleanOptionalAction, default=None,
+                   help="one edit per request on its own paths, instead of one on the batch's union")
     g.add_argument("--top-k", type=int, default=5, help="attribution: neurons kept per item and layer (default 5)")
 
 

@@ -207,6 +207,64 @@ def paired_differences(rows: Sequence[CompareRow], a: str, b: str, *, metric: st
             for m in MODALITIES}
 
 
+@dataclass(frozen=True, slots=True)
+class PairedComparison:
+    """HM(a) - HM(b) on the same forget subsets, and whether ``a`` is ahead beyond the seed-to-seed spread.
+
+    ``beyond_spread``: ahead on every subset *and* by more, on average, than the larger of the two methods' own
+    standard deviations over subsets. A lead inside the spread of either method is not counted as a win: with few
+    subsets, it would not reliably keep its sign on the next one.
+    """
+
+    a: str
+    b: str
+    modality: str
+    diffs: tuple[float, ...]
+    mean: float
+    std: float  # of the paired differences
+    spread: float  # max(std over subsets of HM(a), of HM(b))
+    wins: int
+
+    @property
+    def beyond_spread(self) -> bool:
+        return len(self.diffs) > 1 and self.wins == len(self.diffs) and self.mean > self.spread
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "modality": self.modality, "diffs": list(self.diffs), "mean": self.mean,
+                "std": self.std, "spread": self.spread, "wins": self.wins, "beyond_spread": self.beyond_spread}
+
+
+def paired_comparison(rows: Sequence[CompareRow], a: str, b: str, *, metric: str = "hm") -> list[PairedComparison]:
+    """Per modality, the paired comparison of ``a`` against ``b`` (see :class:`PairedComparison`)."""
+    out = []
+    for modality, diffs in paired_differences(rows, a, b, metric=metric).items():
+        if not diffs:
+            continue
+        per_method = {m: [r.value for r in rows if r.method == m and r.modality == modality
+                          and r.split == "overall" and r.metric == metric] for m in (a, b)}
+        spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_method.values())
+        out.append(PairedComparison(a, b, modality, tuple(diffs), statistics.fmean(diffs),
+                                    statistics.stdev(diffs) if len(diffs) > 1 else 0.0, spread,
+                                    sum(d > 0 for d in diffs)))
+    return out
+
+
+def format_paired(rows: Sequence[CompareRow], a: str = "mip", others: Sequence[str] = ("random", "rmu")) -> str:
+    """Lines ``HM(a) - HM(b)`` per modality for each of ``others`` present in ``rows`` ('' if none is)."""
+    methods = {r.method for r in rows}
+    lines = []
+    for b in others:
+        if a not in methods or b not in methods:
+            continue
+        for c in paired_comparison(rows, a, b):
+            verdict = "ahead beyond the spread" if c.beyond_spread else (
+                "ahead, within the spread" if c.mean > 0 else "not ahead")
+            lines.append(f"HM({a}) - HM({b}) {c.modality:10s} per subset "
+                         + ", ".join(f"{d:+.3f}" for d in c.diffs)
+                         + f"  mean {c.mean:+.3f} (spread {c.spread:.3f}), ahead on {c.wins}/{len(c.diffs)}: {verdict}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 #: (header, split, task, metric) of the printed table, per modality.
 TABLE_COLUMNS = (
     ("forget", "forget", "mc", "accuracy"), ("retain", "retain", "mc", "accuracy"),
@@ -290,6 +348,21 @@ def plot(summary: Sequence[SummaryRow], out: str | Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["COMPARE_SCHEMA", "DEFAULT_METHODS", "CompareConfig", "CompareRow", "SummaryRow", "compare",
-           "format_compare", "harmonic_mean", "paired_differences", "plot", "selectivity_rows", "summarize",
-           "to_json"]
+__all__ = [
+    "COMPARE_SCHEMA",
+    "DEFAULT_METHODS",
+    "CompareConfig",
+    "CompareRow",
+    "PairedComparison",
+    "SummaryRow",
+    "compare",
+    "format_compare",
+    "format_paired",
+    "harmonic_mean",
+    "paired_comparison",
+    "paired_differences",
+    "plot",
+    "selectivity_rows",
+    "summarize",
+    "to_json",
+]

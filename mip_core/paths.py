@@ -107,6 +107,18 @@ class PathGraph:
             sites.setdefault((n.tower, n.layer), []).append(n.neuron)
         return {site: sorted(ids) for site, ids in sites.items()}
 
+    def requests(self) -> list[str]:
+        """Request ids with at least one neuron, sorted."""
+        return sorted({r for n in self.nodes for r in n.request_ids})
+
+    def for_request(self, request_id: str) -> PathGraph:
+        """The neurons at least one item of ``request_id`` selected: that request's own path graph.
+
+        Nodes keep the batch-wide evidence (``support``, scores, request ids); only membership is filtered, which
+        is what selection needs (per-request editing, :mod:`mip_core.editing.methods`).
+        """
+        return PathGraph(f"{self.run_id}/{request_id}", tuple(n for n in self.nodes if request_id in n.request_ids))
+
     def to_table(self) -> pa.Table:
         """The graph as a :data:`mip_core.results.PATH_GRAPH_V1` table, rows in canonical order."""
         cols: dict[str, list[Any]] = {

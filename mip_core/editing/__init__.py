@@ -5,6 +5,7 @@ module stays light so that the CLI can list the method names without importing t
 """
 
 #: Registered method names, in the order ``mip compare --methods all`` runs them (checked against the registry).
-METHOD_NAMES = ("mip", "random", "rmu", "prune", "mip_text", "mip_vision", "manu", "ga", "ga_diff", "kl_min", "npo")
+METHOD_NAMES = ("mip", "mip_paper", "random", "rmu", "prune", "mip_text", "mip_vision", "manu", "ga", "ga_diff",
+                "kl_min", "npo")
 
 __all__ = ["METHOD_NAMES"]

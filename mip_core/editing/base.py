@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor
@@ -27,6 +27,8 @@ class UnlearnData:
 
     ``forget_modality`` / ``retain_modality`` give each example's modality (``"multimodal"`` or ``"text"``), in
     the same order, for methods that treat modalities apart (MANU) and for per-modality logs.
+    ``forget_requests`` gives each forget example's request id (per-request paths and targets); in the benchmark
+    each forget person is one request.
     """
 
     forget: Sequence[dict[str, Tensor]]
@@ -34,15 +36,33 @@ class UnlearnData:
     pad_token_id: int
     forget_modality: Sequence[str] = ()
     retain_modality: Sequence[str] = ()
+    forget_requests: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not self.forget:
             raise InputError("nothing to forget: the forget set is empty; pick a forget split or request items")
-        for name in ("forget", "retain"):
-            mods = getattr(self, f"{name}_modality")
-            if mods and len(mods) != len(getattr(self, name)):
-                raise InputError(f"UnlearnData.{name}_modality has {len(mods)} entries for "
-                                 f"{len(getattr(self, name))} examples")
+        for name, examples in (("forget_modality", self.forget), ("retain_modality", self.retain),
+                               ("forget_requests", self.forget)):
+            values = getattr(self, name)
+            if values and len(values) != len(examples):
+                raise InputError(f"UnlearnData.{name} has {len(values)} entries for {len(examples)} examples")
+
+    def request_ids(self) -> list[str]:
+        """The distinct request ids of the forget examples, in first-seen order."""
+        if not self.forget_requests:
+            raise InputError("per-request editing needs each forget example's request id "
+                             "(UnlearnData.forget_requests); build the data with unlearn_data(..., requests=...)")
+        return list(dict.fromkeys(self.forget_requests))
+
+    def only_request(self, request_id: str) -> UnlearnData:
+        """The same data with only ``request_id``'s forget examples (the retain set unchanged)."""
+        keep = [i for i, r in enumerate(self.forget_requests) if r == request_id]
+
+        def pick(seq: Sequence[Any]) -> Sequence[Any]:
+            return [seq[i] for i in keep] if seq else ()
+
+        return replace(self, forget=pick(self.forget), forget_modality=pick(self.forget_modality),
+                       forget_requests=pick(self.forget_requests))
 
 
 @dataclass(frozen=True)

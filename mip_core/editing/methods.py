@@ -2,6 +2,7 @@
 
 =============  ======================================================================================
 ``mip``        MIP-Editor: RMisU on the path neurons' slices only (method.md section 5; ``--prune`` first zeroes them)
+``mip_paper``  MIP-Editor with the paper's settings (pruning, ``l`` at 20 % depth, gamma 1, no retain CE)
 ``random``     control: the same edit on as many uniformly random neurons per site
 ``rmu``        full-model RMisU: every MLP neuron below the RMisU layer's output, no pruning, no paths
 ``prune``      ablation: zero the path neurons' down columns, nothing else
@@ -57,6 +58,8 @@ class PathEditConfig:
     prune: bool = False  # zero the selected neurons' down columns before RMisU (paper Eq. 10; lowered HM here)
     train_rows: bool = True  # gate/up (or fc1 + bias) rows of the selected neurons
     train_columns: bool = True  # their down_proj (or fc2) columns; without them a restricted edit barely forgets
+    train_biases: bool = True  # the rows' biases where the input linears have them (vision fc1 / gate / up)
+    per_request: bool = False  # one edit per request on that request's own paths (steps split evenly)
     rmisu: RMisUConfig = field(default_factory=RMisUConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,7 +75,7 @@ def path_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, select
     """Prune (optionally) and RMisU-train ``selection``'s slices, then merge them into the weights."""
     t0 = time.perf_counter()
     editor = NeuronEditor(adapter, selection, prune=cfg.prune, train_rows=cfg.train_rows,
-                          train_columns=cfg.train_columns)
+                          train_columns=cfg.train_columns, train_biases=cfg.train_biases)
     params = editor.trainable_parameters()
     with editor, trainable_only(model, params):
         curve, layer = run_rmisu(model, adapter, data, params, cfg.rmisu, reference=editor.disabled, log=log)
@@ -81,6 +84,35 @@ def path_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, select
                        seconds=round(time.perf_counter() - t0, 2), curve=tuple(curve),
                        details={"neurons": editor.n_neurons(), "per_site": _budget(editor.selection),
                                 "layer": layer, "config": cfg.to_dict()})
+
+
+def per_request_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData,
+                     selections: dict[str, NeuronSelection], cfg: PathEditConfig, *, method: str,
+                     log: Log = print) -> EditSummary:
+    """One :func:`path_edit` per request, in turn: request ``r``'s forget examples on ``selections[r]`` only.
+
+    The optimiser budget is the batch edit's, split evenly (``steps // n_requests`` each), so every forget input is
+    drawn as often as in one union edit. Each edit is merged before the next starts, so later requests are held
+    against (and edit) the model earlier ones left.
+    """
+    t0 = time.perf_counter()
+    requests = [r for r in data.request_ids() if selections.get(r)]
+    if not requests:
+        raise InputError(f"method {method!r}: no request of the batch has path neurons; attribute it again")
+    steps = max(1, cfg.rmisu.steps // len(requests))
+    parts = []
+    for k, request in enumerate(requests):
+        sub = replace(cfg, rmisu=replace(cfg.rmisu, steps=steps, seed=cfg.rmisu.seed + k))
+        log(f"{method}: request {request} ({k + 1}/{len(requests)}), {sum(map(len, selections[request].values()))} "
+            f"neurons, {steps} steps")
+        parts.append(path_edit(model, adapter, data.only_request(request), selections[request], sub,
+                               method=method, log=log))
+    return EditSummary(method=method, trainable_parameters=sum(p.trainable_parameters for p in parts),
+                       steps=steps * len(requests), seconds=round(time.perf_counter() - t0, 2),
+                       curve=tuple(point | {"request": k} for k, p in enumerate(parts) for point in p.curve),
+                       details={"neurons": sum(p.details["neurons"] for p in parts),
+                                "per_request": {r: p.details["per_site"] for r, p in zip(requests, parts, strict=True)},
+                                "layer": parts[0].details["layer"], "config": cfg.to_dict()})
 
 
 def _need_graph(name: str, graph: PathGraph | None) -> PathGraph:
@@ -101,15 +133,38 @@ class MipEditor:
     name: ClassVar[str] = "mip"
     needs_graph: ClassVar[bool] = True
 
-    def select(self, adapter: ModelAdapter, graph: PathGraph) -> dict[MLPSite, list[int]]:
+    def select(self, adapter: ModelAdapter, graph: PathGraph, key: int = 0) -> dict[MLPSite, list[int]]:
+        """The neurons to edit; ``key`` numbers the requests of a per-request edit (it seeds the controls)."""
         return from_graph(adapter, graph, towers=self.towers)
 
     def run(self, model: nn.Module, adapter: ModelAdapter, data: UnlearnData, *, graph: PathGraph | None = None,
             log: Log = print) -> EditSummary:
-        selection = self.select(adapter, _need_graph(self.name, graph))
+        graph = _need_graph(self.name, graph)
+        if self.config.per_request:
+            selections = {r: self.select(adapter, graph.for_request(r), key=k)
+                          for k, r in enumerate(data.request_ids())}
+            return per_request_edit(model, adapter, data, selections, self.config, method=self.name, log=log)
+        selection = self.select(adapter, graph)
         if not selection:
             raise InputError(f"method {self.name!r}: the path graph has no neurons in towers {list(self.towers)}")
         return path_edit(model, adapter, data, selection, self.config, method=self.name, log=log)
+
+
+def paper_config() -> PathEditConfig:
+    """The paper's edit: prune, then RMisU at 20 % depth with gamma 1 and no retain cross-entropy, all positions.
+
+    The target keeps the adaptive norm (a fixed target does nothing at small scale; method.md defect 7).
+    """
+    return PathEditConfig(prune=True, rmisu=RMisUConfig(layer_fraction=0.2, retain_weight=1.0, retain_ce_weight=0.0,
+                                                        skip_shared_prefix=False))
+
+
+@dataclass(frozen=True)
+class MipPaper(MipEditor):
+    """MIP-Editor as published (:func:`paper_config`), kept beside the measured default for comparison."""
+
+    config: PathEditConfig = field(default_factory=paper_config)
+    name: ClassVar[str] = "mip_paper"
 
 
 @dataclass(frozen=True)
@@ -131,8 +186,8 @@ class RandomControl(MipEditor):
     seed: int = 0
     name: ClassVar[str] = "random"
 
-    def select(self, adapter: ModelAdapter, graph: PathGraph) -> dict[MLPSite, list[int]]:
-        return random_like(adapter, from_graph(adapter, graph, towers=self.towers), seed=self.seed)
+    def select(self, adapter: ModelAdapter, graph: PathGraph, key: int = 0) -> dict[MLPSite, list[int]]:
+        return random_like(adapter, from_graph(adapter, graph, towers=self.towers), seed=self.seed + 1000 * key)
 
 
 @dataclass(frozen=True)
@@ -214,27 +269,39 @@ class Manu:
 
 #: name -> class. Path-based methods first, then baselines; ``all`` in the CLI means every entry.
 METHODS: dict[str, type] = {
-    cls.name: cls for cls in (MipEditor, RandomControl, FullRMisU, PruneOnly, MipText, MipVision, Manu)
+    cls.name: cls for cls in (MipEditor, MipPaper, RandomControl, FullRMisU, PruneOnly, MipText, MipVision, Manu)
 }
 METHODS.update(FINETUNE_METHODS)
 
 
 def get_method(name: str, *, rmisu: RMisUConfig | None = None, path_edit_overrides: dict[str, Any] | None = None,
                seed: int = 0) -> Method:
-    """Build a method by name. ``rmisu`` / ``path_edit_overrides`` apply to the neuron-restricted edits."""
+    """Build a method by name. ``rmisu`` / ``path_edit_overrides`` apply to the neuron-restricted edits.
+
+    ``rmisu`` replaces the method's RMisU settings; ``path_edit_overrides`` changes single fields of its
+    :class:`PathEditConfig`, and its ``"rmisu"`` entry (a dict) single fields of the method's own RMisU settings,
+    so ``mip_paper`` with ``{"rmisu": {"steps": 10}}`` keeps the paper's layer and weights.
+    """
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     cls = METHODS[name]
     if issubclass(cls, (MipEditor, FullRMisU)):
-        base = cls().config
-        cfg = replace(base, **(path_edit_overrides or {}))
-        if rmisu is not None:
-            cfg = replace(cfg, rmisu=rmisu)
+        overrides = dict(path_edit_overrides or {})
+        rmisu_fields = overrides.pop("rmisu", None) or {}
+        try:
+            cfg = replace(cls().config, **overrides)
+            if rmisu is not None:
+                cfg = replace(cfg, rmisu=rmisu)
+            if rmisu_fields:
+                cfg = replace(cfg, rmisu=replace(cfg.rmisu, **rmisu_fields))
+        except TypeError as err:
+            raise InputError(f"method {name!r}: {err}; see PathEditConfig / RMisUConfig for the fields") from err
         if cls is FullRMisU:
             cfg = replace(cfg, prune=False)  # full-model RMisU has no neurons to prune
         return cls(config=cfg, seed=seed) if cls is RandomControl else cls(config=cfg)
     return cls()
 
 
-__all__ = ["METHODS", "FullRMisU", "Manu", "Method", "MipEditor", "MipText", "MipVision", "PathEditConfig",
-           "PruneOnly", "RandomControl", "get_method", "path_edit"]
+__all__ = ["METHODS", "FullRMisU", "Manu", "Method", "MipEditor", "MipPaper", "MipText", "MipVision",
+           "PathEditConfig", "PruneOnly", "RandomControl", "get_method", "paper_config", "path_edit",
+           "per_request_edit"]

@@ -3,9 +3,10 @@
 At the output ``h_l`` of language layer ``l``, forget inputs are pushed towards a random direction and retain
 inputs are held where the frozen model puts them:
 
-- forget: ``u_i ~ Uniform(sphere)`` once per forget input ``i``; target ``v_t = lambda * ||h_l^frozen(x)_t|| * u_i``
-  at every real token ``t`` (an *adaptive* norm: the hidden states of small models reach norms in the
-  thousands, so a fixed target such as the research code's 10 does nothing; defect 7);
+- forget: ``u_i ~ Uniform(sphere)`` once per forget input ``i`` (or once per request, ``target_per="request"``);
+  target ``v_t = lambda * ||h_l^frozen(x)_t|| * u_i`` at every real token ``t`` (an *adaptive* norm: the hidden
+  states of small models reach norms in the thousands, so a fixed target such as the research code's 10 does
+  nothing; defect 7);
 - retain: ``h_l(x_r)`` stays close to ``h_l^frozen(x_r)``;
 - ``L = L_f + gamma * L_r (+ ce_weight * CE_retain)``. Padding is masked out of every term. Both squared
   distances are divided, token by token, by the frozen squared norm of that token, so the loss is O(1) at any
@@ -52,13 +53,15 @@ class RMisUConfig:
     batch_size: int = 6  # forget inputs per step, paired with as many retain inputs (drawn with replacement)
     clip_norm: float = 1.0
     skip_shared_prefix: bool = True  # leave positions a forget input shares with a retain input out of L_f
+    target_per: str = "input"  # one random direction per forget "input" (paper) or per "request" (shared)
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
                   "target_scale": self.target_scale > 0, "retain_weight": self.retain_weight >= 0,
                   "retain_ce_weight": self.retain_ce_weight >= 0, "layer_fraction": 0 <= self.layer_fraction <= 1,
-                  "layer": self.layer is None or self.layer >= 0}
+                  "layer": self.layer is None or self.layer >= 0,
+                  "target_per": self.target_per in ("input", "request")}
         for name, ok in checks.items():
             if not ok:
                 raise InputError(f"RMisUConfig.{name}={getattr(self, name)!r} is out of range; see the field's "
@@ -181,7 +184,8 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     pad = data.pad_token_id
     hidden_size = _probe_width(model, block, data)
     device = next(model.parameters()).device
-    directions = sphere(len(data.forget), hidden_size, cfg.seed).to(device)  # [n_forget, D]
+    direction_of = _direction_index(data, cfg.target_per)  # forget example -> row of `directions`
+    directions = sphere(max(direction_of) + 1, hidden_size, cfg.seed).to(device)  # [n_directions, D]
     prefixes = (retain_prefix_lengths(data.forget, data.retain, adapter.image_token_id)
                 if cfg.skip_shared_prefix else [0] * len(data.forget))
 
@@ -202,7 +206,8 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
             f_mask[row, : prefixes[i]] = 0  # see retain_prefix_lengths
         h_frozen = frozen_hidden(fb)
         f_norm = h_frozen.norm(dim=-1)  # [B, S]
-        target = cfg.target_scale * f_norm.unsqueeze(-1) * directions[f_idx].unsqueeze(1)  # [B, S, D]
+        u = directions[[direction_of[i] for i in f_idx]]  # [B, D]
+        target = cfg.target_scale * f_norm.unsqueeze(-1) * u.unsqueeze(1)  # [B, S, D]
         loss_f = _squared_error(hidden_at(model, block, fb), target, f_norm, f_mask)
         loss = loss_f
         point = {"step": step + 1, "forget": loss_f.item()}
@@ -235,6 +240,14 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
             curve.append({k: round(v, 5) for k, v in point.items()})
             log("rmisu " + "  ".join(f"{k}={v}" for k, v in curve[-1].items()))
     return curve, layer
+
+
+def _direction_index(data: UnlearnData, target_per: str) -> list[int]:
+    """Row of the direction table per forget example: its own (``input``) or its request's (``request``)."""
+    if target_per == "input":
+        return list(range(len(data.forget)))
+    order = {r: k for k, r in enumerate(data.request_ids())}
+    return [order[r] for r in data.forget_requests]
 
 
 def _on(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -57,7 +57,7 @@ class SiteSlices(nn.Module):
     """Trainable slices of one site: input-linear rows ``[n, d_in]`` (+ bias ``[n]``) and down columns ``[d_out, n]``."""
 
     def __init__(self, site: MLPSite, neurons: Sequence[int], inputs: Sequence[nn.Linear], down: nn.Linear, *,
-                 prune: bool, train_rows: bool, train_columns: bool) -> None:
+                 prune: bool, train_rows: bool, train_columns: bool, train_biases: bool = True) -> None:
         super().__init__()
         self.site = site
         idx = torch.tensor(list(neurons), dtype=torch.long, device=down.weight.device)
@@ -66,7 +66,7 @@ class SiteSlices(nn.Module):
             self.rows = nn.ParameterList(
                 nn.Parameter(lin.weight[idx].detach().clone(), requires_grad=train_rows) for lin in inputs)
             self.row_biases = nn.ParameterList(
-                nn.Parameter(lin.bias[idx].detach().clone(), requires_grad=train_rows)
+                nn.Parameter(lin.bias[idx].detach().clone(), requires_grad=train_rows and train_biases)
                 for lin in inputs if lin.bias is not None)
             start = torch.zeros_like(down.weight[:, idx]) if prune else down.weight[:, idx].detach().clone()
             self.columns = nn.Parameter(start, requires_grad=train_columns)  # [d_out, n]
@@ -102,7 +102,7 @@ class NeuronEditor(nn.Module):
     """
 
     def __init__(self, adapter: ModelAdapter, selection: NeuronSelection, *, prune: bool = False,
-                 train_rows: bool = True, train_columns: bool = True) -> None:
+                 train_rows: bool = True, train_columns: bool = True, train_biases: bool = True) -> None:
         super().__init__()
         self.adapter = adapter
         self.selection = check_selection(adapter, selection)
@@ -112,7 +112,7 @@ class NeuronEditor(nn.Module):
         self.prune = prune
         self.slices = nn.ModuleList(
             SiteSlices(site, ids, adapter.neuron_inputs(site), adapter.down_proj(site), prune=prune,
-                       train_rows=train_rows, train_columns=train_columns)
+                       train_rows=train_rows, train_columns=train_columns, train_biases=train_biases)
             for site, ids in self.selection.items())
         self._handles: list[RemovableHandle] = []
         self._enabled = True

@@ -9,7 +9,7 @@ from typing import Any
 from mip_core.attribution import AttributionConfig, attribute_items
 from mip_core.benchmark import Benchmark
 from mip_core.editing.base import EditSummary
-from mip_core.editing.data import unlearn_data
+from mip_core.editing.data import request_of, unlearn_data
 from mip_core.editing.methods import METHODS, get_method
 from mip_core.editing.rmisu import RMisUConfig
 from mip_core.errors import InputError
@@ -22,9 +22,14 @@ UNLEARN_LOG = "unlearn.json"
 
 def forget_graph(loaded: LoadedModel, bench: Benchmark, *, forget_pct: int, cfg: AttributionConfig | None = None,
                  run_id: str = "unlearn") -> PathGraph:
-    """Attribute the forget split and reduce it to a path graph (the union rule); any failed item is an error."""
+    """Attribute the forget split and reduce it to a path graph (the union rule); any failed item is an error.
+
+    Each forget person is one request (:func:`~mip_core.editing.data.request_of`), recorded on the graph's nodes,
+    so per-request editing can take each person's own paths from the one graph.
+    """
     items = bench.split_items("forget", forget_pct=forget_pct)
-    paths, failures = attribute_items(loaded.model, loaded.adapter, loaded.processor, bench, items, cfg)
+    paths, failures = attribute_items(loaded.model, loaded.adapter, loaded.processor, bench, items, cfg,
+                                      request_ids={it.item_id: request_of(it) for it in items})
     if failures:
         raise InputError(f"attribution failed for {len(failures)} of {len(items)} forget items; first: "
                          f"{failures[0].reason}")

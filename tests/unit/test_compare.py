@@ -10,7 +10,9 @@ from mip_core.compare import (
     CompareConfig,
     CompareRow,
     format_compare,
+    format_paired,
     harmonic_mean,
+    paired_comparison,
     paired_differences,
     selectivity_rows,
     summarize,
@@ -53,6 +55,21 @@ def test_paired_differences_match_seeds():
     rows = _rows("mip", [0.7, 0.8, 0.9]) + _rows("random", [0.75, 0.7, 0.95])
     diff = paired_differences(rows, "mip", "random")
     assert diff["text"] == pytest.approx([-0.05, 0.1, -0.05])
+
+
+def test_paired_comparison_counts_a_win_only_beyond_the_spread():
+    rows = (_rows("mip", [0.80, 0.82, 0.84]) + _rows("random", [0.70, 0.72, 0.74])
+            + _rows("rmu", [0.79, 0.81, 0.85]) + _rows("noisy", [0.60, 0.95, 0.70]))
+    vs_random = {c.modality: c for c in paired_comparison(rows, "mip", "random")}["text"]
+    assert vs_random.diffs == pytest.approx((0.1, 0.1, 0.1)) and vs_random.wins == 3
+    assert vs_random.spread == pytest.approx(0.02) and vs_random.beyond_spread
+    vs_rmu = paired_comparison(rows, "mip", "rmu")[0]  # +0.01, +0.01, -0.01: not ahead on every subset
+    assert vs_rmu.wins == 2 and not vs_rmu.beyond_spread
+    vs_noisy = paired_comparison(rows, "mip", "noisy")[0]  # ahead on 2 of 3 and inside the noisy method's spread
+    assert vs_noisy.mean > 0 and not vs_noisy.beyond_spread
+    assert not paired_comparison(_rows("mip", [0.9]) + _rows("random", [0.1]), "mip", "random")[0].beyond_spread
+    text = format_paired(rows, "mip", ["random", "rmu", "absent"])
+    assert text.count("ahead beyond the spread") == 2 and "absent" not in text and "2/3" in text
 
 
 def test_table_has_one_row_per_method_and_modality_blocks():
