@@ -68,7 +68,7 @@ bench-compare: install $(DEMO_DIR)/vanilla/model.safetensors
 
 # The selectivity study of BENCHMARKS.md section 5: mip against its random-neuron control, full-model RMisU and
 # the paper's settings, on 5 forget subsets, at two model scales (the demo model and `scale2`, 5.2 M parameters,
-# trained once and cached). About 1 h 40 min on 2 cores, most of it the scale2 training and its 25 runs.
+# trained once and cached). About 2 h 30 min on 2 cores (one thread each), most of it scale2's training and runs.
 SELECTIVITY_METHODS ?= mip,random,rmu,mip_paper
 SELECTIVITY_SUBSETS ?= 5
 $(DEMO_DIR)/scale2_vanilla/model.safetensors: $(DEMO_DIR)/bench/manifest.json

@@ -65,6 +65,7 @@ VARIATIONS = {
     "contrastive scores (same budget)": (BASE, 5, "contrastive"),
     "all token positions in L_f": (_rmisu(skip_shared_prefix=False), 5, None),
     "per-request targets": (_rmisu(target_per="request"), 5, None),
+    "per-input targets": (_rmisu(target_per="input"), 5, None),
     "per-request paths": (replace(BASE, per_request=True), 5, None),
     "per-request paths and targets": (replace(BASE, per_request=True, rmisu=replace(BASE.rmisu, target_per="request")),
                                       5, None),

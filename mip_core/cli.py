@@ -190,7 +190,6 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"\n{len(methods)} methods x {args.seeds} forget subset(s) of {args.forget} % on {args.bench}, "
           f"{seconds:.0f}s\n")
     print(format_compare(summary))
-    print(format_paired(rows, "mip", [m for m in methods if m != "mip"]))
     if args.json:
         fs, path = filesystem(args.json)
         with fs.open(path, "w") as f:
@@ -200,6 +199,7 @@ def _compare(args: argparse.Namespace) -> None:
     if args.plot:
         plot(summary, args.plot)
         print(f"wrote {args.plot}")
+    print(format_paired(rows, "mip", [m for m in methods if m != "mip"]))  # after the files: never lose a run
 
 
 def _add_model_bench_forget(p: argparse.ArgumentParser) -> None:

@@ -240,8 +240,9 @@ def paired_comparison(rows: Sequence[CompareRow], a: str, b: str, *, metric: str
     for modality, diffs in paired_differences(rows, a, b, metric=metric).items():
         if not diffs:
             continue
-        per_method = {m: [r.value for r in rows if r.method == m and r.modality == modality
+        per_method = {m: [float(r.value) for r in rows if r.method == m and r.modality == modality
                           and r.split == "overall" and r.metric == metric] for m in (a, b)}
+        diffs = [float(d) for d in diffs]  # values may be numpy floats: statistics needs one numeric type
         spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_method.values())
         out.append(PairedComparison(a, b, modality, tuple(diffs), statistics.fmean(diffs),
                                     statistics.stdev(diffs) if len(diffs) > 1 else 0.0, spread,

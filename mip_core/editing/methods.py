@@ -156,7 +156,7 @@ def paper_config() -> PathEditConfig:
     The target keeps the adaptive norm (a fixed target does nothing at small scale; method.md defect 7).
     """
     return PathEditConfig(prune=True, rmisu=RMisUConfig(layer_fraction=0.2, retain_weight=1.0, retain_ce_weight=0.0,
-                                                        skip_shared_prefix=False))
+                                                        skip_shared_prefix=False, target_per="input"))
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ class RMisUConfig:
     batch_size: int = 6  # forget inputs per step, paired with as many retain inputs (drawn with replacement)
     clip_norm: float = 1.0
     skip_shared_prefix: bool = True  # leave positions a forget input shares with a retain input out of L_f
-    target_per: str = "input"  # one random direction per forget "input" (paper) or per "request" (shared)
+    target_per: str = "request"  # one direction per "request" (most selective, BENCHMARKS.md 5) or per "input" (paper)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -244,7 +244,7 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
 
 def _direction_index(data: UnlearnData, target_per: str) -> list[int]:
     """Row of the direction table per forget example: its own (``input``) or its request's (``request``)."""
-    if target_per == "input":
+    if target_per == "input" or not data.forget_requests:  # without request ids each input is its own request
         return list(range(len(data.forget)))
     order = {r: k for k, r in enumerate(data.request_ids())}
     return [order[r] for r in data.forget_requests]

@@ -63,11 +63,29 @@ def test_each_method_makes_the_forget_answers_less_likely(vanilla, method, tmp_p
     if method not in ("ga", "ga_diff", "kl_min", "npo", "rmu"):
         # neuron-restricted: far fewer numbers than the model has
         assert changed < 0.25 * sum(p.numel() for p in base.values()), (method, changed)
-    assert (graph is not None) == (method in ("mip", "random", "prune", "mip_text", "mip_vision"))
+    assert (graph is not None) == (method in ("mip", "mip_paper", "random", "prune", "mip_text", "mip_vision"))
     if method == "mip":
         save_unlearned(loaded, summary, str(tmp_path / "out"), lineage={"test": True})
         log = json.loads((tmp_path / "out" / UNLEARN_LOG).read_text())
         assert log["method"] == "mip" and log["details"]["neurons"] == len(graph)
+
+
+def test_per_request_paths_and_targets_edit_each_forget_person_on_their_own_neurons(vanilla, tmp_path):
+    model_dir, bench_dir = vanilla
+    bench = load_benchmark(bench_dir)
+    people = bench.forget_profile_ids(15)
+    loaded = load_model(model_dir)
+    before = forget_logprob(loaded, bench)
+    out = tmp_path / "per_request"
+    assert main(["unlearn", "--model", model_dir, "--bench", bench_dir, "--forget", "15", "--method", "mip",
+                 "--per-request", "--target-per", "request", "--steps", "40", "--layer", "1", "--lr", "1e-2",
+                 "--batch-size", "4", "--out", str(out)]) == 0
+    log = json.loads((out / UNLEARN_LOG).read_text())
+    assert set(log["details"]["per_request"]) == set(people)  # one edit per forget person
+    assert log["details"]["config"]["per_request"] and log["details"]["config"]["rmisu"]["target_per"] == "request"
+    assert log["steps"] == (40 // len(people)) * len(people)
+    after = forget_logprob(load_model(str(out)), bench)
+    assert -after > max(2 * -before, -before + 0.01), (before, after)
 
 
 def test_unlearned_checkpoint_loads_with_transformers_alone(vanilla, tmp_path):

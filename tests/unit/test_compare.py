@@ -68,6 +68,11 @@ def test_paired_comparison_counts_a_win_only_beyond_the_spread():
     vs_noisy = paired_comparison(rows, "mip", "noisy")[0]  # ahead on 2 of 3 and inside the noisy method's spread
     assert vs_noisy.mean > 0 and not vs_noisy.beyond_spread
     assert not paired_comparison(_rows("mip", [0.9]) + _rows("random", [0.1]), "mip", "random")[0].beyond_spread
+    import numpy as np  # values straight from torch/numpy metrics must work too
+
+    mixed = [CompareRow(r.method, r.seed, r.split, r.modality, r.task, r.metric,
+                        np.float64(r.value) if r.seed else r.value, r.n) for r in rows]
+    assert paired_comparison(mixed, "mip", "random")[0].wins == 3
     text = format_paired(rows, "mip", ["random", "rmu", "absent"])
     assert text.count("ahead beyond the spread") == 2 and "absent" not in text and "2/3" in text
 

@@ -134,6 +134,7 @@ def test_per_request_targets_share_one_direction_per_request():
     data = request_data()
     assert _direction_index(data, "input") == [0, 1, 2]
     assert _direction_index(data, "request") == [0, 1, 0]
+    assert _direction_index(UnlearnData(data.forget, data.retain, 0), "request") == [0, 1, 2]  # no request ids
     with pytest.raises(InputError, match="target_per"):
         RMisUConfig(target_per="person")
 
