@@ -16,13 +16,14 @@ import sys
 from dataclasses import asdict
 
 from mip_core.compare import CompareRow, summarize
+from mip_core.evaluation import forgetting_rate, retention
 
 LINE = re.compile(r"^\s+(\w+)\s+evaluated in \d+s\s+mult: forget ([\d.]+) retain ([\d.]+)(?: hm ([\d.]+))? \| "
                   r"text: forget ([\d.]+) retain ([\d.]+)(?: hm ([\d.]+))?")
 
 
 def parse(path: str) -> list[CompareRow]:
-    rows, seed = [], -1
+    rows, seed, vanilla = [], -1, {}
     with open(path) as f:
         lines = f.readlines()
     for line in lines:
@@ -35,9 +36,13 @@ def parse(path: str) -> list[CompareRow]:
         for modality, f, r, h in (("multimodal", mf, mr, mh), ("text", tf, tr, th)):
             rows.append(CompareRow(method, seed, "forget", modality, "mc", "accuracy", float(f), 0))
             rows.append(CompareRow(method, seed, "retain", modality, "mc", "accuracy", float(r), 0))
-            if h is not None:
-                rows.append(CompareRow(method, seed, "forget", modality, "mc", "forgetting_rate", 1 - float(f), 0))
-                rows.append(CompareRow(method, seed, "retain", modality, "mc", "retention", float(r), 0))
+            if method == "vanilla":
+                vanilla[(seed, modality)] = (float(f), float(r))
+            elif h is not None:  # rates against this subset's vanilla row, as `mip compare` computes them
+                vf, vr = vanilla[(seed, modality)]
+                rows.append(CompareRow(method, seed, "forget", modality, "mc", "forgetting_rate",
+                                       forgetting_rate(vf, float(f)), 0))
+                rows.append(CompareRow(method, seed, "retain", modality, "mc", "retention", retention(vr, float(r)), 0))
                 rows.append(CompareRow(method, seed, "overall", modality, "mc", "hm", float(h), 0))
     return rows
 

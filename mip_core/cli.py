@@ -180,7 +180,8 @@ def _compare(args: argparse.Namespace) -> None:
     methods = DEFAULT_METHODS if args.methods == ["all"] else tuple(
         m for part in args.methods for m in part.split(",") if m)
     cfg = CompareConfig(forget_pct=args.forget, methods=tuple(methods), seeds=args.seeds,
-                        attribution=AttributionConfig(top_k=args.top_k), path_edit=_path_edit_overrides(args), holdout_profiles=args.holdout)
+                        attribution=AttributionConfig(top_k=args.top_k), path_edit=_path_edit_overrides(args),
+                        holdout_profiles=args.holdout)
     bench = load_benchmark(args.bench)
     loaded = load_model(args.model)
     t0 = time.perf_counter()

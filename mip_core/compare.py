@@ -73,6 +73,10 @@ class CompareRow:
     value: float
     n: int
 
+    def __post_init__(self) -> None:
+        # one numeric type for every row: metrics arrive as numpy or Python floats, and `statistics` rejects a mix
+        object.__setattr__(self, "value", float(self.value))
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "seed": self.seed, "split": self.split, "modality": self.modality,
                 "task": self.task, "metric": self.metric, "value": self.value, "n": self.n}
@@ -240,9 +244,8 @@ def paired_comparison(rows: Sequence[CompareRow], a: str, b: str, *, metric: str
     for modality, diffs in paired_differences(rows, a, b, metric=metric).items():
         if not diffs:
             continue
-        per_method = {m: [float(r.value) for r in rows if r.method == m and r.modality == modality
+        per_method = {m: [r.value for r in rows if r.method == m and r.modality == modality
                           and r.split == "overall" and r.metric == metric] for m in (a, b)}
-        diffs = [float(d) for d in diffs]  # values may be numpy floats: statistics needs one numeric type
         spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_method.values())
         out.append(PairedComparison(a, b, modality, tuple(diffs), statistics.fmean(diffs),
                                     statistics.stdev(diffs) if len(diffs) > 1 else 0.0, spread,

@@ -53,7 +53,7 @@ class RMisUConfig:
     batch_size: int = 6  # forget inputs per step, paired with as many retain inputs (drawn with replacement)
     clip_norm: float = 1.0
     skip_shared_prefix: bool = True  # leave positions a forget input shares with a retain input out of L_f
-    target_per: str = "request"  # one direction per "request" (most selective, BENCHMARKS.md 5) or per "input" (paper)
+    target_per: str = "request"  # one direction per "request" (most selective, BENCHMARKS.md 5) or "input" (paper)
     seed: int = 0
 
     def __post_init__(self) -> None:
