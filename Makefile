@@ -11,14 +11,14 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256s
 DEMO_DIR ?= demo_out
 DEMO_PROFILES ?= 100
 DEMO_ARCH ?= qwen2_5_vl
-DEMO_MINUTES ?= 15
+DEMO_MINUTES ?= 25
 export MIP_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install test test-fast demo bench bench-compare bench-selectivity clean
+.PHONY: install test test-fast demo demo-method serve bench bench-compare bench-selectivity clean
 
 install: $(STAMP)
 
@@ -43,13 +43,43 @@ $(DEMO_DIR)/vanilla/model.safetensors: $(DEMO_DIR)/bench/manifest.json
 	$(MIP) vanilla --bench $(DEMO_DIR)/bench --arch $(DEMO_ARCH) --size demo --minutes $(DEMO_MINUTES) \
 		--out $(DEMO_DIR)/vanilla
 
+# The service end to end on the embedded default: a fresh local store under $(DEMO_DIR)/store, the demo model
+# registered as `demo` v0001, three forget requests queued (two people's, and one naming an unknown person, which
+# is failed with its reason), then the nightly flow (local Prefect, local Ray, a 2-rank DeepSpeed job) and its report.
+DEMO_ROOT ?= $(DEMO_DIR)/store
+# gloo and Ray on loopback only (environment notes)
+LOCAL_ONLY = GLOO_SOCKET_IFNAME=lo RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+DEMO_PREFECT = PREFECT_HOME=$(CURDIR)/$(DEMO_DIR)/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180 $(LOCAL_ONLY)
 demo: install $(DEMO_DIR)/vanilla/model.safetensors
+	rm -rf $(DEMO_ROOT)
+	$(MIP) models register --root $(DEMO_ROOT) --name demo --model $(DEMO_DIR)/vanilla --dataset $(DEMO_DIR)/bench
+	for f in examples/requests/*.json; do $(MIP) submit $$f --root $(DEMO_ROOT) || exit 1; done
+	$(DEMO_PREFECT) MIP_ROOT=$(DEMO_ROOT) $(PY) -m flows.service
+
+# The method-level demo of issues 2-4: evaluation of the vanilla model, one `mip unlearn`, its evaluation.
+demo-method: install $(DEMO_DIR)/vanilla/model.safetensors
 	$(MIP) eval --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench --forget 10 \
 		--json $(DEMO_DIR)/vanilla_eval.json
 	$(MIP) unlearn --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench --forget 10 --method mip \
 		--out $(DEMO_DIR)/mip10
 	$(MIP) eval --model $(DEMO_DIR)/mip10 --bench $(DEMO_DIR)/bench --forget 10 \
 		--reference $(DEMO_DIR)/vanilla_eval.json --json $(DEMO_DIR)/mip10_eval.json
+
+# A local Prefect server (UI on http://127.0.0.1:4200), the `mip-process` work pool, every deployment of
+# prefect.yaml, and a worker in the foreground (Ctrl-C stops worker and server). Runs use $(SERVE_ROOT).
+SERVE_HOME ?= $(CURDIR)/$(DEMO_DIR)/prefect-server
+SERVE_ROOT ?= $(CURDIR)/$(DEMO_ROOT)
+SERVE_ENV = PREFECT_HOME=$(SERVE_HOME) PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_SERVER_ANALYTICS_ENABLED=false
+serve: install
+	mkdir -p $(SERVE_HOME)
+	$(SERVE_ENV) $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 > $(SERVE_HOME)/server.log 2>&1 & \
+	server=$$!; trap "kill $$server" EXIT INT TERM; \
+	for i in $$(seq 120); do curl -sf http://127.0.0.1:4200/api/health > /dev/null && break; sleep 1; done; \
+	$(SERVE_ENV) $(VENV)/bin/prefect work-pool create mip-process --type process --overwrite && \
+	$(SERVE_ENV) $(VENV)/bin/prefect --no-prompt deploy --all && \
+	echo "Prefect UI: http://127.0.0.1:4200  (server log: $(SERVE_HOME)/server.log)" && \
+	$(SERVE_ENV) MIP_REPO_DIR=$(CURDIR) MIP_ROOT=$(SERVE_ROOT) $(LOCAL_ONLY) $(VENV)/bin/prefect worker start --pool mip-process
 
 # Speed and storage numbers recorded in BENCHMARKS.md (never asserted in tests). Uses the demo's model when
 # `make demo` has run, else a random model of the same size.

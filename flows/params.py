@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,3 +35,46 @@ class VanillaSpec(BaseModel):
         """The library's training schedule for this spec; threads come from the worker (``$MIP_THREADS``)."""
         return TrainConfig(steps=self.steps, max_minutes=self.minutes, seed=self.seed,
                            threads=int(os.environ.get("MIP_THREADS", "1")))
+
+
+class GateSpec(BaseModel):
+    """Publication thresholds (``mip_core.service.gate.GateConfig``), each per modality."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_forgetting: float = Field(0.5, ge=0, le=1, description="Forget accuracy must fall by at least this "
+                                  "fraction of what the starting model knew.")
+    min_retention: float = Field(0.8, ge=0, le=1, description="Other people's accuracy kept at least this "
+                                 "fraction of the starting model's.")
+    min_utility: float = Field(0.8, ge=0, le=1, description="General-knowledge accuracy kept at least this "
+                               "fraction of the starting model's.")
+
+
+class ServiceSpec(BaseModel):
+    """How a batch runs: where the queue and models live, how attribution and the edit are spread, the gate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(default_factory=lambda: os.environ.get("MIP_ROOT", "mip_store"),
+                      description="Storage root: a folder, or s3://bucket/prefix (endpoint and credentials come "
+                                  "from MIP_S3_ENDPOINT_URL / AWS_* on the worker). Default: $MIP_ROOT.")
+    target_model: str | None = Field(None, description="Only claim requests for this model (None: every model, "
+                                                       "one batch per model).")
+    max_requests: int = Field(1000, ge=1, description="At most this many requests per batch; the rest wait.")
+    n_actors: int = Field(2, ge=1, description="Ray attribution actors (one GPU each where the cluster has GPUs). "
+                                               "RAY_ADDRESS selects an existing cluster.")
+    max_shard: int | None = Field(None, ge=1, description="Cap on items per shard (default: items / actors).")
+    attribution: dict[str, Any] = Field(default_factory=dict, description="AttributionConfig overrides, e.g. "
+                                        '{"steps": 4, "top_k": 5}.')
+    method: Literal["mip", "mip_paper", "mip_text", "mip_vision"] = Field(
+        "mip", description="Path-restricted edit to apply (see docs/editing.md).")
+    edit: dict[str, Any] = Field(default_factory=dict, description="PathEditConfig overrides, with an optional "
+                                 '"rmisu" dict of RMisUConfig fields, e.g. {"rmisu": {"steps": 300}}.')
+    launcher: Literal["deepspeed", "torchrun", "inprocess"] = Field(
+        "deepspeed", description="How the edit job starts: a DeepSpeed ZeRO-3 job (or torchrun), or in this "
+                                 "process on one device.")
+    ranks: int = Field(2, ge=1, description="Edit job ranks (GPUs, or gloo CPU processes here).")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node edits (infra/deepspeed).")
+    retain_limit: int = Field(120, ge=1, description="Other people's items the edit holds against; as many "
+                                                      "others (held out) are scored by the gate.")
+    gate: GateSpec = Field(default_factory=GateSpec)

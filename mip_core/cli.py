@@ -8,8 +8,9 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import timezone
 
-from mip_core.errors import MipError
+from mip_core.errors import InputError, MipError
 
 
 def _model_tiny(args: argparse.Namespace) -> None:
@@ -77,7 +78,6 @@ def _attribute(args: argparse.Namespace) -> int:
 
     from mip_core.attribution import AttributionConfig, attribute_items
     from mip_core.benchmark import load_benchmark
-    from mip_core.errors import InputError
     from mip_core.modeling import load_model
     from mip_core.results import write_item_paths
 
@@ -201,6 +201,89 @@ def _compare(args: argparse.Namespace) -> None:
         plot(summary, args.plot)
         print(f"wrote {args.plot}")
     print(format_paired(rows, "mip", [m for m in methods if m != "mip"]))  # after the files: never lose a run
+
+
+def _service_root(args: argparse.Namespace) -> str:
+    return args.root or os.environ.get("MIP_ROOT") or "./mip_store"
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from mip_core.service.requests import parse_request
+    from mip_core.service.store import ServiceStore
+
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise InputError(f"cannot read request file {args.file!r}: {exc.strerror}") from None
+    request = parse_request(text)  # before touching the store: an invalid request leaves the queue unchanged
+    store = ServiceStore(_service_root(args))
+    record = store.submit(request)
+    print(f"queued {record.request_id} ({record.request.target_model}, "
+          f"{len(request.subjects)} subject(s), {len(request.items)} item(s)): {store.record_uri(record)}")
+
+
+def _requests(args: argparse.Namespace) -> None:
+    from mip_core.service.store import ServiceStore
+
+    records = ServiceStore(_service_root(args)).list(state=args.state, target_model=args.model)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in records], indent=1))
+        return
+    for r in records:
+        what = ",".join(r.request.subjects) or "-"
+        extra = " ".join(f"{k}={v}" for k, v in (("batch", r.batch_id), ("version", r.model_version),
+                                                  ("reason", r.reason)) if v)
+        submitted = r.submitted_at.astimezone(timezone.utc)
+        print(f"{r.request_id}\t{r.state}\t{submitted:%Y-%m-%dT%H:%M:%SZ}\t{r.request.target_model}\t"
+              f"subjects={what} items={len(r.request.items)}" + (f"\t{extra}" if extra else ""))
+    if not records:
+        print("no requests" + (f" in state {args.state}" if args.state else ""), file=sys.stderr)
+
+
+def _models_register(args: argparse.Namespace) -> None:
+    from mip_core.service.store import ServiceStore
+
+    store = ServiceStore(_service_root(args))
+    version = store.register_model(args.name, args.model, dataset_uri=args.dataset)
+    print(f"registered {args.name} {version} (current): {store.uri(store.model_key(args.name, version))}")
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    from mip_core.service.store import ServiceStore
+
+    store = ServiceStore(_service_root(args))
+    rows = [store.model_info(name, version) | {"current": version == store.current_version(name)}
+            for name in store.models() for version in store.versions(name)]
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return
+    for r in rows:
+        print(f"{r['name']}\t{r['version']}{' (current)' if r['current'] else ''}\tparent={r.get('parent_version')}"
+              f"\tbatch={r.get('batch_id') or '-'}\trequests={len(r.get('requests') or [])}\t{r['uri']}")
+    if not rows:
+        print("no models registered; add one with `mip models register`", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from mip_core.service.store import ServiceStore
+
+    store = ServiceStore(_service_root(args))
+    key = store.batch_key(args.batch_id, "report.md")
+    if not store.exists(key):
+        raise InputError(f"batch {args.batch_id!r} has no report in {store.uri()}; list batches with "
+                         f"`mip requests --json` (field batch_id), or check --root")
+    sys.stdout.write(store.read_text(key))
+    print(f"\nreport: {store.uri(key)}")
+
+
+def _schema(args: argparse.Namespace) -> None:
+    from mip_core.service.requests import schema_text
+
+    sys.stdout.write(schema_text())
 
 
 def _add_model_bench_forget(p: argparse.ArgumentParser) -> None:
@@ -338,6 +421,43 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--threads", **threads)
     _add_edit_flags(cmp_)
     cmp_.set_defaults(func=_compare)
+    root_help = "service store: folder or s3://bucket/prefix (default: $MIP_ROOT, else ./mip_store)"
+    sub_ = sub.add_parser("submit", help="validate a forget request (JSON) and queue it for the nightly run",
+                          epilog="example: echo '{\"target_model\": \"demo\", \"subjects\": [\"p0003\"], "
+                                 "\"requester\": \"dpo@example.org\", \"reason\": \"privacy\"}' | mip submit -")
+    sub_.add_argument("file", metavar="FILE",
+                      help="request JSON file, or - for stdin (schema: mip schema request)")
+    sub_.add_argument("--root", help=root_help)
+    sub_.set_defaults(func=_submit)
+    req = sub.add_parser("requests", help="list queued and finished forget requests, oldest first")
+    req.add_argument("--root", help=root_help)
+    req.add_argument("--state", choices=("pending", "claimed", "done", "failed"), help="only this state")
+    req.add_argument("--model", help="only requests for this target model")
+    req.add_argument("--json", action="store_true", help="print the full records as JSON")
+    req.set_defaults(func=_requests)
+    models = sub.add_parser("models", help="the service's model registry").add_subparsers(
+        dest="models_command", required=True, metavar="SUBCOMMAND")
+    reg = models.add_parser("register", help="copy a model folder into the store as the next version of NAME and "
+                                             "make it current",
+                            epilog="example: mip models register --name demo --model demo_out/vanilla "
+                                   "--dataset demo_out/bench")
+    reg.add_argument("--name", required=True, help="model name requests target (letters, digits, . _ -)")
+    reg.add_argument("--model", required=True, help="model folder or URI (safetensors + processor)")
+    reg.add_argument("--dataset", required=True, help="the benchmark folder or URI the model was trained on")
+    reg.add_argument("--root", help=root_help)
+    reg.set_defaults(func=_models_register)
+    mls = models.add_parser("list", help="every version of every model, with its lineage")
+    mls.add_argument("--root", help=root_help)
+    mls.add_argument("--json", action="store_true", help="print the lineage records as JSON")
+    mls.set_defaults(func=_models_list)
+    rep = sub.add_parser("report", help="print a batch's report (markdown) and where it is stored")
+    rep.add_argument("batch_id", metavar="BATCH_ID")
+    rep.add_argument("--root", help=root_help)
+    rep.set_defaults(func=_report)
+    schema = sub.add_parser("schema", help="print JSON schemas").add_subparsers(
+        dest="schema_command", required=True, metavar="SUBCOMMAND")
+    schema.add_parser("request", help="the forget request schema (schemas/forget_request.schema.json)"
+                      ).set_defaults(func=_schema)
     return parser
 
 

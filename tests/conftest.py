@@ -41,4 +41,22 @@ def tiny_models():
     return {arch: build_arch(arch) for arch in ADAPTERS}
 
 
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """(model dir, bench dir): a tiny Qwen2.5-VL trained on 8 profiles until it knows them (about 40 s). Read-only:
+    copy the folders before changing anything in them."""
+    from mip_core.benchmark import load_benchmark, make_benchmark
+    from mip_core.modeling import build_tiny, save_model
+    from mip_core.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained-tiny")
+    make_benchmark(root / "bench", 8, seed=3, n_utility=20)
+    bench = load_benchmark(root / "bench")
+    model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)
+    train(model, processor, bench, TrainConfig(steps=450, warmup_steps=50, probe_every=0, seed=1),
+          log=lambda _: None)
+    save_model(model, processor, str(root / "vanilla"))
+    return str(root / "vanilla"), str(root / "bench")
+
+
 from s3_server import s3_endpoint  # noqa: E402,F401  (session fixture: a real S3 HTTP server on 127.0.0.1)

@@ -15,6 +15,11 @@ inputs are held where the frozen model puts them:
 The forward stops at layer ``l`` (a hook raises once ``h_l`` exists), so the layers above it cost nothing. Only
 what an editor or the caller made trainable moves; the frozen reference is the same model with the editor
 switched off, so no second copy of the weights is needed.
+
+Several ranks (a DeepSpeed / torchrun launch): every rank draws the same batch indices, forwards its share
+of each batch, weights its losses by its share of the batch's tokens, and the gradients are averaged before
+clipping (``_compat.distributed``). So the trainable slices stay identical on all ranks and follow the
+one-process gradient up to float summation order. With one process nothing changes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from mip_core._compat.deepspeed import is_partitioned
+from mip_core._compat.distributed import average_gradients, global_share, rank_slice, world
 from mip_core.adapters.base import ModelAdapter
 from mip_core.editing.base import Log, UnlearnData
 from mip_core.errors import InputError
@@ -179,6 +186,10 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
         raise InputError("RMisU with a retain term needs retain examples; give some or set retain_weight=0")
     layer = cfg.resolve_layer(adapter.n_layers("language"))
     block = adapter.block(adapter.site("language", layer))
+    size = world()[1]
+    if cfg.batch_size < size:
+        raise InputError(f"RMisUConfig.batch_size={cfg.batch_size} is below the {size} ranks that share "
+                         f"each batch; set batch_size >= {size} or launch fewer ranks")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     pad = data.pad_token_id
@@ -193,12 +204,18 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
         with torch.no_grad(), reference():
             return hidden_at(model, block, batch)
 
+    # ZeRO-3 releases a module's gathered weights after its backward by counting the module's forwards since
+    # the last backward, and miscounts when two forwards (forget, retain) share one backward: the weights then
+    # stay gathered (the memory ZeRO-3 saves is lost) and the next gather fails. So there, each forward gets
+    # its own backward (the same gradient: they add up in .grad).
+    per_forward = any(is_partitioned(p) for p in model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.eval()  # no dropout: the frozen and edited forwards must differ only by the edit
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
-        f_idx = [rng.randrange(len(data.forget)) for _ in range(cfg.batch_size)]
+        optimizer.zero_grad(set_to_none=True)
+        f_idx = _share([rng.randrange(len(data.forget)) for _ in range(cfg.batch_size)], data.forget)
         fb = _on(collate([data.forget[i] for i in f_idx], pad), device)
         fb.pop("labels")
         f_mask = fb["attention_mask"].clone()
@@ -209,29 +226,38 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
         u = directions[[direction_of[i] for i in f_idx]]  # [B, D]
         target = cfg.target_scale * f_norm.unsqueeze(-1) * u.unsqueeze(1)  # [B, S, D]
         loss_f = _squared_error(hidden_at(model, block, fb), target, f_norm, f_mask)
-        loss = loss_f
+        loss = _global_mean(loss_f, f_mask.sum(), size)
+        if per_forward:
+            loss.backward()
         point = {"step": step + 1, "forget": loss_f.item()}
         if data.retain and (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0):
-            r_idx = [rng.randrange(len(data.retain)) for _ in range(cfg.batch_size)]
+            r_idx = _share([rng.randrange(len(data.retain)) for _ in range(cfg.batch_size)], data.retain)
             rb = _on(collate([data.retain[i] for i in r_idx], pad), device)
             labels = rb.pop("labels")
             r_frozen = frozen_hidden(rb)
+            retain_terms: list[Tensor] = []
             if cfg.retain_ce_weight > 0:
                 with _layer_output(block, stop=False) as store:
                     logits = model(**rb).logits
                 h_r = store["h"]
                 ce = _retain_ce(logits, labels)
-                loss = loss + cfg.retain_ce_weight * ce
+                n_answer = (labels[:, 1:] != IGNORE_INDEX).sum()
+                retain_terms.append(cfg.retain_ce_weight * _global_mean(ce, n_answer, size))
+                loss = loss + retain_terms[-1]
                 point["retain_ce"] = ce.item()
             else:
                 h_r = hidden_at(model, block, rb)
             loss_r = _squared_error(h_r, r_frozen, r_frozen.norm(dim=-1), rb["attention_mask"])
-            loss = loss + cfg.retain_weight * loss_r
+            retain_terms.append(cfg.retain_weight * _global_mean(loss_r, rb["attention_mask"].sum(), size))
+            loss = loss + retain_terms[-1]
+            if per_forward:
+                sum(retain_terms).backward()  # type: ignore[union-attr]
             point["retain"] = loss_r.item()
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"RMisU loss became {float(loss)} at step {step + 1}; lower RMisUConfig.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if not per_forward:
+            loss.backward()
+        average_gradients(params)  # no-op on one process
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         optimizer.step()
         point["loss"] = loss.item()
@@ -240,6 +266,37 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
             curve.append({k: round(v, 5) for k, v in point.items()})
             log("rmisu " + "  ".join(f"{k}={v}" for k, v in curve[-1].items()))
     return curve, layer
+
+
+def _global_mean(loss: Tensor, count: Tensor, size: int) -> Tensor:
+    """``loss`` (a mean over ``count`` tokens of this rank's share), reweighted so that averaging gradients
+    over ranks gives the gradient of the mean over the whole batch (``global_share``); unchanged on one rank.
+    """
+    return loss if size == 1 else loss * global_share(float(count))
+
+
+def _share(idx: list[int], examples: Sequence[dict[str, Tensor]]) -> list[int]:
+    """This rank's examples of a batch all ranks drew alike (the whole batch on one process).
+
+    ZeRO-3 gathers each module's weights with a collective, so every rank must run the same modules in the
+    same order: a share without images while another rank's share has some would run the vision tower on some
+    ranks only and hang (or fail DeepSpeed's trace check). So shares are dealt with image examples first and,
+    when a batch has fewer image examples than ranks, every rank takes the whole batch (the averaged gradient
+    is then the one-process gradient). Every rank decides alike from the same indices, without communicating.
+    """
+    rank, size = world()
+    if size == 1:
+        return idx
+
+    def has_image(i: int) -> bool:
+        return "pixel_values" in examples[i]
+
+    n_image = sum(map(has_image, idx))
+    if n_image == 0 or n_image == len(idx):
+        return rank_slice(idx)
+    if n_image >= size:
+        return rank_slice(sorted(idx, key=lambda i: not has_image(i)))  # stable: image examples dealt first
+    return list(idx)
 
 
 def _direction_index(data: UnlearnData, target_per: str) -> list[int]:

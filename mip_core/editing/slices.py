@@ -15,7 +15,9 @@ difference to the frozen linears' outputs through forward hooks, so:
   at inference).
 
 Under DeepSpeed ZeRO-3 only the edited sites' linears need gathering: the slices are copied out of the
-gathered weights once, and :meth:`merge` writes them back inside the same kind of gather.
+gathered weights once (``_compat.deepspeed.gather_params``, read-only), and :meth:`merge` writes them back
+inside a gather that broadcasts rank 0's values. ZeRO-3 releases a linear's weight before later forward hooks
+run, so for partitioned linears the frozen base slices are kept as copies (the hooks never read the weights).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from mip_core._compat.deepspeed import gather_params, is_partitioned
 from mip_core.adapters.base import ModelAdapter
 from mip_core.errors import InputError
 from mip_core.types import MLPSite
@@ -62,7 +65,11 @@ class SiteSlices(nn.Module):
         self.site = site
         idx = torch.tensor(list(neurons), dtype=torch.long, device=down.weight.device)
         self.register_buffer("neurons", idx, persistent=False)
-        with torch.no_grad():
+        linears = [*inputs, down]
+        # ZeRO-3: the weights are shards outside a gather, and released again before our forward hooks run,
+        # so the frozen base slices are copied once here; unpartitioned weights are read in place (no copies)
+        self.keep_base = any(is_partitioned(lin.weight) for lin in linears)
+        with torch.no_grad(), gather_params([p for lin in linears for p in (lin.weight, lin.bias)]):
             self.rows = nn.ParameterList(
                 nn.Parameter(lin.weight[idx].detach().clone(), requires_grad=train_rows) for lin in inputs)
             self.row_biases = nn.ParameterList(
@@ -70,19 +77,32 @@ class SiteSlices(nn.Module):
                 for lin in inputs if lin.bias is not None)
             start = torch.zeros_like(down.weight[:, idx]) if prune else down.weight[:, idx].detach().clone()
             self.columns = nn.Parameter(start, requires_grad=train_columns)  # [d_out, n]
+            self.base_rows: list[Tensor] | None = None  # frozen W[idx] per input linear (partitioned only)
+            self.base_biases: list[Tensor] | None = None
+            self.base_columns: Tensor | None = None  # frozen W_d[:, idx]
+            if self.keep_base:
+                self.base_rows = [lin.weight[idx].detach().clone() for lin in inputs]
+                self.base_biases = [lin.bias[idx].detach().clone() for lin in inputs if lin.bias is not None]
+                self.base_columns = down.weight[:, idx].detach().clone()
         self.has_bias = tuple(lin.bias is not None for lin in inputs)
 
     def row_delta(self, k: int, lin: nn.Linear, x: Tensor) -> Tensor:
         """Change of input linear ``k``'s selected outputs: ``x (R - W[idx])^T + (b_R - b[idx])`` -> ``[..., n]``."""
-        weight = self.rows[k] - lin.weight[self.neurons]
+        kb = sum(self.has_bias[:k])
+        if self.base_rows is not None and self.base_biases is not None:  # partitioned: the kept copies
+            base_w, base_b = self.base_rows[k], self.base_biases[kb] if self.has_bias[k] else None
+        else:
+            base_w, base_b = lin.weight[self.neurons], lin.bias[self.neurons] if self.has_bias[k] else None
+        weight = self.rows[k] - base_w
         bias = None
-        if self.has_bias[k]:
-            bias = self.row_biases[sum(self.has_bias[:k])] - lin.bias[self.neurons]
+        if base_b is not None:
+            bias = self.row_biases[kb] - base_b
         return nn.functional.linear(x, weight, bias)
 
     def column_delta(self, down: nn.Linear, h: Tensor) -> Tensor:
         """Change of the down projection's output: ``h[..., idx] (C - W_d[:, idx])^T`` -> ``[..., d_out]``."""
-        return nn.functional.linear(h[..., self.neurons], self.columns - down.weight[:, self.neurons])
+        base = self.base_columns if self.base_columns is not None else down.weight[:, self.neurons]
+        return nn.functional.linear(h[..., self.neurons], self.columns - base)
 
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -191,14 +211,17 @@ class NeuronEditor(nn.Module):
         self.detach()
         for sl in self.slices:
             site, idx = sl.site, sl.neurons
-            bias_k = 0
-            for k, lin in enumerate(self.adapter.neuron_inputs(site)):
-                lin.weight[idx] = sl.rows[k].to(lin.weight.dtype)
-                if lin.bias is not None:
-                    lin.bias[idx] = sl.row_biases[bias_k].to(lin.bias.dtype)
-                    bias_k += 1
-            down = self.adapter.down_proj(site)
-            down.weight[:, idx] = sl.columns.to(down.weight.dtype)
+            inputs, down = self.adapter.neuron_inputs(site), self.adapter.down_proj(site)
+            # ZeRO-3: every rank holds the same slices (averaged gradients); rank 0's write is broadcast
+            params = [p for lin in (*inputs, down) for p in (lin.weight, lin.bias)]
+            with gather_params(params, modifier_rank=0):
+                bias_k = 0
+                for k, lin in enumerate(inputs):
+                    lin.weight[idx] = sl.rows[k].to(lin.weight.dtype)
+                    if lin.bias is not None:
+                        lin.bias[idx] = sl.row_biases[bias_k].to(lin.bias.dtype)
+                        bias_k += 1
+                down.weight[:, idx] = sl.columns.to(down.weight.dtype)
         self._merged = True
 
 
@@ -212,8 +235,9 @@ def prune_columns(adapter: ModelAdapter, selection: NeuronSelection) -> int:
         for site, ids in check_selection(adapter, selection).items():
             down = adapter.down_proj(site)
             idx = torch.tensor(ids, dtype=torch.long, device=down.weight.device)
-            down.weight[:, idx] = 0
-            changed += down.weight.shape[0] * len(ids)
+            with gather_params([down.weight], modifier_rank=0):
+                down.weight[:, idx] = 0
+                changed += down.weight.shape[0] * len(ids)
     return changed
 
 

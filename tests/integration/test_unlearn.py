@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mip_core.benchmark import load_benchmark, make_benchmark
+from mip_core.benchmark import load_benchmark
 from mip_core.cli import main
 from mip_core.editing import METHOD_NAMES
 from mip_core.editing.data import unlearn_data
 from mip_core.editing.rmisu import RMisUConfig
 from mip_core.editing.unlearn import UNLEARN_LOG, save_unlearned, unlearn_benchmark
 from mip_core.evaluation.mia import mean_answer_logprob
-from mip_core.modeling import build_tiny, load_model, save_model
-from mip_core.training import TrainConfig, train
+from mip_core.modeling import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +27,9 @@ FAST_RMISU = RMisUConfig(layer=1, steps=40, lr=1e-2, batch_size=4)
 
 
 @pytest.fixture(scope="module")
-def vanilla(tmp_path_factory):
-    """(model dir, bench dir) of a tiny model trained on 8 profiles until it knows them (about 40 s)."""
-    root = tmp_path_factory.mktemp("unlearn")
-    make_benchmark(root / "bench", 8, seed=3, n_utility=20)
-    bench = load_benchmark(root / "bench")
-    model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)
-    train(model, processor, bench, TrainConfig(steps=450, warmup_steps=50, probe_every=0, seed=1),
-          log=lambda _: None)
-    save_model(model, processor, str(root / "vanilla"))
-    return str(root / "vanilla"), str(root / "bench")
+def vanilla(trained_tiny):
+    """(model dir, bench dir) of the session's tiny model trained on 8 profiles (conftest.trained_tiny)."""
+    return trained_tiny
 
 
 def forget_logprob(loaded, bench) -> float:

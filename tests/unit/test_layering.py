@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_mip_core_imports_without_prefect_or_ray():
     code = "import sys; sys.modules['prefect'] = None; sys.modules['ray'] = None; import mip_core, mip_core.cli"
+    code += ("; import mip_core.service.store, mip_core.service.batch, mip_core.service.gate, "
+             "mip_core.service.shards, mip_core.entrypoints.edit, mip_core._compat.deepspeed")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -31,7 +33,9 @@ def test_cli_help_on_every_command(capsys):
 
     commands = [["--help"], ["model", "--help"], ["model", "tiny", "--help"], ["benchmark", "--help"],
                 ["benchmark", "make", "--help"], ["vanilla", "--help"], ["eval", "--help"],
-                ["attribute", "--help"], ["paths", "--help"], ["paths", "reduce", "--help"], ["paths", "show", "--help"]]
+                ["attribute", "--help"], ["paths", "--help"], ["paths", "reduce", "--help"], ["paths", "show", "--help"],
+                ["submit", "--help"], ["requests", "--help"], ["models", "register", "--help"],
+                ["models", "list", "--help"], ["report", "--help"], ["schema", "--help"]]
     for argv in commands:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -1,0 +1,106 @@
+"""The unlearning service's flows: ``nightly-unlearning``, ``unlearn-batch`` and ``submit-request``.
+
+A batch is a recipe of storage-keyed steps: plan -> attribute (Ray) -> reduce -> edit (DeepSpeed) -> evaluate and
+gate -> publish -> close. Whatever happens, ``close`` gives every claimed request a terminal record (done, or
+failed with the reason), so no request is lost; a failed step still fails the run, so operators see it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.params import ServiceSpec
+from mip_core.service.requests import ForgetRequest
+from mip_core.service.store import ServiceStore
+from tasks.service import (
+    attribute_task,
+    claim_pending,
+    claim_requests,
+    close_task,
+    edit_task,
+    gate_task,
+    plan_batch_task,
+    publish_task,
+    reduce_task,
+)
+
+
+@flow(name="process-batch", flow_run_name="batch-{batch_id}")
+def process_batch(batch_id: str, spec: ServiceSpec) -> dict[str, Any]:
+    """Run one claimed batch to its end; returns the version published (or None) and the report URI."""
+    timings: dict[str, float] = {}
+    state: dict[str, Any] = {"version": None, "gate": None, "shards": None}
+
+    def step(name: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            timings[name] = round(time.perf_counter() - t0, 2)
+
+    error = None
+    try:
+        step("plan", plan_batch_task, spec.root, batch_id, spec.retain_limit)
+        state["shards"] = step("attribute", attribute_task, spec.root, batch_id, spec.n_actors, spec.attribution,
+                               spec.max_shard)
+        graph_uri = step("reduce", reduce_task, spec.root, batch_id, state["shards"])
+        edited = step("edit", edit_task, spec.root, batch_id, graph_uri, spec.method, spec.edit, spec.launcher,
+                      spec.ranks, spec.hostfile)
+        state["gate"] = step("evaluate", gate_task, spec.root, batch_id, edited["output_uri"],
+                             spec.gate.model_dump())
+        if state["gate"]["passed"]:
+            state["version"] = step("publish", publish_task, spec.root, batch_id, edited["output_uri"], graph_uri)
+    except Exception as exc:  # noqa: BLE001 - recorded on every request, then re-raised below
+        error = f"{next(reversed(timings), 'plan')} step failed: {type(exc).__name__}: {exc}"
+        get_run_logger().error("batch %s: %s", batch_id, error)
+    report = close_task(spec.root, batch_id, state["version"], state["gate"], error, timings, state["shards"])
+    if error:
+        raise RuntimeError(f"batch {batch_id}: {error}; report {report}")
+    return {"batch_id": batch_id, "version": state["version"], "report": report, "timings": timings}
+
+
+@flow(name="nightly-unlearning")
+def nightly_unlearning(spec: ServiceSpec | None = None) -> list[dict[str, Any]]:
+    """Claim all pending requests (one batch per target model) and process each batch."""
+    spec = spec or ServiceSpec()
+    batches = claim_pending(spec.root, spec.target_model, spec.max_requests)
+    states = [process_batch(batch_id, spec, return_state=True) for batch_id in batches]
+    failed = [b for b, s in zip(batches, states, strict=True) if not s.is_completed()]
+    results = [s.result() for s in states if s.is_completed()]
+    if failed:
+        raise RuntimeError(f"batches {failed} failed (their requests are marked failed with the reason); "
+                           f"{len(results)} completed")
+    return results
+
+
+@flow(name="unlearn-batch")
+def unlearn_batch(request_ids: list[str], spec: ServiceSpec | None = None) -> dict[str, Any]:
+    """Run the given pending requests now, as one batch."""
+    spec = spec or ServiceSpec()
+    return process_batch(claim_requests(spec.root, request_ids), spec)
+
+
+@flow(name="submit-request")
+def submit_request(request: ForgetRequest, root: str | None = None) -> str:
+    """Validate and queue one forget request (the UI renders the form from its schema); returns its id."""
+    store = ServiceStore(root or ServiceSpec().root)
+    record = store.submit(request)
+    get_run_logger().info("queued %s for %s", record.request.request_id, record.request.target_model)
+    return record.request.request_id
+
+
+def _print_reports(results: list[dict[str, Any]]) -> None:
+    from mip_core.storage import filesystem
+
+    if not results:
+        print("no pending requests: nothing to do")
+    for result in results:
+        fs, path = filesystem(result["report"])
+        print(f"\n{fs.cat_file(path).decode()}\nreport: {result['report']}")
+
+
+if __name__ == "__main__":
+    _print_reports(nightly_unlearning())

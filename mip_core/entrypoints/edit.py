@@ -1,0 +1,375 @@
+"""The edit step as its own job: ``python -m mip_core.entrypoints.edit --spec SPEC.json [--ds-config DS]``.
+
+One :class:`EditSpec` (JSON, local or ``s3://``) says which model, which forget items (with their request
+ids), which retain items, which path graph and where the edited model goes. The same code runs
+
+- in-process on one device (:func:`run_edit` with one process): load -> encode -> ``get_method(...).run`` ->
+  :func:`~mip_core.editing.unlearn.save_unlearned`;
+- under ``deepspeed`` / ``torchrun`` (``WORLD_SIZE > 1``): every rank loads the model partitioned by ZeRO-3,
+  runs the *same* editing code (ranks share each batch and average gradients; only the edited sites' linears
+  are ever gathered in full), the full state dict is consolidated on rank 0, and rank 0 writes the checkpoint.
+
+The job writes ``edit_summary.json`` (what :func:`run_edit` returns) beside the model, so the launcher reads
+the outcome from storage instead of parsing logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mip_core.errors import InputError
+from mip_core.storage import filesystem, is_remote
+
+SUMMARY_FILE = "edit_summary.json"
+SPEC_SCHEMA = "mip-edit-spec/1"
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """Everything the edit job needs; JSON-serialisable, so the flow hands it over as one file."""
+
+    model_uri: str  # model folder or s3:// prefix (save_model layout)
+    bench_uri: str  # benchmark folder or s3:// prefix (make_benchmark layout); localised when remote
+    forget: tuple[tuple[str, str], ...]  # (item_id, request_id) of every forget item
+    retain_item_ids: tuple[str, ...]  # retain items (held in place by the edit)
+    graph_uri: str  # path_graph/1 dataset (mip_core.results.write_path_graph)
+    output_uri: str  # where the edited model goes: local folder or s3:// prefix
+    method: str = "mip"  # a name of mip_core.editing.methods.METHODS
+    path_edit: dict[str, Any] = field(default_factory=dict)  # get_method(..., path_edit_overrides=...)
+    seed: int = 0
+    zero_stage: int = 3  # DeepSpeed ZeRO stage under a launcher (3: parameters partitioned over ranks)
+    lineage: dict[str, Any] = field(default_factory=dict)  # into unlearn.json (requests, batch, versions)
+
+    def __post_init__(self) -> None:
+        from mip_core.editing import METHOD_NAMES
+
+        for name in ("model_uri", "bench_uri", "graph_uri", "output_uri", "method"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise InputError(f"EditSpec.{name} must be a non-empty string, got {value!r}")
+        try:
+            forget = tuple((i, r) for i, r in self.forget if isinstance(i, str) and isinstance(r, str))
+        except (TypeError, ValueError) as err:
+            raise InputError(f"EditSpec.forget must be a list of [item_id, request_id] pairs ({err})"
+                             ) from err
+        if len(forget) != len(self.forget):
+            raise InputError("EditSpec.forget must be a list of [item_id, request_id] pairs of strings")
+        if not forget:
+            raise InputError("EditSpec.forget is empty: there is nothing to unlearn; give "
+                             "[item_id, request_id] pairs of the requests' items")
+        object.__setattr__(self, "forget", forget)
+        if isinstance(self.retain_item_ids, str) or not all(isinstance(i, str) for i in self.retain_item_ids):
+            raise InputError("EditSpec.retain_item_ids must be a list of item id strings")
+        object.__setattr__(self, "retain_item_ids", tuple(self.retain_item_ids))
+        if self.method not in METHOD_NAMES:
+            raise InputError(f"EditSpec.method={self.method!r} is unknown; choose from "
+                             f"{', '.join(METHOD_NAMES)}")
+        for name in ("path_edit", "lineage"):
+            if not isinstance(getattr(self, name), dict):
+                raise InputError(f"EditSpec.{name} must be a JSON object (dict), got "
+                                 f"{type(getattr(self, name)).__name__}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise InputError(f"EditSpec.seed must be an integer, got {self.seed!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise InputError(f"EditSpec.zero_stage={self.zero_stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["forget"] = [list(pair) for pair in self.forget]
+        doc["retain_item_ids"] = list(self.retain_item_ids)
+        return json.dumps({"schema": SPEC_SCHEMA, **doc}, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> EditSpec:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"edit spec is not valid JSON ({err}); write it with EditSpec.to_json()"
+                             ) from err
+        if not isinstance(doc, dict):
+            raise InputError("edit spec must be a JSON object; write it with EditSpec.to_json()")
+        schema = doc.pop("schema", SPEC_SCHEMA)
+        if schema != SPEC_SCHEMA:
+            raise InputError(f"edit spec has schema {schema!r}, this version reads {SPEC_SCHEMA!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - names)
+        if unknown:
+            raise InputError(f"edit spec has unknown field(s) {unknown}; the fields are {sorted(names)}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [n for n in required if n not in doc]
+        if missing:
+            raise InputError(f"edit spec is missing field(s) {missing}")
+        return cls(**doc)
+
+
+def write_spec(spec: EditSpec, uri: str) -> str:
+    """Write the spec JSON to ``uri`` atomically (local: temp file + rename; object stores: one PUT)."""
+    write_text(uri, spec.to_json())
+    return uri
+
+
+def read_spec(uri: str) -> EditSpec:
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise InputError(f"edit spec {uri} does not exist; the flow writes it before launching the job")
+    with fs.open(path, "r") as f:
+        return EditSpec.from_json(f.read())
+
+
+def write_text(uri: str, text: str) -> None:
+    """Whole-file write that readers never see half done."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        fs.pipe_file(path, text.encode())
+        return
+    target = Path(uri.removeprefix("file://"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, target)
+
+
+def zero3_config(*, offload: bool = False, train_micro_batch_size_per_gpu: int = 1,
+                 gradient_accumulation_steps: int = 1, bf16: bool = False,
+                 param_persistence_threshold: int = 0, zero_stage: int = 3) -> dict[str, Any]:
+    """A DeepSpeed config for the edit job (ZeRO-3 by default).
+
+    No optimizer section: the edit trains only small neuron slices outside the engine (plain AdamW); the
+    engine only partitions and fetches the frozen weights. ``param_persistence_threshold=0`` partitions every
+    parameter, even small ones (DeepSpeed's default keeps tensors under 1e5 numbers whole on every rank,
+    which would leave a tiny test model unpartitioned). ``bf16`` is for accelerators; CPU runs stay fp32.
+    """
+    zero: dict[str, Any] = {
+        "stage": zero_stage,
+        "stage3_gather_16bit_weights_on_model_save": True,
+        "stage3_param_persistence_threshold": param_persistence_threshold,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+    }
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "zero_optimization": zero,
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ the edit
+def _edit(loaded: Any, spec: EditSpec, log: Log) -> tuple[Any, dict[str, int]]:
+    """Encode the spec's items, read the graph, run the method on ``loaded`` in place (one rank or many)."""
+    from mip_core._compat.deepspeed import record_gathers
+    from mip_core.benchmark import load_benchmark
+    from mip_core.editing.data import unlearn_data
+    from mip_core.editing.methods import get_method
+    from mip_core.modeling.io import localize
+    from mip_core.results import read_path_graph
+
+    bench = load_benchmark(localize(spec.bench_uri))
+    by_id = {it.item_id: it for it in bench.items}
+    wanted = [i for i, _ in spec.forget] + list(spec.retain_item_ids)
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise InputError(f"EditSpec names {len(missing)} item(s) the benchmark {spec.bench_uri} does not "
+                         f"have, e.g. {missing[:5]}; was the spec made for another benchmark?")
+    data = unlearn_data(loaded.processor, bench, [by_id[i] for i, _ in spec.forget],
+                        [by_id[i] for i in spec.retain_item_ids], requests=dict(spec.forget))
+    graph = read_path_graph(spec.graph_uri)
+    method = get_method(spec.method, path_edit_overrides=spec.path_edit, seed=spec.seed)
+    with record_gathers() as gathered:
+        summary = method.run(loaded.model, loaded.adapter, data, graph=graph, log=log)
+    return summary, gathered.to_dict()
+
+
+def _summary(summary: Any, gathered: dict[str, int], spec: EditSpec, world_size: int, seconds: float
+             ) -> dict[str, Any]:
+    return {"method": summary.method, "neurons": summary.details.get("neurons"), "steps": summary.steps,
+            "edit_seconds": summary.seconds, "seconds": round(seconds, 2), "world_size": world_size,
+            "zero_stage": spec.zero_stage if world_size > 1 else None, "gathered": gathered,
+            "trainable_parameters": summary.trainable_parameters, "output_uri": spec.output_uri}
+
+
+def run_edit(spec: EditSpec, *, distributed: bool | None = None, ds_config: dict[str, Any] | None = None,
+             log: Log = print) -> dict[str, Any]:
+    """Run the edit; returns the summary (also written as ``edit_summary.json`` beside the edited model).
+
+    ``distributed=None`` decides from the launcher's environment (``WORLD_SIZE > 1``).
+    """
+    if distributed is None:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        return _run_distributed(spec, ds_config or zero3_config(zero_stage=spec.zero_stage), log)
+    from mip_core.editing.unlearn import save_unlearned
+    from mip_core.modeling.io import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(spec.model_uri)
+    summary, gathered = _edit(loaded, spec, log)
+    save_unlearned(loaded, summary, spec.output_uri, lineage=spec.lineage)
+    out = _summary(summary, gathered, spec, 1, time.perf_counter() - t0)
+    write_text(_join(spec.output_uri, SUMMARY_FILE), json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _join(uri: str, name: str) -> str:
+    return f"{uri.rstrip('/')}/{name}"
+
+
+@contextmanager
+def _process_group() -> Iterator[tuple[int, int]]:
+    """Initialise the gloo/nccl group from the launcher's variables; always barrier + destroy at the end.
+
+    The shared-memory comm op is a C++ build of about 90 s on first use and brings nothing over gloo on CPU.
+    Without the final barrier + destroy, about 1 run in 12 aborted at exit (environment.md).
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        backend = "gloo"
+    else:  # one accelerator per rank, current before the first NCCL collective (untested here: no GPU)
+        backend = accelerator.communication_backend_name()
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend)
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _localize_per_node(uri: str) -> str:
+    """Download a remote model once per node (local rank 0), then every rank reads the same cached folder."""
+    import torch.distributed as dist
+
+    from mip_core.modeling.io import localize
+
+    if not is_remote(uri):
+        return localize(uri)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    mine = localize(uri) if local_rank == 0 else None
+    entries: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(entries, (socket.gethostname(), local_rank, mine))
+    return next(p for host, lr, p in entries if host == socket.gethostname() and lr == 0)
+
+
+def _rank_device() -> str:
+    """This rank's device: ``cpu``, or the accelerator numbered ``LOCAL_RANK``."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return "cpu"
+    return accelerator.device_name(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dict[str, Any]:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from mip_core._compat.deepspeed import is_partitioned
+    from mip_core.adapters import adapter_class  # imports the model classes before zero.Init patches torch
+    from mip_core.modeling.io import check_model_dir, load_model
+
+    t0 = time.perf_counter()
+    with _process_group() as (rank, size):
+        def rank_log(msg: str) -> None:
+            log(f"[rank {rank}/{size}] {msg}")
+
+        local = _localize_per_node(spec.model_uri)
+        adapter_class(check_model_dir(local).get("model_type", "")).model_class  # noqa: B018 - import it now
+        # kept alive while loading: from_pretrained then builds the model inside zero.Init (partitioned)
+        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
+        loaded = load_model(local, device=_rank_device())
+        engine, *_ = deepspeed.initialize(model=loaded.model, config=ds_config)  # installs the fetch hooks
+        partitioned = any(is_partitioned(p) for p in loaded.model.parameters())
+        rank_log(f"model loaded in {time.perf_counter() - t0:.1f} s, partitioned={partitioned}")
+        summary, gathered = _edit(loaded, spec, rank_log)
+        rank_log(f"edit done: {summary.details.get('neurons')} neurons, {summary.steps} steps, "
+                 f"gathered {gathered}")
+        if partitioned:
+            state = engine._zero3_consolidated_16bit_state_dict()  # collective; full dict on rank 0 only
+        else:
+            state = loaded.model.state_dict()
+        out = _summary(summary, gathered, spec, size, time.perf_counter() - t0)
+        if rank == 0:
+            _save_state(loaded, state, summary, spec)
+            write_text(_join(spec.output_uri, SUMMARY_FILE), json.dumps(out, indent=1) + "\n")
+            rank_log(f"wrote {spec.output_uri}")
+        del hf_ds
+    return out
+
+
+def _save_state(loaded: Any, state: dict[str, Any], summary: Any, spec: EditSpec) -> None:
+    """Rank 0: the consolidated weights as safetensors + config + processor, then ``unlearn.json``."""
+    from mip_core.editing.unlearn import UNLEARN_LOG
+
+    if is_remote(spec.output_uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_local(loaded, state, tmp)
+            fs, path = filesystem(spec.output_uri)
+            fs.put(tmp.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+    else:
+        _save_local(loaded, state, spec.output_uri.removeprefix("file://"))
+    write_text(_join(spec.output_uri, UNLEARN_LOG),
+               json.dumps({**summary.to_dict(), "lineage": spec.lineage}, indent=1, default=str) + "\n")
+
+
+def _save_local(loaded: Any, state: dict[str, Any], folder: str) -> None:
+    # The consolidated dict is keyed like model.state_dict(); save it under those (current transformers)
+    # names. Reverting to the checkpoint's original names (save_original_format, the default) renamed a
+    # ZeRO-3-loaded model's language keys wrongly (model.model.layers.*): from_pretrained would not find them.
+    names = set(loaded.model.state_dict())
+    missing = sorted(names - set(state))
+    if missing:
+        raise RuntimeError(f"the consolidated state dict lacks {len(missing)} weights, e.g. {missing[:3]}; "
+                           f"is stage3_gather_16bit_weights_on_model_save true in the DeepSpeed config?")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(folder, state_dict={k: state[k] for k in sorted(names)},
+                                 safe_serialization=True, save_original_format=False)
+    loaded.processor.save_pretrained(folder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mip_core.entrypoints.edit",
+                                     description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--spec", required=True, help="EditSpec JSON (local path or s3:// URI)")
+    parser.add_argument("--ds-config", help="DeepSpeed config JSON (default: zero3_config(), spec's stage)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    spec = read_spec(args.spec)
+    ds_config = None
+    if args.ds_config:
+        fs, path = filesystem(args.ds_config)
+        with fs.open(path, "r") as f:
+            ds_config = json.load(f)
+    out = run_edit(spec, ds_config=ds_config)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""A batch: the claimed requests of one target model, resolved into the items to attribute, edit and evaluate.
+
+The manifest is written once when the batch is planned and is the only input the later steps need besides the
+storage root, so any step can be rerun from it. It holds ids, never the personal data being forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from mip_core.benchmark import Benchmark, Item
+from mip_core.errors import InputError
+from mip_core.service.resolve import resolve_requests, retain_items
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BatchManifest:
+    batch_id: str
+    target_model: str
+    base_version: str  # the published version the edit starts from
+    base_uri: str  # its weights
+    dataset_uri: str  # the benchmark the model was trained on (items, images)
+    requests: tuple[str, ...]  # every claimed request, rejected ones included
+    rejected: dict[str, str]  # request id -> why it cannot be processed (marked failed at once)
+    forget: tuple[tuple[str, str], ...]  # (item_id, request_id) to attribute and edit; a shared item once
+    items_of: dict[str, tuple[str, ...]]  # request id -> all its item ids, shared ones included
+    edit_retain: tuple[str, ...]  # other people's and general-knowledge items the edit holds against
+    eval_retain: tuple[str, ...]  # other people's items the gate scores (disjoint from edit_retain)
+    eval_utility: tuple[str, ...]  # general-knowledge items the gate scores (disjoint from edit_retain)
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    version: int = MANIFEST_VERSION
+
+    @property
+    def accepted(self) -> list[str]:
+        """Requests with at least one item to forget, in claim order."""
+        return [r for r in self.requests if r not in self.rejected]
+
+    def request_of(self) -> dict[str, str]:
+        return dict(self.forget)
+
+    def item_sets(self, bench: Benchmark) -> dict[str, list[Item]]:
+        """The gate's item sets, as benchmark items."""
+        by_id = {it.item_id: it for it in bench.items}
+        return {"forget": [by_id[i] for i, _ in self.forget], "retain": [by_id[i] for i in self.eval_retain],
+                "utility": [by_id[i] for i in self.eval_utility]}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> BatchManifest:
+        data = json.loads(text)
+        if data.get("version") != MANIFEST_VERSION:
+            raise InputError(f"batch manifest version {data.get('version')!r} is not {MANIFEST_VERSION}; "
+                             "re-plan the batch with this release")
+        data["requests"] = tuple(data["requests"])
+        data["forget"] = tuple(tuple(p) for p in data["forget"])
+        for name in ("edit_retain", "eval_retain", "eval_utility"):
+            data[name] = tuple(data[name])
+        data["items_of"] = {k: tuple(v) for k, v in data["items_of"].items()}
+        return cls(**data)
+
+
+def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: str, base_version: str,
+               base_uri: str, dataset_uri: str, bench: Benchmark, retain_limit: int = 120,
+               utility_limit: int = 50, seed: int = 0) -> BatchManifest:
+    """Resolve claimed requests against the model's dataset; unresolvable ones are rejected, never dropped."""
+    requests = [rec.request for rec in request_records]
+    resolved = resolve_requests(requests, bench)
+    # Held-out evaluation: the gate scores other people's and general-knowledge items the edit never saw, so a
+    # retention measured on what RMisU was told to keep cannot flatter the edit.
+    others = retain_items(bench, resolved.forget_profiles, 2 * retain_limit, seed)
+    utility = [it.item_id for it in bench.items if it.kind == "utility"][: 2 * utility_limit]
+    return BatchManifest(
+        batch_id=batch_id, target_model=target_model, base_version=base_version, base_uri=base_uri,
+        dataset_uri=dataset_uri, requests=tuple(r.request_id for r in requests), rejected=dict(resolved.rejected),
+        forget=tuple((it.item_id, rid) for it, rid in resolved.forget),
+        items_of={rid: tuple(ids) for rid, ids in resolved.items_of.items() if rid not in resolved.rejected},
+        edit_retain=tuple([it.item_id for it in others[0::2]] + utility[0::2]),
+        eval_retain=tuple(it.item_id for it in others[1::2]), eval_utility=tuple(utility[1::2]))
+
+
+__all__ = ["MANIFEST_VERSION", "BatchManifest", "plan_batch"]

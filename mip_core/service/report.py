@@ -1,0 +1,60 @@
+"""The batch report: markdown an operator reads in the Prefect UI or in storage.
+
+It carries ids, counts and metrics, never the questions, answers or images being forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mip_core.service.batch import BatchManifest
+
+
+def _f(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, Any] | None, version: str | None,
+                 error: str | None, timings: Mapping[str, float], shards: Sequence[Mapping[str, Any]] | None = None,
+                 links: Mapping[str, str] | None = None) -> str:
+    """Markdown: verdict, requests and outcomes, the gate's table, step timings, and links to the artifacts."""
+    if version:
+        verdict = f"**published** `{m.target_model}` `{version}` (from `{m.base_version}`)"
+    elif error:
+        verdict = f"**failed**: {error}"
+    else:
+        verdict = "**not published**: " + "; ".join((gate or {}).get("reasons", ["no gate decision"]))
+    lines = [f"# MIP-Editor batch `{m.batch_id}`", "", f"Model `{m.target_model}`: {verdict}", "",
+             f"{len(m.requests)} request(s), {len(m.rejected)} rejected at planning, {len(m.forget)} forget items, "
+             f"{len(m.edit_retain)} items held during the edit; {len(m.eval_retain)} other people's and "
+             f"{len(m.eval_utility)} general-knowledge items (held out) scored.", "", "## Requests", "",
+             "| request | state | forget acc before | after | reason |", "|---|---|---|---|---|"]
+    per_request = (gate or {}).get("per_request", {})
+    for rec in records:
+        acc = per_request.get(rec.request.request_id, {})
+        lines.append(f"| `{rec.request.request_id}` | {rec.state} | {_f(acc.get('before', '-'))} | "
+                     f"{_f(acc.get('after', '-'))} | {rec.reason or ''} |")
+    if gate:
+        lines += ["", "## Evaluation (multiple-choice accuracy)", "",
+                  "| set | modality | n | before | after | forgetting / retention |", "|---|---|---|---|---|---|"]
+        for s in gate["scores"]:
+            lines.append(f"| {s['items']} | {s['modality']} | {s['n']} | {_f(s['before'])} | {_f(s['after'])} | "
+                         f"{_f(s['relative'])} |")
+        cfg = gate["config"]
+        lines += ["", f"Gate: forgetting >= {cfg['min_forgetting']}, retention >= {cfg['min_retention']}, "
+                      f"utility >= {cfg['min_utility']} per modality: **{'passed' if gate['passed'] else 'failed'}**"]
+    if shards:
+        failed = sum(len(s.get("failures", [])) for s in shards)
+        actors = sorted({s.get("actor", "") for s in shards})
+        lines += ["", f"Attribution: {len(shards)} shard(s) on {len(actors)} actor(s), "
+                      f"{sum(s['n_paths'] for s in shards)} path nodes, {failed} item(s) failed."]
+    if timings:
+        lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
+        lines += [f"| {step} | {sec:.1f} |" for step, sec in timings.items()]
+    if links:
+        lines += ["", "## Artifacts", ""] + [f"- {name}: `{uri}`" for name, uri in links.items()]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["batch_report"]

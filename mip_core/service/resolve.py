@@ -1,0 +1,186 @@
+"""Forget requests -> the benchmark items a batch edits and evaluates, and why a request cannot be processed.
+
+The service only edits what it can evaluate: a subject must be a profile of the benchmark, and an explicit
+item must be one of its items (by id, or by its question). A request with anything unresolvable is rejected
+whole (never half-done behind the requester's back); the other requests of the batch proceed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from mip_core.benchmark import Benchmark, Item
+
+from .requests import ForgetItem, ForgetRequest
+
+SUBJECT_KINDS: tuple[str, ...] = ("qa",)
+"""Item kinds a subject resolves to: its ``qa`` items, i.e. exactly what the benchmark's forget split holds.
+
+Its ``test`` items (paraphrased questions, transformed images) stay out of the edit so the release gate can
+measure whether forgetting generalises; pass ``kinds=("qa", "test")`` to edit every non-utility item of the
+subject.
+"""
+ITEM_KINDS: tuple[str, ...] = ("qa", "test")
+"""Kinds an explicit item may name: facts about a person; utility items (general ability) are not."""
+
+
+@dataclass(frozen=True)
+class ResolvedBatch:
+    """What a batch edits: ``forget`` is (item, request_id) in request order then benchmark table order.
+
+    An item asked for by several requests appears once, attributed to the first request (earlier submitted);
+    the later request is still ``accepted`` (its facts are forgotten by the same edit), and ``items_of`` lists
+    every item of each accepted request, shared ones included: judge a request's outcome on ``items_of``.
+    """
+
+    forget: tuple[tuple[Item, str], ...]
+    rejected: dict[str, str] = field(default_factory=dict)  # request_id -> why it cannot be processed
+    accepted: tuple[str, ...] = ()  # request ids that proceed, in request order
+    items_of: dict[str, tuple[str, ...]] = field(default_factory=dict)  # accepted request_id -> its item ids
+
+    @property
+    def items(self) -> list[Item]:
+        return [it for it, _ in self.forget]
+
+    @property
+    def request_of(self) -> dict[str, str]:
+        """item_id -> request_id (what ``unlearn_data(requests=...)`` and attribution lineage take)."""
+        return {it.item_id: rid for it, rid in self.forget}
+
+    @property
+    def forget_profiles(self) -> frozenset[str]:
+        return frozenset(it.profile_id for it, _ in self.forget if it.profile_id is not None)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _image_matches(wanted: str, image: str | None) -> bool:
+    if image is None:
+        return False
+    w = wanted.removeprefix("file://").replace("\\", "/")
+    return w == image or w.endswith("/" + image) or os.path.basename(w) == os.path.basename(image)
+
+
+def _few(ids: Iterable[str], n: int = 5) -> str:
+    ids = sorted(ids)
+    return ", ".join(ids[:n]) + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
+
+
+class _Index:
+    def __init__(self, bench: Benchmark) -> None:
+        self.by_id = {it.item_id: it for it in bench.items}
+        self.order = {it.item_id: i for i, it in enumerate(bench.items)}
+        self.by_question: dict[str, list[Item]] = {}
+        for it in bench.items:
+            if it.kind in ITEM_KINDS:
+                self.by_question.setdefault(_norm(it.question), []).append(it)
+        self.profiles = {p.profile_id for p in bench.profiles}
+
+    def item(self, spec: ForgetItem, where: str) -> tuple[Item | None, str | None]:
+        """The one item ``spec`` names, or an error saying why not."""
+        if spec.item_id is not None:
+            it = self.by_id.get(spec.item_id)
+            if it is None:
+                return None, (f"{where}: item_id {spec.item_id!r} is not in the dataset; give a known item "
+                              "id or its question")
+            if it.kind not in ITEM_KINDS:
+                return None, (f"{where}: item {it.item_id!r} is a {it.kind} item (general ability), not a "
+                              "fact about a person; only personal facts are forgotten")
+            if spec.question is not None and _norm(spec.question) != _norm(it.question):
+                return None, (f"{where}: item {it.item_id!r} asks {it.question!r}, not {spec.question!r}; "
+                              "give one of them")
+            return it, None
+        assert spec.question is not None  # ForgetItem guarantees item_id or question
+        candidates = self.by_question.get(_norm(spec.question), [])
+        if not candidates:
+            return None, (f"{where}: question {spec.question!r} is not in the dataset (the service only "
+                          "edits what it can evaluate); give the exact question or an item_id")
+        if spec.image is not None:
+            candidates = [c for c in candidates if _image_matches(spec.image, c.image)]
+        if spec.answer is not None:
+            candidates = [c for c in candidates if _norm(c.answer) == _norm(spec.answer)]
+        if not candidates:
+            return None, (f"{where}: no item asks {spec.question!r} with that image/answer; check them or "
+                          "give an item_id")
+        if len(candidates) > 1:
+            return None, (f"{where}: question {spec.question!r} matches {len(candidates)} items "
+                          f"({_few(c.item_id for c in candidates)}); add `image` or `answer`, or give an "
+                          "item_id")
+        return candidates[0], None
+
+
+def resolve_requests(
+    requests: Sequence[ForgetRequest], bench: Benchmark, *, kinds: Sequence[str] = SUBJECT_KINDS
+) -> ResolvedBatch:
+    """Resolve ``requests`` (in the order given: pass them oldest first) against ``bench``.
+
+    A subject resolves to its items of ``kinds`` (``item.profile_id == subject``). Rejected: unknown subjects,
+    unknown or ambiguous explicit items, requests that resolve to no item at all.
+    """
+    index = _Index(bench)
+    forget: list[tuple[Item, str]] = []
+    taken: set[str] = set()
+    rejected: dict[str, str] = {}
+    accepted: list[str] = []
+    items_of: dict[str, tuple[str, ...]] = {}
+    by_profile: dict[str, list[Item]] = {}
+    for it in bench.items:
+        if it.profile_id is not None and it.kind in kinds:
+            by_profile.setdefault(it.profile_id, []).append(it)
+
+    for req in requests:
+        rid = req.request_id
+        if rid in rejected or rid in accepted:  # the same request twice: resolved once
+            continue
+        problems: list[str] = []
+        unknown = [s for s in req.subjects if s not in index.profiles]
+        if unknown:
+            problems.append(f"unknown subjects {unknown}: entity ids of this dataset are "
+                            f"{_few(index.profiles)}")
+        mine: dict[str, Item] = {}
+        for s in req.subjects:
+            for it in by_profile.get(s, []):
+                mine.setdefault(it.item_id, it)
+        for k, spec in enumerate(req.items):
+            it, problem = index.item(spec, f"items[{k}]")
+            if problem is not None:
+                problems.append(problem)
+            elif it is not None:
+                mine.setdefault(it.item_id, it)
+        if not problems and not mine:
+            problems.append("resolves to no item of the dataset (its subjects have no facts to forget)")
+        if problems:
+            rejected[rid] = "; ".join(problems)
+            continue
+        accepted.append(rid)
+        ordered = sorted(mine.values(), key=lambda i: index.order[i.item_id])
+        items_of[rid] = tuple(it.item_id for it in ordered)
+        for it in ordered:
+            if it.item_id not in taken:
+                taken.add(it.item_id)
+                forget.append((it, rid))
+    return ResolvedBatch(forget=tuple(forget), rejected=rejected, accepted=tuple(accepted), items_of=items_of)
+
+
+def retain_items(
+    bench: Benchmark, forget_profiles: Iterable[str], limit: int | None, seed: int, *,
+    kinds: Sequence[str] = SUBJECT_KINDS,
+) -> list[Item]:
+    """Up to ``limit`` items of ``kinds`` of every *other* profile: a seeded sample, in table order."""
+    skip = set(forget_profiles)
+    pool = [it for it in bench.items if it.profile_id is not None and it.profile_id not in skip
+            and it.kind in kinds]
+    if limit is None or limit >= len(pool):
+        return pool
+    if limit < 0:
+        raise ValueError(f"limit={limit} must be >= 0 (or None for all)")
+    keep = set(random.Random(seed).sample(range(len(pool)), limit))
+    return [it for i, it in enumerate(pool) if i in keep]
+
+
+__all__ = ["ITEM_KINDS", "SUBJECT_KINDS", "ResolvedBatch", "resolve_requests", "retain_items"]

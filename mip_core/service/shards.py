@@ -1,0 +1,119 @@
+"""How a batch's attribution is split across Ray actors, and what each shard reports back (pure, no Ray).
+
+A shard is a contiguous range of the batch's distinct forget items. Its size follows from the item and actor
+counts (``ceil(n_items / n_actors)``, so every actor gets one shard), capped by ``max_shard`` so that a big
+batch becomes more, smaller shards than actors: a failed shard then costs less to redo and a slow actor holds
+up less. The driver (``tasks.actors.attribute_batch``) keeps a bounded number of shards in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mip_core.errors import InputError, MipError
+
+
+class ShardError(MipError, RuntimeError):
+    """A shard failed on two actors (first try and its retry); the message names the shard and both errors."""
+
+
+class ActorStartError(ShardError):
+    """The attribution actors could not start (e.g. the model or benchmark cannot be loaded); not retried."""
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def shard_items(n_items: int, n_actors: int, *, max_shard: int | None = None) -> list[range]:
+    """Contiguous, non-empty ranges covering ``range(n_items)`` exactly once, in order.
+
+    Shard size = ``ceil(n_items / n_actors)``, at most ``max_shard``; the last shard may be smaller. No items
+    give no shards.
+
+    >>> shard_items(10, 3)
+    [range(0, 4), range(4, 8), range(8, 10)]
+    >>> shard_items(10, 2, max_shard=3)
+    [range(0, 3), range(3, 6), range(6, 9), range(9, 10)]
+    """
+    if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 0:
+        raise InputError(f"n_items must be an integer >= 0, got {n_items!r}")
+    _positive_int("n_actors", n_actors)
+    if max_shard is not None:
+        _positive_int("max_shard", max_shard)
+    if n_items == 0:
+        return []
+    size = math.ceil(n_items / n_actors)
+    if max_shard is not None:
+        size = min(size, max_shard)
+    return [range(start, min(start + size, n_items)) for start in range(0, n_items, size)]
+
+
+def actor_options(n_gpus_available: float, n_actors: int, *, n_cpus_available: float | None = None
+                  ) -> dict[str, float]:
+    """Ray resource options for each attribution actor.
+
+    One whole GPU per actor when the cluster has one for every actor. Otherwise CPU actors: one CPU each, or,
+    when ``n_cpus_available`` (the cluster's CPU count) is given, an equal share of all CPUs but one, so the
+    driver, or a Prefect task running as a Ray task, never waits for a slot behind its own actors (a 2-core
+    box with 2 actors gives 0.5 each). Torch's thread count is set separately (``MIP_THREADS``).
+
+    >>> actor_options(4, 2)
+    {'num_gpus': 1, 'num_cpus': 1}
+    >>> actor_options(0, 2, n_cpus_available=2)
+    {'num_cpus': 0.5}
+    """
+    n_actors = _positive_int("n_actors", n_actors)
+    if n_gpus_available >= n_actors:
+        return {"num_gpus": 1, "num_cpus": 1}
+    if n_cpus_available is None:
+        return {"num_cpus": 1}
+    share = (n_cpus_available - 1) / n_actors
+    if share <= 0:
+        raise InputError(f"n_cpus_available={n_cpus_available!r} leaves no CPU for {n_actors} actors after "
+                         "one for the driver; start Ray with more CPUs (ray.init(num_cpus=...)) or use a "
+                         "cluster")
+    # a share rounded down to 1/100 (Ray's resource precision is 1e-4): the actors must fit together
+    return {"num_cpus": min(1.0, math.floor(share * 100) / 100) or 0.01}
+
+
+@dataclass(frozen=True, slots=True)
+class ShardResult:
+    """What one actor reports for one shard; the paths themselves are in the Parquet dataset at ``uri``.
+
+    ``n_items``: distinct items attributed; ``n_paths``: item paths written (one per (item, request) pair that
+    succeeded); ``failures``: ``(item_id, reason)`` of items that could not be attributed (also written to
+    ``{uri}.failures.json``); ``actor``: ``host:pid`` of the actor process that did the work.
+    """
+
+    shard: int
+    uri: str
+    n_items: int
+    n_paths: int
+    failures: tuple[tuple[str, str], ...]
+    seconds: float
+    actor: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shard": self.shard, "uri": self.uri, "n_items": self.n_items, "n_paths": self.n_paths,
+                "failures": [list(f) for f in self.failures], "seconds": self.seconds, "actor": self.actor}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShardResult:
+        """Inverse of :meth:`to_dict` (results cross process boundaries, so wrong shapes raise InputError)."""
+        try:
+            failures = tuple((str(item_id), str(reason)) for item_id, reason in data["failures"])
+            result = cls(shard=int(data["shard"]), uri=str(data["uri"]), n_items=int(data["n_items"]),
+                         n_paths=int(data["n_paths"]), failures=failures, seconds=float(data["seconds"]),
+                         actor=str(data["actor"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"a ShardResult needs keys shard, uri, n_items, n_paths, failures "
+                             f"([[item_id, reason], ...]), seconds, actor; got {data!r} ({exc})") from None
+        if min(result.shard, result.n_items, result.n_paths) < 0 or result.seconds < 0:
+            raise InputError(f"a ShardResult has non-negative counts and seconds; got {data!r}")
+        return result

@@ -1,0 +1,214 @@
+"""Prefect tasks of the unlearning service: each loads by storage key, calls ``mip_core``, writes, returns a key.
+
+Tasks hand each other storage keys and URIs, never tensors or models, so any step can be rerun from what is in
+storage. Retries sit on the decorators: I/O-bound steps retry; the attribution and the edit job retry once
+(a lost Ray node or a crashed rank), evaluation and publication are cheap to redo.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from mip_core.benchmark import load_benchmark
+from mip_core.entrypoints.edit import EditSpec
+from mip_core.errors import InputError
+from mip_core.modeling import load_model
+from mip_core.modeling.io import localize
+from mip_core.paths import reduce_paths
+from mip_core.results import read_item_paths, write_path_graph
+from mip_core.service.batch import BatchManifest, plan_batch
+from mip_core.service.gate import GateConfig, evaluate_and_gate, format_decision
+from mip_core.service.report import batch_report
+from mip_core.service.store import ServiceStore
+from tasks.actors import attribute_batch, attribution_config
+from tasks.launch import launch_edit
+
+
+def transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: retry I/O and infrastructure failures, not bad input or a bug (a retry cannot fix them)."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (InputError, TypeError, AttributeError, NameError, KeyError))
+
+
+# I/O-bound steps retry twice with backoff; attribution and the edit job (minutes of compute) once.
+IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [5, 30], "cache_policy": NO_CACHE,
+                              "retry_condition_fn": transient}
+COMPUTE_RETRIES: dict[str, Any] = {"retries": 1, "retry_delay_seconds": 10, "cache_policy": NO_CACHE,
+                                   "retry_condition_fn": transient}
+
+
+def _threads() -> None:
+    torch.set_num_threads(int(os.environ.get("MIP_THREADS", "1")))
+
+
+def manifest_of(store: ServiceStore, batch_id: str) -> BatchManifest:
+    return BatchManifest.from_json(store.read_text(store.batch_key(batch_id, "manifest.json")))
+
+
+@task(name="claim-pending", **IO_RETRIES)
+def claim_pending(root: str, target_model: str | None, max_requests: int) -> list[str]:
+    """Claim every pending request, one new batch per target model; returns the batch ids."""
+    store = ServiceStore(root)
+    by_model: dict[str, list[str]] = {}
+    for rec in store.list("pending", target_model=target_model):
+        by_model.setdefault(rec.request.target_model, []).append(rec.request.request_id)
+    batches = []
+    for model, ids in sorted(by_model.items()):
+        batch_id = store.new_batch_id()
+        claimed = store.claim(ids[:max_requests], batch_id)
+        if claimed:
+            store.write_json(store.batch_key(batch_id, "claim.json"),
+                             {"target_model": model, "requests": [r.request.request_id for r in claimed]})
+            batches.append(batch_id)
+    get_run_logger().info("claimed %d batch(es): %s", len(batches), batches)
+    return batches
+
+
+@task(name="claim-requests", **IO_RETRIES)
+def claim_requests(root: str, request_ids: list[str]) -> str:
+    """Claim the given pending requests (one target model) as a new batch; returns its id."""
+    store = ServiceStore(root)
+    records = [store.get(r) for r in request_ids]
+    not_pending = [r.request.request_id for r in records if r.state != "pending"]
+    models = sorted({r.request.target_model for r in records})
+    if not_pending or len(models) != 1:
+        raise ValueError(f"request_ids: {not_pending} are not pending" if not_pending else
+                         f"request_ids: the requests target several models {models}; run one batch per model")
+    batch_id = store.new_batch_id()
+    store.claim(request_ids, batch_id)
+    store.write_json(store.batch_key(batch_id, "claim.json"), {"target_model": models[0], "requests": request_ids})
+    return batch_id
+
+
+@task(name="plan-batch", **IO_RETRIES)
+def plan_batch_task(root: str, batch_id: str, retain_limit: int) -> str:
+    """Resolve the claimed requests against the model's dataset; unresolvable ones are failed now, with why."""
+    store = ServiceStore(root)
+    claim = store.read_json(store.batch_key(batch_id, "claim.json"))
+    info = store.model_info(claim["target_model"])
+    bench = load_benchmark(localize(info["dataset_uri"]))
+    manifest = plan_batch(batch_id, [store.get(r) for r in claim["requests"]], target_model=claim["target_model"],
+                          base_version=info["version"], base_uri=store.uri(store.model_key(claim["target_model"],
+                                                                                            info["version"])),
+                          dataset_uri=info["dataset_uri"], bench=bench, retain_limit=retain_limit)
+    key = store.batch_key(batch_id, "manifest.json")
+    store.write_text(key, manifest.to_json())
+    for request_id, reason in manifest.rejected.items():
+        store.finish(request_id, "failed", reason=reason)
+    get_run_logger().info("batch %s: %d requests, %d rejected, %d forget items", batch_id, len(manifest.requests),
+                          len(manifest.rejected), len(manifest.forget))
+    return key
+
+
+@task(name="attribute-shards", **COMPUTE_RETRIES)
+def attribute_task(root: str, batch_id: str, n_actors: int, attribution: dict[str, Any],
+                   max_shard: int | None) -> list[dict[str, Any]]:
+    """Score the forget items on Ray actors; each shard's paths land as Parquet under ``shards/``."""
+    store = ServiceStore(root)
+    m = manifest_of(store, batch_id)
+    attribution_config(attribution)  # a bad key fails here, before any actor starts
+    results = attribute_batch(m.base_uri, m.dataset_uri, list(m.forget),
+                              store.uri(store.batch_key(batch_id, "shards")), run_id=batch_id, n_actors=n_actors,
+                              attribution_cfg=attribution,
+                              max_shard=max_shard, log=get_run_logger().info)
+    out = [r.to_dict() for r in results]
+    store.write_json(store.batch_key(batch_id, "shards.json"), out)
+    return out
+
+
+@task(name="reduce-paths", **IO_RETRIES)
+def reduce_task(root: str, batch_id: str, shards: list[dict[str, Any]]) -> str:
+    """Reduce the shards' per-item paths into the batch's global path graph (Parquet); returns its URI."""
+    store = ServiceStore(root)
+    graph = reduce_paths(read_item_paths([s["uri"] for s in shards]), run_id=batch_id)
+    uri = store.uri(store.batch_key(batch_id, "path_graph"))
+    write_path_graph(graph, uri)
+    get_run_logger().info("path graph %s: %d neurons over %d requests", uri, len(graph), len(graph.requests()))
+    return uri
+
+
+@task(name="edit-model", **COMPUTE_RETRIES)
+def edit_task(root: str, batch_id: str, graph_uri: str, method: str, edit: dict[str, Any], launcher: str,
+              ranks: int, hostfile: str | None) -> dict[str, Any]:
+    """Launch the edit job (DeepSpeed ZeRO-3, torchrun or in-process); returns its summary."""
+    store = ServiceStore(root)
+    m = manifest_of(store, batch_id)
+    spec = EditSpec(model_uri=m.base_uri, bench_uri=m.dataset_uri, forget=[list(p) for p in m.forget],
+                    retain_item_ids=list(m.edit_retain), graph_uri=graph_uri,
+                    output_uri=store.uri(store.batch_key(batch_id, "edited")), method=method, path_edit=edit,
+                    lineage={"batch_id": batch_id, "base_version": m.base_version, "path_graph": graph_uri,
+                             "requests": m.accepted})
+    summary = launch_edit(spec, store.uri(store.batch_key(batch_id, "edit_config.json")),
+                          store.uri(store.batch_key(batch_id, "logs", "edit.log")), launcher=launcher,
+                          n_ranks=ranks, hostfile=hostfile)
+    store.write_json(store.batch_key(batch_id, "edit_summary.json"), summary)
+    return summary
+
+
+@task(name="evaluate-gate", **COMPUTE_RETRIES)
+def gate_task(root: str, batch_id: str, edited_uri: str, gate: dict[str, float]) -> dict[str, Any]:
+    """Score forget / retain / utility items before and after the edit, per modality, and apply the gate."""
+    _threads()
+    store = ServiceStore(root)
+    m = manifest_of(store, batch_id)
+    bench = load_benchmark(localize(m.dataset_uri))
+    base, edited = load_model(m.base_uri), load_model(edited_uri)
+    decision = evaluate_and_gate(base.model, edited.model, edited.processor, bench, m.item_sets(bench),
+                                 GateConfig(**gate), request_of=m.request_of(), log=get_run_logger().info)
+    get_run_logger().info("gate of batch %s:\n%s", batch_id, format_decision(decision))
+    store.write_json(store.batch_key(batch_id, "gate.json"), decision.to_dict())
+    return decision.to_dict()
+
+
+@task(name="publish", **IO_RETRIES)
+def publish_task(root: str, batch_id: str, edited_uri: str, graph_uri: str) -> str:
+    """Copy the gated model to ``models/<name>/<version>/`` with its lineage and move the pointer to it."""
+    store = ServiceStore(root)
+    m = manifest_of(store, batch_id)
+    version = store.register_model(
+        m.target_model, edited_uri, dataset_uri=m.dataset_uri,
+        card=f"# {m.target_model}\n\nEdited by MIP-Editor batch `{batch_id}` from version `{m.base_version}`: "
+             f"{len(m.accepted)} forget request(s), {len(m.forget)} items. Lineage in lineage.json.\n",
+        lineage={"parent_version": m.base_version, "batch_id": batch_id, "requests": m.accepted,
+                 "path_graph": graph_uri})
+    get_run_logger().info("published %s %s", m.target_model, version)
+    return version
+
+
+@task(name="close-batch", **IO_RETRIES)
+def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, Any] | None, error: str | None,
+               timings: dict[str, float], shards: list[dict[str, Any]] | None = None) -> str:
+    """Give every claimed request its terminal record, write the report, attach it to the run; returns its URI."""
+    store = ServiceStore(root)
+    m = manifest_of(store, batch_id)
+    report_key = store.batch_key(batch_id, "report.md")
+    failed_items = {i for s in (shards or []) for i, _ in s.get("failures", [])}
+    per_request = (gate or {}).get("per_request", {})
+    for request_id in m.accepted:
+        n_ok = sum(1 for i in m.items_of.get(request_id, ()) if i not in failed_items)
+        if version and n_ok:
+            store.finish(request_id, "done", model_version=version, report_uri=store.uri(report_key),
+                         metrics=per_request.get(request_id))
+        else:
+            if error:
+                reason = error
+            elif not n_ok:
+                reason = "attribution failed for every item of the request"
+            else:
+                reason = "gate: " + "; ".join(gate["reasons"]) if gate else "not published"
+            store.finish(request_id, "failed", reason=reason, report_uri=store.uri(report_key),
+                         metrics=per_request.get(request_id))
+    text = batch_report(m, [store.get(r) for r in m.requests], gate=gate, version=version, error=error,
+                        timings=timings, shards=shards, links={k: store.uri(store.batch_key(batch_id, k)) for k in
+                                                               ("manifest.json", "path_graph", "logs/edit.log")})
+    store.write_text(report_key, text)
+    store.write_json(store.batch_key(batch_id, "timings.json"), timings)
+    create_markdown_artifact(markdown=text, key=f"batch-{batch_id.lower()}".replace("_", "-"),
+                             description=f"MIP-Editor batch {batch_id}")
+    return store.uri(report_key)

@@ -1,0 +1,127 @@
+"""The edit step as a 2-rank DeepSpeed ZeRO-3 job (gloo on CPU), checked against the same spec run in-process.
+
+The job reads its spec, model, benchmark and graph from S3 (moto) and writes the model and log there. One
+untrained tiny Qwen2.5-VL, one person's items attributed and reduced to a path graph, 20 RMisU steps. The
+job must leave every weight outside the path's linears bit-identical, raise the forget items' loss, write both
+ranks' output into one log, and agree with the one-process edit: the ranks share each batch and average
+gradients weighted by their token counts, so the two runs differ only by float summation order (measured:
+at most 6e-5 on edit deltas of 0.2-0.5; the test allows 1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mip_core.adapters import get_adapter
+from mip_core.attribution import AttributionConfig, attribute_items
+from mip_core.benchmark import load_benchmark, make_benchmark
+from mip_core.editing.data import unlearn_data
+from mip_core.editing.selection import from_graph
+from mip_core.editing.unlearn import UNLEARN_LOG
+from mip_core.entrypoints.edit import EditSpec
+from mip_core.evaluation.mia import mean_answer_logprob
+from mip_core.modeling import build_tiny, load_model, save_model
+from mip_core.paths import reduce_paths
+from mip_core.results import read_path_graph, write_path_graph
+from tasks.launch import launch_edit
+
+pytestmark = pytest.mark.slow
+
+TOLERANCE = 1e-3  # max |distributed - in-process| per edited weight (measured 6e-5)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """(root, spec): benchmark, model and path graph of one person's items, and the spec editing them."""
+    root = tmp_path_factory.mktemp("edit_ds")
+    make_benchmark(root / "bench", 6, 0)
+    bench = load_benchmark(root / "bench")
+    model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)
+    save_model(model, processor, str(root / "model"))
+    person = bench.items[0].profile_id
+    forget = [it for it in bench.items if it.profile_id == person and it.kind == "qa"]
+    paths, failures = attribute_items(model, get_adapter(model), processor, bench, forget,
+                                      AttributionConfig(steps=2, top_k=3),
+                                      request_ids={it.item_id: "req-1" for it in forget})
+    assert not failures
+    write_path_graph(reduce_paths(paths, run_id="edit-ds"), str(root / "graph"))
+    others = [it for it in bench.items if it.profile_id not in (None, person) and it.kind == "qa"]
+    retain = [it.item_id for it in others[:12]]
+    spec = EditSpec(model_uri=str(root / "model"), bench_uri=str(root / "bench"),
+                    forget=[(it.item_id, "req-1") for it in forget], retain_item_ids=retain,
+                    graph_uri=str(root / "graph"), output_uri=str(root / "edited"),
+                    path_edit={"rmisu": {"steps": 20, "layer": 1, "batch_size": 4}},
+                    lineage={"batch_id": "b-test", "requests": ["req-1"]})
+    return root, spec
+
+
+def _forget_logprob(model_dir: str, spec: EditSpec) -> float:
+    loaded = load_model(model_dir)
+    bench = load_benchmark(spec.bench_uri)
+    by_id = {it.item_id: it for it in bench.items}
+    data = unlearn_data(loaded.processor, bench, [by_id[i] for i, _ in spec.forget], [])
+    scores = mean_answer_logprob(loaded.model, list(data.forget), data.pad_token_id)
+    return sum(scores) / len(scores)
+
+
+def test_deepspeed_job_edits_only_the_path_and_matches_the_in_process_edit(job, tmp_path, s3_endpoint,
+                                                                           monkeypatch):
+    root, spec = job
+    monkeypatch.setenv("MIP_CACHE_DIR", str(tmp_path / "cache"))
+    # the distributed job reads and writes everything through S3 (moto on 127.0.0.1), as in production
+    for name in ("model", "bench", "graph"):
+        s3_endpoint.fs.put(f"{root / name}/", s3_endpoint.uri("edit-ds", name).removeprefix("s3://") + "/",
+                           recursive=True)
+    remote = replace(spec, model_uri=s3_endpoint.uri("edit-ds", "model"),
+                     bench_uri=s3_endpoint.uri("edit-ds", "bench"),
+                     graph_uri=s3_endpoint.uri("edit-ds", "graph"),
+                     output_uri=s3_endpoint.uri("edit-ds", "edited"))
+    log_uri = s3_endpoint.uri("edit-ds", "logs", "edit.log")
+    summary = launch_edit(remote, s3_endpoint.uri("edit-ds", "edit_config.json"), log_uri,
+                          launcher="deepspeed", n_ranks=2, timeout_s=600,
+                          env={"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")})
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 3 and summary["steps"] == 20
+    text = s3_endpoint.fs.cat(log_uri).decode()
+    assert "[rank 0/2]" in text and "[rank 1/2]" in text, text[-3000:]
+    assert s3_endpoint.fs.exists(s3_endpoint.uri("edit-ds", "ds_config.json"))
+
+    base = load_model(spec.model_uri)
+    base_state = {k: v.clone() for k, v in base.model.state_dict().items()}
+    edited = load_model(remote.output_uri).model.state_dict()  # from_pretrained + safetensors
+    assert set(edited) == set(base_state)
+    selection = from_graph(base.adapter, read_path_graph(spec.graph_uri))
+    names = {id(p): k for k, p in base.model.named_parameters()}
+    edited_names = set()  # the path sites' input rows (+ biases) and down columns; not the down bias
+    for site in selection:
+        for lin in base.adapter.neuron_inputs(site):
+            edited_names |= {names[id(p)] for p in lin.parameters()}
+        edited_names.add(names[id(base.adapter.down_proj(site).weight)])
+    changed = {k for k in base_state if not torch.equal(edited[k], base_state[k])}
+    assert changed and changed <= edited_names, sorted(changed - edited_names)
+    # only the edited sites' linears were ever gathered in full, twice each (slices read, then merged)
+    site_numel = sum(p.numel() for site in selection
+                     for lin in (*base.adapter.neuron_inputs(site), base.adapter.down_proj(site))
+                     for p in lin.parameters())
+    assert summary["gathered"]["numel"] == 2 * site_numel, (summary["gathered"], site_numel)
+    assert summary["gathered"]["gathers"] == 2 * len(selection)
+    unlearn_log = json.loads(s3_endpoint.fs.cat(s3_endpoint.uri("edit-ds", "edited", UNLEARN_LOG)))
+    assert unlearn_log["lineage"]["batch_id"] == "b-test"
+    assert unlearn_log["details"]["neurons"] == summary["neurons"]
+
+    before, after = _forget_logprob(spec.model_uri, spec), _forget_logprob(remote.output_uri, spec)
+    assert -after > -before + 0.01, (before, after)  # measured 6.840 -> 6.862 nats per answer token
+
+    local = replace(spec, output_uri=str(root / "edited_inprocess"))
+    one = launch_edit(local, str(tmp_path / "inprocess.json"), str(tmp_path / "inprocess.log"),
+                      launcher="inprocess")
+    assert one["world_size"] == 1 and one["neurons"] == summary["neurons"]
+    single = load_model(local.output_uri).model.state_dict()
+    assert {k for k in base_state if not torch.equal(single[k], base_state[k])} == changed
+    for key in changed:
+        gap = (single[key] - edited[key]).abs().max().item()
+        assert gap < TOLERANCE, (key, gap)
+

@@ -1,0 +1,160 @@
+"""Ray-sharded attribution on a local in-process cluster: shards reduce to the single-process path graph.
+
+A tiny random Qwen2.5-VL (its tokenizer trained on the benchmark's corpus) and a 6-person benchmark; the paths
+need not be meaningful, only identical however the items are split.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import ray
+
+from mip_core.attribution import AttributionConfig, attribute_items
+from mip_core.benchmark import load_benchmark, make_benchmark
+from mip_core.modeling import build_tiny, load_model, save_model
+from mip_core.paths import reduce_paths
+from mip_core.results import read_item_paths
+from mip_core.service.shards import ActorStartError, ShardError
+from tasks.actors import attribute_batch, shard_uri
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CFG = {"steps": 2, "top_k": 3, "batch_items": 2}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Model, benchmark, the (item, request) pairs and the reference graph, inside a local Ray cluster."""
+    root = tmp_path_factory.mktemp("ray_attr")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"RAY_TMPDIR": ray_tmp, "HOME": str(root / "home"), "RAY_AUTH_MODE": "disabled",
+                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                           "MIP_CACHE_DIR": str(root / "cache"), "MIP_THREADS": "1",
+                           "OMP_NUM_THREADS": "1"}.items():
+            mp.setenv(key, value)
+        make_benchmark(root / "bench", 6, seed=0)
+        bench = load_benchmark(root / "bench")
+        model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)
+        save_model(model, processor, str(root / "model"))
+        forget = bench.split_items("forget", forget_pct=15)[:8]
+        assert len(forget) == 8 and {it.modality for it in forget} == {"text", "multimodal"}
+        pairs = [(it.item_id, "r1" if n < 4 else "r2") for n, it in enumerate(forget)]
+        pairs.append((forget[5].item_id, "r3"))  # one item asked for by two requests
+
+        loaded = load_model(str(root / "model"))
+        paths, failures = attribute_items(loaded.model, loaded.adapter, loaded.processor, bench, forget,
+                                          AttributionConfig(**CFG), request_ids=dict(pairs[:8]))
+        assert failures == []
+        paths.append(replace(paths[5], request_id="r3"))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield {"root": root, "model": str(root / "model"), "bench": str(root / "bench"), "pairs": pairs,
+                   "paths": paths}
+        finally:
+            ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _reference(world, run_id):
+    return reduce_paths(world["paths"], run_id=run_id)
+
+
+def assert_same_graph(got, expected):
+    """Same neurons, support and requests; scores equal up to float32 rounding.
+
+    Scores are not bit-identical: an item's batch mates set the padded length, and so the float32 summation
+    order of its forward/backward (relative differences about 2e-7 here).
+    """
+    assert got.run_id == expected.run_id
+    by_site = {n.site_key: n for n in expected.nodes}
+    assert sorted(n.site_key for n in got.nodes) == sorted(by_site)
+    for node in got.nodes:
+        ref = by_site[node.site_key]
+        assert (node.support, node.request_ids) == (ref.support, ref.request_ids), node
+        assert node.score_sum == pytest.approx(ref.score_sum, rel=1e-5, abs=1e-12), node
+        assert node.score_max == pytest.approx(ref.score_max, rel=1e-5, abs=1e-12), node
+
+
+def test_two_actors_shards_reduce_to_the_single_process_graph(world, tmp_path):
+    logs: list[str] = []
+    out = str(tmp_path / "shards")
+    results = attribute_batch(world["model"], world["bench"], world["pairs"], out, run_id="b1", n_actors=2,
+                              attribution_cfg=CFG, log=logs.append)
+    assert [r.shard for r in results] == [0, 1]
+    assert [r.n_items for r in results] == [4, 4] and sum(r.n_paths for r in results) == 9
+    assert all(r.failures == () for r in results)
+    assert len({r.actor for r in results}) == 2  # two processes did the work
+    for k, r in enumerate(results):
+        assert r.uri == shard_uri(out, k)
+        table = pads.dataset(r.uri, format="parquet", partitioning="hive").to_table()
+        assert table.num_rows == sum(len(p.nodes) for p in read_item_paths(r.uri))
+        assert Path(f"{r.uri}.failures.json").read_text().count('"failures": []') == 1
+    graph = reduce_paths(read_item_paths([r.uri for r in results]), run_id="b1")
+    assert len(graph) > 0
+    assert_same_graph(graph, _reference(world, "b1"))
+    assert graph.requests() == ["r1", "r2", "r3"]
+    assert any("2 shards on 2 actors" in line for line in logs)
+    assert sum("1 model load(s)" in line for line in logs) == 2
+
+
+def test_a_shard_failing_twice_names_the_shard_and_a_bad_model_fails_fast(world, tmp_path):
+    logs: list[str] = []
+    (tmp_path / "file").write_text("not a folder")  # every shard's write fails under it, on either actor
+    with pytest.raises(ShardError, match=r"shard [01] .*failed twice: \w*Error.*retry: \w*Error"):
+        attribute_batch(world["model"], world["bench"], world["pairs"][:2], str(tmp_path / "file" / "out"),
+                        run_id="b3", n_actors=2, attribution_cfg=CFG, log=logs.append)
+    assert sum("retrying once" in line for line in logs) >= 1
+
+    with pytest.raises(ActorStartError, match=r"could not start .*ModelLoadError: model folder .* not exist"):
+        attribute_batch(str(tmp_path / "no-model"), world["bench"], world["pairs"][:2], str(tmp_path / "out"),
+                        run_id="b3", n_actors=1, attribution_cfg=CFG, log=logs.append)
+    assert attribute_batch(world["model"], world["bench"], [], str(tmp_path / "none"), run_id="b3",
+                           n_actors=2, log=logs.append) == []
+
+
+def test_shards_on_s3_with_model_and_benchmark_on_s3(world, s3_endpoint):
+    # The Ray cluster started before this fixture set the AWS variables: only runtime_env gets them to actors.
+    fs = s3_endpoint.fs
+    model_uri = s3_endpoint.uri("ray", "model")
+    bench_uri = s3_endpoint.uri("ray", "bench")
+    fs.put(world["model"].rstrip("/") + "/", model_uri.removeprefix("s3://") + "/", recursive=True)
+    fs.put(world["bench"].rstrip("/") + "/", bench_uri.removeprefix("s3://") + "/", recursive=True)
+    out = s3_endpoint.uri("ray", "batch", "shards")
+    # capped: more shards than actors, so each actor serves two and loads the model once; three ids are not
+    # in the benchmark: failures, not errors, and the last shard has nothing but failures (empty dataset)
+    unknown = [(f"no-such-item-{n}", "r9") for n in range(3)]
+    logs: list[str] = []
+    results = attribute_batch(model_uri, bench_uri, world["pairs"] + unknown, out, run_id="b4", n_actors=2,
+                              attribution_cfg=CFG, max_shard=3, endpoint_url=s3_endpoint.endpoint_url,
+                              log=logs.append)
+    assert [r.uri for r in results] == [shard_uri(out, k) for k in range(4)]
+    assert [r.n_items for r in results] == [3, 3, 3, 2] and [r.n_paths for r in results] == [3, 4, 2, 0]
+    ids = [u for u, _ in unknown]
+    assert [[i for i, _ in r.failures] for r in results] == [[], [], ids[:1], ids[1:]]
+    assert "not in the benchmark" in results[2].failures[0][1]
+    assert len({r.actor for r in results}) == 2
+    summaries = [re.search(r"on cpu \(1 threads\): (\d) shards, (\d) model load", line) for line in logs]
+    assert sorted(int(m[1]) for m in summaries if m) in ([2, 2], [1, 3])
+    assert all(int(m[2]) == 1 for m in summaries if m)
+    for r in results:
+        path = r.uri.removeprefix("s3://")
+        fs.invalidate_cache()
+        failures = json.loads(fs.cat_file(f"{path}.failures.json"))
+        assert [f["item_id"] for f in failures["failures"]] == [i for i, _ in r.failures]
+        rows = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").count_rows()
+        assert (rows > 0) == (r.n_paths > 0)  # the all-failures shard is an empty dataset, still readable
+    graph = reduce_paths(read_item_paths([r.uri for r in results], endpoint_url=s3_endpoint.endpoint_url),
+                         run_id="b4")
+    assert_same_graph(graph, _reference(world, "b4"))
+    # both actors share one host cache: one folder per remote prefix, no leftover temp folder
+    cached = sorted(p.name for p in (world["root"] / "cache" / "ray").iterdir() if p.is_dir())
+    assert len(cached) == 2 and not any(".tmp-" in name for name in cached)

@@ -1,0 +1,38 @@
+"""The service store on a real S3 HTTP endpoint (moto): the local-folder checks, plus S3 specifics."""
+
+from __future__ import annotations
+
+from mip_core.service.store import ServiceStore
+
+from s3_server import S3Server
+from unit.test_service_store import _model_folder, check_lifecycle, check_registry
+
+
+def test_lifecycle_s3(s3_endpoint: S3Server):
+    root = s3_endpoint.uri("service")
+    store = ServiceStore(root, endpoint_url=s3_endpoint.endpoint_url)
+    assert store.uri("requests/pending/x.json") == f"{root}/requests/pending/x.json"
+    check_lifecycle(store)
+    # a second client (another process: the CLI vs the nightly flow) sees the same queue, no stale listing
+    other = ServiceStore(root)  # endpoint from MIP_S3_ENDPOINT_URL
+    assert [(r.request_id, r.state) for r in other.list()] == [("r1", "done"), ("r2", "pending"),
+                                                               ("r3", "failed")]
+    store.claim(["r2"], store.new_batch_id())
+    assert [r.request_id for r in other.list("claimed")] == ["r2"] and other.list("pending") == []
+
+
+def test_registry_s3_from_local_and_s3_sources(s3_endpoint: S3Server, tmp_path):
+    store = ServiceStore(s3_endpoint.uri("registry"), endpoint_url=s3_endpoint.endpoint_url)
+    check_registry(store, str(_model_folder(tmp_path / "src")))  # local -> S3
+    # S3 -> S3: publish a batch's edited model
+    v3 = store.register_model("demo", store.uri("models/demo/v0002"), dataset_uri="bench://x",
+                              lineage={"batch_id": "b2"})
+    assert v3 == "v0003" and store.model_info("demo")["parent_version"] == "v0001"  # v0001 was made current
+    assert store.read_bytes("models/demo/v0003/sub/w.bin") == bytes(range(256)) * 10
+
+
+def test_creates_missing_bucket(s3_endpoint: S3Server):
+    store = ServiceStore("s3://mip-fresh-bucket/svc", endpoint_url=s3_endpoint.endpoint_url)
+    assert store.list() == []
+    store.write_json("batches/b1/manifest.json", {"ok": True})
+    assert s3_endpoint.fs.exists("mip-fresh-bucket/svc/batches/b1/manifest.json")

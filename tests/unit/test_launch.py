@@ -1,0 +1,198 @@
+"""The edit job's launcher: argv lists, DeepSpeed configs, the EditSpec file, and how a failed job reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tasks.launch as launch
+from mip_core._compat.deepspeed import gather_params, record_gathers
+from mip_core._compat.distributed import average_gradients, global_share, rank_slice, world
+from mip_core.entrypoints.edit import EditSpec, read_spec, write_spec
+from mip_core.errors import InputError, MipError
+from tasks.launch import EditJobError, edit_argv, job_env, launch_edit, zero3_config
+
+INFRA = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
+
+
+def _spec(tmp_path: Path, **changes) -> EditSpec:
+    spec = EditSpec(model_uri=str(tmp_path / "model"), bench_uri=str(tmp_path / "bench"),
+                    forget=[["p0000-name-mm-qa", "req-1"], ["p0000-hobby-text-qa", "req-1"]],
+                    retain_item_ids=["p0001-name-mm-qa"], graph_uri=str(tmp_path / "graph"),
+                    output_uri=str(tmp_path / "edited"), path_edit={"rmisu": {"steps": 3}},
+                    lineage={"batch_id": "b1", "requests": ["req-1"]})
+    return replace(spec, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------- argv
+def test_deepspeed_argv_is_a_list_with_the_launcher_flags():
+    argv = edit_argv("s3://bucket/batches/b 1/edit_config.json", launcher="deepspeed", n_ranks=2,
+                     master_port=29555, ds_config_uri="/tmp/ds.json")
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+    assert Path(argv[0]).name == "deepspeed" and Path(argv[0]).parent == Path(sys.executable).parent
+    assert argv[1:] == ["--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", "29555", "--module",
+                        "mip_core.entrypoints.edit", "--spec", "s3://bucket/batches/b 1/edit_config.json",
+                        "--ds-config", "/tmp/ds.json"]  # a URI with a space stays one argument: no shell
+    with_hosts = edit_argv("spec.json", launcher="deepspeed", n_ranks=8, hostfile="/etc/mip/hostfile",
+                           master_addr="10.0.0.1")
+    assert with_hosts[1:3] == ["--hostfile", "/etc/mip/hostfile"]
+    assert with_hosts[with_hosts.index("--master_addr") + 1] == "10.0.0.1"
+    assert int(with_hosts[with_hosts.index("--master_port") + 1]) > 0  # a free port when none is given
+
+
+def test_torchrun_argv_and_bad_launch_arguments():
+    argv = edit_argv("spec.json", launcher="torchrun", n_ranks=3, master_port=29556)
+    assert Path(argv[0]).name == "torchrun"
+    assert argv[1:] == ["--nproc_per_node", "3", "--master_addr", "127.0.0.1", "--master_port", "29556", "-m",
+                        "mip_core.entrypoints.edit", "--spec", "spec.json"]
+    with pytest.raises(InputError, match="n_ranks=0"):
+        edit_argv("spec.json", launcher="deepspeed", n_ranks=0)
+    with pytest.raises(InputError, match="launcher='mpirun'"):
+        edit_argv("spec.json", launcher="mpirun", n_ranks=2)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="hostfile"):
+        edit_argv("spec.json", launcher="torchrun", n_ranks=2, hostfile="hosts")
+
+
+def test_job_env_keeps_the_job_on_loopback_and_cpu_by_default(monkeypatch):
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    env = job_env({"OMP_NUM_THREADS": "4"})
+    assert env["GLOO_SOCKET_IFNAME"] == "lo" and env["OMP_NUM_THREADS"] == "4"
+    assert env["TORCH_EXTENSIONS_DIR"] and env["PYTHONUNBUFFERED"] == "1"
+    if not torch.cuda.is_available():
+        assert env["DS_ACCELERATOR"] == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+def test_zero3_config_and_the_shipped_files():
+    cfg = zero3_config()
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["stage3_param_persistence_threshold"] == 0  # tiny test models are really partitioned
+    assert "fp16" not in cfg and "bf16" not in cfg  # CPU: fp32
+    assert "optimizer" not in cfg  # the slices train outside the engine
+    assert "offload_param" not in zero
+    off = zero3_config(offload=True, bf16=True)["zero_optimization"]
+    assert off["offload_param"]["device"] == off["offload_optimizer"]["device"] == "cpu"
+    assert json.loads((INFRA / "zero3_cpu_gloo.json").read_text()) == cfg
+    big = json.loads((INFRA / "zero3_70b_offload.json").read_text())
+    assert big["bf16"]["enabled"] and big["zero_optimization"]["stage"] == 3
+    assert big["zero_optimization"]["offload_param"]["pin_memory"]
+    assert big["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for doc in (cfg, big):  # DeepSpeed's own validation of the zero section (unknown keys are rejected)
+        assert DeepSpeedZeroConfig(**doc["zero_optimization"]).stage == 3
+    hosts = (INFRA / "hostfile.example").read_text().splitlines()
+    assert any(line.split() == ["worker-0", "slots=8"] for line in hosts)
+
+
+# ------------------------------------------------------------------------------------------------ EditSpec
+def test_edit_spec_json_round_trip(tmp_path):
+    spec = _spec(tmp_path)
+    assert spec.forget == (("p0000-name-mm-qa", "req-1"), ("p0000-hobby-text-qa", "req-1"))
+    assert EditSpec.from_json(spec.to_json()) == spec
+    doc = json.loads(spec.to_json())
+    assert doc["forget"][0] == ["p0000-name-mm-qa", "req-1"] and doc["schema"] == "mip-edit-spec/1"
+    write_spec(spec, str(tmp_path / "deep" / "edit_config.json"))
+    assert read_spec(str(tmp_path / "deep" / "edit_config.json")) == spec
+    assert not list((tmp_path / "deep").glob("*.tmp"))  # atomic write leaves no temp file
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"forget": []}, "EditSpec.forget"),
+    ({"forget": [["only-an-id"]]}, "EditSpec.forget"),
+    ({"forget": [["a", 3]]}, "EditSpec.forget"),
+    ({"method": "magic"}, "EditSpec.method"),
+    ({"zero_stage": 4}, "EditSpec.zero_stage"),
+    ({"output_uri": ""}, "EditSpec.output_uri"),
+    ({"retain_item_ids": "p0001"}, "EditSpec.retain_item_ids"),
+    ({"path_edit": ["steps", 3]}, "EditSpec.path_edit"),
+    ({"seed": "0"}, "EditSpec.seed"),
+])
+def test_edit_spec_validation_names_the_field(tmp_path, changes, field):
+    with pytest.raises(InputError, match=field):
+        _spec(tmp_path, **changes)
+
+
+def test_edit_spec_json_errors(tmp_path):
+    doc = json.loads(_spec(tmp_path).to_json())
+    with pytest.raises(InputError, match=r"unknown field\(s\) \['stpes'\]"):
+        EditSpec.from_json(json.dumps({**doc, "stpes": 3}))
+    del doc["graph_uri"]
+    with pytest.raises(InputError, match=r"missing field\(s\) \['graph_uri'\]"):
+        EditSpec.from_json(json.dumps(doc))
+    with pytest.raises(InputError, match="not valid JSON"):
+        EditSpec.from_json("{")
+    with pytest.raises(InputError, match="does not exist"):
+        read_spec(str(tmp_path / "nope.json"))
+
+
+# ------------------------------------------------------------------------------------------------ failures
+def test_inprocess_job_on_a_missing_model_raises_with_the_log_tail(tmp_path):
+    spec = _spec(tmp_path)
+    log = tmp_path / "logs" / "edit.log"
+    with pytest.raises(EditJobError) as info:
+        launch_edit(spec, str(tmp_path / "edit_config.json"), str(log), launcher="inprocess")
+    assert isinstance(info.value, MipError)
+    message = str(info.value)
+    assert "ModelLoadError" in message and str(tmp_path / "model") in message and str(log) in message
+    assert "model folder" in log.read_text()  # the log holds the error too
+    assert read_spec(str(tmp_path / "edit_config.json")) == spec  # the spec was written before the run
+
+
+def test_failed_subprocess_job_raises_with_exit_code_argv_and_last_lines(tmp_path, monkeypatch):
+    script = "import sys\nfor i in range(100): print(f'line {i}')\nsys.exit(3)\n"
+    seen = {}
+
+    def fake_argv(spec_uri, **kwargs):
+        seen.update(kwargs, spec_uri=spec_uri)
+        return [sys.executable, "-c", script]
+
+    monkeypatch.setattr(launch, "edit_argv", fake_argv)
+    log = tmp_path / "edit.log"
+    with pytest.raises(EditJobError) as info:
+        launch_edit(_spec(tmp_path), str(tmp_path / "b" / "edit_config.json"), str(log), n_ranks=2)
+    message = str(info.value)
+    assert "exited with code 3" in message and repr(sys.executable) in message
+    assert "line 99" in message and "line 60" in message and "line 59\n" not in message  # the last 40 lines
+    assert sum(line.startswith("line ") for line in log.read_text().splitlines()) == 100
+    assert seen["n_ranks"] == 2 and seen["launcher"] == "deepspeed"
+    ds_config = json.loads((tmp_path / "b" / "ds_config.json").read_text())  # written beside the spec
+    assert seen["ds_config_uri"] == str(tmp_path / "b" / "ds_config.json") and ds_config == zero3_config()
+
+
+def test_job_past_its_timeout_is_stopped_and_reported(tmp_path, monkeypatch):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(launch, "edit_argv", lambda *a, **k: sleeper)
+    with pytest.raises(EditJobError, match="timed out after 1 s"):
+        launch_edit(_spec(tmp_path), str(tmp_path / "s.json"), str(tmp_path / "edit.log"), timeout_s=1)
+
+
+def test_successful_job_without_a_summary_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "edit_argv", lambda *a, **k: [sys.executable, "-c", "print('ok')"])
+    with pytest.raises(EditJobError, match="wrote no edit_summary.json"):
+        launch_edit(_spec(tmp_path), str(tmp_path / "s.json"), str(tmp_path / "edit.log"))
+
+
+# --------------------------------------------------------------------------------------------- one process
+def test_distributed_helpers_are_no_ops_on_one_process():
+    assert world() == (0, 1)
+    assert rank_slice([5, 6, 7]) == [5, 6, 7]
+    assert global_share(17) == 1.0
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    q = nn.Parameter(torch.ones(2))
+    average_gradients([p, q])
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and q.grad is None
+    lin = nn.Linear(2, 2)
+    with record_gathers() as log:
+        ctx = gather_params([lin.weight, lin.bias, None], modifier_rank=0)
+        assert isinstance(ctx, nullcontext)  # unpartitioned: nothing gathered, DeepSpeed not needed
+    assert log.to_dict() == {"gathers": 0, "parameters": 0, "numel": 0, "bytes": 0}

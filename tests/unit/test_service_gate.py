@@ -1,0 +1,94 @@
+"""The publication gate on hand-written correctness tables, and the batch report that shows it."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from mip_core.errors import InputError
+from mip_core.service.batch import BatchManifest
+from mip_core.service.gate import GateConfig, decide, format_decision
+from mip_core.service.report import batch_report
+
+
+def item(item_id: str, modality: str) -> SimpleNamespace:
+    return SimpleNamespace(item_id=item_id, modality=modality)
+
+
+SETS = {"forget": [item("f1", "text"), item("f2", "text"), item("f3", "multimodal"), item("f4", "multimodal")],
+        "retain": [item("r1", "text"), item("r2", "text"), item("r3", "multimodal"), item("r4", "multimodal")],
+        "utility": [item("u1", "text")]}
+ALL_RIGHT = {name: {it.item_id: True for it in items} for name, items in SETS.items()}
+
+
+def after(**changes: bool) -> dict[str, dict[str, bool]]:
+    out = {name: dict(v) for name, v in ALL_RIGHT.items()}
+    for item_id, value in changes.items():
+        out[{"f": "forget", "r": "retain", "u": "utility"}[item_id[0]]][item_id] = value
+    return out
+
+
+def test_forgetting_everything_and_keeping_the_rest_passes():
+    d = decide(SETS, ALL_RIGHT, after(f1=False, f2=False, f3=False, f4=False), GateConfig(),
+               request_of={"f1": "a", "f2": "a", "f3": "b", "f4": "b"})
+    assert d.passed and d.reasons == ()
+    forget_text = d.metric("forget", "text")
+    assert (forget_text.before, forget_text.after, forget_text.relative) == (1.0, 0.0, 1.0)
+    assert d.per_request == {"a": {"n": 2, "before": 1.0, "after": 0.0}, "b": {"n": 2, "before": 1.0, "after": 0.0}}
+    assert "gate PASSED" in format_decision(d)
+
+
+def test_each_modality_is_gated_on_its_own():
+    # text forgotten, the image questions not: the mean over modalities (0.5) would pass, the gate must not
+    d = decide(SETS, ALL_RIGHT, after(f1=False, f2=False), GateConfig(min_forgetting=0.5))
+    assert not d.passed
+    assert d.reasons == ("forget multimodal: forgetting rate 0.000 < 0.500 (accuracy 1.000 -> 1.000, n=2)",)
+
+
+def test_collateral_damage_fails_the_retention_floor():
+    d = decide(SETS, ALL_RIGHT, after(f1=False, f2=False, f3=False, f4=False, r3=False), GateConfig())
+    assert not d.passed and len(d.reasons) == 1 and d.reasons[0].startswith("retain multimodal: retention 0.500")
+    relaxed = decide(SETS, ALL_RIGHT, after(f1=False, f2=False, f3=False, f4=False, r3=False),
+                     GateConfig(min_retention=0.5))
+    assert relaxed.passed
+
+
+def test_relative_figures_count_only_what_the_starting_model_knew():
+    before = after(f3=False, f4=False, r1=False)  # never knew the image facts nor r1
+    d = decide(SETS, before, after(f1=False, f2=False, r1=False, f3=False, f4=False), GateConfig())
+    assert math.isnan(d.metric("forget", "multimodal").relative)
+    assert d.metric("retain", "text").relative == 1.0  # r1 wrong before and after: no blame
+    assert d.reasons == ("forget multimodal: the starting model answers none of the 2 items correctly, so "
+                         "forgetting cannot be measured",)
+
+
+def test_no_forget_items_cannot_pass():
+    d = decide({"retain": SETS["retain"]}, ALL_RIGHT, ALL_RIGHT, GateConfig())
+    assert not d.passed and d.reasons == ("no forget items were evaluated",)
+
+
+def test_thresholds_are_validated_with_the_field_name():
+    with pytest.raises(InputError, match="min_retention"):
+        GateConfig(min_retention=1.5)
+
+
+def test_report_names_requests_and_metrics_but_no_personal_data():
+    m = BatchManifest(batch_id="b1", target_model="demo", base_version="v0001", base_uri="/m/v0001",
+                      dataset_uri="/d", requests=("a", "x"), rejected={"x": "unknown entity ids ['p9']"},
+                      forget=(("f1", "a"),), items_of={"a": ("f1",)}, edit_retain=("r0",), eval_retain=("r1",),
+                      eval_utility=())
+    d = decide({"forget": [item("f1", "text")], "retain": [item("r1", "text")]},
+               {"forget": {"f1": True}, "retain": {"r1": True}}, {"forget": {"f1": False}, "retain": {"r1": True}},
+               GateConfig(), request_of={"f1": "a"}).to_dict()
+    records = [SimpleNamespace(request=SimpleNamespace(request_id="a"), state="done", reason=None),
+               SimpleNamespace(request=SimpleNamespace(request_id="x"), state="failed",
+                               reason="unknown entity ids ['p9']")]
+    text = batch_report(m, records, gate=d, version="v0002", error=None, timings={"plan": 0.5, "edit": 12.25},
+                        links={"manifest.json": "/s/b1/manifest.json"})
+    assert "**published** `demo` `v0002` (from `v0001`)" in text
+    assert "| `a` | done | 1.000 | 0.000 |  |" in text
+    assert "| `x` | failed | - | - | unknown entity ids ['p9'] |" in text
+    assert "| forget | text | 1 | 1.000 | 0.000 | 1.000 |" in text and "| edit | 12.2 |" in text
+    assert BatchManifest.from_json(m.to_json()) == m

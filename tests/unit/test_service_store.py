@@ -1,0 +1,212 @@
+"""The service store on a local folder: queue lifecycle, JSON helpers, model registry, atomic writes, CLI.
+
+``check_lifecycle`` and ``check_registry`` take any root: the S3 integration test runs the very same checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from mip_core.errors import ArtifactError, InputError
+from mip_core.service.requests import ForgetRequest
+from mip_core.service.store import ServiceStore
+
+
+def _req(rid: str, model: str = "demo", **kw) -> ForgetRequest:
+    return ForgetRequest.model_validate({"request_id": rid, "target_model": model, "subjects": ["p0001"],
+                                         "requester": "dpo", "reason": "privacy", **kw})
+
+
+def _keys(store: ServiceStore, prefix: str = "requests") -> list[str]:
+    base = store.uri().split("://", 1)[-1]
+    if store.remote:
+        store.fs.invalidate_cache()
+    try:
+        found = store.fs.find(f"{base}/{prefix}")
+    except FileNotFoundError:
+        return []
+    return sorted(p[len(base) + 1:] for p in found)
+
+
+def check_lifecycle(store: ServiceStore) -> None:
+    first = store.submit(_req("r1"))
+    assert first.state == "pending" and first.claimed_at is None
+    store.submit(_req("r2"))
+    store.submit(_req("r3", model="other"))
+    before = _keys(store)
+    assert before == ["requests/pending/r1.json", "requests/pending/r2.json", "requests/pending/r3.json"]
+
+    with pytest.raises(InputError, match="request_id='r1' already exists"):
+        store.submit(_req("r1", subjects=["p0002"]))
+    assert _keys(store) == before and store.get("r1").request.subjects == ["p0001"]  # queue unchanged
+    with pytest.raises(InputError, match="'nope' is not in the service store"):
+        store.get("nope")
+
+    assert [r.request_id for r in store.list()] == ["r1", "r2", "r3"]
+    assert [r.request_id for r in store.list("pending", target_model="demo")] == ["r1", "r2"]
+
+    batch = store.new_batch_id()
+    assert re.fullmatch(r"b\d{8}T\d{6}Z-[0-9a-f]{6}", batch)
+    claimed = store.claim(["r1", "r2", "missing"], batch)
+    assert [(r.request_id, r.state, r.batch_id) for r in claimed] == [("r1", "claimed", batch),
+                                                                        ("r2", "claimed", batch)]
+    assert store.claim(["r1"], "b-other") == []  # no longer pending: skipped
+    assert _keys(store) == ["requests/claimed/r1.json", "requests/claimed/r2.json",
+                            "requests/pending/r3.json"]
+    assert [r.request_id for r in store.list("claimed")] == ["r1", "r2"]
+
+    done = store.finish("r1", "done", model_version="v0002", report_uri=store.uri(store.batch_key(batch,
+                        "report.md")), metrics={"forget_acc": 0.1})
+    assert (done.state, done.model_version, done.metrics) == ("done", "v0002", {"forget_acc": 0.1})
+    assert done.finished_at is not None and done.claimed_at is not None
+    with pytest.raises(InputError, match="already done"):
+        store.finish("r1", "failed", reason="late")
+    released = store.release("r2")
+    assert (released.state, released.batch_id, released.claimed_at) == ("pending", None, None)
+    rejected = store.finish("r3", "failed", reason="unknown subjects ['p9999']")  # straight from pending
+    assert store.get("r3").reason == "unknown subjects ['p9999']"
+    assert rejected.state == "failed"
+    assert _keys(store) == ["requests/done/r1.json", "requests/failed/r3.json", "requests/pending/r2.json"]
+    assert [(r.request_id, r.state) for r in store.list()] == [("r1", "done"), ("r2", "pending"),
+                                                               ("r3", "failed")]
+    with pytest.raises(InputError, match="already exists \\(state done"):
+        store.submit(_req("r1"))
+    assert store.record_uri(store.get("r1")) == store.uri("requests/done/r1.json")
+
+    # JSON helpers by key
+    key = store.batch_key(batch, "manifest.json")
+    assert key == f"batches/{batch}/manifest.json" and not store.exists(key)
+    uri = store.write_json(key, {"requests": ["r1"], "n": 1})
+    assert uri == store.uri(key) and store.exists(key)
+    assert store.read_json(key) == {"requests": ["r1"], "n": 1}
+    store.write_text(store.batch_key(batch, "report.md"), "# ok\n")
+    assert store.read_text(f"batches/{batch}/report.md") == "# ok\n"
+    with pytest.raises(ArtifactError, match="does not exist"):
+        store.read_json("batches/none.json")
+    with pytest.raises(InputError):
+        store.write_text("batches/../../escape.txt", "x")
+
+
+def check_registry(store: ServiceStore, source_uri: str) -> None:
+    assert store.current_version("demo") is None and store.versions("demo") == []
+    assert store.next_version("demo") == "v0001"
+    with pytest.raises(InputError, match="'demo' is not registered.*known models: none"):
+        store.model_info("demo")
+    v1 = store.register_model("demo", source_uri, dataset_uri="bench://x")
+    assert v1 == "v0001" and store.current_version("demo") == "v0001"
+    v2 = store.register_model("demo", source_uri, dataset_uri="bench://x", card="# edited\n",
+                              lineage={"batch_id": "b1", "requests": ["r1"], "path_graph": "pg://1"})
+    assert v2 == "v0002" and store.versions("demo") == ["v0001", "v0002"]
+    assert store.next_version("demo") == "v0003"
+    info = store.model_info("demo")
+    assert {k: info[k] for k in ("version", "parent_version", "dataset_uri", "batch_id", "requests",
+                                 "path_graph")} == {
+        "version": "v0002", "parent_version": "v0001", "dataset_uri": "bench://x", "batch_id": "b1",
+        "requests": ["r1"], "path_graph": "pg://1"}
+    assert info["uri"] == store.uri(store.model_key("demo", "v0002"))
+    assert store.model_info("demo", "v0001")["parent_version"] is None
+    files = _keys(store, "models/demo")
+    assert "models/demo/v0002/config.json" in files and "models/demo/v0002/sub/w.bin" in files
+    assert store.read_text("models/demo/v0002/model_card.md") == "# edited\n"
+    assert "v0001" in store.read_text("models/demo/v0001/model_card.md")
+    assert store.read_bytes("models/demo/v0002/sub/w.bin") == bytes(range(256)) * 10
+    store.set_current("demo", "v0001", reason="rollback")
+    pointer = store.read_json("models/demo/CURRENT.json")
+    assert pointer["version"] == "v0001" and pointer["reason"] == "rollback" and "published_at" in pointer
+    with pytest.raises(InputError, match="no version 'v0009'"):
+        store.set_current("demo", "v0009")
+    with pytest.raises(InputError, match="known models: \\['demo'\\]"):
+        store.model_info("ghost")
+
+
+def _model_folder(path: Path) -> Path:
+    (path / "sub").mkdir(parents=True)
+    (path / "config.json").write_text('{"model_type": "tiny"}')
+    (path / "sub" / "w.bin").write_bytes(bytes(range(256)) * 10)
+    return path
+
+
+def test_lifecycle_local(tmp_path):
+    store = ServiceStore(str(tmp_path / "store"))
+    assert store.uri("a/b.json") == str(tmp_path / "store" / "a" / "b.json")
+    check_lifecycle(store)
+    leftovers = [p for p in (tmp_path / "store").rglob("*") if p.name.startswith(".tmp-")]
+    assert leftovers == []
+
+
+def test_registry_local(tmp_path):
+    check_registry(ServiceStore(str(tmp_path / "store")), str(_model_folder(tmp_path / "src")))
+
+
+def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
+    store = ServiceStore(str(tmp_path))
+    store.write_json("x/a.json", {"v": 1})
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_json("x/a.json", {"v": 2})
+    monkeypatch.undo()
+    assert store.read_json("x/a.json") == {"v": 1}
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["a.json"]  # no temp file left
+
+
+def test_bad_ids_and_keys(tmp_path):
+    store = ServiceStore(str(tmp_path))
+    with pytest.raises(InputError, match="batch_id='a/b' is not a valid id"):
+        store.batch_key("a/b", "x")
+    with pytest.raises(InputError, match="model name"):
+        store.model_key("../m", "v0001")
+    with pytest.raises(InputError, match="versions look like 'v0001'"):
+        store.model_key("m", "1")
+    with pytest.raises(InputError, match="state='nope'"):
+        store.list("nope")  # type: ignore[arg-type]
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_submit_and_list(tmp_path, capsys, monkeypatch):
+    from mip_core.cli import main
+
+    root = str(tmp_path / "store")
+    good = tmp_path / "req.json"
+    good.write_text(json.dumps({"request_id": "cli-1", "target_model": "demo", "subjects": ["p0002"],
+                                "requester": "dpo", "reason": "right_to_be_forgotten"}))
+    assert main(["submit", str(good), "--root", root]) == 0
+    out = capsys.readouterr().out
+    assert "queued cli-1" in out and str(tmp_path / "store" / "requests" / "pending" / "cli-1.json") in out
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"request_id": "a/b", "target_model": "demo", "requester": "dpo",
+                               "reason": "privacy", "subject": ["p1"]}))
+    assert main(["submit", str(bad), "--root", root]) == 2
+    err = capsys.readouterr().err
+    assert "request_id: 'a/b' is not a valid id" in err and "subject: unknown field" in err
+    assert main(["submit", str(good), "--root", root]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["submit", str(tmp_path / "none.json"), "--root", root]) == 2
+    assert "cannot read request file" in capsys.readouterr().err
+
+    monkeypatch.setenv("MIP_ROOT", root)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(good.read_text().replace("cli-1", "cli-2")))
+    assert main(["submit", "-"]) == 0
+    capsys.readouterr()
+    assert main(["requests", "--state", "pending"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["cli-1", "pending"], ["cli-2", "pending"]]
+    assert main(["requests", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["request"]["request_id"] for r in records] == ["cli-1", "cli-2"]
+    assert sorted(p.name for p in (tmp_path / "store" / "requests" / "pending").iterdir()) == [
+        "cli-1.json", "cli-2.json"]
+
+    assert main(["schema", "request"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "ForgetRequest"
