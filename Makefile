@@ -45,7 +45,7 @@ $(DEMO_DIR)/vanilla/model.safetensors: $(DEMO_DIR)/bench/manifest.json
 
 # The service end to end on the embedded default: a fresh local store under $(DEMO_DIR)/store, the demo model
 # registered as `demo` v0001, three forget requests queued (two people's, and one naming an unknown person, which
-# is failed with its reason), then the nightly flow (local Prefect, local Ray, a 2-rank DeepSpeed job) and its report.
+# is rejected with its reason), then the nightly flow (local Prefect, local Ray, a 2-rank DeepSpeed job) and its report.
 DEMO_ROOT ?= $(DEMO_DIR)/store
 # gloo and Ray on loopback only (environment notes)
 LOCAL_ONLY = GLOO_SOCKET_IFNAME=lo RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
@@ -75,7 +75,8 @@ serve: install
 	mkdir -p $(SERVE_HOME)
 	$(SERVE_ENV) $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 > $(SERVE_HOME)/server.log 2>&1 & \
 	server=$$!; trap "kill $$server" EXIT INT TERM; \
-	for i in $$(seq 120); do curl -sf http://127.0.0.1:4200/api/health > /dev/null && break; sleep 1; done; \
+	for i in $$(seq 120); do $(PY) -c "import urllib.request as u; u.urlopen('http://127.0.0.1:4200/api/health', timeout=2)" \
+		2>/dev/null && break; sleep 1; done; \
 	$(SERVE_ENV) $(VENV)/bin/prefect work-pool create mip-process --type process --overwrite && \
 	$(SERVE_ENV) $(VENV)/bin/prefect --no-prompt deploy --all && \
 	echo "Prefect UI: http://127.0.0.1:4200  (server log: $(SERVE_HOME)/server.log)" && \

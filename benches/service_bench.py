@@ -20,7 +20,8 @@ from pathlib import Path
 STEPS = ("plan", "attribute", "reduce", "edit", "evaluate", "publish")
 
 
-def run_one(model: str, bench: str, root: Path, n_requests: int, n_actors: int, ranks: int) -> dict:
+def run_one(model: str, bench: str, root: Path, n_requests: int, n_actors: int, ranks: int,
+            launcher: str = "deepspeed") -> dict:
     from flows.params import ServiceSpec
     from flows.service import nightly_unlearning
     from mip_core.benchmark import load_benchmark
@@ -35,13 +36,16 @@ def run_one(model: str, bench: str, root: Path, n_requests: int, n_actors: int, 
         store.submit(ForgetRequest(request_id=f"bench-{k:03d}", target_model="bench", subjects=[person],
                                    requester="bench", reason="other"))
     t0 = time.perf_counter()
-    [result] = nightly_unlearning(ServiceSpec(root=str(root), n_actors=n_actors, ranks=ranks))
+    spec = ServiceSpec(root=str(root), n_actors=n_actors, ranks=ranks, launcher=launcher)
+    [result] = nightly_unlearning(spec)
     wall = time.perf_counter() - t0
     m = json.loads((root / "batches" / result["batch_id"] / "manifest.json").read_text())
     gate = json.loads((root / "batches" / result["batch_id"] / "gate.json").read_text())
-    return {"requests": n_requests, "actors": n_actors, "ranks": ranks, "items": len(m["forget"]),
-            "wall_s": round(wall, 1), "steps_s": result["timings"], "published": result["version"],
-            "gate_passed": gate["passed"]}
+    return {"requests": n_requests, "actors": n_actors, "ranks": ranks, "launcher": launcher,
+            "items": len(m["forget"]), "wall_s": round(wall, 1), "steps_s": result["timings"],
+            "published": result["version"],
+            "gate_passed": gate["passed"], "gate_reasons": gate["reasons"],
+            "relative": {f"{s['items']}/{s['modality']}": round(s["relative"], 3) for s in gate["scores"]}}
 
 
 def main() -> None:
@@ -52,7 +56,9 @@ def main() -> None:
     ap.add_argument("--requests", default="1,4,16")
     ap.add_argument("--actors", default="1,2")
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--launcher", default="deepspeed", choices=("deepspeed", "torchrun", "inprocess"))
     ap.add_argument("--work", default="demo_out/service_bench")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing --out file")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,9 +66,12 @@ def main() -> None:
                 f"--{k} {v}" for k, v in vars(args).items()),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
             "threads": os.environ.get("MIP_THREADS", "1"), "rows": []}
+    if args.append and out.exists():
+        meta["rows"] = json.loads(out.read_text())["rows"]
     for n_actors in map(int, args.actors.split(",")):
         for n in map(int, args.requests.split(",")):
-            row = run_one(args.model, args.bench, Path(args.work) / f"r{n}a{n_actors}", n, n_actors, args.ranks)
+            row = run_one(args.model, args.bench, Path(args.work) / f"r{n}a{n_actors}", n, n_actors, args.ranks,
+                          args.launcher)
             meta["rows"].append(row)
             out.write_text(json.dumps(meta, indent=1) + "\n")
             print(json.dumps(row), flush=True)

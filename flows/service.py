@@ -15,17 +15,8 @@ from prefect import flow, get_run_logger
 from flows.params import ServiceSpec
 from mip_core.service.requests import ForgetRequest
 from mip_core.service.store import ServiceStore
-from tasks.service import (
-    attribute_task,
-    claim_pending,
-    claim_requests,
-    close_task,
-    edit_task,
-    gate_task,
-    plan_batch_task,
-    publish_task,
-    reduce_task,
-)
+from tasks.service import (attribute_task, claim_pending, claim_requests, close_task, edit_task, gate_task,
+                           plan_batch_task, publish_task, reduce_task, summarize_task)
 
 
 @flow(name="process-batch", flow_run_name="batch-{batch_id}")
@@ -70,6 +61,7 @@ def nightly_unlearning(spec: ServiceSpec | None = None) -> list[dict[str, Any]]:
     states = [process_batch(batch_id, spec, return_state=True) for batch_id in batches]
     failed = [b for b, s in zip(batches, states, strict=True) if not s.is_completed()]
     results = [s.result() for s in states if s.is_completed()]
+    summarize_task(results, failed)
     if failed:
         raise RuntimeError(f"batches {failed} failed (their requests are marked failed with the reason); "
                            f"{len(results)} completed")
@@ -87,6 +79,7 @@ def unlearn_batch(request_ids: list[str], spec: ServiceSpec | None = None) -> di
 def submit_request(request: ForgetRequest, root: str | None = None) -> str:
     """Validate and queue one forget request (the UI renders the form from its schema); returns its id."""
     store = ServiceStore(root or ServiceSpec().root)
+    store.check_target(request)
     record = store.submit(request)
     get_run_logger().info("queued %s for %s", record.request.request_id, record.request.target_model)
     return record.request.request_id

@@ -221,6 +221,7 @@ def _submit(args: argparse.Namespace) -> None:
             raise InputError(f"cannot read request file {args.file!r}: {exc.strerror}") from None
     request = parse_request(text)  # before touching the store: an invalid request leaves the queue unchanged
     store = ServiceStore(_service_root(args))
+    store.check_target(request)
     record = store.submit(request)
     print(f"queued {record.request_id} ({record.request.target_model}, "
           f"{len(request.subjects)} subject(s), {len(request.items)} item(s)): {store.record_uri(record)}")
@@ -242,6 +243,47 @@ def _requests(args: argparse.Namespace) -> None:
               f"subjects={what} items={len(r.request.items)}" + (f"\t{extra}" if extra else ""))
     if not records:
         print("no requests" + (f" in state {args.state}" if args.state else ""), file=sys.stderr)
+
+
+def _status(args: argparse.Namespace) -> None:
+    """One request's trace from submission to its terminal state, or a summary of the whole queue."""
+    from mip_core.service.requests import STATES
+    from mip_core.service.store import ServiceStore
+
+    store = ServiceStore(_service_root(args))
+    if args.request_id:
+        record = store.get(args.request_id)
+        data = record.model_dump(mode="json")  # timestamps as ISO 8601
+        trace = {"request_id": record.request_id, "state": record.state,
+                 "target_model": record.request.target_model,
+                 **{k: data[k] for k in ("submitted_at", "claimed_at", "finished_at", "batch_id", "model_version",
+                                         "reason")},
+                 "report": record.report_uri, "metrics": record.metrics, "record": store.record_uri(record)}
+        if args.json:
+            print(json.dumps(trace, indent=1))
+            return
+        for key, value in trace.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v:.3g}" for k, v in value.items())
+            if value is not None:
+                print(f"{key + ':':15s}{value}")
+        return
+    records = store.list()
+    counts = {model: dict.fromkeys(STATES, 0) for model in sorted({r.request.target_model for r in records})}
+    for r in records:
+        counts[r.request.target_model][r.state] += 1
+    pending = [r for r in records if r.state == "pending"]
+    oldest = min((r.submitted_at for r in pending), default=None)
+    if args.json:
+        print(json.dumps({"root": store.root, "by_model": counts, "total": len(records),
+                          "oldest_pending": oldest.isoformat() if oldest else None}, indent=1))
+        return
+    print(f"store {store.root}: {len(records)} request(s)")
+    print("model\t" + "\t".join(STATES))
+    for model, row in counts.items():
+        print(model + "\t" + "\t".join(str(row[s]) for s in STATES))
+    if oldest is not None:
+        print(f"oldest pending: submitted {oldest.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
 
 
 def _models_register(args: argparse.Namespace) -> None:
@@ -314,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mip_core.adapters import ADAPTERS, DEFAULT_ARCH, TINY_SIZES
     from mip_core.editing import METHOD_NAMES as METHODS
     from mip_core.evaluation import SPLITS
+    from mip_core.service.requests import STATES
 
     parser = argparse.ArgumentParser(prog="mip", description="MIP-Editor: unlearning for multimodal LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -431,10 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub_.set_defaults(func=_submit)
     req = sub.add_parser("requests", help="list queued and finished forget requests, oldest first")
     req.add_argument("--root", help=root_help)
-    req.add_argument("--state", choices=("pending", "claimed", "done", "failed"), help="only this state")
+    req.add_argument("--state", choices=STATES, help="only this state")
     req.add_argument("--model", help="only requests for this target model")
     req.add_argument("--json", action="store_true", help="print the full records as JSON")
     req.set_defaults(func=_requests)
+    st = sub.add_parser("status", help="where a request is (state, times, batch, model version, reason), or a "
+                                       "summary of the queue",
+                        epilog="examples: mip status demo-privacy-0001   |   mip status --json")
+    st.add_argument("request_id", nargs="?", metavar="REQUEST_ID", help="one request (default: the whole queue)")
+    st.add_argument("--root", help=root_help)
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=_status)
     models = sub.add_parser("models", help="the service's model registry").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")
     reg = models.add_parser("register", help="copy a model folder into the store as the next version of NAME and "

@@ -24,6 +24,7 @@ from mip_core.paths import reduce_paths
 from mip_core.results import read_item_paths, write_path_graph
 from mip_core.service.batch import BatchManifest, plan_batch
 from mip_core.service.gate import GateConfig, evaluate_and_gate, format_decision
+from mip_core.service.lease import hold
 from mip_core.service.report import batch_report
 from mip_core.service.store import ServiceStore
 from tasks.actors import attribute_batch, attribution_config
@@ -43,6 +44,11 @@ COMPUTE_RETRIES: dict[str, Any] = {"retries": 1, "retry_delay_seconds": 10, "cac
                                    "retry_condition_fn": transient}
 
 
+# Claiming is seconds of listing and renaming: a 10-minute lease outlives any claim, and a second run waits up
+# to 2 minutes for the first run's claim to finish before giving up with the holder's name.
+CLAIM_LEASE, CLAIM_TTL_S, CLAIM_WAIT_S = "claim", 600.0, 120.0
+
+
 def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("MIP_THREADS", "1")))
 
@@ -55,17 +61,18 @@ def manifest_of(store: ServiceStore, batch_id: str) -> BatchManifest:
 def claim_pending(root: str, target_model: str | None, max_requests: int) -> list[str]:
     """Claim every pending request, one new batch per target model; returns the batch ids."""
     store = ServiceStore(root)
-    by_model: dict[str, list[str]] = {}
-    for rec in store.list("pending", target_model=target_model):
-        by_model.setdefault(rec.request.target_model, []).append(rec.request.request_id)
     batches = []
-    for model, ids in sorted(by_model.items()):
-        batch_id = store.new_batch_id()
-        claimed = store.claim(ids[:max_requests], batch_id)
-        if claimed:
-            store.write_json(store.batch_key(batch_id, "claim.json"),
-                             {"target_model": model, "requests": [r.request.request_id for r in claimed]})
-            batches.append(batch_id)
+    with hold(store, CLAIM_LEASE, ttl_s=CLAIM_TTL_S, wait_s=CLAIM_WAIT_S):  # one claimer at a time
+        by_model: dict[str, list[str]] = {}
+        for rec in store.list("pending", target_model=target_model):
+            by_model.setdefault(rec.request.target_model, []).append(rec.request.request_id)
+        for model, ids in sorted(by_model.items()):
+            batch_id = store.new_batch_id()
+            claimed = store.claim(ids[:max_requests], batch_id)
+            if claimed:
+                store.write_json(store.batch_key(batch_id, "claim.json"),
+                                 {"target_model": model, "requests": [r.request.request_id for r in claimed]})
+                batches.append(batch_id)
     get_run_logger().info("claimed %d batch(es): %s", len(batches), batches)
     return batches
 
@@ -74,21 +81,24 @@ def claim_pending(root: str, target_model: str | None, max_requests: int) -> lis
 def claim_requests(root: str, request_ids: list[str]) -> str:
     """Claim the given pending requests (one target model) as a new batch; returns its id."""
     store = ServiceStore(root)
-    records = [store.get(r) for r in request_ids]
-    not_pending = [r.request.request_id for r in records if r.state != "pending"]
-    models = sorted({r.request.target_model for r in records})
-    if not_pending or len(models) != 1:
-        raise ValueError(f"request_ids: {not_pending} are not pending" if not_pending else
-                         f"request_ids: the requests target several models {models}; run one batch per model")
-    batch_id = store.new_batch_id()
-    store.claim(request_ids, batch_id)
-    store.write_json(store.batch_key(batch_id, "claim.json"), {"target_model": models[0], "requests": request_ids})
+    with hold(store, CLAIM_LEASE, ttl_s=CLAIM_TTL_S, wait_s=CLAIM_WAIT_S):
+        records = [store.get(r) for r in request_ids]
+        not_pending = [r.request.request_id for r in records if r.state != "pending"]
+        models = sorted({r.request.target_model for r in records})
+        if not_pending or len(models) != 1:
+            raise InputError(f"request_ids: {not_pending} are not pending (`mip status ID` shows where they are)"
+                             if not_pending else f"request_ids: the requests target several models {models}; "
+                             "run one batch per model")
+        batch_id = store.new_batch_id()
+        store.claim(request_ids, batch_id)
+        store.write_json(store.batch_key(batch_id, "claim.json"),
+                         {"target_model": models[0], "requests": request_ids})
     return batch_id
 
 
 @task(name="plan-batch", **IO_RETRIES)
 def plan_batch_task(root: str, batch_id: str, retain_limit: int) -> str:
-    """Resolve the claimed requests against the model's dataset; unresolvable ones are failed now, with why."""
+    """Resolve the claimed requests against the model's dataset; unresolvable ones are rejected now, with why."""
     store = ServiceStore(root)
     claim = store.read_json(store.batch_key(batch_id, "claim.json"))
     info = store.model_info(claim["target_model"])
@@ -99,8 +109,9 @@ def plan_batch_task(root: str, batch_id: str, retain_limit: int) -> str:
                           dataset_uri=info["dataset_uri"], bench=bench, retain_limit=retain_limit)
     key = store.batch_key(batch_id, "manifest.json")
     store.write_text(key, manifest.to_json())
-    for request_id, reason in manifest.rejected.items():
-        store.finish(request_id, "failed", reason=reason)
+    for request_id, reason in manifest.rejected.items():  # the batch's report will list them too
+        store.finish(request_id, "rejected", reason=reason,
+                     report_uri=store.uri(store.batch_key(batch_id, "report.md")))
     get_run_logger().info("batch %s: %d requests, %d rejected, %d forget items", batch_id, len(manifest.requests),
                           len(manifest.rejected), len(manifest.forget))
     return key
@@ -212,3 +223,16 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
     create_markdown_artifact(markdown=text, key=f"batch-{batch_id.lower()}".replace("_", "-"),
                              description=f"MIP-Editor batch {batch_id}")
     return store.uri(report_key)
+
+
+@task(name="summarize-run", **IO_RETRIES)
+def summarize_task(results: list[dict[str, Any]], failed: list[str]) -> str:
+    """One markdown artifact per nightly run: every batch, what it published, and where its report is."""
+    lines = ["# Nightly unlearning run", "", "| batch | published | report |", "|---|---|---|"]
+    lines += [f"| `{r['batch_id']}` | {r['version'] or 'no (see report)'} | `{r['report']}` |" for r in results]
+    lines += [f"| `{b}` | failed | see the batch's run and `batches/{b}/report.md` |" for b in failed]
+    if not results and not failed:
+        lines.append("| - | no pending requests | - |")
+    text = "\n".join(lines) + "\n"
+    create_markdown_artifact(markdown=text, key="nightly-unlearning", description="batches of this nightly run")
+    return text

@@ -39,8 +39,10 @@ SCHEMA_HINT = f"the schema is {SCHEMA_FILE} (`mip schema request` prints it)"
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]
-RequestState = Literal["pending", "claimed", "done", "failed"]
-STATES: tuple[str, ...] = ("pending", "claimed", "done", "failed")
+RequestState = Literal["pending", "claimed", "done", "failed", "rejected"]
+STATES: tuple[str, ...] = ("pending", "claimed", "done", "failed", "rejected")
+"""Terminal: ``done`` (a published version no longer knows it), ``failed`` (processing or the gate fell short: it
+may be resubmitted as is), ``rejected`` (the request itself cannot be served, e.g. unknown entity ids: fix it)."""
 
 
 def new_request_id() -> str:
@@ -115,7 +117,7 @@ class RequestRecord(BaseModel):
     claimed_at: AwareDatetime | None = None
     finished_at: AwareDatetime | None = None
     batch_id: str | None = None
-    reason: str | None = Field(default=None, description="why it failed or was rejected (state 'failed')")
+    reason: str | None = Field(default=None, description="why it failed or was rejected")
     model_version: str | None = Field(default=None, description="the model version that no longer knows it")
     report_uri: str | None = None
     metrics: dict[str, float] | None = None

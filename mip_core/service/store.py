@@ -2,7 +2,7 @@
 
 Layout::
 
-    requests/<state>/<request_id>.json    RequestRecord; state in pending|claimed|done|failed
+    requests/<state>/<request_id>.json    RequestRecord; state in pending|claimed|done|failed|rejected
     batches/<batch_id>/...                 manifest, shards, path graph, edit config, logs, edited model
     models/<name>/<version>/               model files + lineage.json + model_card.md
     models/<name>/CURRENT.json             {"version": ..., "published_at": ...}
@@ -11,8 +11,8 @@ Why files and no database: the same code runs on a laptop folder and on MinIO/S3
 inspectable with ``aws s3 ls``, and the state a batch saw is reproducible from the store alone. Every write is
 atomic (a temporary file + ``os.replace`` locally, one single-object PUT on S3), so a reader never sees half a
 record. A state change writes the new record first and then deletes the old one, so a crash leaves the request
-visible twice (``get`` returns the most advanced state) rather than not at all. There is no lock: one nightly
-flow per target model (a Prefect concurrency limit) is the only claimer.
+visible twice (``get`` returns the most advanced state) rather than not at all. Claims happen under a lease with
+an expiry (``mip_core.service.lease``), so two runs at once never claim the same request.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .requests import ID_PATTERN, ID_RULE, STATES, ForgetRequest, RequestRecord,
 _ID = re.compile(ID_PATTERN)
 _VERSION = re.compile(r"^v(\d{4,})$")
 # get() looks in the most advanced state first: mid-transition a record exists in two folders.
-_NEWEST_FIRST: tuple[str, ...] = ("done", "failed", "claimed", "pending")
+_NEWEST_FIRST: tuple[str, ...] = ("done", "failed", "rejected", "claimed", "pending")
 _RANK = {s: i for i, s in enumerate(reversed(_NEWEST_FIRST))}
 CURRENT_FILE = "CURRENT.json"
 LINEAGE_FILE = "lineage.json"
@@ -49,6 +49,23 @@ def check_id(value: str, what: str) -> str:
     if not isinstance(value, str) or not _ID.match(value):
         raise InputError(f"{what}={value!r} is not a valid id: use {ID_RULE}")
     return value
+
+
+def _temp_file_beside(path: str, data: bytes) -> str:
+    """``data`` written and fsynced to a temporary file in ``path``'s folder (same filesystem: rename/link are
+    atomic); the caller moves it into place or removes it."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
 
 
 def _iso(t: datetime) -> str:
@@ -108,20 +125,34 @@ class ServiceStore:
             self._ensure_bucket()
             self.fs.pipe(path, data)  # one PUT: readers see the old object or the new one
             return self.uri(key)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+        tmp = _temp_file_beside(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            os.unlink(tmp)
             raise
         return path
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Write ``data`` at ``key`` only if nothing is there yet; False if something is (exactly one of
+        several racing writers gets True). Locally a hard link of a finished temporary file (``link`` fails
+        on an existing name); on S3 a conditional PUT (``If-None-Match: *``)."""
+        path = self._path(key)
+        if self.remote:
+            self._ensure_bucket()
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        tmp = _temp_file_beside(path, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
 
     def read_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -214,6 +245,15 @@ class ServiceStore:
         self._write_record(record)
         return record
 
+    def check_target(self, req: ForgetRequest) -> None:
+        """Refuse a request for a model this store does not serve (the CLI and the submit flow call this; a
+        batch would otherwise fail on it hours later)."""
+        known = self.models()
+        if req.target_model not in known:
+            raise InputError(f"target_model={req.target_model!r} is not a registered model in {self.root} "
+                             f"(registered: {known or 'none'}); fix the name, or register the model first with "
+                             "`mip models register`")
+
     def get(self, request_id: str) -> RequestRecord:
         check_id(request_id, "request_id")
         record = self._find(request_id)
@@ -281,16 +321,16 @@ class ServiceStore:
     def finish(
         self,
         request_id: str,
-        state: Literal["done", "failed"],
+        state: Literal["done", "failed", "rejected"],
         *,
         reason: str | None = None,
         model_version: str | None = None,
         report_uri: str | None = None,
         metrics: dict[str, float] | None = None,
     ) -> RequestRecord:
-        """Close a claimed (or pending, e.g. rejected inside a batch) request as done or failed."""
-        if state not in ("done", "failed"):
-            raise InputError(f"state={state!r}: a request finishes as 'done' or 'failed'")
+        """Close a claimed (or pending) request as done, failed or rejected: its terminal record."""
+        if state not in ("done", "failed", "rejected"):
+            raise InputError(f"state={state!r}: a request finishes as 'done', 'failed' or 'rejected'")
         record = self.get(request_id)
         if record.state not in ("claimed", "pending"):
             raise InputError(f"request {request_id!r} is already {record.state} ({self.record_uri(record)}); "

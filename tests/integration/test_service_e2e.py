@@ -120,12 +120,13 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
         state = client.read_flow_run(run.id).state
     assert state.is_completed(), f"{state}\n{worker.stdout[-6000:]}\n{worker.stderr[-6000:]}"
 
-    # 3. one batch holds all three; the unknown person failed with the reason, the others are done
+    # 3. one batch holds all three; the unknown person is rejected with the reason, the others are done
     records = {r: store.get(r) for r in ("req-a", "req-b", "req-ghost")}
     batch_ids = {rec.batch_id for rec in records.values()}
     assert len(batch_ids) == 1 and None not in batch_ids
     [batch_id] = batch_ids
-    assert records["req-ghost"].state == "failed" and "p0999" in records["req-ghost"].reason
+    assert records["req-ghost"].state == "rejected" and "p0999" in records["req-ghost"].reason
+    assert records["req-ghost"].report_uri.endswith("/report.md")  # rejected requests are in the report too
     for r in ("req-a", "req-b"):
         assert records[r].state == "done" and records[r].model_version == "v0002", records[r]
         assert records[r].report_uri.endswith(f"batches/{batch_id}/report.md")
@@ -160,4 +161,5 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
     assert bench.profiles[1].name not in report  # ids and metrics, not the people's data
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts()
-    assert any(a.key == f"batch-{batch_id.lower()}" for a in artifacts)
+    keys = {a.key for a in artifacts}
+    assert f"batch-{batch_id.lower()}" in keys and "nightly-unlearning" in keys

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mip_core.service.store import ServiceStore
 
 from s3_server import S3Server
+from unit.test_service_lease import check_exclusive_create, check_lease, check_racing_claimers
 from unit.test_service_store import _model_folder, check_lifecycle, check_registry
 
 
@@ -16,7 +17,7 @@ def test_lifecycle_s3(s3_endpoint: S3Server):
     # a second client (another process: the CLI vs the nightly flow) sees the same queue, no stale listing
     other = ServiceStore(root)  # endpoint from MIP_S3_ENDPOINT_URL
     assert [(r.request_id, r.state) for r in other.list()] == [("r1", "done"), ("r2", "pending"),
-                                                               ("r3", "failed")]
+                                                               ("r3", "rejected")]
     store.claim(["r2"], store.new_batch_id())
     assert [r.request_id for r in other.list("claimed")] == ["r2"] and other.list("pending") == []
 
@@ -36,3 +37,11 @@ def test_creates_missing_bucket(s3_endpoint: S3Server):
     assert store.list() == []
     store.write_json("batches/b1/manifest.json", {"ok": True})
     assert s3_endpoint.fs.exists("mip-fresh-bucket/svc/batches/b1/manifest.json")
+
+
+def test_lease_s3(s3_endpoint: S3Server):
+    """Exclusive creation is a conditional PUT (If-None-Match: *) on S3: the lease holds across processes."""
+    store = ServiceStore(s3_endpoint.uri("lease"), endpoint_url=s3_endpoint.endpoint_url)
+    check_exclusive_create(store)
+    check_lease(store)
+    check_racing_claimers(store)

@@ -83,12 +83,12 @@ def test_report_names_requests_and_metrics_but_no_personal_data():
                {"forget": {"f1": True}, "retain": {"r1": True}}, {"forget": {"f1": False}, "retain": {"r1": True}},
                GateConfig(), request_of={"f1": "a"}).to_dict()
     records = [SimpleNamespace(request=SimpleNamespace(request_id="a"), state="done", reason=None),
-               SimpleNamespace(request=SimpleNamespace(request_id="x"), state="failed",
+               SimpleNamespace(request=SimpleNamespace(request_id="x"), state="rejected",
                                reason="unknown entity ids ['p9']")]
     text = batch_report(m, records, gate=d, version="v0002", error=None, timings={"plan": 0.5, "edit": 12.25},
                         links={"manifest.json": "/s/b1/manifest.json"})
     assert "**published** `demo` `v0002` (from `v0001`)" in text
     assert "| `a` | done | 1.000 | 0.000 |  |" in text
-    assert "| `x` | failed | - | - | unknown entity ids ['p9'] |" in text
+    assert "| `x` | rejected | - | - | unknown entity ids ['p9'] |" in text
     assert "| forget | text | 1 | 1.000 | 0.000 | 1.000 |" in text and "| edit | 12.2 |" in text
     assert BatchManifest.from_json(m.to_json()) == m

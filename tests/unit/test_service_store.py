@@ -68,12 +68,16 @@ def check_lifecycle(store: ServiceStore) -> None:
         store.finish("r1", "failed", reason="late")
     released = store.release("r2")
     assert (released.state, released.batch_id, released.claimed_at) == ("pending", None, None)
-    rejected = store.finish("r3", "failed", reason="unknown subjects ['p9999']")  # straight from pending
+    rejected = store.finish("r3", "rejected", reason="unknown subjects ['p9999']")  # straight from pending
     assert store.get("r3").reason == "unknown subjects ['p9999']"
-    assert rejected.state == "failed"
-    assert _keys(store) == ["requests/done/r1.json", "requests/failed/r3.json", "requests/pending/r2.json"]
+    assert rejected.state == "rejected"
+    with pytest.raises(InputError, match="already rejected"):
+        store.finish("r3", "done")
+    with pytest.raises(InputError, match="finishes as 'done', 'failed' or 'rejected'"):
+        store.finish("r2", "claimed")  # type: ignore[arg-type]
+    assert _keys(store) == ["requests/done/r1.json", "requests/pending/r2.json", "requests/rejected/r3.json"]
     assert [(r.request_id, r.state) for r in store.list()] == [("r1", "done"), ("r2", "pending"),
-                                                               ("r3", "failed")]
+                                                               ("r3", "rejected")]
     with pytest.raises(InputError, match="already exists \\(state done"):
         store.submit(_req("r1"))
     assert store.record_uri(store.get("r1")) == store.uri("requests/done/r1.json")
@@ -180,6 +184,10 @@ def test_cli_submit_and_list(tmp_path, capsys, monkeypatch):
     good = tmp_path / "req.json"
     good.write_text(json.dumps({"request_id": "cli-1", "target_model": "demo", "subjects": ["p0002"],
                                 "requester": "dpo", "reason": "right_to_be_forgotten"}))
+    assert main(["submit", str(good), "--root", root]) == 2  # no model `demo` in this store yet
+    assert "target_model='demo' is not a registered model" in capsys.readouterr().err
+    assert not (tmp_path / "store" / "requests").exists()
+    ServiceStore(root).register_model("demo", str(_model_folder(tmp_path / "src")), dataset_uri="/d")
     assert main(["submit", str(good), "--root", root]) == 0
     out = capsys.readouterr().out
     assert "queued cli-1" in out and str(tmp_path / "store" / "requests" / "pending" / "cli-1.json") in out
@@ -210,3 +218,35 @@ def test_cli_submit_and_list(tmp_path, capsys, monkeypatch):
 
     assert main(["schema", "request"]) == 0
     assert json.loads(capsys.readouterr().out)["title"] == "ForgetRequest"
+
+
+def test_cli_status_traces_a_request(tmp_path, capsys):
+    from mip_core.cli import main
+
+    root = str(tmp_path / "store")
+    store = ServiceStore(root)
+    for rid in ("s1", "s2", "s3"):
+        store.submit(_req(rid, model="m2" if rid == "s3" else "demo"))
+    store.claim(["s1", "s2"], "b1")
+    store.finish("s1", "done", model_version="v0002", report_uri=store.uri("batches/b1/report.md"),
+                 metrics={"before": 1.0, "after": 0.25})
+    store.finish("s2", "failed", reason="gate: retention 0.7 < 0.8")
+
+    assert main(["status", "s1", "--root", root]) == 0
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert {k: v.strip() for k, v in lines.items() if k in ("state", "batch_id", "model_version")} == {
+        "state": "done", "batch_id": "b1", "model_version": "v0002"}
+    assert "after=0.25" in lines["metrics"] and lines["record"].strip().endswith("requests/done/s1.json")
+    assert main(["status", "s2", "--root", root, "--json"]) == 0
+    trace = json.loads(capsys.readouterr().out)
+    assert trace["state"] == "failed" and trace["reason"].startswith("gate:") and trace["model_version"] is None
+    assert trace["submitted_at"] <= trace["claimed_at"] <= trace["finished_at"]  # ISO 8601 UTC sorts as text
+    assert main(["status", "--root", root, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["by_model"] == {"demo": {"pending": 0, "claimed": 0, "done": 1, "failed": 1, "rejected": 0},
+                                   "m2": {"pending": 1, "claimed": 0, "done": 0, "failed": 0, "rejected": 0}}
+    assert summary["oldest_pending"] == store.get("s3").submitted_at.isoformat()
+    assert main(["status", "--root", root]) == 0
+    assert "m2\t1\t0\t0\t0\t0" in capsys.readouterr().out
+    assert main(["status", "nope", "--root", root]) == 2
+    assert "`mip requests` lists the known ones" in capsys.readouterr().err
