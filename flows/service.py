@@ -13,24 +13,36 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.params import ServiceSpec
+from mip_core.errors import InputError
 from mip_core.service.requests import ForgetRequest
 from mip_core.service.store import ServiceStore
 from tasks.service import (attribute_task, claim_pending, claim_requests, close_task, edit_task, gate_task,
-                           plan_batch_task, publish_task, reduce_task, summarize_task)
+                           load_checkpoint, plan_batch_task, publish_task, reduce_task, save_checkpoint,
+                           summarize_task)
 
 
 @flow(name="process-batch", flow_run_name="batch-{batch_id}")
 def process_batch(batch_id: str, spec: ServiceSpec) -> dict[str, Any]:
-    """Run one claimed batch to its end; returns the version published (or None) and the report URI."""
+    """Run one claimed batch to its end; returns the version published (or None) and the report URI.
+
+    Each completed step leaves a checkpoint in ``batches/<id>/steps/``; running a batch again (after its process
+    was killed) resumes after the last completed step: no second attribution, edit or published version."""
     timings: dict[str, float] = {}
     state: dict[str, Any] = {"version": None, "gate": None, "shards": None}
 
     def step(name: str, fn: Any, *args: Any) -> Any:
+        earlier = load_checkpoint(spec.root, batch_id, name)
+        if earlier is not None:
+            get_run_logger().info("batch %s: %s already done in an earlier run, resuming after it", batch_id, name)
+            timings[name] = earlier["seconds"]
+            return earlier["result"]
         t0 = time.perf_counter()
         try:
-            return fn(*args)
+            result = fn(*args)
         finally:
             timings[name] = round(time.perf_counter() - t0, 2)
+        save_checkpoint(spec.root, batch_id, name, result, timings[name])
+        return result
 
     error = None
     try:
@@ -69,10 +81,18 @@ def nightly_unlearning(spec: ServiceSpec | None = None) -> list[dict[str, Any]]:
 
 
 @flow(name="unlearn-batch")
-def unlearn_batch(request_ids: list[str], spec: ServiceSpec | None = None) -> dict[str, Any]:
-    """Run the given pending requests now, as one batch."""
+def unlearn_batch(request_ids: list[str] | None = None, spec: ServiceSpec | None = None,
+                  batch_id: str | None = None) -> dict[str, Any]:
+    """Run the given pending requests now, as one batch; or, with ``batch_id``, resume a batch whose run was
+    killed (its requests still claimed) from its last completed step."""
     spec = spec or ServiceSpec()
-    return process_batch(claim_requests(spec.root, request_ids), spec)
+    request_ids = request_ids or None  # the deployment's default is an empty list
+    if (request_ids is None) == (batch_id is None):
+        raise InputError("unlearn-batch: give request_ids (a new batch) or batch_id (resume one), not both")
+    if batch_id is not None and not [r for r in ServiceStore(spec.root).list("claimed") if r.batch_id == batch_id]:
+        raise InputError(f"batch_id={batch_id!r} has no claimed requests: it finished (see `mip report "
+                         f"{batch_id}`) or never existed; nothing to resume")
+    return process_batch(batch_id or claim_requests(spec.root, request_ids), spec)
 
 
 @flow(name="submit-request")

@@ -274,9 +274,14 @@ def _status(args: argparse.Namespace) -> None:
         counts[r.request.target_model][r.state] += 1
     pending = [r for r in records if r.state == "pending"]
     oldest = min((r.submitted_at for r in pending), default=None)
+    claimed: dict[str, int] = {}
+    for r in records:
+        if r.state == "claimed":
+            claimed[str(r.batch_id)] = claimed.get(str(r.batch_id), 0) + 1
     if args.json:
         print(json.dumps({"root": store.root, "by_model": counts, "total": len(records),
-                          "oldest_pending": oldest.isoformat() if oldest else None}, indent=1))
+                          "oldest_pending": oldest.isoformat() if oldest else None, "claimed_batches": claimed},
+                         indent=1))
         return
     print(f"store {store.root}: {len(records)} request(s)")
     print("model\t" + "\t".join(STATES))
@@ -284,6 +289,9 @@ def _status(args: argparse.Namespace) -> None:
         print(model + "\t" + "\t".join(str(row[s]) for s in STATES))
     if oldest is not None:
         print(f"oldest pending: submitted {oldest.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
+    for batch, n in sorted(claimed.items()):
+        print(f"batch {batch}: {n} claimed request(s); if its run is gone, resume it with the unlearn-batch "
+              f"deployment and batch_id={batch}")
 
 
 def _models_register(args: argparse.Namespace) -> None:

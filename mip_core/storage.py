@@ -19,6 +19,15 @@ def is_remote(uri: str) -> bool:
     return protocol not in ("file", "local")
 
 
+def s3_max_attempts() -> int:
+    """Attempts per S3 call (first try included) before an error reaches the caller: ``$MIP_S3_MAX_ATTEMPTS``,
+    default 5 (about 10 s of backoff against a dead endpoint; Prefect's step retries cover longer outages)."""
+    raw = os.environ.get("MIP_S3_MAX_ATTEMPTS", "5")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"MIP_S3_MAX_ATTEMPTS={raw!r} must be a positive integer")
+    return int(raw)
+
+
 def storage_options(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
     """Options for ``fsspec`` on ``uri``: for S3, the endpoint (argument, then environment) and path-style URLs.
 
@@ -28,7 +37,9 @@ def storage_options(uri: str, endpoint_url: str | None = None) -> dict[str, Any]
     if not uri.startswith(("s3://", "s3a://")):
         return {}
     endpoint = endpoint_url or os.environ.get("MIP_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-    options: dict[str, Any] = {"config_kwargs": {"s3": {"addressing_style": "path"}}}
+    # botocore's "standard" retry mode: exponential backoff with jitter on throttling, 5xx and connection errors
+    options: dict[str, Any] = {"config_kwargs": {"s3": {"addressing_style": "path"},
+                                                 "retries": {"mode": "standard", "max_attempts": s3_max_attempts()}}}
     if endpoint:
         options["endpoint_url"] = endpoint
     return options

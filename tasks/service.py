@@ -77,6 +77,19 @@ def claim_pending(root: str, target_model: str | None, max_requests: int) -> lis
     return batches
 
 
+def load_checkpoint(root: str, batch_id: str, step: str) -> dict[str, Any] | None:
+    """``{"result", "seconds"}`` if ``step`` of ``batch_id`` completed in an earlier run, else None."""
+    store = ServiceStore(root)
+    key = store.batch_key(batch_id, "steps", f"{step}.json")
+    return store.read_json(key) if store.exists(key) else None
+
+
+def save_checkpoint(root: str, batch_id: str, step: str, result: Any, seconds: float) -> None:
+    """Record that ``step`` completed, with its (small, JSON) result: a re-run resumes after it."""
+    store = ServiceStore(root)
+    store.write_json(store.batch_key(batch_id, "steps", f"{step}.json"), {"result": result, "seconds": seconds})
+
+
 @task(name="claim-requests", **IO_RETRIES)
 def claim_requests(root: str, request_ids: list[str]) -> str:
     """Claim the given pending requests (one target model) as a new batch; returns its id."""
@@ -182,6 +195,14 @@ def publish_task(root: str, batch_id: str, edited_uri: str, graph_uri: str) -> s
     """Copy the gated model to ``models/<name>/<version>/`` with its lineage and move the pointer to it."""
     store = ServiceStore(root)
     m = manifest_of(store, batch_id)
+    for existing in store.versions(m.target_model):  # a re-run after a crash mid-publish: never publish twice
+        info = store.model_info(m.target_model, existing) if store.exists(
+            f"{store.model_key(m.target_model, existing)}/lineage.json") else {}
+        if info.get("batch_id") == batch_id:
+            if store.current_version(m.target_model) != existing:
+                store.set_current(m.target_model, existing)
+            get_run_logger().info("batch %s was already published as %s", batch_id, existing)
+            return existing
     version = store.register_model(
         m.target_model, edited_uri, dataset_uri=m.dataset_uri,
         card=f"# {m.target_model}\n\nEdited by MIP-Editor batch `{batch_id}` from version `{m.base_version}`: "
@@ -202,6 +223,8 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
     failed_items = {i for s in (shards or []) for i, _ in s.get("failures", [])}
     per_request = (gate or {}).get("per_request", {})
     for request_id in m.accepted:
+        if store.get(request_id).state != "claimed":  # closed by an earlier, interrupted run of this batch
+            continue
         n_ok = sum(1 for i in m.items_of.get(request_id, ()) if i not in failed_items)
         if version and n_ok:
             store.finish(request_id, "done", model_version=version, report_uri=store.uri(report_key),

@@ -17,20 +17,24 @@ an expiry (``mip_core.service.lease``), so two runs at once never claim the same
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import HTTPClientError
 
 from pydantic import BaseModel, ValidationError
 
 from mip_core.errors import ArtifactError, InputError
-from mip_core.storage import filesystem, is_remote
+from mip_core.storage import filesystem, is_remote, s3_max_attempts
 
 from .requests import ID_PATTERN, ID_RULE, STATES, ForgetRequest, RequestRecord, RequestState, utc_now
 
@@ -43,6 +47,36 @@ CURRENT_FILE = "CURRENT.json"
 LINEAGE_FILE = "lineage.json"
 CARD_FILE = "model_card.md"
 _COPY_CHUNK = 16 << 20  # bytes per read while copying model files
+
+
+class StoreUnavailable(ArtifactError):
+    """The store's endpoint could not be reached, after the S3 client's own retries with backoff."""
+
+
+# What an unreachable endpoint raises through s3fs/botocore (connection refused, timeouts, dropped connections);
+# everything else (a missing key, access denied) is a real answer from the server and passes through unchanged.
+_UNREACHABLE: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, BotoConnectionError,
+                                                 HTTPClientError)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _io(fn: _F) -> _F:
+    """Turn an unreachable endpoint into one :class:`StoreUnavailable` that names the store, the endpoint and
+    the fix (the raw botocore message names only a URL)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: ServiceStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except _UNREACHABLE as exc:
+            endpoint = self.endpoint_url or os.environ.get("MIP_S3_ENDPOINT_URL") or "the default AWS endpoint"
+            raise StoreUnavailable(
+                f"the service store {self.root} is unreachable at {endpoint} ({fn.__name__.strip('_')}): "
+                f"{type(exc).__name__}: {exc}. The S3 client retried {s3_max_attempts()} times with backoff; "
+                "check that the server is up and MIP_S3_ENDPOINT_URL / AWS_* are right. A Prefect step retries "
+                "this on its own; nothing was changed by the failed call") from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_id(value: str, what: str) -> str:
@@ -118,6 +152,7 @@ class ServiceStore:
             pass
         self._bucket_checked = True
 
+    @_io
     def write_bytes(self, key: str, data: bytes) -> str:
         """Write ``data`` at ``key`` atomically; returns the URI."""
         path = self._path(key)
@@ -133,6 +168,7 @@ class ServiceStore:
             raise
         return path
 
+    @_io
     def create_bytes(self, key: str, data: bytes) -> bool:
         """Write ``data`` at ``key`` only if nothing is there yet; False if something is (exactly one of
         several racing writers gets True). Locally a hard link of a finished temporary file (``link`` fails
@@ -154,6 +190,7 @@ class ServiceStore:
         finally:
             os.unlink(tmp)
 
+    @_io
     def read_bytes(self, key: str) -> bytes:
         path = self._path(key)
         try:
@@ -176,12 +213,14 @@ class ServiceStore:
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_text(key))
 
+    @_io
     def exists(self, key: str) -> bool:
         path = self._path(key)
         if self.remote:
             self.fs.invalidate_cache(path)
         return bool(self.fs.exists(path))
 
+    @_io
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
@@ -189,6 +228,7 @@ class ServiceStore:
         except FileNotFoundError:
             pass
 
+    @_io
     def _list(self, key: str) -> list[str]:
         """Full paths directly under ``key`` (files and folders); empty if it does not exist."""
         path = self._path(key)
@@ -205,6 +245,7 @@ class ServiceStore:
     def _record_key(state: str, request_id: str) -> str:
         return f"requests/{state}/{request_id}.json"
 
+    @_io
     def _read_record(self, state: str, request_id: str) -> RequestRecord | None:
         key = self._record_key(state, request_id)
         try:
@@ -286,6 +327,7 @@ class ServiceStore:
         out = [r for r in by_id.values() if target_model is None or r.request.target_model == target_model]
         return sorted(out, key=lambda r: (r.submitted_at, r.request_id))
 
+    @_io
     def _cat_many(self, paths: list[str]) -> dict[str, bytes | None]:
         """Contents of ``paths`` (concurrent GETs on S3); None for a file that vanished meanwhile."""
         if self.remote:
@@ -399,6 +441,7 @@ class ServiceStore:
         pointer = {"version": version, "published_at": _iso(utc_now()), **extra}
         return self.write_json(f"{self.model_key(name)}/{CURRENT_FILE}", pointer)
 
+    @_io
     def _copy_tree(self, source_uri: str, dest_key: str) -> int:
         """Copy every file under ``source_uri`` (a folder or fsspec URI) to ``dest_key``; returns how many."""
         src_fs, src = filesystem(source_uri, self.endpoint_url)
@@ -476,4 +519,4 @@ def _default_card(lineage: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["CARD_FILE", "CURRENT_FILE", "LINEAGE_FILE", "ServiceStore", "check_id"]
+__all__ = ["CARD_FILE", "CURRENT_FILE", "LINEAGE_FILE", "ServiceStore", "StoreUnavailable", "check_id"]

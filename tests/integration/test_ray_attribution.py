@@ -158,3 +158,30 @@ def test_shards_on_s3_with_model_and_benchmark_on_s3(world, s3_endpoint):
     # both actors share one host cache: one folder per remote prefix, no leftover temp folder
     cached = sorted(p.name for p in (world["root"] / "cache" / "ray").iterdir() if p.is_dir())
     assert len(cached) == 2 and not any(".tmp-" in name for name in cached)
+
+
+def test_an_actor_killed_with_its_shard_is_replaced_and_the_shard_retried(world, tmp_path):
+    """SIGKILL one actor's process right after the pool reports ready, as the shards are dispatched: its shard
+    fails with the actor's death, a replacement actor takes it, and the graph is the single-process one."""
+    import psutil
+
+    killed: list[int] = []
+
+    def log_and_kill(line: str) -> None:
+        logs.append(line)
+        if "actors ready" in line and not killed:
+            victims = [p for p in psutil.process_iter(["pid", "cmdline"])
+                       if (p.info["cmdline"] or [""])[0].startswith("ray::AttributionActor")]
+            assert len(victims) == 2, [p.info for p in victims]
+            victims[0].kill()
+            victims[0].wait(10)
+            killed.append(victims[0].pid)
+
+    logs: list[str] = []
+    results = attribute_batch(world["model"], world["bench"], world["pairs"], str(tmp_path / "shards"),
+                              run_id="b5", n_actors=2, attribution_cfg=CFG, log=log_and_kill)
+    assert killed and any("retrying once" in line and "ActorDied" in line for line in logs), logs
+    assert [r.shard for r in results] == [0, 1] and all(r.failures == () for r in results)
+    assert str(killed[0]) not in {r.actor.rsplit(":", 1)[-1] for r in results}  # the dead one did no shard
+    graph = reduce_paths(read_item_paths([r.uri for r in results]), run_id="b5")
+    assert_same_graph(graph, _reference(world, "b5"))

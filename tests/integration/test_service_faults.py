@@ -7,6 +7,7 @@ tiny model; the store is a local folder (the S3 path is covered by test_service_
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 
@@ -95,3 +96,145 @@ def test_a_crashing_step_fails_every_request_and_publishes_nothing(harness, trai
     report = store.read_text(store.batch_key(batch_id, "report.md"))
     assert "**failed**: edit step failed" in report and str(caught.value).endswith(
         store.uri(store.batch_key(batch_id, "report.md")))
+
+
+class Killed(BaseException):
+    """Stands in for the flow process being killed: not an ``Exception``, so nothing in the flow catches it, the
+    batch is not closed and its requests stay claimed, as after a SIGKILL."""
+
+
+def test_a_killed_run_resumes_after_its_last_completed_step(harness, trained_tiny, tmp_path, monkeypatch):
+    import flows.service as service_flows
+    import tasks.service as service_tasks
+    from flows.params import ServiceSpec
+    from flows.service import unlearn_batch
+    from mip_core.errors import InputError
+
+    store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
+    spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 30}},
+                       gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0})
+    calls = {"attribute": 0, "edit": 0}
+    real_attribute, real_launch, real_save = (service_tasks.attribute_batch, service_tasks.launch_edit,
+                                              service_flows.save_checkpoint)
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(service_tasks, "attribute_batch", counted("attribute", real_attribute))
+    # run 1: killed as the edit job starts
+    monkeypatch.setattr(service_tasks, "launch_edit", kill)
+    with pytest.raises(Killed):
+        unlearn_batch(ids, spec)
+    [batch_id] = {store.get(r).batch_id for r in ids}
+    assert [store.get(r).state for r in ids] == ["claimed", "claimed"]  # nothing closed, nothing lost
+    steps = tmp_path / "store" / "batches" / batch_id / "steps"
+    assert sorted(p.stem for p in steps.glob("*.json")) == ["attribute", "plan", "reduce"]
+
+    # run 2: resumed; killed after the model was published but before that step was recorded
+    monkeypatch.setattr(service_tasks, "launch_edit", counted("edit", real_launch))
+
+    def save_then_die_at_publish(root, batch, step, result, seconds):
+        if step == "publish":
+            raise Killed
+        real_save(root, batch, step, result, seconds)
+
+    monkeypatch.setattr(service_flows, "save_checkpoint", save_then_die_at_publish)
+    with pytest.raises(Killed):
+        unlearn_batch(batch_id=batch_id, spec=spec)
+    assert store.versions("tiny") == ["v0001", "v0002"] and [store.get(r).state for r in ids] == ["claimed"] * 2
+
+    # run 3: resumed again; publish finds its own version instead of making v0003, then every request closes
+    monkeypatch.setattr(service_flows, "save_checkpoint", real_save)
+    result = unlearn_batch(batch_id=batch_id, spec=spec)
+    assert result["version"] == "v0002" and store.versions("tiny") == ["v0001", "v0002"]
+    assert calls == {"attribute": 1, "edit": 1}  # no step ran twice
+    for rid in ids:
+        record = store.get(rid)
+        assert (record.state, record.model_version, record.batch_id) == ("done", "v0002", batch_id)
+    assert store.model_info("tiny")["batch_id"] == batch_id
+    with pytest.raises(InputError, match="nothing to resume"):
+        unlearn_batch(batch_id=batch_id, spec=spec)
+
+
+def test_an_s3_outage_is_retried_and_a_long_one_fails_clearly(harness, monkeypatch):
+    """The store's S3 server goes away. Back within the step's retry delay: the claim succeeds on a retry. Gone
+    for good: the step fails with the store's name and the fix, and the queue is untouched."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from mip_core.service.store import StoreUnavailable
+    from tasks.service import claim_pending, transient
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MIP_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("MIP_S3_MAX_ATTEMPTS", "1")  # no client-side retries: the step's retry must do it
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    root = "s3://mip-outage/svc"
+    store = ServiceStore(root)
+    for k in range(2):
+        store.submit(ForgetRequest(request_id=f"o-{k}", target_model="tiny", subjects=["p0001"], requester="t",
+                                   reason="privacy"))
+
+    def restart() -> None:
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+        servers[-1].start()  # moto keeps its data in this process: the bucket is still there
+
+    def back_after_first_failure(task, task_run, state) -> bool:
+        """The task's own retry condition, and the outage ends as the first attempt has failed."""
+        if len(servers) == 1:
+            restart()
+        return transient(task, task_run, state)
+
+    condition = {"fn": back_after_first_failure}
+
+    @flow
+    def claim(delays: list[float]) -> list[str]:
+        return claim_pending.with_options(retries=2, retry_delay_seconds=delays,
+                                          retry_condition_fn=condition["fn"])(root, None, 10)
+
+    try:
+        # a short outage: down until the first attempt has failed; the retry a second later succeeds
+        servers[0].stop()
+        state = claim([1.0, 1.0], return_state=True)
+        assert state.is_completed(), state
+        [batch_id] = state.result()
+        assert sorted(r.request_id for r in store.list("claimed")) == ["o-0", "o-1"]
+        assert {r.batch_id for r in store.list("claimed")} == {batch_id}
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        assert [r.run_count for r in runs if r.name.startswith("claim-pending")] == [2]
+
+        # a long outage: every attempt fails; one clear error, and nothing in the queue moved
+        store.submit(ForgetRequest(request_id="o-2", target_model="tiny", subjects=["p0001"], requester="t",
+                                   reason="privacy"))
+        servers[-1].stop()
+        condition["fn"] = transient
+        state = claim([0.5, 0.5], return_state=True)
+        assert state.is_failed()
+        with pytest.raises(StoreUnavailable, match=rf"s3://mip-outage/svc is unreachable at {endpoint}"):
+            state.result()
+        restart()
+        assert [r.request_id for r in store.list("pending")] == ["o-2"]
+        assert sorted(r.request_id for r in store.list("claimed")) == ["o-0", "o-1"]
+    finally:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.stop()

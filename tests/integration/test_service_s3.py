@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mip_core.service.store import ServiceStore
 
 from s3_server import S3Server
@@ -45,3 +47,25 @@ def test_lease_s3(s3_endpoint: S3Server):
     check_exclusive_create(store)
     check_lease(store)
     check_racing_claimers(store)
+
+
+def test_a_dead_endpoint_fails_clearly_and_changes_nothing(s3_endpoint: S3Server, monkeypatch):
+    """No server behind the endpoint: after the client's retries, one error naming the store, the endpoint and
+    the fix (not a bare botocore URL)."""
+    import socket
+
+    from mip_core.service.store import StoreUnavailable
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("MIP_S3_MAX_ATTEMPTS", "2")
+    store = ServiceStore("s3://mip-test/dead", endpoint_url=dead)
+    with pytest.raises(StoreUnavailable, match=rf"s3://mip-test/dead is unreachable at {dead} .*retried 2 times"
+                                               r".*MIP_S3_ENDPOINT_URL"):
+        store.list("pending")
+    with pytest.raises(StoreUnavailable, match="write_bytes"):
+        store.write_json("requests/pending/x.json", {})
+    monkeypatch.setenv("MIP_S3_MAX_ATTEMPTS", "zero")
+    with pytest.raises(ValueError, match="MIP_S3_MAX_ATTEMPTS='zero' must be a positive integer"):
+        ServiceStore("s3://mip-test/dead", endpoint_url=dead)

@@ -231,6 +231,8 @@ def test_cli_status_traces_a_request(tmp_path, capsys):
     store.finish("s1", "done", model_version="v0002", report_uri=store.uri("batches/b1/report.md"),
                  metrics={"before": 1.0, "after": 0.25})
     store.finish("s2", "failed", reason="gate: retention 0.7 < 0.8")
+    store.submit(_req("s4"))
+    store.claim(["s4"], "b2")  # its run died: still claimed
 
     assert main(["status", "s1", "--root", root]) == 0
     lines = dict(line.split(":", 1) for line in capsys.readouterr().out.strip().splitlines())
@@ -243,10 +245,12 @@ def test_cli_status_traces_a_request(tmp_path, capsys):
     assert trace["submitted_at"] <= trace["claimed_at"] <= trace["finished_at"]  # ISO 8601 UTC sorts as text
     assert main(["status", "--root", root, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["by_model"] == {"demo": {"pending": 0, "claimed": 0, "done": 1, "failed": 1, "rejected": 0},
+    assert summary["claimed_batches"] == {"b2": 1}
+    assert summary["by_model"] == {"demo": {"pending": 0, "claimed": 1, "done": 1, "failed": 1, "rejected": 0},
                                    "m2": {"pending": 1, "claimed": 0, "done": 0, "failed": 0, "rejected": 0}}
     assert summary["oldest_pending"] == store.get("s3").submitted_at.isoformat()
     assert main(["status", "--root", root]) == 0
-    assert "m2\t1\t0\t0\t0\t0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "m2\t1\t0\t0\t0\t0" in out and "batch b2: 1 claimed request(s)" in out and "batch_id=b2" in out
     assert main(["status", "nope", "--root", root]) == 2
     assert "`mip requests` lists the known ones" in capsys.readouterr().err
