@@ -38,6 +38,7 @@ BIN = Path(sys.executable).parent
 # held-out retain set of this 8-person benchmark has 15 text items, so one item moves retention by 0.067: the
 # retention floor sits two items under 0.8 (measured here on 2026-11-29: text 0.733, multimodal 0.944); the demo
 # model is held to the service's real floors (README, BENCHMARKS.md section 6).
+SECRET = "mip-e2e-secret-7f3a9c0d5b"
 SPEC = {"n_actors": 2, "launcher": "deepspeed", "ranks": 2, "attribution": {"steps": 2, "top_k": 8},
         "edit": {"rmisu": {"steps": 60, "batch_size": 4}}, "retain_limit": 40,
         "gate": {"min_forgetting": 0.4, "min_retention": 0.65, "min_utility": 0.0}}
@@ -113,7 +114,8 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
     assert out.returncode == 0, out.stdout + out.stderr
     run = run_deployment("nightly-unlearning/nightly-unlearning", parameters={"spec": {**SPEC, "root": root}},
                          timeout=0)
-    worker_env = env | {"MIP_REPO_DIR": str(ROOT), "MIP_THREADS": "1", "OMP_NUM_THREADS": "1",
+    worker_env = env | {"AWS_SECRET_ACCESS_KEY": SECRET,  # moto accepts any: this one must never be written
+                        "MIP_REPO_DIR": str(ROOT), "MIP_THREADS": "1", "OMP_NUM_THREADS": "1",
                         "GLOO_SOCKET_IFNAME": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                         "RAY_TMPDIR": ray_tmp, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
                         "MIP_CACHE_DIR": str(tmp_path / "cache")}
@@ -167,3 +169,13 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
         artifacts = client.read_artifacts()
     keys = {a.key for a in artifacts}
     assert f"batch-{batch_id.lower()}" in keys and "nightly-unlearning" in keys
+
+    # 7. the worker's S3 secret is in no stored object, no line the worker printed, no Prefect log or artifact
+    fs.invalidate_cache()
+    stored = fs.find(root.removeprefix("s3://"))
+    assert len(stored) > 20 and not [p for p in stored if SECRET.encode() in fs.cat_file(p)]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs()
+    assert logs and not any(SECRET in log.message for log in logs)
+    assert not any(SECRET in (a.data or "") for a in artifacts)
+    assert SECRET not in worker.stdout + worker.stderr

@@ -238,3 +238,49 @@ def test_an_s3_outage_is_retried_and_a_long_one_fails_clearly(harness, monkeypat
         for server in servers:
             with contextlib.suppress(Exception):
                 server.stop()
+
+
+@pytest.mark.timeout(900)
+def test_a_crashing_deepspeed_rank_fails_the_step_and_publishes_nothing(harness, trained_tiny, tmp_path):
+    """SIGKILL rank 1 of the 2-rank DeepSpeed edit job, on the first attempt and on the step's retry. Policy: the
+    edit step fails after its retry, nothing is published, and every request of the batch ends ``failed`` with
+    the job's exit and log tail (a failed request can be resubmitted as is)."""
+    import threading
+
+    import psutil
+
+    from flows.params import ServiceSpec
+    from flows.service import unlearn_batch
+
+    store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
+    spec = ServiceSpec(root=store.root, **{**BASE, "launcher": "deepspeed"}, ranks=2,
+                       edit={"rmisu": {"steps": 400}})
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_rank_one() -> None:
+        while not stop.wait(0.2):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if "mip_core.entrypoints.edit" in cmd and "--local_rank=1" in cmd and proc.pid not in killed:
+                    killed.append(proc.pid)
+                    stop.wait(1.0)  # let it start (load the model, join the process group), then kill it
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        proc.kill()
+
+    watcher = threading.Thread(target=kill_rank_one, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"edit step failed: EditJobError: edit job exited with code"):
+            unlearn_batch(ids, spec)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert len(killed) == 2  # the first attempt and the step's one retry
+    assert store.versions("tiny") == ["v0001"] and store.current_version("tiny") == "v0001"
+    for rid in ids:
+        record = store.get(rid)
+        assert record.state == "failed" and "edit job exited with code" in record.reason, record
+    [batch_id] = {store.get(rid).batch_id for rid in ids}
+    log = (tmp_path / "store" / "batches" / batch_id / "logs" / "edit.log").read_text()
+    assert sum(line.startswith("$ ") for line in log.splitlines()) == 2  # both attempts are in the kept log
