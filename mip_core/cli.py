@@ -270,14 +270,12 @@ def _status(args: argparse.Namespace) -> None:
         return
     records = store.list()
     counts = {model: dict.fromkeys(STATES, 0) for model in sorted({r.request.target_model for r in records})}
+    claimed: dict[str, int] = {}  # batch id -> its requests still claimed (a run that may have died)
     for r in records:
         counts[r.request.target_model][r.state] += 1
-    pending = [r for r in records if r.state == "pending"]
-    oldest = min((r.submitted_at for r in pending), default=None)
-    claimed: dict[str, int] = {}
-    for r in records:
         if r.state == "claimed":
             claimed[str(r.batch_id)] = claimed.get(str(r.batch_id), 0) + 1
+    oldest = min((r.submitted_at for r in records if r.state == "pending"), default=None)
     if args.json:
         print(json.dumps({"root": store.root, "by_model": counts, "total": len(records),
                           "oldest_pending": oldest.isoformat() if oldest else None, "claimed_batches": claimed},

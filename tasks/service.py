@@ -195,14 +195,12 @@ def publish_task(root: str, batch_id: str, edited_uri: str, graph_uri: str) -> s
     """Copy the gated model to ``models/<name>/<version>/`` with its lineage and move the pointer to it."""
     store = ServiceStore(root)
     m = manifest_of(store, batch_id)
-    for existing in store.versions(m.target_model):  # a re-run after a crash mid-publish: never publish twice
-        info = store.model_info(m.target_model, existing) if store.exists(
-            f"{store.model_key(m.target_model, existing)}/lineage.json") else {}
-        if info.get("batch_id") == batch_id:
-            if store.current_version(m.target_model) != existing:
-                store.set_current(m.target_model, existing)
-            get_run_logger().info("batch %s was already published as %s", batch_id, existing)
-            return existing
+    existing = store.version_of_batch(m.target_model, batch_id)  # a re-run after a crash mid-publish
+    if existing is not None:
+        if store.current_version(m.target_model) != existing:
+            store.set_current(m.target_model, existing)
+        get_run_logger().info("batch %s was already published as %s", batch_id, existing)
+        return existing
     version = store.register_model(
         m.target_model, edited_uri, dataset_uri=m.dataset_uri,
         card=f"# {m.target_model}\n\nEdited by MIP-Editor batch `{batch_id}` from version `{m.base_version}`: "

@@ -21,11 +21,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from mip_core.errors import MipError
 
-from .requests import utc_now
+from .requests import iso_utc, utc_now
 from .store import ServiceStore, check_id
 
 _KEEP_GENERATIONS = 8  # older lease files are pruned: the last few stay for the audit trail
@@ -48,10 +48,6 @@ class Lease:
         return _parse(self.expires_at) <= (now or utc_now())
 
 
-def _iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
 def _parse(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -67,11 +63,9 @@ def _key(name: str, generation: int | None = None) -> str:
 
 def current(store: ServiceStore, name: str) -> Lease | None:
     """The latest lease record of ``name`` (held, expired or released), or None if it was never taken."""
-    generations = sorted(int(p.rsplit("/", 1)[-1][:-5]) for p in store._list(_key(name))
-                         if p.endswith(".json") and p.rsplit("/", 1)[-1][:-5].isdigit())
-    if not generations:
-        return None
-    return Lease(**store.read_json(_key(name, generations[-1])))
+    stems = (p.rsplit("/", 1)[-1].removesuffix(".json") for p in store._list(_key(name)) if p.endswith(".json"))
+    generations = [int(stem) for stem in stems if stem.isdigit()]
+    return Lease(**store.read_json(_key(name, max(generations)))) if generations else None
 
 
 def acquire(store: ServiceStore, name: str, *, ttl_s: float = 600.0, owner: str | None = None,
@@ -89,7 +83,7 @@ def acquire(store: ServiceStore, name: str, *, ttl_s: float = 600.0, owner: str 
         now = utc_now()
         if latest is None or latest.released_at is not None or latest.expired(now):
             generation = 1 if latest is None else latest.generation + 1
-            lease = Lease(name, generation, owner, _iso(now), _iso(now + timedelta(seconds=ttl_s)))
+            lease = Lease(name, generation, owner, iso_utc(now), iso_utc(now + timedelta(seconds=ttl_s)))
             if store.create_bytes(_key(name, generation), json.dumps(asdict(lease), indent=1).encode()):
                 if generation > _KEEP_GENERATIONS:
                     store.delete(_key(name, generation - _KEEP_GENERATIONS))
@@ -107,7 +101,7 @@ def release(store: ServiceStore, lease: Lease) -> bool:
     latest = current(store, lease.name)
     if latest is None or latest.generation != lease.generation:
         return False
-    store.write_json(_key(lease.name, lease.generation), asdict(lease) | {"released_at": _iso(utc_now())})
+    store.write_json(_key(lease.name, lease.generation), asdict(lease) | {"released_at": iso_utc(utc_now())})
     return True
 
 

@@ -53,6 +53,11 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def iso_utc(t: datetime) -> str:
+    """``2026-11-29T03:55:28.062342Z``: how the store writes timestamps."""
+    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 class ForgetItem(BaseModel):
     """One fact to forget: a dataset item id, or the question (plus optional answer/image to disambiguate).
 
@@ -182,6 +187,6 @@ def schema_text() -> str:
 
 __all__ = [
     "ID_PATTERN", "MAX_ITEMS", "MAX_SUBJECTS", "REASONS", "SCHEMA_FILE", "STATES", "ForgetItem",
-    "ForgetRequest", "RequestRecord", "RequestState", "format_validation_error", "new_request_id",
+    "ForgetRequest", "RequestRecord", "RequestState", "format_validation_error", "iso_utc", "new_request_id",
     "parse_request", "request_json_schema", "schema_text", "utc_now",
 ]

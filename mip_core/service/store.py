@@ -25,18 +25,16 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import HTTPClientError
-
 from pydantic import BaseModel, ValidationError
 
 from mip_core.errors import ArtifactError, InputError
 from mip_core.storage import filesystem, is_remote, s3_max_attempts
 
-from .requests import ID_PATTERN, ID_RULE, STATES, ForgetRequest, RequestRecord, RequestState, utc_now
+from .requests import ID_PATTERN, ID_RULE, STATES, ForgetRequest, RequestRecord, RequestState, iso_utc, utc_now
 
 _ID = re.compile(ID_PATTERN)
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -100,10 +98,6 @@ def _temp_file_beside(path: str, data: bytes) -> str:
         os.unlink(tmp)
         raise
     return tmp
-
-
-def _iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 class ServiceStore:
@@ -280,7 +274,7 @@ class ServiceStore:
         existing = self._find(req.request_id)
         if existing is not None:
             raise InputError(f"request_id={req.request_id!r} already exists (state {existing.state}, "
-                             f"submitted {_iso(existing.submitted_at)}); omit request_id to get a fresh one, "
+                             f"submitted {iso_utc(existing.submitted_at)}); omit request_id to get a fresh one, "
                              "or choose another")
         record = RequestRecord(request=req, state="pending", submitted_at=utc_now())
         self._write_record(record)
@@ -438,7 +432,7 @@ class ServiceStore:
         if version not in self.versions(name):
             raise InputError(f"model {name!r} has no version {version!r} (has {self.versions(name)}); "
                              "register it first")
-        pointer = {"version": version, "published_at": _iso(utc_now()), **extra}
+        pointer = {"version": version, "published_at": iso_utc(utc_now()), **extra}
         return self.write_json(f"{self.model_key(name)}/{CURRENT_FILE}", pointer)
 
     @_io
@@ -483,13 +477,21 @@ class ServiceStore:
         n_files = self._copy_tree(source_uri, key)
         record: dict[str, Any] = {
             "name": name, "version": version, "uri": self.uri(key), "source_uri": source_uri,
-            "dataset_uri": dataset_uri, "parent_version": parent, "registered_at": _iso(utc_now()),
+            "dataset_uri": dataset_uri, "parent_version": parent, "registered_at": iso_utc(utc_now()),
             "n_files": n_files, **(lineage or {}),
         }
         self.write_json(f"{key}/{LINEAGE_FILE}", record)
         self.write_text(f"{key}/{CARD_FILE}", card or _default_card(record))
         self.set_current(name, version)
         return version
+
+    def version_of_batch(self, name: str, batch_id: str) -> str | None:
+        """The version of ``name`` whose lineage records ``batch_id`` (a batch publishes at most one), or None."""
+        for version in self.versions(name):
+            key = f"{self.model_key(name, version)}/{LINEAGE_FILE}"
+            if self.exists(key) and self.read_json(key).get("batch_id") == batch_id:
+                return version
+        return None
 
     def model_info(self, name: str, version: str | None = None) -> dict[str, Any]:
         """``lineage.json`` of ``version`` (default: the current one) of model ``name``."""
