@@ -78,3 +78,6 @@ class ServiceSpec(BaseModel):
     retain_limit: int = Field(120, ge=1, description="Other people's items the edit holds against; as many "
                                                       "others (held out) are scored by the gate.")
     gate: GateSpec = Field(default_factory=GateSpec)
+    run_lease_ttl_s: float = Field(600, ge=1, description="A run renews its lease every ttl/4 seconds; a batch "
+                                   "whose run stopped renewing for this long (killed process, lost node) is "
+                                   "resumed by the next nightly run.")

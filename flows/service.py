@@ -2,7 +2,8 @@
 
 A batch is a recipe of storage-keyed steps: plan -> attribute (Ray) -> reduce -> edit (DeepSpeed) -> evaluate and
 gate -> publish -> close. Whatever happens, ``close`` gives every claimed request a terminal record (done, or
-failed with the reason), so no request is lost; a failed step still fails the run, so operators see it.
+failed with the reason), so no request is lost; a failed step still fails the run, so operators see it. A run
+whose process dies leaves its batch claimed; its lease lapses and the next run resumes the batch (``runs``).
 """
 
 from __future__ import annotations
@@ -11,22 +12,32 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from flows.params import ServiceSpec
 from mip_core.errors import InputError
 from mip_core.service.requests import ForgetRequest
+from mip_core.service.runs import BatchTakenOver, RunLease, check_owner, new_run_id
 from mip_core.service.store import ServiceStore
-from tasks.service import (attribute_task, claim_pending, claim_requests, close_task, edit_task, gate_task,
-                           load_checkpoint, plan_batch_task, publish_task, reduce_task, save_checkpoint,
+from tasks.service import (adopt_batch, attribute_task, claim_pending, claim_requests, close_task, edit_task,
+                           gate_task, load_checkpoint, plan_batch_task, publish_task, reduce_task, save_checkpoint,
                            summarize_task)
 
 
+def _run_lease(spec: ServiceSpec) -> RunLease:
+    """This run's lease, renewed while it lives: a batch it leaves claimed is resumed by the next run."""
+    return RunLease(ServiceStore(spec.root), ttl_s=spec.run_lease_ttl_s, run_id=new_run_id(flow_run.get_id()))
+
+
 @flow(name="process-batch", flow_run_name="batch-{batch_id}")
-def process_batch(batch_id: str, spec: ServiceSpec) -> dict[str, Any]:
-    """Run one claimed batch to its end; returns the version published (or None) and the report URI.
+def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, Any]:
+    """Run one claimed batch, owned by run ``run_id``, to its end; returns the version published (or None) and
+    the report URI.
 
     Each completed step leaves a checkpoint in ``batches/<id>/steps/``; running a batch again (after its process
-    was killed) resumes after the last completed step: no second attribution, edit or published version."""
+    was killed) resumes after the last completed step: no second attribution, edit or published version. Before
+    each step the run checks it still owns the batch (``BatchTakenOver`` leaves the batch to its new owner)."""
+    store = ServiceStore(spec.root)
     timings: dict[str, float] = {}
     state: dict[str, Any] = {"version": None, "gate": None, "shards": None}
 
@@ -36,6 +47,7 @@ def process_batch(batch_id: str, spec: ServiceSpec) -> dict[str, Any]:
             get_run_logger().info("batch %s: %s already done in an earlier run, resuming after it", batch_id, name)
             timings[name] = earlier["seconds"]
             return earlier["result"]
+        check_owner(store, batch_id, run_id)
         t0 = time.perf_counter()
         try:
             result = fn(*args)
@@ -56,9 +68,12 @@ def process_batch(batch_id: str, spec: ServiceSpec) -> dict[str, Any]:
                              spec.gate.model_dump())
         if state["gate"]["passed"]:
             state["version"] = step("publish", publish_task, spec.root, batch_id, edited["output_uri"], graph_uri)
+    except BatchTakenOver:
+        raise  # the batch is another run's now: closing it here would race that run
     except Exception as exc:  # noqa: BLE001 - recorded on every request, then re-raised below
         error = f"{next(reversed(timings), 'plan')} step failed: {type(exc).__name__}: {exc}"
         get_run_logger().error("batch %s: %s", batch_id, error)
+    check_owner(store, batch_id, run_id)
     report = close_task(spec.root, batch_id, state["version"], state["gate"], error, timings, state["shards"])
     if error:
         raise RuntimeError(f"batch {batch_id}: {error}; report {report}")
@@ -67,10 +82,12 @@ def process_batch(batch_id: str, spec: ServiceSpec) -> dict[str, Any]:
 
 @flow(name="nightly-unlearning")
 def nightly_unlearning(spec: ServiceSpec | None = None) -> list[dict[str, Any]]:
-    """Claim all pending requests (one batch per target model) and process each batch."""
+    """Resume the batches whose run died, claim all pending requests (one batch per target model) and process
+    each batch."""
     spec = spec or ServiceSpec()
-    batches = claim_pending(spec.root, spec.target_model, spec.max_requests)
-    states = [process_batch(batch_id, spec, return_state=True) for batch_id in batches]
+    with _run_lease(spec) as run:
+        batches = claim_pending(spec.root, spec.target_model, spec.max_requests, run.run_id)
+        states = [process_batch(batch_id, spec, run.run_id, return_state=True) for batch_id in batches]
     failed = [b for b, s in zip(batches, states, strict=True) if not s.is_completed()]
     results = [s.result() for s in states if s.is_completed()]
     summarize_task(results, failed)
@@ -84,15 +101,17 @@ def nightly_unlearning(spec: ServiceSpec | None = None) -> list[dict[str, Any]]:
 def unlearn_batch(request_ids: list[str] | None = None, spec: ServiceSpec | None = None,
                   batch_id: str | None = None) -> dict[str, Any]:
     """Run the given pending requests now, as one batch; or, with ``batch_id``, resume a batch whose run was
-    killed (its requests still claimed) from its last completed step."""
+    killed (its requests still claimed) from its last completed step (refused while its run is alive)."""
     spec = spec or ServiceSpec()
     request_ids = request_ids or None  # the deployment's default is an empty list
     if (request_ids is None) == (batch_id is None):
         raise InputError("unlearn-batch: give request_ids (a new batch) or batch_id (resume one), not both")
-    if batch_id is not None and not [r for r in ServiceStore(spec.root).list("claimed") if r.batch_id == batch_id]:
-        raise InputError(f"batch_id={batch_id!r} has no claimed requests: it finished (see `mip report "
-                         f"{batch_id}`) or never existed; nothing to resume")
-    return process_batch(batch_id or claim_requests(spec.root, request_ids), spec)
+    with _run_lease(spec) as run:
+        if batch_id is None:
+            batch_id = claim_requests(spec.root, request_ids, run.run_id)
+        else:
+            adopt_batch(spec.root, batch_id, run.run_id)
+        return process_batch(batch_id, spec, run.run_id)
 
 
 @flow(name="submit-request")

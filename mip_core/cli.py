@@ -222,7 +222,8 @@ def _submit(args: argparse.Namespace) -> None:
     request = parse_request(text)  # before touching the store: an invalid request leaves the queue unchanged
     store = ServiceStore(_service_root(args))
     store.check_target(request)
-    record = store.submit(request)
+    record = store.submit(request, base_dir=None if args.file == "-"  # relative image paths: beside the file
+                          else os.path.dirname(os.path.abspath(args.file)))
     print(f"queued {record.request_id} ({record.request.target_model}, "
           f"{len(request.subjects)} subject(s), {len(request.items)} item(s)): {store.record_uri(record)}")
 
@@ -248,6 +249,7 @@ def _requests(args: argparse.Namespace) -> None:
 def _status(args: argparse.Namespace) -> None:
     """One request's trace from submission to its terminal state, or a summary of the whole queue."""
     from mip_core.service.requests import STATES
+    from mip_core.service.runs import batch_owner_state
     from mip_core.service.store import ServiceStore
 
     store = ServiceStore(_service_root(args))
@@ -276,9 +278,11 @@ def _status(args: argparse.Namespace) -> None:
         if r.state == "claimed":
             claimed[str(r.batch_id)] = claimed.get(str(r.batch_id), 0) + 1
     oldest = min((r.submitted_at for r in records if r.state == "pending"), default=None)
+    owners = {batch: batch_owner_state(store, batch) for batch in sorted(claimed)}
     if args.json:
         print(json.dumps({"root": store.root, "by_model": counts, "total": len(records),
-                          "oldest_pending": oldest.isoformat() if oldest else None, "claimed_batches": claimed},
+                          "oldest_pending": oldest.isoformat() if oldest else None,
+                          "claimed_batches": {b: {"claimed": n, **owners[b]} for b, n in sorted(claimed.items())}},
                          indent=1))
         return
     print(f"store {store.root}: {len(records)} request(s)")
@@ -288,8 +292,11 @@ def _status(args: argparse.Namespace) -> None:
     if oldest is not None:
         print(f"oldest pending: submitted {oldest.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
     for batch, n in sorted(claimed.items()):
-        print(f"batch {batch}: {n} claimed request(s); if its run is gone, resume it with the unlearn-batch "
-              f"deployment and batch_id={batch}")
+        owner = owners[batch]
+        print(f"batch {batch}: {n} claimed request(s); " + (
+            f"run {owner['owner']} is processing it (lease renewed until {owner['expires_at']})" if owner["alive"]
+            else f"its run ({owner['owner'] or 'unknown'}) is gone: the next nightly run resumes it, or now: "
+                 f"the unlearn-batch deployment with batch_id={batch}"))
 
 
 def _models_register(args: argparse.Namespace) -> None:

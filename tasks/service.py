@@ -8,12 +8,16 @@ storage. Retries sit on the decorators: I/O-bound steps retry; the attribution a
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.states import Crashed
 
 from mip_core.benchmark import load_benchmark
 from mip_core.entrypoints.edit import EditSpec
@@ -24,8 +28,9 @@ from mip_core.paths import reduce_paths
 from mip_core.results import read_item_paths, write_path_graph
 from mip_core.service.batch import BatchManifest, plan_batch
 from mip_core.service.gate import GateConfig, evaluate_and_gate, format_decision
-from mip_core.service.lease import hold
+from mip_core.service.lease import LeaseHeld, hold
 from mip_core.service.report import batch_report
+from mip_core.service.runs import adopt, claimed_batches, orphaned_batches, write_claim
 from mip_core.service.store import ServiceStore
 from tasks.actors import attribute_batch, attribution_config
 from tasks.launch import launch_edit
@@ -58,11 +63,18 @@ def manifest_of(store: ServiceStore, batch_id: str) -> BatchManifest:
 
 
 @task(name="claim-pending", **IO_RETRIES)
-def claim_pending(root: str, target_model: str | None, max_requests: int) -> list[str]:
-    """Claim every pending request, one new batch per target model; returns the batch ids."""
+def claim_pending(root: str, target_model: str | None, max_requests: int, run_id: str) -> list[str]:
+    """Adopt the batches whose run died (oldest first), then claim every pending request, one new batch per target
+    model; returns the batch ids, all now owned by ``run_id``."""
     store = ServiceStore(root)
     batches = []
     with hold(store, CLAIM_LEASE, ttl_s=CLAIM_TTL_S, wait_s=CLAIM_WAIT_S):  # one claimer at a time
+        for batch_id in orphaned_batches(store, target_model):
+            claim = adopt(store, batch_id, run_id)
+            get_run_logger().warning("batch %s: its run %s is gone; resuming it after its last completed step",
+                                     batch_id, claim["adopted_from"][-1])
+            mark_crashed(claim["adopted_from"][-1], batch_id, run_id)
+            batches.append(batch_id)
         by_model: dict[str, list[str]] = {}
         for rec in store.list("pending", target_model=target_model):
             by_model.setdefault(rec.request.target_model, []).append(rec.request.request_id)
@@ -70,11 +82,46 @@ def claim_pending(root: str, target_model: str | None, max_requests: int) -> lis
             batch_id = store.new_batch_id()
             claimed = store.claim(ids[:max_requests], batch_id)
             if claimed:
-                store.write_json(store.batch_key(batch_id, "claim.json"),
-                                 {"target_model": model, "requests": [r.request.request_id for r in claimed]})
+                write_claim(store, batch_id, model, [r.request.request_id for r in claimed], run_id)
                 batches.append(batch_id)
     get_run_logger().info("claimed %d batch(es): %s", len(batches), batches)
     return batches
+
+
+@task(name="adopt-batch", **IO_RETRIES)
+def adopt_batch(root: str, batch_id: str, run_id: str) -> str:
+    """Take over a batch whose run is gone (refused while its run still renews its lease); returns its id."""
+    store = ServiceStore(root)
+    with hold(store, CLAIM_LEASE, ttl_s=CLAIM_TTL_S, wait_s=CLAIM_WAIT_S):
+        if batch_id not in claimed_batches(store):
+            raise InputError(f"batch_id={batch_id!r} has no claimed requests: it finished (see `mip report "
+                             f"{batch_id}`) or never existed; nothing to resume")
+        try:
+            claim = adopt(store, batch_id, run_id)
+        except LeaseHeld as exc:
+            raise InputError(f"batch_id={batch_id!r}: {exc}") from None
+    mark_crashed(claim["adopted_from"][-1], batch_id, run_id)
+    return batch_id
+
+
+def mark_crashed(dead_run: str | None, batch_id: str, successor: str) -> None:
+    """A killed process reports nothing, so its Prefect flow runs (and their subflow runs) still say Running: mark
+    them Crashed, naming the run that resumed the batch, so the UI tells the truth. Best effort: the batch is
+    resumed either way."""
+    flow_run_id = (dead_run or "").removeprefix("run-")
+    try:
+        uuid.UUID(flow_run_id)
+    except ValueError:
+        return  # a run outside Prefect (no flow run to mark)
+    message = f"its process stopped renewing its lease; batch {batch_id} was resumed by {successor}"
+    try:
+        with get_client(sync_client=True) as client:
+            children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[uuid.UUID(flow_run_id)]))
+            for run in [client.read_flow_run(flow_run_id), *client.read_flow_runs(flow_run_filter=children)]:
+                if run.state is not None and not run.state.is_final():
+                    client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. the dead run was on another Prefect server
+        get_run_logger().warning("could not mark flow run %s crashed: %s", flow_run_id, exc)
 
 
 def load_checkpoint(root: str, batch_id: str, step: str) -> dict[str, Any] | None:
@@ -91,8 +138,8 @@ def save_checkpoint(root: str, batch_id: str, step: str, result: Any, seconds: f
 
 
 @task(name="claim-requests", **IO_RETRIES)
-def claim_requests(root: str, request_ids: list[str]) -> str:
-    """Claim the given pending requests (one target model) as a new batch; returns its id."""
+def claim_requests(root: str, request_ids: list[str], run_id: str) -> str:
+    """Claim the given pending requests (one target model) as a new batch owned by ``run_id``; returns its id."""
     store = ServiceStore(root)
     with hold(store, CLAIM_LEASE, ttl_s=CLAIM_TTL_S, wait_s=CLAIM_WAIT_S):
         records = [store.get(r) for r in request_ids]
@@ -104,8 +151,7 @@ def claim_requests(root: str, request_ids: list[str]) -> str:
                              "run one batch per model")
         batch_id = store.new_batch_id()
         store.claim(request_ids, batch_id)
-        store.write_json(store.batch_key(batch_id, "claim.json"),
-                         {"target_model": models[0], "requests": request_ids})
+        write_claim(store, batch_id, models[0], request_ids, run_id)
     return batch_id
 
 
@@ -119,7 +165,8 @@ def plan_batch_task(root: str, batch_id: str, retain_limit: int) -> str:
     manifest = plan_batch(batch_id, [store.get(r) for r in claim["requests"]], target_model=claim["target_model"],
                           base_version=info["version"], base_uri=store.uri(store.model_key(claim["target_model"],
                                                                                             info["version"])),
-                          dataset_uri=info["dataset_uri"], bench=bench, retain_limit=retain_limit)
+                          dataset_uri=info["dataset_uri"], bench=bench, retain_limit=retain_limit,
+                          versions=store.versions(claim["target_model"]))
     key = store.batch_key(batch_id, "manifest.json")
     store.write_text(key, manifest.to_json())
     for request_id, reason in manifest.rejected.items():  # the batch's report will list them too

@@ -11,6 +11,11 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every test cluster is a local one on 127.0.0.1, started and stopped by its module. One auth mode for all of them:
+# a driver that joined a token-authenticated cluster cannot start actors on a later token-less one in the same
+# process (actor creation is cancelled), which made the modules' results depend on their order.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(1)
 
 SMALL_CORPUS = [

@@ -69,17 +69,24 @@ class BatchManifest:
 
 def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: str, base_version: str,
                base_uri: str, dataset_uri: str, bench: Benchmark, retain_limit: int = 120,
-               utility_limit: int = 50, seed: int = 0) -> BatchManifest:
-    """Resolve claimed requests against the model's dataset; unresolvable ones are rejected, never dropped."""
+               utility_limit: int = 50, seed: int = 0, versions: Sequence[str] | None = None) -> BatchManifest:
+    """Resolve claimed requests against the model's dataset; unresolvable ones are rejected, never dropped.
+
+    ``versions``: the model's published versions; a request naming another ``target_version`` is rejected."""
     requests = [rec.request for rec in request_records]
-    resolved = resolve_requests(requests, bench)
+    unknown_version = {
+        r.request_id: (f"target_version {r.target_version!r} is not a version of {target_model} (versions: "
+                       f"{', '.join(versions or [])}); resubmit without it (the current version) or with one of those")
+        for r in requests if versions is not None and r.target_version not in (None, *versions)}
+    resolved = resolve_requests([r for r in requests if r.request_id not in unknown_version], bench)
     # Held-out evaluation: the gate scores other people's and general-knowledge items the edit never saw, so a
     # retention measured on what RMisU was told to keep cannot flatter the edit.
     others = retain_items(bench, resolved.forget_profiles, 2 * retain_limit, seed)
     utility = [it.item_id for it in bench.items if it.kind == "utility"][: 2 * utility_limit]
     return BatchManifest(
         batch_id=batch_id, target_model=target_model, base_version=base_version, base_uri=base_uri,
-        dataset_uri=dataset_uri, requests=tuple(r.request_id for r in requests), rejected=dict(resolved.rejected),
+        dataset_uri=dataset_uri, requests=tuple(r.request_id for r in requests),
+        rejected={**unknown_version, **resolved.rejected},
         forget=tuple((it.item_id, rid) for it, rid in resolved.forget),
         items_of={rid: tuple(ids) for rid, ids in resolved.items_of.items() if rid not in resolved.rejected},
         edit_retain=tuple([it.item_id for it in others[0::2]] + utility[0::2]),

@@ -8,8 +8,9 @@ delete, and the second deletes the first's fresh lock). Here every taking of the
 means creating generation + 1, which exactly one of several racers can do. Nothing is ever deleted to take a
 lease, so a slow former holder cannot remove its successor's.
 
-A lease protects a short critical section (claiming requests); its ``ttl_s`` is the longest that section may
-take. A holder past its expiry has lost the lease: ``release`` then reports it instead of pretending.
+A lease protects a short critical section (claiming requests), or, renewed by a heartbeat (``renew``), a long
+one (a run processing batches, see ``runs``); its ``ttl_s`` is the longest the holder may stay silent. A holder
+past its expiry has lost the lease: ``release`` and ``renew`` then report it instead of pretending.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 
 from mip_core.errors import MipError
@@ -105,6 +106,27 @@ def release(store: ServiceStore, lease: Lease) -> bool:
     return True
 
 
+def renew(store: ServiceStore, lease: Lease, ttl_s: float) -> Lease | None:
+    """Extend a held lease to ``ttl_s`` from now (a heartbeat); None if it was lost (expired, taken, released).
+
+    Only the holder's own generation file is rewritten, so a renewal racing a takeover can at worst rewrite a
+    superseded generation, which no one reads as the holder any more.
+    """
+    latest = current(store, lease.name)
+    if (latest is None or latest.generation != lease.generation or latest.released_at is not None
+            or latest.expired()):
+        return None
+    renewed = replace(lease, expires_at=iso_utc(utc_now() + timedelta(seconds=ttl_s)))
+    store.write_json(_key(lease.name, lease.generation), asdict(renewed))
+    return renewed
+
+
+def alive(store: ServiceStore, name: str) -> Lease | None:
+    """The lease record of ``name`` if someone holds it now (taken, not released, not expired), else None."""
+    latest = current(store, name)
+    return latest if latest is not None and latest.released_at is None and not latest.expired() else None
+
+
 @contextmanager
 def hold(store: ServiceStore, name: str, *, ttl_s: float = 600.0, wait_s: float = 0.0,
          owner: str | None = None) -> Iterator[Lease]:
@@ -116,4 +138,4 @@ def hold(store: ServiceStore, name: str, *, ttl_s: float = 600.0, wait_s: float 
         release(store, lease)
 
 
-__all__ = ["Lease", "LeaseHeld", "acquire", "current", "default_owner", "hold", "release"]
+__all__ = ["Lease", "LeaseHeld", "acquire", "alive", "current", "default_owner", "hold", "release", "renew"]

@@ -32,6 +32,8 @@ ID_RULE = ("1-128 characters of letters, digits, '.', '_' or '-', starting with 
            "(it is a storage key: no '/', no spaces)")
 MAX_SUBJECTS = 1000
 MAX_ITEMS = 1000
+MAX_REQUEST_BYTES = 1 << 20
+"""A request is a list of ids and short questions: a megabyte of JSON is a mistake (or an attack), not a request."""
 REASONS = ("privacy", "right_to_be_forgotten", "copyright", "toxicity", "other")
 SCHEMA_FILE = "schemas/forget_request.schema.json"
 SCHEMA_HINT = f"the schema is {SCHEMA_FILE} (`mip schema request` prints it)"
@@ -70,8 +72,11 @@ class ForgetItem(BaseModel):
     item_id: Name | None = Field(default=None, description="dataset item id, e.g. 'p0003-birthplace-text-qa'")
     question: Text | None = Field(default=None, description="the question whose answer must be forgotten")
     answer: Text | None = Field(default=None, description="the answer to forget (disambiguates a question)")
-    image: Text | None = Field(default=None, description="image URI/path or dataset image name, e.g. "
-                                                         "'images/p0003.png' (disambiguates a question)")
+    image: Text | None = Field(default=None, description="disambiguates a question: an image file (path, "
+                                                         "file:// or s3:// URI; PNG, JPEG or WebP, at most 10 "
+                                                         "MiB and 4096x4096 pixels; copied into the store at "
+                                                         "submit and matched by its pixels, not its name) or a "
+                                                         "dataset image name, e.g. 'images/p0003.png'")
 
     @model_validator(mode="after")
     def _needs_id_or_question(self) -> ForgetItem:
@@ -88,6 +93,9 @@ class ForgetRequest(BaseModel):
     request_id: Id = Field(default_factory=new_request_id, description="unique id; generated when omitted. "
                            + ID_RULE)
     target_model: Id = Field(description="registered model name to edit. " + ID_RULE)
+    target_version: Id | None = Field(default=None, description="the published version the data was seen in, "
+                                      "e.g. 'v0002' (must exist; default: the current one). The edit always "
+                                      "applies to the model's current version, which descends from it")
     subjects: list[Id] = Field(default_factory=list, max_length=MAX_SUBJECTS,
                                description="entity ids (benchmark profile ids, e.g. 'p0003'): forget all "
                                            "their facts")
@@ -157,8 +165,16 @@ def format_validation_error(exc: ValidationError, *, what: str = "forget request
             + f"\nfix these fields and submit again; {SCHEMA_HINT}")
 
 
+def check_request_size(nbytes: int) -> None:
+    if nbytes > MAX_REQUEST_BYTES:
+        raise InputError(f"invalid forget request: {nbytes:,} bytes is over the {MAX_REQUEST_BYTES:,}-byte limit; "
+                         f"split it into several requests (at most {MAX_SUBJECTS} subjects and {MAX_ITEMS} items "
+                         "each)")
+
+
 def parse_request(text: str) -> ForgetRequest:
     """Validate a JSON forget request; :class:`InputError` lists every bad field and the fix."""
+    check_request_size(len(text.encode("utf-8", "surrogatepass")))  # before parsing: a huge body costs memory
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -186,7 +202,7 @@ def schema_text() -> str:
 
 
 __all__ = [
-    "ID_PATTERN", "MAX_ITEMS", "MAX_SUBJECTS", "REASONS", "SCHEMA_FILE", "STATES", "ForgetItem",
-    "ForgetRequest", "RequestRecord", "RequestState", "format_validation_error", "iso_utc", "new_request_id",
+    "ID_PATTERN", "MAX_ITEMS", "MAX_REQUEST_BYTES", "MAX_SUBJECTS", "REASONS", "SCHEMA_FILE", "STATES", "ForgetItem",
+    "ForgetRequest", "RequestRecord", "RequestState", "check_request_size", "format_validation_error", "iso_utc", "new_request_id",
     "parse_request", "request_json_schema", "schema_text", "utc_now",
 ]

@@ -3,17 +3,22 @@
 The service only edits what it can evaluate: a subject must be a profile of the benchmark, and an explicit
 item must be one of its items (by id, or by its question). A request with anything unresolvable is rejected
 whole (never half-done behind the requester's back); the other requests of the batch proceed.
+
+An item's ``image`` that is a file (the store's copy made at submit, or any URI/absolute path) is matched by
+decoded pixels against the dataset's images; a dataset image name (``images/p0003.png``) is matched by name.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mip_core.benchmark import Benchmark, Item
+from mip_core.errors import InputError
 
+from .images import REF_HINT, check_image_bytes, is_file_ref, pixel_digest, read_image_ref
 from .requests import ForgetItem, ForgetRequest
 
 SUBJECT_KINDS: tuple[str, ...] = ("qa",)
@@ -72,7 +77,12 @@ def _few(ids: Iterable[str], n: int = 5) -> str:
 
 
 class _Index:
-    def __init__(self, bench: Benchmark) -> None:
+    def __init__(self, bench: Benchmark, read_image: Callable[[str], bytes] | None = None) -> None:
+        self.bench = bench
+        self.read_image = read_image
+        self.images = sorted({it.image for it in bench.items if it.image is not None})
+        self._dataset_digests: dict[str, str] = {}  # dataset image path -> pixel digest, decoded once per call
+        self._ref_digests: dict[tuple[str, str], tuple[str | None, str | None]] = {}  # -> (digest, problem)
         self.by_id = {it.item_id: it for it in bench.items}
         self.order = {it.item_id: i for i, it in enumerate(bench.items)}
         self.by_question: dict[str, list[Item]] = {}
@@ -101,7 +111,9 @@ class _Index:
             return None, (f"{where}: question {spec.question!r} is not in the dataset (the service only "
                           "edits what it can evaluate); give the exact question or an item_id")
         if spec.image is not None:
-            candidates = [c for c in candidates if _image_matches(spec.image, c.image)]
+            candidates, problem = self._by_image(spec.image, candidates, f"{where}.image")
+            if problem is not None:
+                return None, problem
         if spec.answer is not None:
             candidates = [c for c in candidates if _norm(c.answer) == _norm(spec.answer)]
         if not candidates:
@@ -113,16 +125,58 @@ class _Index:
                           "item_id")
         return candidates[0], None
 
+    def _by_image(self, ref: str, candidates: list[Item], field: str) -> tuple[list[Item], str | None]:
+        """The candidates showing image ``ref``: by pixels for a file, by name for a dataset image name."""
+        if is_file_ref(ref, None):
+            digest, problem = self._ref_digest(ref, field)
+            if problem is not None:
+                return [], problem
+            return [c for c in candidates if c.image and self._dataset_digest(c.image) == digest], None
+        if not any(_image_matches(ref, img) for img in self.images):
+            example = next((c.image for c in candidates if c.image), self.images[0] if self.images else None)
+            return [], (f"{field} {ref!r} is neither a readable image file nor an image of the dataset "
+                        f"(e.g. {example or 'images/p0003.png'}); {REF_HINT}")
+        return [c for c in candidates if _image_matches(ref, c.image)], None
+
+    def _ref_digest(self, ref: str, field: str) -> tuple[str | None, str | None]:
+        """Pixel digest of the image file ``ref``, or why it cannot be used (read, then validated as at submit)."""
+        key = (ref, field)
+        if key not in self._ref_digests:
+            try:
+                self._ref_digests[key] = (check_image_bytes(self._read(ref, field), field).pixel_sha256, None)
+            except InputError as exc:
+                self._ref_digests[key] = (None, str(exc))
+        return self._ref_digests[key]
+
+    def _read(self, ref: str, field: str) -> bytes:
+        if self.read_image is None:
+            return read_image_ref(ref, field)
+        try:
+            return self.read_image(ref)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            raise InputError(f"{field}: cannot read image {ref!r}: {type(exc).__name__}: {exc}; {REF_HINT}"
+                             ) from None
+
+    def _dataset_digest(self, image: str) -> str:
+        if image not in self._dataset_digests:
+            self._dataset_digests[image] = pixel_digest(self.bench.load_image(image))
+        return self._dataset_digests[image]
+
 
 def resolve_requests(
-    requests: Sequence[ForgetRequest], bench: Benchmark, *, kinds: Sequence[str] = SUBJECT_KINDS
+    requests: Sequence[ForgetRequest], bench: Benchmark, *, kinds: Sequence[str] = SUBJECT_KINDS,
+    read_image: Callable[[str], bytes] | None = None,
 ) -> ResolvedBatch:
     """Resolve ``requests`` (in the order given: pass them oldest first) against ``bench``.
 
     A subject resolves to its items of ``kinds`` (``item.profile_id == subject``). Rejected: unknown subjects,
-    unknown or ambiguous explicit items, requests that resolve to no item at all.
+    unknown or ambiguous explicit items, image files that are missing, corrupt, oversized or in a wrong format,
+    image names the dataset does not have, requests that resolve to no item at all. ``read_image`` reads an
+    image file ref (default: :func:`~mip_core.service.images.read_image_ref`, S3 endpoint from the
+    environment); a dataset image that fails its manifest check is a broken dataset, not a bad request: that
+    error propagates.
     """
-    index = _Index(bench)
+    index = _Index(bench, read_image)
     forget: list[tuple[Item, str]] = []
     taken: set[str] = set()
     rejected: dict[str, str] = {}

@@ -34,7 +34,8 @@ from pydantic import BaseModel, ValidationError
 from mip_core.errors import ArtifactError, InputError
 from mip_core.storage import filesystem, is_remote, s3_max_attempts
 
-from .requests import ID_PATTERN, ID_RULE, STATES, ForgetRequest, RequestRecord, RequestState, iso_utc, utc_now
+from .requests import (ID_PATTERN, ID_RULE, STATES, ForgetRequest, RequestRecord, RequestState, check_request_size,
+                       iso_utc, utc_now)
 
 _ID = re.compile(ID_PATTERN)
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -269,13 +270,22 @@ class ServiceStore:
                 return record
         return None
 
-    def submit(self, req: ForgetRequest) -> RequestRecord:
-        """Queue ``req`` as pending. A request id already used, in any state, is an :class:`InputError`."""
+    def submit(self, req: ForgetRequest, *, base_dir: str | None = None) -> RequestRecord:
+        """Queue ``req`` as pending. A request id already used, in any state, is an :class:`InputError`.
+
+        Image files of its items are validated and copied under ``uploads/<request_id>/`` first (relative paths
+        from ``base_dir``, e.g. the request file's folder); a bad image is an :class:`InputError` listing every
+        bad ``items[k].image``, and then nothing is written.
+        """
+        from .images import ingest_images
+
         existing = self._find(req.request_id)
         if existing is not None:
             raise InputError(f"request_id={req.request_id!r} already exists (state {existing.state}, "
                              f"submitted {iso_utc(existing.submitted_at)}); omit request_id to get a fresh one, "
                              "or choose another")
+        check_request_size(len(req.model_dump_json().encode()))  # the API path skips parse_request
+        req = ingest_images(self, req, base_dir)
         record = RequestRecord(request=req, state="pending", submitted_at=utc_now())
         self._write_record(record)
         return record
@@ -288,6 +298,10 @@ class ServiceStore:
             raise InputError(f"target_model={req.target_model!r} is not a registered model in {self.root} "
                              f"(registered: {known or 'none'}); fix the name, or register the model first with "
                              "`mip models register`")
+        if req.target_version is not None and req.target_version not in (versions := self.versions(req.target_model)):
+            raise InputError(f"target_version={req.target_version!r} is not a version of {req.target_model} "
+                             f"(versions: {', '.join(versions)}); fix it, or leave it out to mean the current one "
+                             "(`mip models list` shows them)")
 
     def get(self, request_id: str) -> RequestRecord:
         check_id(request_id, "request_id")

@@ -162,6 +162,81 @@ def test_a_killed_run_resumes_after_its_last_completed_step(harness, trained_tin
         unlearn_batch(batch_id=batch_id, spec=spec)
 
 
+def test_a_killed_flow_process_is_resumed_by_the_next_nightly_run(harness, trained_tiny, tmp_path, monkeypatch):
+    """A real kill: the flow runs in its own process (same Prefect server, same Ray cluster), which is SIGKILLed
+    with its whole process group once attribution has completed. Its run lease stops being renewed; after the
+    lease's ttl the next nightly run finds the batch orphaned, adopts it and resumes it after its last completed
+    step (no second attribution); every request ends done, one version is published."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import ray
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.settings import PREFECT_API_URL
+
+    import tasks.service as service_tasks
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+    from mip_core.service.runs import orphaned_batches
+
+    store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
+    spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 30}}, run_lease_ttl_s=4,
+                       gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0})
+    code = ("import json, sys\nfrom flows.params import ServiceSpec\nfrom flows.service import unlearn_batch\n"
+            "unlearn_batch(json.loads(sys.argv[1]), ServiceSpec.model_validate_json(sys.argv[2]))\n")
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(tmp_path / "home"),
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log_path = tmp_path / "killed-run.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(ids), spec.model_dump_json()], env=env,
+                                cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: the kill takes its children
+    steps = tmp_path / "store" / "batches"
+    try:
+        deadline = time.monotonic() + 300
+        while not list(steps.glob("*/steps/attribute.json")):
+            assert proc.poll() is None, f"the run ended before it could be killed:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "attribution did not complete in 300 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    [batch_id] = {store.get(r).batch_id for r in ids}
+    assert [store.get(r).state for r in ids] == ["claimed", "claimed"]  # nothing closed, nothing lost
+    dead_owner = store.read_json(store.batch_key(batch_id, "claim.json"))["owner"]
+
+    deadline = time.monotonic() + 30  # the dead run's lease expires within its ttl (4 s) of its last heartbeat
+    while orphaned_batches(store) != [batch_id]:
+        assert time.monotonic() < deadline, "the killed run's lease never expired"
+        time.sleep(0.2)
+
+    attributions = []
+    real_attribute = service_tasks.attribute_batch
+    monkeypatch.setattr(service_tasks, "attribute_batch",
+                        lambda *a, **kw: attributions.append(1) or real_attribute(*a, **kw))
+    [result] = nightly_unlearning(spec)
+    assert result["batch_id"] == batch_id and result["version"] == "v0002" and attributions == []
+    assert store.versions("tiny") == ["v0001", "v0002"]
+    for rid in ids:
+        record = store.get(rid)
+        assert (record.state, record.model_version, record.batch_id) == ("done", "v0002", batch_id)
+    claim = store.read_json(store.batch_key(batch_id, "claim.json"))
+    assert claim["adopted_from"] == [dead_owner] and claim["owner"] != dead_owner  # the audit trail of the takeover
+    with get_client(sync_client=True) as client:  # the killed run no longer shows as Running in the UI
+        dead_run = client.read_flow_run(dead_owner.removeprefix("run-"))
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[dead_run.id])))
+    assert dead_run.state.is_crashed() and batch_id in dead_run.state.message
+    assert [c.name for c in children] == [f"batch-{batch_id}"] and children[0].state.is_crashed()
+    assert nightly_unlearning(spec) == [] and orphaned_batches(store) == []
+
+
 def test_an_s3_outage_is_retried_and_a_long_one_fails_clearly(harness, monkeypatch):
     """The store's S3 server goes away. Back within the step's retry delay: the claim succeeds on a retry. Gone
     for good: the step fails with the store's name and the fix, and the queue is untouched."""
@@ -207,7 +282,7 @@ def test_an_s3_outage_is_retried_and_a_long_one_fails_clearly(harness, monkeypat
     @flow
     def claim(delays: list[float]) -> list[str]:
         return claim_pending.with_options(retries=2, retry_delay_seconds=delays,
-                                          retry_condition_fn=condition["fn"])(root, None, 10)
+                                          retry_condition_fn=condition["fn"])(root, None, 10, "run-outage-test")
 
     try:
         # a short outage: down until the first attempt has failed; the retry a second later succeeds

@@ -29,7 +29,7 @@ items = st.builds(lambda item_id, question, answer: {k: v for k, v in (("item_id
 requests = st.fixed_dictionaries(
     {"request_id": ids, "target_model": ids, "requester": texts, "reason": st.sampled_from(REASONS)},
     optional={"subjects": st.lists(ids, max_size=5, unique=True), "items": st.lists(items, max_size=3),
-              "note": texts},
+              "note": texts, "target_version": ids},
 ).filter(lambda d: d.get("subjects") or d.get("items"))
 
 
@@ -49,6 +49,8 @@ def test_valid_requests_round_trip_through_the_queue(data):
 def test_bad_request_ids_are_rejected_by_name(data, bad_id):
     with pytest.raises(InputError, match=r"request_id: .*(not a valid id|should be a valid string)"):
         parse_request(json.dumps({**data, "request_id": bad_id}))
+    with pytest.raises(InputError, match=r"target_version: .*(not a valid id|should be a valid string)"):
+        parse_request(json.dumps({**data, "target_version": bad_id}))
 
 
 @PROPERTY

@@ -163,7 +163,7 @@ def test_resolve_ambiguous_question_needs_image(bench):
               if it.kind == "qa" and it.modality == "multimodal" and it.fact == "name")
     shared = [it for it in bench.items if it.kind == "qa" and it.question == mm.question]
     assert len(shared) > 1  # the premise: multimodal questions are shared across profiles
-    by_image = {"question": mm.question, "image": f"s3://x/bench/{mm.image}"}
+    by_image = {"question": mm.question, "image": f"bench/{mm.image}"}  # a dataset image name (not a file here)
     out = resolve_requests([_req("amb", items=[{"question": mm.question}]), _req("img", items=[by_image])],
                            bench)
     assert "add `image` or `answer`" in out.rejected["amb"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mip_core.errors import ArtifactError, InputError
-from mip_core.service.requests import ForgetRequest
+from mip_core.service.requests import MAX_REQUEST_BYTES, ForgetRequest, parse_request
+from mip_core.service.runs import RunLease, write_claim
 from mip_core.service.store import ServiceStore
 
 
@@ -233,6 +234,15 @@ def test_cli_status_traces_a_request(tmp_path, capsys):
     store.finish("s2", "failed", reason="gate: retention 0.7 < 0.8")
     store.submit(_req("s4"))
     store.claim(["s4"], "b2")  # its run died: still claimed
+    store.submit(_req("s5"))
+    store.claim(["s5"], "b3")
+    with RunLease(store, ttl_s=60) as live:  # b3's run is alive
+        write_claim(store, "b3", "demo", ["s5"], live.run_id)
+        check_status(store, root, capsys, live.run_id)
+
+
+def check_status(store: ServiceStore, root: str, capsys, live_run: str) -> None:
+    from mip_core.cli import main
 
     assert main(["status", "s1", "--root", root]) == 0
     lines = dict(line.split(":", 1) for line in capsys.readouterr().out.strip().splitlines())
@@ -245,12 +255,54 @@ def test_cli_status_traces_a_request(tmp_path, capsys):
     assert trace["submitted_at"] <= trace["claimed_at"] <= trace["finished_at"]  # ISO 8601 UTC sorts as text
     assert main(["status", "--root", root, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["claimed_batches"] == {"b2": 1}
-    assert summary["by_model"] == {"demo": {"pending": 0, "claimed": 1, "done": 1, "failed": 1, "rejected": 0},
+    assert summary["claimed_batches"]["b2"] == {"claimed": 1, "owner": None, "alive": False, "expires_at": None}
+    b3 = summary["claimed_batches"]["b3"]
+    assert (b3["claimed"], b3["owner"], b3["alive"]) == (1, live_run, True) and b3["expires_at"] is not None
+    assert summary["by_model"] == {"demo": {"pending": 0, "claimed": 2, "done": 1, "failed": 1, "rejected": 0},
                                    "m2": {"pending": 1, "claimed": 0, "done": 0, "failed": 0, "rejected": 0}}
     assert summary["oldest_pending"] == store.get("s3").submitted_at.isoformat()
     assert main(["status", "--root", root]) == 0
     out = capsys.readouterr().out
-    assert "m2\t1\t0\t0\t0\t0" in out and "batch b2: 1 claimed request(s)" in out and "batch_id=b2" in out
+    assert "m2\t1\t0\t0\t0\t0" in out and "batch b2: 1 claimed request(s); its run (unknown) is gone" in out
+    assert "batch_id=b2" in out and f"batch b3: 1 claimed request(s); run {live_run} is processing it" in out
     assert main(["status", "nope", "--root", root]) == 2
     assert "`mip requests` lists the known ones" in capsys.readouterr().err
+
+
+def test_target_version_must_exist_at_submit_and_at_planning(tmp_path):
+    from mip_core.benchmark import load_benchmark, make_benchmark
+    from mip_core.service.batch import plan_batch
+
+    store = ServiceStore(str(tmp_path / "store"))
+    store.register_model("demo", str(_model_folder(tmp_path / "src")), dataset_uri="/d")
+    store.check_target(_req("ok", target_version="v0001"))
+    with pytest.raises(InputError, match=r"target_version='v0009' is not a version of demo \(versions: v0001\); "
+                                         "fix it, or leave it out"):
+        store.check_target(_req("bad", target_version="v0009"))
+    with pytest.raises(InputError, match="target_version"):
+        parse_request(json.dumps({**_req("x").model_dump(mode="json"), "target_version": "../v1"}))
+
+    make_benchmark(tmp_path / "bench", 4, 0, image_size=16, n_utility=2)
+    bench = load_benchmark(tmp_path / "bench")
+    for rid, version in (("old", "v0001"), ("gone", "v0007"), ("any", None)):
+        store.submit(_req(rid, target_version=version))
+    store.claim(["old", "gone", "any"], "b1")
+    manifest = plan_batch("b1", [store.get(r) for r in ("old", "gone", "any")], target_model="demo",
+                          base_version="v0001", base_uri="/m", dataset_uri="/d", bench=bench, versions=["v0001"])
+    assert manifest.accepted == ["old", "any"] and list(manifest.rejected) == ["gone"]
+    assert "target_version 'v0007' is not a version of demo (versions: v0001)" in manifest.rejected["gone"]
+
+
+def test_an_oversized_request_is_refused_before_parsing_and_at_submit(tmp_path):
+    body = _req("big").model_dump(mode="json") | {"note": "x" * 10}
+    text = json.dumps(body)
+    assert parse_request(text).request_id == "big"
+    padded = text[:-1] + " " * (MAX_REQUEST_BYTES - len(text) + 1) + "}"  # valid JSON, one byte over the limit
+    with pytest.raises(InputError, match=rf"{MAX_REQUEST_BYTES + 1:,} bytes is over the {MAX_REQUEST_BYTES:,}-byte "
+                                         "limit; split it into several requests"):
+        parse_request(padded)
+    store = ServiceStore(str(tmp_path / "store"))
+    items = [{"question": f"q{k} " + "y" * 3900} for k in range(300)]  # each field valid, the whole too big
+    with pytest.raises(InputError, match="over the"):
+        store.submit(ForgetRequest.model_validate({**body, "subjects": [], "items": items}))
+    assert not (tmp_path / "store" / "requests").exists()

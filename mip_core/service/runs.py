@@ -1,0 +1,136 @@
+"""Which run owns a claimed batch, and how a later run takes over a batch whose run died.
+
+A flow run that processes batches holds a *run lease* (``locks/run-<id>/``) and renews it from a heartbeat
+thread while it lives. Claiming writes the owner's run id into the batch's ``claim.json``. A claimed batch whose
+owner no longer holds its run lease (no heartbeat for ``ttl_s``: the process was killed, the node lost; or the run
+ended without closing the batch) is *orphaned*: the next nightly run adopts it, under the claim lease so that only
+one run can, and resumes it after its last completed step. Before each step a run checks that it still owns the
+batch: a run presumed dead that wakes up (a long stall) stops without touching the batch again.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from types import TracebackType
+from typing import Any
+
+from mip_core.errors import MipError
+
+from . import lease as leases
+from .requests import iso_utc, utc_now
+from .store import ServiceStore, check_id
+
+
+class BatchTakenOver(MipError, RuntimeError):
+    """This run no longer owns the batch: another run adopted it after this one stopped renewing its lease."""
+
+
+def new_run_id(flow_run_id: str | None = None) -> str:
+    """``run-<prefect flow run id>`` inside a Prefect run (traceable in the UI), else ``run-<random hex>``."""
+    return check_id(f"run-{flow_run_id or secrets.token_hex(8)}", "run id")
+
+
+class RunLease:
+    """``with RunLease(store, ttl_s=600) as run:`` hold ``run.run_id`` alive while the body runs.
+
+    A daemon thread renews the lease every ``ttl_s / 4``; the lease is released on exit, so a batch the run
+    leaves claimed (it was interrupted) is adoptable at once instead of after ``ttl_s``.
+    """
+
+    def __init__(self, store: ServiceStore, *, ttl_s: float = 600.0, run_id: str | None = None) -> None:
+        self.store, self.ttl_s = store, ttl_s
+        self.run_id = run_id or new_run_id()
+        self._stop = threading.Event()
+        self._lease: leases.Lease | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RunLease:
+        self._lease = leases.acquire(self.store, self.run_id, ttl_s=self.ttl_s)
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                renewed = leases.renew(self.store, self._lease, self.ttl_s) if self._lease else None
+            except Exception:  # noqa: BLE001 - a store hiccup: the next beat (ttl/4 later) tries again
+                continue
+            if renewed is None:  # lost: check_owner stops the run before its next step
+                return
+            self._lease = renewed
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._lease is not None:
+            leases.release(self.store, self._lease)
+
+
+def _claim_key(store: ServiceStore, batch_id: str) -> str:
+    return store.batch_key(batch_id, "claim.json")
+
+
+def owner_of(store: ServiceStore, batch_id: str) -> str | None:
+    """The run id that owns ``batch_id`` (None for a claim written before runs had owners)."""
+    return store.read_json(_claim_key(store, batch_id)).get("owner")
+
+
+def write_claim(store: ServiceStore, batch_id: str, target_model: str, requests: list[str], owner: str) -> None:
+    store.write_json(_claim_key(store, batch_id), {"target_model": target_model, "requests": requests,
+                                                   "owner": owner, "claimed_at": iso_utc(utc_now())})
+
+
+def claimed_batches(store: ServiceStore, target_model: str | None = None) -> dict[str, list[str]]:
+    """batch id -> its requests still claimed (their batch has not closed them yet)."""
+    out: dict[str, list[str]] = {}
+    for record in store.list("claimed", target_model=target_model):
+        out.setdefault(str(record.batch_id), []).append(record.request_id)
+    return out
+
+
+def batch_owner_state(store: ServiceStore, batch_id: str) -> dict[str, Any]:
+    """``{"owner", "alive", "expires_at"}``: who runs ``batch_id`` and whether that run still holds its lease."""
+    key = _claim_key(store, batch_id)
+    owner = store.read_json(key).get("owner") if store.exists(key) else None
+    live = leases.alive(store, owner) if owner else None
+    return {"owner": owner, "alive": live is not None, "expires_at": live.expires_at if live else None}
+
+
+def orphaned_batches(store: ServiceStore, target_model: str | None = None) -> list[str]:
+    """Claimed batches whose owning run is gone (oldest first): what the next run should resume."""
+    return sorted(b for b in claimed_batches(store, target_model) if not batch_owner_state(store, b)["alive"])
+
+
+def adopt(store: ServiceStore, batch_id: str, run_id: str) -> dict[str, Any]:
+    """Make ``run_id`` the owner of orphaned ``batch_id`` (call under the claim lease); the former owner is kept
+    in ``adopted_from`` for the audit trail. Raises :class:`leases.LeaseHeld` if its owner is still alive."""
+    check_id(batch_id, "batch_id")
+    state = batch_owner_state(store, batch_id)
+    if state["alive"] and state["owner"] != run_id:
+        raise leases.LeaseHeld(f"batch {batch_id} is being processed by run {state['owner']} (its lease is renewed "
+                               f"until {state['expires_at']}); wait for it, or, if that process is gone, the batch "
+                               "can be resumed once its lease expires")
+    claim = store.read_json(_claim_key(store, batch_id))
+    claim["adopted_from"] = [*claim.get("adopted_from", []), claim.get("owner")]
+    claim["owner"] = run_id
+    store.write_json(_claim_key(store, batch_id), claim)
+    return claim
+
+
+def check_owner(store: ServiceStore, batch_id: str, run_id: str) -> None:
+    """Raise :class:`BatchTakenOver` unless ``run_id`` owns ``batch_id`` and still holds its run lease."""
+    owner = owner_of(store, batch_id)
+    if owner != run_id:
+        raise BatchTakenOver(f"run {run_id} no longer owns batch {batch_id} (run {owner} adopted it after this "
+                             "run stopped renewing its lease); this run leaves the batch alone")
+    if leases.alive(store, run_id) is None:
+        raise BatchTakenOver(f"run {run_id} lost its lease (no heartbeat within its ttl), so batch {batch_id} may "
+                             "be adopted by another run at any moment; this run stops, the next one resumes it")
+
+
+__all__ = ["BatchTakenOver", "RunLease", "adopt", "batch_owner_state", "check_owner", "claimed_batches",
+           "new_run_id", "orphaned_batches", "owner_of", "write_claim"]

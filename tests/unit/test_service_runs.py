@@ -1,0 +1,79 @@
+"""Run leases and batch ownership: a live run keeps its batches, a dead run's batches are adoptable, and a run that
+lost its batch stops before touching it again. The flow-level proof (a SIGKILLed flow process, then the next
+nightly run resumes its batch) is tests/integration/test_service_faults.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mip_core.service.lease import LeaseHeld, acquire, alive, current, renew
+from mip_core.service.requests import ForgetRequest
+from mip_core.service.runs import (BatchTakenOver, RunLease, adopt, batch_owner_state, check_owner, orphaned_batches,
+                                   write_claim)
+from mip_core.service.store import ServiceStore
+
+
+def _claimed_batch(store: ServiceStore, batch_id: str, owner: str, rid: str) -> None:
+    store.submit(ForgetRequest(request_id=rid, target_model="m", subjects=["p1"], requester="t", reason="privacy"))
+    store.claim([rid], batch_id)
+    write_claim(store, batch_id, "m", [rid], owner)
+
+
+def test_renew_extends_a_held_lease_and_refuses_a_lost_one(tmp_path):
+    store = ServiceStore(str(tmp_path))
+    lease = acquire(store, "run-x", ttl_s=0.3, owner="a")
+    renewed = renew(store, lease, 60)
+    assert renewed is not None and renewed.expires_at > lease.expires_at
+    time.sleep(0.4)
+    assert alive(store, "run-x") is not None  # the renewal, not the first ttl, counts
+    short = acquire(store, "run-y", ttl_s=0.2, owner="a")
+    time.sleep(0.3)
+    assert alive(store, "run-y") is None and renew(store, short, 60) is None  # expired: lost, not revived
+    taken = acquire(store, "run-y", ttl_s=60, owner="b")
+    assert renew(store, short, 60) is None and current(store, "run-y") == taken
+
+
+def test_a_run_lease_heartbeats_while_alive_and_is_released_on_exit(tmp_path):
+    store = ServiceStore(str(tmp_path))
+    with RunLease(store, ttl_s=0.4) as run:
+        first = current(store, run.run_id)
+        time.sleep(1.0)  # 2.5 ttls: without the heartbeat it would have expired
+        live = alive(store, run.run_id)
+        assert live is not None and live.expires_at > first.expires_at
+    assert alive(store, run.run_id) is None and current(store, run.run_id).released_at is not None
+
+
+def test_only_batches_of_dead_runs_are_orphaned_and_adoptable(tmp_path):
+    store = ServiceStore(str(tmp_path))
+    with RunLease(store, ttl_s=60) as live:
+        _claimed_batch(store, "b-live", live.run_id, "r1")
+        dead = acquire(store, "run-dead", ttl_s=0.2)  # a run killed without releasing: its lease just expires
+        _claimed_batch(store, "b-dead", dead.name, "r2")
+        with RunLease(store, ttl_s=60) as ended:
+            _claimed_batch(store, "b-ended", ended.run_id, "r3")
+        time.sleep(0.3)
+        assert orphaned_batches(store) == ["b-dead", "b-ended"]
+        assert batch_owner_state(store, "b-live")["alive"]
+
+        with RunLease(store, ttl_s=60) as successor:
+            with pytest.raises(LeaseHeld, match=f"batch b-live is being processed by run {live.run_id}"):
+                adopt(store, "b-live", successor.run_id)
+            claim = adopt(store, "b-dead", successor.run_id)
+            assert claim["owner"] == successor.run_id and claim["adopted_from"] == ["run-dead"]
+            assert orphaned_batches(store) == ["b-ended"]
+            check_owner(store, "b-dead", successor.run_id)  # the new owner may proceed
+            with pytest.raises(BatchTakenOver, match="no longer owns batch b-dead"):
+                check_owner(store, "b-dead", "run-dead")  # the old one, waking up, may not
+        check_owner(store, "b-live", live.run_id)
+
+
+def test_a_run_whose_own_lease_expired_stops(tmp_path):
+    store = ServiceStore(str(tmp_path))
+    stalled = acquire(store, "run-stalled", ttl_s=0.2)
+    _claimed_batch(store, "b1", stalled.name, "r1")
+    check_owner(store, "b1", "run-stalled")
+    time.sleep(0.3)
+    with pytest.raises(BatchTakenOver, match="lost its lease"):
+        check_owner(store, "b1", "run-stalled")
