@@ -18,7 +18,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install test test-fast demo demo-method serve bench bench-compare bench-selectivity clean
+.PHONY: install test test-fast browser demo demo-method serve bench bench-compare bench-selectivity clean
 
 install: $(STAMP)
 
@@ -30,7 +30,15 @@ $(STAMP):
 	touch $@
 
 test: install
+	$(MAKE) --no-print-directory browser || echo "warning: no chromium here; the Prefect UI browser test will skip"
 	$(PY) -m pytest
+
+# Debian's Chromium and ChromeDriver, for the browser test of the Prefect UI (tests/integration/test_prefect_ui.py).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); export DEBIAN_FRONTEND=noninteractive; \
+	  $$sudo apt-get install -y -q chromium chromium-driver >/dev/null || \
+	  { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q chromium chromium-driver >/dev/null; }; }
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

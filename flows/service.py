@@ -74,7 +74,8 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
         error = f"{next(reversed(timings), 'plan')} step failed: {type(exc).__name__}: {exc}"
         get_run_logger().error("batch %s: %s", batch_id, error)
     check_owner(store, batch_id, run_id)
-    report = close_task(spec.root, batch_id, state["version"], state["gate"], error, timings, state["shards"])
+    report = close_task(spec.root, batch_id, state["version"], state["gate"], error, timings, state["shards"],
+                        {"launcher": spec.launcher, "n_actors": spec.n_actors})
     if error:
         raise RuntimeError(f"batch {batch_id}: {error}; report {report}")
     return {"batch_id": batch_id, "version": state["version"], "report": report, "timings": timings}
@@ -111,7 +112,9 @@ def unlearn_batch(request_ids: list[str] | None = None, spec: ServiceSpec | None
             batch_id = claim_requests(spec.root, request_ids, run.run_id)
         else:
             adopt_batch(spec.root, batch_id, run.run_id)
-        return process_batch(batch_id, spec, run.run_id)
+        result = process_batch(batch_id, spec, run.run_id)
+    summarize_task([result], [], key="unlearn-batch")
+    return result
 
 
 @flow(name="submit-request")
@@ -131,7 +134,9 @@ def _print_reports(results: list[dict[str, Any]]) -> None:
         print("no pending requests: nothing to do")
     for result in results:
         fs, path = filesystem(result["report"])
-        print(f"\n{fs.cat_file(path).decode()}\nreport: {result['report']}")
+        html = result["report"].removesuffix(".md") + ".html"
+        print(f"\n{fs.cat_file(path).decode()}\nreport: {result['report']}\n"
+              f"HTML report with figures: {html if '://' in html else 'file://' + html}")
 
 
 if __name__ == "__main__":

@@ -327,12 +327,30 @@ def _report(args: argparse.Namespace) -> None:
     from mip_core.service.store import ServiceStore
 
     store = ServiceStore(_service_root(args))
-    key = store.batch_key(args.batch_id, "report.md")
+    key, html_key = store.batch_key(args.batch_id, "report.md"), store.batch_key(args.batch_id, "report.html")
     if not store.exists(key):
         raise InputError(f"batch {args.batch_id!r} has no report in {store.uri()}; list batches with "
                          f"`mip requests --json` (field batch_id), or check --root")
+    html_uri = store.uri(html_key) if store.exists(html_key) else None
+    location = html_uri if html_uri is None or store.remote else f"file://{html_uri}"
+    if args.json:
+        gate_key = store.batch_key(args.batch_id, "gate.json")
+        print(json.dumps({"batch_id": args.batch_id, "report": store.uri(key), "html": location,
+                          "gate": store.read_json(gate_key) if store.exists(gate_key) else None}, indent=1))
+        return
+    if args.open:
+        if location is None:
+            raise InputError(f"batch {args.batch_id!r} has no HTML report (batches closed before this release "
+                             f"have only {store.uri(key)})")
+        print(location)  # a headless worker has no browser: print it, and open it where a desktop is available
+        if not store.remote and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY")
+                                 or os.environ.get("WAYLAND_DISPLAY")):
+            import webbrowser
+
+            webbrowser.open(location)
+        return
     sys.stdout.write(store.read_text(key))
-    print(f"\nreport: {store.uri(key)}")
+    print(f"\nreport: {store.uri(key)}" + (f"\nhtml:   {location}" if location else ""))
 
 
 def _schema(args: argparse.Namespace) -> None:
@@ -371,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     from mip_core.evaluation import SPLITS
     from mip_core.service.requests import STATES
 
-    parser = argparse.ArgumentParser(prog="mip", description="MIP-Editor: unlearning for multimodal LLMs.")
+    parser = argparse.ArgumentParser(prog="mip", description="MIP-Editor: unlearning for multimodal LLMs.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     threads = dict(type=int, default=int(os.environ.get("MIP_THREADS", "1")),
                    help="torch threads (default 1, or $MIP_THREADS): 1 is fastest on a shared 2-core machine")
@@ -452,9 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("uri", help="path graph dataset (mip paths reduce --out)")
     show.add_argument("--top", type=int, default=5, help="neurons listed per layer (default 5)")
     show.set_defaults(func=_paths_show)
-    unl = sub.add_parser("unlearn", help="make a model forget a benchmark forget split with one method",
-                         epilog="example: mip unlearn --model demo_out/vanilla --bench demo_out/bench --forget 5 "
-                                "--method mip --out demo_out/mip05")
+    unl = sub.add_parser("unlearn", help="make a model forget a benchmark forget split with one method")
     _add_model_bench_forget(unl)
     unl.add_argument("--subset", type=int, default=0, help="forget subset (0: the benchmark's own; s>0: re-drawn)")
     unl.add_argument("--method", default="mip", choices=list(METHODS), help="unlearning method (default mip)")
@@ -464,9 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit_flags(unl)
     unl.set_defaults(func=_unlearn)
 
-    cmp_ = sub.add_parser("compare", help="run every method from the same vanilla model and compare them",
-                          epilog="example: mip compare --model demo_out/vanilla --bench demo_out/bench --forget 5 "
-                                 "--methods all --seeds 3 --json out.json --plot out.png")
+    cmp_ = sub.add_parser("compare", help="run every method from the same vanilla model and compare them")
     _add_model_bench_forget(cmp_)
     cmp_.add_argument("--methods", nargs="+", default=["all"],
                       help=f"'all' or names (space or comma separated): {', '.join(METHODS)}")
@@ -478,9 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit_flags(cmp_)
     cmp_.set_defaults(func=_compare)
     root_help = "service store: folder or s3://bucket/prefix (default: $MIP_ROOT, else ./mip_store)"
-    sub_ = sub.add_parser("submit", help="validate a forget request (JSON) and queue it for the nightly run",
-                          epilog="example: echo '{\"target_model\": \"demo\", \"subjects\": [\"p0003\"], "
-                                 "\"requester\": \"dpo@example.org\", \"reason\": \"privacy\"}' | mip submit -")
+    sub_ = sub.add_parser("submit", help="validate a forget request (JSON) and queue it for the nightly run")
     sub_.add_argument("file", metavar="FILE",
                       help="request JSON file, or - for stdin (schema: mip schema request)")
     sub_.add_argument("--root", help=root_help)
@@ -492,8 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     req.add_argument("--json", action="store_true", help="print the full records as JSON")
     req.set_defaults(func=_requests)
     st = sub.add_parser("status", help="where a request is (state, times, batch, model version, reason), or a "
-                                       "summary of the queue",
-                        epilog="examples: mip status demo-privacy-0001   |   mip status --json")
+                                       "summary of the queue")
     st.add_argument("request_id", nargs="?", metavar="REQUEST_ID", help="one request (default: the whole queue)")
     st.add_argument("--root", help=root_help)
     st.add_argument("--json", action="store_true", help="print JSON")
@@ -501,9 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the service's model registry").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")
     reg = models.add_parser("register", help="copy a model folder into the store as the next version of NAME and "
-                                             "make it current",
-                            epilog="example: mip models register --name demo --model demo_out/vanilla "
-                                   "--dataset demo_out/bench")
+                                             "make it current")
     reg.add_argument("--name", required=True, help="model name requests target (letters, digits, . _ -)")
     reg.add_argument("--model", required=True, help="model folder or URI (safetensors + processor)")
     reg.add_argument("--dataset", required=True, help="the benchmark folder or URI the model was trained on")
@@ -513,24 +523,106 @@ def build_parser() -> argparse.ArgumentParser:
     mls.add_argument("--root", help=root_help)
     mls.add_argument("--json", action="store_true", help="print the lineage records as JSON")
     mls.set_defaults(func=_models_list)
-    rep = sub.add_parser("report", help="print a batch's report (markdown) and where it is stored")
+    rep = sub.add_parser("report", help="print a batch's report (markdown), or where its HTML report is")
     rep.add_argument("batch_id", metavar="BATCH_ID")
     rep.add_argument("--root", help=root_help)
+    rep.add_argument("--open", action="store_true", help="print the HTML report's location (and open it when a "
+                                                         "desktop browser is available)")
+    rep.add_argument("--json", action="store_true", help="print the report locations and the gate decision as JSON")
     rep.set_defaults(func=_report)
     schema = sub.add_parser("schema", help="print JSON schemas").add_subparsers(
         dest="schema_command", required=True, metavar="SUBCOMMAND")
     schema.add_parser("request", help="the forget request schema (schemas/forget_request.schema.json)"
                       ).set_defaults(func=_schema)
+    _group_commands(parser, sub)
+    _add_examples(parser, "", arch=DEFAULT_ARCH)
     return parser
 
 
+COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("the unlearning service (forget requests, batches, published models)",
+     ("submit", "status", "requests", "report", "models", "schema")),
+    ("research and one-off runs (benchmark, models, attribution, methods)",
+     ("benchmark", "model", "vanilla", "eval", "attribute", "paths", "unlearn", "compare")),
+)
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "": ("mip submit examples/requests/privacy-p0003.json", "mip status", "mip report BATCH_ID --open",
+         "mip COMMAND --help"),
+    "submit": ("mip submit request.json --root s3://mip-service/prod",
+               "echo '{\"target_model\": \"demo\", \"subjects\": [\"p0003\"], \"requester\": \"dpo@example.org\", "
+               "\"reason\": \"privacy\"}' | mip submit -"),
+    "status": ("mip status demo-privacy-0001", "mip status demo-privacy-0001 --json", "mip status --json"),
+    "requests": ("mip requests --state pending", "mip requests --model demo --json"),
+    "report": ("mip report b20261129T043823Z-b7df1c", "mip report b20261129T043823Z-b7df1c --open",
+               "mip report b20261129T043823Z-b7df1c --json"),
+    "models": ("mip models list", "mip models register --name demo --model demo_out/vanilla --dataset demo_out/bench"),
+    "models register": ("mip models register --name demo --model demo_out/vanilla --dataset demo_out/bench",
+                        "mip models register --name prod-mllm --model s3://models/prod-mllm --dataset s3://data/bench "
+                        "--root s3://mip-service/prod"),
+    "models list": ("mip models list", "mip models list --json"),
+    "schema": ("mip schema request > forget_request.schema.json",),
+    "schema request": ("mip schema request > forget_request.schema.json",),
+    "benchmark": ("mip benchmark make --out demo_out/bench --profiles 100 --seed 0",),
+    "benchmark make": ("mip benchmark make --out demo_out/bench --profiles 100 --seed 0",),
+    "model": ("mip model tiny --arch {arch} --out /tmp/tiny",),
+    "model tiny": ("mip model tiny --arch {arch} --out /tmp/tiny", "mip model tiny --arch {arch} --size test --out "
+                   "/tmp/tiny-test"),
+    "vanilla": ("mip vanilla --bench demo_out/bench --out demo_out/vanilla --minutes 15",),
+    "eval": ("mip eval --model demo_out/vanilla --bench demo_out/bench --forget 5",
+             "mip eval --model demo_out/mip05 --bench demo_out/bench --reference vanilla.json --json mip.json"),
+    "attribute": ("mip attribute --model demo_out/vanilla --bench demo_out/bench --forget 5 --out /tmp/paths",),
+    "paths": ("mip paths reduce /tmp/paths --out /tmp/graph", "mip paths show /tmp/graph --top 3"),
+    "paths reduce": ("mip paths reduce /tmp/paths-a /tmp/paths-b --out /tmp/graph",),
+    "paths show": ("mip paths show /tmp/graph --top 3",),
+    "unlearn": ("mip unlearn --model demo_out/vanilla --bench demo_out/bench --forget 5 --method mip --out "
+                "demo_out/mip05",),
+    "compare": ("mip compare --model demo_out/vanilla --bench demo_out/bench --forget 5 --methods all --seeds 3 "
+                "--json out.json --plot out.png",),
+}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def _group_commands(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:
+    """``mip --help`` lists the commands by what they are for, service first, instead of one flat list."""
+    helps = {action.dest: action.help for action in sub._choices_actions}
+    listed = [name for _, names in COMMAND_GROUPS for name in names]
+    assert sorted(listed) == sorted(helps), "every command belongs to exactly one help group"
+    lines = [parser.description or ""]
+    for title, names in COMMAND_GROUPS:
+        lines += ["", f"{title}:"] + [f"  {name:<11s}{helps[name]}" for name in names]
+    parser.description = "\n".join(lines)
+    sub._choices_actions.clear()  # listed above, grouped
+    sub.help = "one of the commands above; `mip COMMAND --help` for its options and examples"
+
+
+def _add_examples(parser: argparse.ArgumentParser, path: str, *, arch: str) -> None:
+    """Every command's help ends with examples (like git's and kubectl's)."""
+    examples = EXAMPLES.get(path)
+    if examples:
+        parser.epilog = "examples:\n" + "\n".join(f"  {line.replace('{arch}', arch)}" for line in examples)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = _subparsers(parser)
+    for name, child in (sub.choices.items() if sub else ()):
+        _add_examples(child, f"{path} {name}".strip(), arch=arch)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from mip_core.progress import log_to_stderr
+
     args = build_parser().parse_args(argv)
+    log_to_stderr(unless_terminal=True)  # a terminal shows progress bars; a log file gets the lines
     try:
         return int(args.func(args) or 0)
     except MipError as exc:
         print(f"mip: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path or endpoint that is not there: one line, not a traceback
+        print(f"mip: error: {exc}; check the path or URI (and MIP_S3_ENDPOINT_URL / AWS_* for s3://)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from mip_core.errors import InputError
 from mip_core.modeling.inputs import IGNORE_INDEX, collate, encode
 from mip_core.modeling.io import save_model
 from mip_core.storage import filesystem
+from mip_core.progress import Progress
 
 TRAINING_LOG = "training_log.json"
 
@@ -141,6 +142,7 @@ def train(model: nn.Module, processor: Any, bench: Benchmark, cfg: TrainConfig,
     start = time.perf_counter()
     deadline = start + cfg.max_minutes * 60
     running = 0.0
+    bar = Progress(cfg.steps, "training", unit="step")
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg, cfg.steps)
@@ -156,6 +158,7 @@ def train(model: nn.Module, processor: Any, bench: Benchmark, cfg: TrainConfig,
         optimizer.step()
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         done = step + 1
+        bar.update()
         out_of_time = time.perf_counter() > deadline
         if cfg.probe_every and (done % cfg.probe_every == 0 or done == cfg.steps or out_of_time):
             point: dict[str, float] = {"step": done, "seconds": round(time.perf_counter() - start, 1),
@@ -169,6 +172,7 @@ def train(model: nn.Module, processor: Any, bench: Benchmark, cfg: TrainConfig,
         if out_of_time:
             log(f"stopping at step {done}: the {cfg.max_minutes} min budget is spent")
             break
+    bar.close()
     history.steps_done = done
     history.seconds = round(time.perf_counter() - start, 1)
     model.eval()

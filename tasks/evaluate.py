@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from mip_core.benchmark import load_benchmark
 from mip_core.evaluation import evaluate, format_table, write_json
 from mip_core.modeling import load_model
+from tasks.logs import forward_progress
 
 
 # One retry: the model may come from object storage (s3://), where a download can fail transiently.
@@ -26,7 +27,8 @@ def evaluate_task(model_uri: str, bench_dir: str, forget_pct: int, out_json: str
     torch.set_num_threads(int(os.environ.get("MIP_THREADS", "1")))  # as `mip eval`: 1 suits shared CPUs
     logger = get_run_logger()
     loaded = load_model(model_uri)
-    rows = evaluate(loaded.model, loaded.processor, load_benchmark(bench_dir), forget_pct=forget_pct)
+    with forward_progress():
+        rows = evaluate(loaded.model, loaded.processor, load_benchmark(bench_dir), forget_pct=forget_pct)
     write_json(rows, out_json)
     table = format_table(rows)
     logger.info("evaluation of %s on %s (forget %d %%):\n%s", model_uri, bench_dir, forget_pct, table)

@@ -19,13 +19,14 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from mip_core.entrypoints.edit import SUMMARY_FILE, EditSpec, run_edit, write_spec, write_text, zero3_config
 from mip_core.errors import InputError, MipError
+from mip_core.progress import MARKER
 from mip_core.storage import filesystem, is_remote
 
 Launcher = Literal["deepspeed", "torchrun", "inprocess"]
@@ -110,8 +111,11 @@ def _sibling(uri: str, name: str) -> str:
 
 def launch_edit(spec: EditSpec, spec_uri: str, log_uri: str, *, launcher: Launcher = "deepspeed",
                 n_ranks: int = 2, timeout_s: float = 1800, env: dict[str, str] | None = None,
-                hostfile: str | None = None, ds_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                hostfile: str | None = None, ds_config: dict[str, Any] | None = None,
+                relay: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the spec (and its DeepSpeed config) beside ``spec_uri``, run the edit job, return its summary.
+
+    ``relay`` gets the job's progress lines as they are written (the flow logs them in the Prefect run).
 
     Raises :class:`EditJobError` with the exit code, the argv and the last lines of the log when the job fails
     or runs past ``timeout_s``. The log (both ranks' stdout and stderr) goes to ``log_uri``, also on failure.
@@ -125,7 +129,7 @@ def launch_edit(spec: EditSpec, spec_uri: str, log_uri: str, *, launcher: Launch
     argv = edit_argv(spec_uri, launcher=launcher, n_ranks=n_ranks, hostfile=hostfile,
                      ds_config_uri=config_uri)
     with _local_log(log_uri) as log_path:
-        code = _run(argv, log_path, job_env(env), timeout_s)
+        code = _run(argv, log_path, job_env(env), timeout_s, relay)
         if code != 0:
             what = f"timed out after {timeout_s:.0f} s" if code is None else f"exited with code {code}"
             raise EditJobError(f"edit job {what}; argv: {argv}; log: {log_uri}; last {LOG_TAIL_LINES} "
@@ -133,20 +137,43 @@ def launch_edit(spec: EditSpec, spec_uri: str, log_uri: str, *, launcher: Launch
     return _read_summary(spec.output_uri)
 
 
-def _run(argv: list[str], log_path: Path, env: dict[str, str], timeout_s: float) -> int | None:
+def _run(argv: list[str], log_path: Path, env: dict[str, str], timeout_s: float,
+         relay: Callable[[str], None] | None = None) -> int | None:
     """Run ``argv`` with stdout+stderr appended to ``log_path``; ``None`` when it ran past ``timeout_s``.
 
-    The job gets its own process group, so a timeout stops the launcher and every rank it started.
+    The job gets its own process group, so a timeout stops the launcher and every rank it started. While it
+    runs, the log's progress lines (``mip_core.progress``) go to ``relay`` every ~2 s.
     """
     with log_path.open("ab") as log:
         log.write(f"$ {shlex.join(argv)}\n".encode())  # for reading only: the job itself gets no shell
         log.flush()
+        offset = log.tell()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _stop_group(proc)
-            return None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                code: int | None = proc.wait(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                code = None
+            if relay is not None:
+                offset = _relay_progress(log_path, offset, relay)
+            if code is not None:
+                return code
+            if time.monotonic() >= deadline:
+                _stop_group(proc)
+                return None
+
+
+def _relay_progress(log_path: Path, offset: int, relay: Callable[[str], None]) -> int:
+    """Pass the complete progress lines written to ``log_path`` since ``offset`` to ``relay``; the new offset."""
+    with log_path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next round
+    for line in chunk[:end].decode(errors="replace").splitlines():
+        if MARKER in line:
+            relay(line[line.index(MARKER):])
+    return offset + end
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:

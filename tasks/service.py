@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
@@ -25,15 +25,17 @@ from mip_core.errors import InputError
 from mip_core.modeling import load_model
 from mip_core.modeling.io import localize
 from mip_core.paths import reduce_paths
-from mip_core.results import read_item_paths, write_path_graph
+from mip_core.results import read_item_paths, read_path_graph, write_path_graph
 from mip_core.service.batch import BatchManifest, plan_batch
 from mip_core.service.gate import GateConfig, evaluate_and_gate, format_decision
 from mip_core.service.lease import LeaseHeld, hold
+from mip_core.service.html_report import batch_html
 from mip_core.service.report import batch_report
 from mip_core.service.runs import adopt, claimed_batches, orphaned_batches, write_claim
 from mip_core.service.store import ServiceStore
 from tasks.actors import attribute_batch, attribution_config
 from tasks.launch import launch_edit
+from tasks.logs import forward_progress
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -215,9 +217,10 @@ def edit_task(root: str, batch_id: str, graph_uri: str, method: str, edit: dict[
                     output_uri=store.uri(store.batch_key(batch_id, "edited")), method=method, path_edit=edit,
                     lineage={"batch_id": batch_id, "base_version": m.base_version, "path_graph": graph_uri,
                              "requests": m.accepted})
-    summary = launch_edit(spec, store.uri(store.batch_key(batch_id, "edit_config.json")),
-                          store.uri(store.batch_key(batch_id, "logs", "edit.log")), launcher=launcher,
-                          n_ranks=ranks, hostfile=hostfile)
+    with forward_progress():  # in-process edits log here; a DeepSpeed job's lines are relayed from its log
+        summary = launch_edit(spec, store.uri(store.batch_key(batch_id, "edit_config.json")),
+                              store.uri(store.batch_key(batch_id, "logs", "edit.log")), launcher=launcher,
+                              n_ranks=ranks, hostfile=hostfile, relay=get_run_logger().info)
     store.write_json(store.batch_key(batch_id, "edit_summary.json"), summary)
     return summary
 
@@ -230,8 +233,9 @@ def gate_task(root: str, batch_id: str, edited_uri: str, gate: dict[str, float])
     m = manifest_of(store, batch_id)
     bench = load_benchmark(localize(m.dataset_uri))
     base, edited = load_model(m.base_uri), load_model(edited_uri)
-    decision = evaluate_and_gate(base.model, edited.model, edited.processor, bench, m.item_sets(bench),
-                                 GateConfig(**gate), request_of=m.request_of(), log=get_run_logger().info)
+    with forward_progress():
+        decision = evaluate_and_gate(base.model, edited.model, edited.processor, bench, m.item_sets(bench),
+                                     GateConfig(**gate), request_of=m.request_of(), log=get_run_logger().info)
     get_run_logger().info("gate of batch %s:\n%s", batch_id, format_decision(decision))
     store.write_json(store.batch_key(batch_id, "gate.json"), decision.to_dict())
     return decision.to_dict()
@@ -260,8 +264,10 @@ def publish_task(root: str, batch_id: str, edited_uri: str, graph_uri: str) -> s
 
 @task(name="close-batch", **IO_RETRIES)
 def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, Any] | None, error: str | None,
-               timings: dict[str, float], shards: list[dict[str, Any]] | None = None) -> str:
-    """Give every claimed request its terminal record, write the report, attach it to the run; returns its URI."""
+               timings: dict[str, float], shards: list[dict[str, Any]] | None = None,
+               resources: dict[str, Any] | None = None) -> str:
+    """Give every claimed request its terminal record, write the reports (markdown and HTML), attach them to the
+    run; returns the markdown report's URI."""
     store = ServiceStore(root)
     m = manifest_of(store, batch_id)
     report_key = store.batch_key(batch_id, "report.md")
@@ -283,24 +289,39 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
                 reason = "gate: " + "; ".join(gate["reasons"]) if gate else "not published"
             store.finish(request_id, "failed", reason=reason, report_uri=store.uri(report_key),
                          metrics=per_request.get(request_id))
-    text = batch_report(m, [store.get(r) for r in m.requests], gate=gate, version=version, error=error,
-                        timings=timings, shards=shards, links={k: store.uri(store.batch_key(batch_id, k)) for k in
-                                                               ("manifest.json", "path_graph", "logs/edit.log")})
+    records = [store.get(r) for r in m.requests]
+    links = {k: store.uri(store.batch_key(batch_id, k)) for k in ("manifest.json", "path_graph", "logs/edit.log")}
+    text = batch_report(m, records, gate=gate, version=version, error=error, timings=timings, shards=shards,
+                        links=links)
     store.write_text(report_key, text)
     store.write_json(store.batch_key(batch_id, "timings.json"), timings)
-    create_markdown_artifact(markdown=text, key=f"batch-{batch_id.lower()}".replace("_", "-"),
+    html_key = store.batch_key(batch_id, "report.html")
+    graph_key, edit_key = store.batch_key(batch_id, "path_graph"), store.batch_key(batch_id, "edit_summary.json")
+    graph = read_path_graph(store.uri(graph_key), store.endpoint_url) if store.exists(graph_key) else None
+    store.write_text(html_key, batch_html(m, records, gate=gate, version=version, error=error, timings=timings,
+                                          shards=shards, graph=graph, resources=resources, links=links,
+                                          edit=store.read_json(edit_key) if store.exists(edit_key) else None))
+    html_uri = store.uri(html_key)
+    artifact_key = f"batch-{batch_id.lower()}".replace("_", "-")
+    create_markdown_artifact(markdown=text + f"\nHTML report with figures: `{html_uri}`\n", key=artifact_key,
                              description=f"MIP-Editor batch {batch_id}")
+    create_link_artifact(link=html_uri if store.remote else f"file://{html_uri}", key=f"{artifact_key}-html",
+                         link_text=f"report.html ({batch_id})", description=f"MIP-Editor batch {batch_id}: HTML")
+    get_run_logger().info("batch %s report: %s", batch_id, html_uri)
     return store.uri(report_key)
 
 
 @task(name="summarize-run", **IO_RETRIES)
-def summarize_task(results: list[dict[str, Any]], failed: list[str]) -> str:
-    """One markdown artifact per nightly run: every batch, what it published, and where its report is."""
-    lines = ["# Nightly unlearning run", "", "| batch | published | report |", "|---|---|---|"]
-    lines += [f"| `{r['batch_id']}` | {r['version'] or 'no (see report)'} | `{r['report']}` |" for r in results]
+def summarize_task(results: list[dict[str, Any]], failed: list[str], key: str = "nightly-unlearning") -> str:
+    """One markdown artifact per run (``key``: nightly-unlearning, unlearn-batch): every batch, what it
+    published, and where its reports are."""
+    title = "Nightly unlearning run" if key == "nightly-unlearning" else "Unlearning batch run"
+    lines = [f"# {title}", "", "| batch | published | report |", "|---|---|---|"]
+    lines += [f"| `{r['batch_id']}` | {r['version'] or 'no (see report)'} | `{r['report']}` (figures: "
+              f"`{r['report'].removesuffix('.md')}.html`) |" for r in results]
     lines += [f"| `{b}` | failed | see the batch's run and `batches/{b}/report.md` |" for b in failed]
     if not results and not failed:
         lines.append("| - | no pending requests | - |")
     text = "\n".join(lines) + "\n"
-    create_markdown_artifact(markdown=text, key="nightly-unlearning", description="batches of this nightly run")
+    create_markdown_artifact(markdown=text, key=key, description="batches of this run")
     return text

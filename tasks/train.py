@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from mip_core.benchmark import load_benchmark
 from mip_core.modeling import build_tiny
 from mip_core.training import TrainConfig, read_training_log, save_trained, train
+from tasks.logs import forward_progress
 
 
 # No retries: a retry would silently redo minutes of training; rerun the flow instead (reuse keeps the rest).
@@ -37,7 +38,8 @@ def train_vanilla_task(bench_dir: str, out_dir: str, arch: str, size: str, cfg: 
         logger.info("model in %s was trained with other settings; retraining", out_dir)
     bench = load_benchmark(bench_dir)
     model, processor = build_tiny(arch, size=size, seed=config.seed)
-    log = train(model, processor, bench, config, log=logger.info)
+    with forward_progress():
+        log = train(model, processor, bench, config, log=logger.info)
     save_trained(model, processor, log, out_dir, size=size)
     logger.info("trained %d steps in %.0fs; wrote %s", log.steps_done, log.seconds, out_dir)
     return out_dir

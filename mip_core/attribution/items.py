@@ -18,6 +18,7 @@ from mip_core.attribution.path_search import check_example, path_search
 from mip_core.benchmark import Benchmark, Item
 from mip_core.modeling.inputs import encode
 from mip_core.types import ItemFailure, ItemPath, Tower
+from mip_core.progress import Progress
 
 
 class EncodedItem(NamedTuple):
@@ -72,18 +73,20 @@ def attribute_examples(model: nn.Module, adapter: ModelAdapter, items: Sequence[
         for it, nodes in zip(group, found, strict=True):
             paths.append(ItemPath(it.item_id, request_ids.get(it.item_id), tower, tuple(nodes)))
 
-    for tower in cfg.towers:
-        group_all = ready[tower]
-        for start in range(0, len(group_all), cfg.batch_items):
-            group = group_all[start:start + cfg.batch_items]
-            try:
-                run(group, tower)
-            except Exception:  # noqa: BLE001 - isolate the failing item(s) below
-                for it in group:
-                    try:
-                        run([it], tower)
-                    except Exception as exc:  # noqa: BLE001 - reported per item, the rest continue
-                        failures.append(ItemFailure(it.item_id, _named(it.item_id, exc)))
+    with Progress(sum(len(ready[t]) for t in cfg.towers), "attribution", unit="item") as bar:
+        for tower in cfg.towers:
+            group_all = ready[tower]
+            for start in range(0, len(group_all), cfg.batch_items):
+                group = group_all[start:start + cfg.batch_items]
+                try:
+                    run(group, tower)
+                except Exception:  # noqa: BLE001 - isolate the failing item(s) below
+                    for it in group:
+                        try:
+                            run([it], tower)
+                        except Exception as exc:  # noqa: BLE001 - reported per item, the rest continue
+                            failures.append(ItemFailure(it.item_id, _named(it.item_id, exc)))
+                bar.update(len(group))
     paths.sort(key=lambda p: order[p.item_id])
     failures.sort(key=lambda f: order[f.item_id])
     return paths, failures

@@ -40,6 +40,7 @@ from mip_core.adapters.base import ModelAdapter
 from mip_core.editing.base import Log, UnlearnData
 from mip_core.errors import InputError
 from mip_core.modeling.inputs import IGNORE_INDEX, collate
+from mip_core.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     model.eval()  # no dropout: the frozen and edited forwards must differ only by the edit
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
+    bar = Progress(cfg.steps, "editing (RMisU)", unit="step", enabled=world()[0] == 0)
     for step in range(cfg.steps):
         optimizer.zero_grad(set_to_none=True)
         f_idx = _share([rng.randrange(len(data.forget)) for _ in range(cfg.batch_size)], data.forget)
@@ -261,10 +263,12 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         optimizer.step()
         point["loss"] = loss.item()
+        bar.update()
         if step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             point["seconds"] = round(time.perf_counter() - t0, 2)
             curve.append({k: round(v, 5) for k, v in point.items()})
             log("rmisu " + "  ".join(f"{k}={v}" for k, v in curve[-1].items()))
+    bar.close()
     return curve, layer
 
 

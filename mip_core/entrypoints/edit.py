@@ -354,6 +354,9 @@ def _save_local(loaded: Any, state: dict[str, Any], folder: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mip_core.progress import log_to_stderr
+
+    log_to_stderr()  # the job's log: the launcher relays these lines to the Prefect run
     parser = argparse.ArgumentParser(prog="python -m mip_core.entrypoints.edit",
                                      description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--spec", required=True, help="EditSpec JSON (local path or s3:// URI)")

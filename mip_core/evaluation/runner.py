@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mip_core.benchmark import Benchmark, Item
 from mip_core.evaluation.metrics import forgetting_rate, mc_correct, mean, retention, rouge_l
 from mip_core.modeling.inputs import answer_logprob, collate, encode
 from mip_core.types import MODALITIES
+from mip_core.progress import Progress
 
 SPLITS = ("forget", "retain", "test", "utility")
 #: Which headline figure each split gets against a reference evaluation (method.md section 6).
@@ -58,8 +58,11 @@ def multiple_choice(model: nn.Module, processor: Any, bench: Benchmark, items: S
         examples.extend(encode(processor, it.question, image, opt, item_id=it.item_id) for opt in it.options)
     scores = []
     pad_id = processor.tokenizer.pad_token_id
-    for start in tqdm(range(0, len(examples), batch_size * 8), desc="multiple choice", disable=not progress):
-        scores.extend(sequence_logprobs(model, examples[start : start + batch_size * 8], pad_id, batch_size))
+    with Progress(len(examples), "evaluation (multiple choice)", unit="option", bar=progress or None) as bar:
+        for start in range(0, len(examples), batch_size * 8):
+            chunk = examples[start : start + batch_size * 8]
+            scores.extend(sequence_logprobs(model, chunk, pad_id, batch_size))
+            bar.update(len(chunk))
     n_opt = len(items[0].options) if items else 0
     return [mc_correct(scores[k * n_opt : (k + 1) * n_opt], it.answer_index) for k, it in enumerate(items)]
 
@@ -70,15 +73,17 @@ def generate_answers(model: nn.Module, processor: Any, bench: Benchmark, items: 
     """Greedy, batched (left-padded) generation of each item's answer."""
     tokenizer = processor.tokenizer
     answers: list[str] = []
-    for start in tqdm(range(0, len(items), batch_size), desc="generation", disable=not progress):
-        chunk = items[start : start + batch_size]
-        encoded = [encode(processor, it.question, bench.load_image(it) if it.image else None, item_id=it.item_id)
-                   for it in chunk]
-        batch = collate(encoded, tokenizer.pad_token_id, padding_side="left")
-        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        new_tokens = generated[:, batch["input_ids"].shape[1]:]
-        answers.extend(s.strip() for s in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    with Progress(len(items), "evaluation (generation)", unit="item", bar=progress or None) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            encoded = [encode(processor, it.question, bench.load_image(it) if it.image else None,
+                              item_id=it.item_id) for it in chunk]
+            batch = collate(encoded, tokenizer.pad_token_id, padding_side="left")
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            answers.extend(s.strip() for s in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            bar.update(len(chunk))
     return answers
 
 

@@ -35,6 +35,7 @@ class BatchManifest:
     eval_utility: tuple[str, ...]  # general-knowledge items the gate scores (disjoint from edit_retain)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     version: int = MANIFEST_VERSION
+    eval_test: tuple[str, ...] = ()  # the forget facts asked another way (held out): does forgetting generalise
 
     @property
     def accepted(self) -> list[str]:
@@ -47,8 +48,9 @@ class BatchManifest:
     def item_sets(self, bench: Benchmark) -> dict[str, list[Item]]:
         """The gate's item sets, as benchmark items."""
         by_id = {it.item_id: it for it in bench.items}
-        return {"forget": [by_id[i] for i, _ in self.forget], "retain": [by_id[i] for i in self.eval_retain],
-                "utility": [by_id[i] for i in self.eval_utility]}
+        sets = {"forget": [by_id[i] for i, _ in self.forget], "test": [by_id[i] for i in self.eval_test],
+                "retain": [by_id[i] for i in self.eval_retain], "utility": [by_id[i] for i in self.eval_utility]}
+        return {name: items for name, items in sets.items() if items or name != "test"}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -61,8 +63,8 @@ class BatchManifest:
                              "re-plan the batch with this release")
         data["requests"] = tuple(data["requests"])
         data["forget"] = tuple(tuple(p) for p in data["forget"])
-        for name in ("edit_retain", "eval_retain", "eval_utility"):
-            data[name] = tuple(data[name])
+        for name in ("edit_retain", "eval_retain", "eval_utility", "eval_test"):
+            data[name] = tuple(data.get(name, ()))  # eval_test: absent from manifests written before it
         data["items_of"] = {k: tuple(v) for k, v in data["items_of"].items()}
         return cls(**data)
 
@@ -83,6 +85,9 @@ def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: s
     # retention measured on what RMisU was told to keep cannot flatter the edit.
     others = retain_items(bench, resolved.forget_profiles, 2 * retain_limit, seed)
     utility = [it.item_id for it in bench.items if it.kind == "utility"][: 2 * utility_limit]
+    facts = {(it.profile_id, it.fact, it.modality) for it, _ in resolved.forget}
+    held_out = [it.item_id for it in bench.items
+                if it.kind == "test" and (it.profile_id, it.fact, it.modality) in facts]
     return BatchManifest(
         batch_id=batch_id, target_model=target_model, base_version=base_version, base_uri=base_uri,
         dataset_uri=dataset_uri, requests=tuple(r.request_id for r in requests),
@@ -90,7 +95,8 @@ def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: s
         forget=tuple((it.item_id, rid) for it, rid in resolved.forget),
         items_of={rid: tuple(ids) for rid, ids in resolved.items_of.items() if rid not in resolved.rejected},
         edit_retain=tuple([it.item_id for it in others[0::2]] + utility[0::2]),
-        eval_retain=tuple(it.item_id for it in others[1::2]), eval_utility=tuple(utility[1::2]))
+        eval_retain=tuple(it.item_id for it in others[1::2]), eval_utility=tuple(utility[1::2]),
+        eval_test=tuple(held_out))
 
 
 __all__ = ["MANIFEST_VERSION", "BatchManifest", "plan_batch"]

@@ -11,6 +11,9 @@ from typing import Any
 from mip_core.service.batch import BatchManifest
 
 
+_SET_NAMES = {"test": "forget, held-out phrasings (not gated)"}
+
+
 def _f(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -39,7 +42,7 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
         lines += ["", "## Evaluation (multiple-choice accuracy)", "",
                   "| set | modality | n | before | after | forgetting / retention |", "|---|---|---|---|---|---|"]
         for s in gate["scores"]:
-            lines.append(f"| {s['items']} | {s['modality']} | {s['n']} | {_f(s['before'])} | {_f(s['after'])} | "
+            lines.append(f"| {_SET_NAMES.get(s['items'], s['items'])} | {s['modality']} | {s['n']} | {_f(s['before'])} | {_f(s['after'])} | "
                          f"{_f(s['relative'])} |")
         cfg = gate["config"]
         lines += ["", f"Gate: forgetting >= {cfg['min_forgetting']}, retention >= {cfg['min_retention']}, "

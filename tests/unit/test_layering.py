@@ -35,12 +35,31 @@ def test_cli_help_on_every_command(capsys):
                 ["benchmark", "make", "--help"], ["vanilla", "--help"], ["eval", "--help"],
                 ["attribute", "--help"], ["paths", "--help"], ["paths", "reduce", "--help"], ["paths", "show", "--help"],
                 ["submit", "--help"], ["requests", "--help"], ["models", "register", "--help"],
-                ["models", "list", "--help"], ["report", "--help"], ["schema", "--help"]]
+                ["models", "list", "--help"], ["report", "--help"], ["schema", "--help"], ["status", "--help"]]
     for argv in commands:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 0, argv
         assert "usage: mip" in capsys.readouterr().out, argv
+    # grouped top-level help, and examples in every command's help
+    from mip_core.cli import COMMAND_GROUPS, EXAMPLES, build_parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for title, names in COMMAND_GROUPS:
+        assert f"{title}:" in top and all(f"\n  {name} " in top for name in names), title
+    assert top.index("submit") < top.index("benchmark")  # the service first
+
+    def leaves(parser, path=""):
+        sub = next((a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"), None)
+        yield path, parser
+        for name, child in (sub.choices.items() if sub else ()):
+            yield from leaves(child, f"{path} {name}".strip())
+
+    for path, parser in leaves(build_parser()):
+        assert path in EXAMPLES, f"`mip {path} --help` has no examples"
+        assert "examples:\n  mip " in parser.format_help(), path
     # the installed console script is the same entry point
     out = subprocess.run([str(Path(sys.executable).with_name("mip")), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: mip" in out.stdout, out.stderr

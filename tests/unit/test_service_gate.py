@@ -92,3 +92,14 @@ def test_report_names_requests_and_metrics_but_no_personal_data():
     assert "| `x` | rejected | - | - | unknown entity ids ['p9'] |" in text
     assert "| forget | text | 1 | 1.000 | 0.000 | 1.000 |" in text and "| edit | 12.2 |" in text
     assert BatchManifest.from_json(m.to_json()) == m
+
+
+def test_held_out_phrasings_are_reported_as_forgetting_but_not_gated():
+    sets = {**SETS, "test": [item("t1", "text"), item("t2", "text")]}
+    before = {**ALL_RIGHT, "test": {"t1": True, "t2": True}}
+    edited = after(f1=False, f2=False, f3=False, f4=False) | {"test": {"t1": True, "t2": True}}  # not generalised
+    d = decide(sets, before, edited, GateConfig())
+    assert d.passed  # the test set has no floor: the method does not promise generalisation, the report shows it
+    held_out = d.metric("test", "text")
+    assert (held_out.n, held_out.before, held_out.after, held_out.relative) == (2, 1.0, 1.0, 0.0)
+    assert [s.items for s in d.scores] == ["forget", "forget", "test", "retain", "retain", "utility"]

@@ -290,6 +290,9 @@ def test_target_version_must_exist_at_submit_and_at_planning(tmp_path):
     manifest = plan_batch("b1", [store.get(r) for r in ("old", "gone", "any")], target_model="demo",
                           base_version="v0001", base_uri="/m", dataset_uri="/d", bench=bench, versions=["v0001"])
     assert manifest.accepted == ["old", "any"] and list(manifest.rejected) == ["gone"]
+    # the gate's held-out set: the same facts of the same person asked another way, one per forgotten item
+    assert len(manifest.eval_test) == len(manifest.forget) > 0
+    assert {i.replace("-test", "-qa") for i in manifest.eval_test} == {i for i, _ in manifest.forget}
     assert "target_version 'v0007' is not a version of demo (versions: v0001)" in manifest.rejected["gone"]
 
 
@@ -306,3 +309,27 @@ def test_an_oversized_request_is_refused_before_parsing_and_at_submit(tmp_path):
     with pytest.raises(InputError, match="over the"):
         store.submit(ForgetRequest.model_validate({**body, "subjects": [], "items": items}))
     assert not (tmp_path / "store" / "requests").exists()
+
+
+def test_cli_report_prints_the_html_location_and_json(tmp_path, capsys):
+    from mip_core.cli import main
+
+    root = str(tmp_path / "store")
+    store = ServiceStore(root)
+    store.write_text(store.batch_key("b1", "report.md"), "# MIP-Editor batch `b1`\n")
+    assert main(["report", "b1", "--root", root, "--open"]) == 2  # closed before HTML reports existed
+    assert "has no HTML report" in capsys.readouterr().err
+    store.write_text(store.batch_key("b1", "report.html"), "<!DOCTYPE html>")
+    store.write_json(store.batch_key("b1", "gate.json"), {"passed": True})
+    html = f"file://{tmp_path / 'store' / 'batches' / 'b1' / 'report.html'}"
+    assert main(["report", "b1", "--root", root, "--open"]) == 0
+    assert capsys.readouterr().out == html + "\n"
+    assert main(["report", "b1", "--root", root]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# MIP-Editor batch `b1`") and out.rstrip().endswith(f"html:   {html}")
+    assert main(["report", "b1", "--root", root, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"batch_id": "b1", "report": store.uri("batches/b1/report.md"),
+                                                   "html": html, "gate": {"passed": True}}
+    assert main(["report", "b9", "--root", root]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mip: error: batch 'b9' has no report")  # one line, what to do

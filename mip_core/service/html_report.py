@@ -1,0 +1,225 @@
+"""The batch report as one self-contained HTML file: what was asked, what it cost the model, whether it shipped.
+
+Operators look rather than read, so the numbers of the markdown report come with three matplotlib figures
+(accuracy before/after per set and modality, the path graph as a towers x layers heat map, wall time per step),
+embedded as PNG data URIs: the file can be mailed, attached or opened from S3 with nothing beside it. Like the
+markdown report it carries ids, counts and metrics, never the questions, answers or images being forgotten.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from mip_core.paths import PathGraph
+from mip_core.service.batch import BatchManifest
+from mip_core.types import TOWERS
+
+_FLOORS = {"forget": "min_forgetting", "retain": "min_retention", "utility": "min_utility"}
+_SET_LABEL = {"forget": "forget (requested)", "test": "forget, held-out phrasings", "retain": "other people",
+              "utility": "general knowledge"}
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328;
+padding:0 1rem}h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
+#d0d7de;padding-bottom:.3rem}table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}td,th{border:1px solid
+#d0d7de;padding:.3rem .6rem;text-align:left}th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:
+tabular-nums}.badge{display:inline-block;padding:.2rem .7rem;border-radius:1rem;color:#fff;font-weight:600}
+.ok{background:#1a7f37}.held{background:#9a6700}.bad{background:#cf222e}.muted{color:#656d76}figure{margin:1rem 0}
+figcaption{color:#656d76;font-size:.85rem}.grid{display:flex;flex-wrap:wrap;gap:1.5rem}img{max-width:100%}
+code{background:#f6f8fa;padding:.1rem .3rem;border-radius:4px}
+"""
+
+
+def support_matrix(graph: PathGraph) -> tuple[list[str], list[int], list[list[float]], list[list[int]]]:
+    """``(towers, layers, support, neurons)`` per (tower, layer): the mean support of its kept neurons (how many
+    forget items' paths share each of them: 1 = every item has its own neurons, high = one shared circuit) and
+    how many neurons it keeps; NaN / 0 where a tower has no such layer or keeps nothing there. Towers in
+    canonical order, layers 0..max over both towers."""
+    towers = [t for t in TOWERS if any(n.tower == t for n in graph.nodes)]
+    n_layers = 1 + max((n.layer for n in graph.nodes), default=-1)
+    total = [[0.0] * n_layers for _ in towers]
+    neurons = [[0] * n_layers for _ in towers]
+    for node in graph.nodes:
+        row = towers.index(node.tower)
+        total[row][node.layer] += node.support
+        neurons[row][node.layer] += 1
+    support = [[t / n if n else math.nan for t, n in zip(trow, nrow, strict=True)]
+               for trow, nrow in zip(total, neurons, strict=True)]
+    return towers, list(range(n_layers)), support, neurons
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a worker
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_figure(scores: Sequence[Mapping[str, Any]]) -> str:
+    """Grouped bars: accuracy before and after the edit for every (set, modality); chance (1/4) dashed."""
+    plt = _pyplot()
+    labels = [f"{s['items']}\n{s['modality']}" for s in scores]
+    x = range(len(scores))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(scores) + 1), 3.4))
+    before = ax.bar([i - 0.2 for i in x], [s["before"] for s in scores], 0.4, label="before", color="#8c959f")
+    after = ax.bar([i + 0.2 for i in x], [s["after"] for s in scores], 0.4, label="after", color="#0969da")
+    ax.bar_label(before, fmt="%.2f", fontsize=7, padding=1)
+    ax.bar_label(after, fmt="%.2f", fontsize=7, padding=1)
+    ax.axhline(0.25, color="#cf222e", linestyle="--", linewidth=0.8, label="chance (4 options)")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("multiple-choice accuracy")
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)
+
+
+def path_heatmap_figure(graph: PathGraph) -> str:
+    """Towers x layers heat map of the path graph's support, each cell labelled with its kept-neuron count."""
+    plt = _pyplot()
+    towers, layers, support, neurons = support_matrix(graph)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers) + 2), 0.8 * len(towers) + 1.4))
+    image = ax.imshow(support, aspect="auto", cmap="viridis")
+    norm = image.norm
+    for r, row in enumerate(neurons):
+        for c, count in enumerate(row):
+            if count:  # dark text on the light end of viridis, white on the dark end
+                ax.text(c, r, str(count), ha="center", va="center", fontsize=7,
+                        color="black" if norm(support[r][c]) > 0.6 else "white")
+    ax.set_yticks(range(len(towers)), towers)
+    ax.set_xticks(layers, [str(layer) for layer in layers], fontsize=7)
+    ax.set_xlabel("layer (cell label: neurons kept)")
+    fig.colorbar(image, ax=ax, label="mean support per neuron", fraction=0.04, pad=0.02)
+    return _png(fig)
+
+
+def timings_figure(timings: Mapping[str, float]) -> str:
+    """Horizontal bars: wall time per step, in seconds, in the order the steps ran."""
+    plt = _pyplot()
+    steps = list(timings)
+    fig, ax = plt.subplots(figsize=(6.0, 0.35 * len(steps) + 1.0))
+    bars = ax.barh(steps, [timings[s] for s in steps], color="#8250df")
+    ax.bar_label(bars, fmt="%.1f s", fontsize=7, padding=2)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)
+
+
+def _e(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3f}"
+    return html.escape("-" if value is None else str(value))
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], numeric: frozenset[int] = frozenset()) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f'<td class="num">{_e(v)}</td>' if i in numeric else f"<td>{_e(v)}</td>"
+                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(src: str, alt: str, caption: str) -> str:
+    return f'<figure><img src="{src}" alt="{html.escape(alt)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, Any] | None, version: str | None,
+               error: str | None, timings: Mapping[str, float], shards: Sequence[Mapping[str, Any]] | None = None,
+               graph: PathGraph | None = None, edit: Mapping[str, Any] | None = None,
+               resources: Mapping[str, Any] | None = None, links: Mapping[str, str] | None = None) -> str:
+    """The report page. ``edit`` is the edit job's summary (ranks, ZeRO stage, neurons); ``resources`` adds how the
+    batch ran (launcher, actors asked for); ``links`` names the batch's artifacts."""
+    if version:
+        badge = f'<span class="badge ok">published {_e(m.target_model)} {_e(version)}</span>'
+    elif error:
+        badge = '<span class="badge bad">failed</span>'
+    else:
+        badge = '<span class="badge held">not published: held back by the gate</span>'
+    parts = [f"<h1>MIP-Editor batch <code>{_e(m.batch_id)}</code></h1>",
+             f"<p>{badge} <span class='muted'>model {_e(m.target_model)}, from version {_e(m.base_version)}; "
+             f"report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</span></p>"]
+    if error:
+        parts.append(f"<p><strong>Error:</strong> {_e(error)}</p>")
+    per_request = (gate or {}).get("per_request", {})
+    rows = []
+    for r in records:
+        rid = r.request.request_id
+        acc = per_request.get(rid, {})
+        rows.append([rid, r.state, len(m.items_of.get(rid, ())), acc.get("before"), acc.get("after"), r.model_version,
+                     r.reason])
+    parts += ["<h2>Requests</h2>", _table(["request", "state", "items", "forget accuracy before", "after",
+                                           "model version", "reason"], rows, numeric=frozenset({2, 3, 4}))]
+    figures = []
+    if gate:
+        cfg = gate["config"]
+        rows = []
+        for s in gate["scores"]:
+            floor_name = _FLOORS.get(s["items"])
+            floor = cfg.get(floor_name) if floor_name else None
+            rel = s["relative"]
+            verdict = "-" if floor is None or rel != rel else ("pass" if rel >= floor else "FAIL")
+            rows.append([_SET_LABEL.get(s["items"], s["items"]), s["modality"], s["n"], s["before"], s["after"],
+                         rel, floor, verdict])
+        decision = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
+        parts += ["<h2>Evaluation and gate</h2>",
+                  "<p class='muted'>Multiple-choice accuracy (chance 0.25) on the starting and the edited model. "
+                  "'relative' is the forgetting rate for the forget sets and the retention for the kept ones; "
+                  "the other people's and general-knowledge items are held out from the edit.</p>",
+                  _table(["set", "modality", "n", "before", "after", "relative", "floor", "check"], rows,
+                         numeric=frozenset({2, 3, 4, 5, 6})),
+                  f"<p>Gate <strong>{_e(decision)}</strong></p>"]
+        figures.append(_figure(accuracy_figure(gate["scores"]), "accuracy before and after",
+                               "Accuracy before and after the edit, per set and modality."))
+    if graph is not None and len(graph):
+        figures.append(_figure(path_heatmap_figure(graph), "path graph heat map",
+                               f"Path graph: {len(graph)} neurons over {len(graph.requests())} request(s). Colour: "
+                               "mean support (forget items sharing each kept neuron); labels: neurons kept per layer."))
+    if timings:
+        figures.append(_figure(timings_figure(timings), "wall time per step", "Wall time per step."))
+    if figures:
+        parts += ["<h2>Figures</h2>", '<div class="grid">' + "".join(figures) + "</div>"]
+    rows = [["requests", len(m.requests)], ["rejected at planning", len(m.rejected)],
+            ["items attributed and edited", len(m.forget)], ["items held during the edit", len(m.edit_retain)]]
+    if shards:
+        rows += [["attribution shards", len(shards)], ["attribution actors", len({s.get("actor") for s in shards})],
+                 ["items that failed attribution", sum(len(s.get("failures", [])) for s in shards)]]
+    if graph is not None:
+        rows.append(["path-graph neurons", len(graph)])
+    for key, label in (("launcher", "edit launcher"), ("n_actors", "actors asked for")):
+        if resources and resources.get(key) is not None:
+            rows.append([label, resources[key]])
+    if edit:
+        rows += [[label, edit[key]] for key, label in (
+            ("world_size", "edit ranks (DeepSpeed world size)"), ("zero_stage", "ZeRO stage"),
+            ("neurons", "neurons edited"), ("steps", "RMisU steps"), ("trainable_parameters", "trainable parameters"))
+            if edit.get(key) is not None]
+        if edit.get("gathered"):
+            rows.append(["gathered per rank (MiB)", round(edit["gathered"]["bytes"] / 2**20, 1)])
+    if timings:
+        rows += [[f"wall time: {step} (s)", round(sec, 2)] for step, sec in timings.items()]
+        rows.append(["wall time: total (s)", round(sum(timings.values()), 2)])
+    parts += ["<h2>Run and resources</h2>", _table(["", "value"], rows, numeric=frozenset({1}))]
+    if links:
+        parts += ["<h2>Artifacts</h2><ul>"] + [f"<li>{_e(k)}: <code>{_e(v)}</code></li>" for k, v in links.items()]
+        parts.append("</ul>")
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>MIP-Editor batch "
+            f"{_e(m.batch_id)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+__all__ = ["accuracy_figure", "batch_html", "path_heatmap_figure", "support_matrix", "timings_figure"]
