@@ -64,6 +64,9 @@ demo: install $(DEMO_DIR)/vanilla/model.safetensors
 	$(MIP) models register --root $(DEMO_ROOT) --name demo --model $(DEMO_DIR)/vanilla --dataset $(DEMO_DIR)/bench
 	for f in examples/requests/*.json; do $(MIP) submit $$f --root $(DEMO_ROOT) || exit 1; done
 	$(DEMO_PREFECT) MIP_ROOT=$(DEMO_ROOT) $(PY) -m flows.service
+	@latest=$$(ls -t $(DEMO_ROOT)/batches/*/report.html | head -1); echo; \
+	echo "HTML report with figures: file://$(CURDIR)/$$latest"; \
+	echo "(mip report $$(basename $$(dirname $$latest)) --root $(DEMO_ROOT) --open prints it again)"
 
 # The method-level demo of issues 2-4: evaluation of the vanilla model, one `mip unlearn`, its evaluation.
 demo-method: install $(DEMO_DIR)/vanilla/model.safetensors

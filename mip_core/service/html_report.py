@@ -23,6 +23,7 @@ from mip_core.types import TOWERS
 _FLOORS = {"forget": "min_forgetting", "retain": "min_retention", "utility": "min_utility"}
 _SET_LABEL = {"forget": "forget (requested)", "test": "forget, held-out phrasings", "retain": "other people",
               "utility": "general knowledge"}
+_SHORT = {"test": "held-out"}  # the forget facts asked another way (x-axis labels must stay short)
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328;
 padding:0 1rem}h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
@@ -74,7 +75,7 @@ def _pyplot() -> Any:
 def accuracy_figure(scores: Sequence[Mapping[str, Any]]) -> str:
     """Grouped bars: accuracy before and after the edit for every (set, modality); chance (1/4) dashed."""
     plt = _pyplot()
-    labels = [f"{s['items']}\n{s['modality']}" for s in scores]
+    labels = [f"{_SHORT.get(s['items'], s['items'])}\n{s['modality']}" for s in scores]
     x = range(len(scores))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(scores) + 1), 3.4))
     before = ax.bar([i - 0.2 for i in x], [s["before"] for s in scores], 0.4, label="before", color="#8c959f")
