@@ -295,20 +295,33 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
                         links=links)
     store.write_text(report_key, text)
     store.write_json(store.batch_key(batch_id, "timings.json"), timings)
-    html_key = store.batch_key(batch_id, "report.html")
-    graph_key, edit_key = store.batch_key(batch_id, "path_graph"), store.batch_key(batch_id, "edit_summary.json")
-    graph = read_path_graph(store.uri(graph_key), store.endpoint_url) if store.exists(graph_key) else None
-    store.write_text(html_key, batch_html(m, records, gate=gate, version=version, error=error, timings=timings,
-                                          shards=shards, graph=graph, resources=resources, links=links,
-                                          edit=store.read_json(edit_key) if store.exists(edit_key) else None))
-    html_uri = store.uri(html_key)
     artifact_key = f"batch-{batch_id.lower()}".replace("_", "-")
-    create_markdown_artifact(markdown=text + f"\nHTML report with figures: `{html_uri}`\n", key=artifact_key,
-                             description=f"MIP-Editor batch {batch_id}")
-    create_link_artifact(link=html_uri if store.remote else f"file://{html_uri}", key=f"{artifact_key}-html",
-                         link_text=f"report.html ({batch_id})", description=f"MIP-Editor batch {batch_id}: HTML")
-    get_run_logger().info("batch %s report: %s", batch_id, html_uri)
+    html_uri = write_html_report(store, m, records, get_run_logger(), gate=gate, version=version, error=error,
+                                 timings=timings, shards=shards, resources=resources, links=links)
+    create_markdown_artifact(markdown=text + (f"\nHTML report with figures: `{html_uri}`\n" if html_uri else ""),
+                             key=artifact_key, description=f"MIP-Editor batch {batch_id}")
+    if html_uri:
+        create_link_artifact(link=html_uri if store.remote else f"file://{html_uri}", key=f"{artifact_key}-html",
+                             link_text=f"report.html ({batch_id})", description=f"MIP-Editor batch {batch_id}: HTML")
     return store.uri(report_key)
+
+
+def write_html_report(store: ServiceStore, m: BatchManifest, records: list[Any], logger: Any,
+                      **report: Any) -> str | None:
+    """``report.html`` beside the markdown report; its URI, or None if it could not be drawn. The figures are for
+    people: a plotting failure is logged, and never fails a batch whose requests are already closed."""
+    graph_key, edit_key = store.batch_key(m.batch_id, "path_graph"), store.batch_key(m.batch_id, "edit_summary.json")
+    try:
+        graph = read_path_graph(store.uri(graph_key), store.endpoint_url) if store.exists(graph_key) else None
+        edit = store.read_json(edit_key) if store.exists(edit_key) else None
+        uri = store.uri(store.batch_key(m.batch_id, "report.html"))
+        store.write_text(store.batch_key(m.batch_id, "report.html"),
+                         batch_html(m, records, graph=graph, edit=edit, **report))
+    except Exception as exc:  # noqa: BLE001 - see the docstring; the markdown report stands
+        logger.error("batch %s: the HTML report could not be written: %s: %s", m.batch_id, type(exc).__name__, exc)
+        return None
+    logger.info("batch %s report: %s", m.batch_id, uri)
+    return uri
 
 
 @task(name="summarize-run", **IO_RETRIES)

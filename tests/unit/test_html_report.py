@@ -75,3 +75,23 @@ def test_a_failed_batch_says_so_and_escapes_what_it_quotes():
     assert '<span class="badge bad">failed</span>' in page
     assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;boom&lt;/b&gt;" in page
     assert len(_images(page)) == 1  # timings only: no gate, no graph
+
+
+def test_a_report_that_cannot_be_drawn_is_logged_not_raised(tmp_path, monkeypatch):
+    import tasks.service as service_tasks
+    from mip_core.service.store import ServiceStore
+
+    said: list[str] = []
+    logger = SimpleNamespace(info=lambda msg, *a: said.append(msg % a), error=lambda msg, *a: said.append(msg % a))
+    store = ServiceStore(str(tmp_path))
+    uri = service_tasks.write_html_report(store, MANIFEST, [record("a", "done")], logger, gate=GATE, version="v0002",
+                                          error=None, timings={"plan": 0.1})
+    assert uri == store.uri("batches/b1/report.html") and (tmp_path / "batches/b1/report.html").is_file()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(service_tasks, "batch_html", broken)
+    assert service_tasks.write_html_report(store, MANIFEST, [], logger, gate=None, version=None, error=None,
+                                           timings={}) is None
+    assert said[-1] == "batch b1: the HTML report could not be written: RuntimeError: no fonts"
