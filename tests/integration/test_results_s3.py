@@ -90,7 +90,7 @@ def test_missing_bucket_and_dataset_are_clear(s3_endpoint: S3Server):
 
 
 def test_unreachable_endpoint_is_clear(s3_endpoint: S3Server, monkeypatch):
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries with backoff would take ~6 s
+    monkeypatch.setenv("MIP_S3_MAX_ATTEMPTS", "1")  # the store's retries with backoff would take ~13 s
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
