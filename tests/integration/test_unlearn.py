@@ -114,11 +114,14 @@ def test_unlearned_checkpoint_loads_with_transformers_alone(vanilla, tmp_path):
 def test_compare_runs_every_method_and_writes_rows_and_plot(vanilla, tmp_path, capsys):
     model_dir, bench_dir = vanilla
     out_json, out_png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    # four methods stand for all: each method's own edit is tested above (test_each_method_...); this test is
+    # about the comparison (subsets, rows, MIA, summary, plot), and every method costs ~10 s of CI here
+    picked = ("mip", "random", "rmu", "npo")
     os.environ["MIP_CACHE_DIR"] = str(tmp_path / "cache")
     try:
-        assert main(["compare", "--model", model_dir, "--bench", bench_dir, "--forget", "15", "--methods", "all",
-                     "--seeds", "2", "--holdout", "2", "--steps", "10", "--layer", "1", "--json", str(out_json),
-                     "--plot", str(out_png)]) == 0
+        assert main(["compare", "--model", model_dir, "--bench", bench_dir, "--forget", "15", "--methods",
+                     ",".join(picked), "--seeds", "2", "--holdout", "2", "--steps", "10", "--layer", "1", "--json",
+                     str(out_json), "--plot", str(out_png)]) == 0
     finally:
         os.environ.pop("MIP_CACHE_DIR")
     printed = capsys.readouterr().out
@@ -126,7 +129,7 @@ def test_compare_runs_every_method_and_writes_rows_and_plot(vanilla, tmp_path, c
     doc = json.loads(out_json.read_text())
     assert doc["schema"] == "mip-compare/1"
     methods = {r["method"] for r in doc["rows"]}
-    assert methods == {"vanilla", *METHOD_NAMES}
+    assert methods == {"vanilla", *picked}
     assert {r["seed"] for r in doc["rows"]} == {0, 1}
     keys = {"method", "seed", "split", "modality", "task", "metric", "value", "n"}
     assert all(set(r) == keys for r in doc["rows"])
@@ -140,7 +143,7 @@ def test_compare_runs_every_method_and_writes_rows_and_plot(vanilla, tmp_path, c
                if r["method"] == "vanilla" and r["split"] == "utility"}
     assert all(utility[(1, m, t)] == utility[(0, m, t)] for _, m, t in utility), utility
     hm = [r for r in doc["summary"] if r["metric"] == "hm"]
-    assert len(hm) == 2 * len(METHOD_NAMES) and all(r["n_seeds"] == 2 for r in hm)
+    assert len(hm) == 2 * len(picked) and all(r["n_seeds"] == 2 for r in hm)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
