@@ -70,12 +70,12 @@ def claim_pending(root: str, target_model: str | None, max_requests: int, run_id
     model; returns the batch ids, all now owned by ``run_id``."""
     store = ServiceStore(root)
     batches = []
+    dead_runs: dict[str, str | None] = {}  # adopted batch -> the run that died holding it
     with hold(store, CLAIM_LEASE, ttl_s=CLAIM_TTL_S, wait_s=CLAIM_WAIT_S):  # one claimer at a time
         for batch_id in orphaned_batches(store, target_model):
-            claim = adopt(store, batch_id, run_id)
+            dead_runs[batch_id] = adopt(store, batch_id, run_id)["adopted_from"][-1]
             get_run_logger().warning("batch %s: its run %s is gone; resuming it after its last completed step",
-                                     batch_id, claim["adopted_from"][-1])
-            mark_crashed(claim["adopted_from"][-1], batch_id, run_id)
+                                     batch_id, dead_runs[batch_id])
             batches.append(batch_id)
         by_model: dict[str, list[str]] = {}
         for rec in store.list("pending", target_model=target_model):
@@ -86,6 +86,8 @@ def claim_pending(root: str, target_model: str | None, max_requests: int, run_id
             if claimed:
                 write_claim(store, batch_id, model, [r.request.request_id for r in claimed], run_id)
                 batches.append(batch_id)
+    for batch_id, dead_run in dead_runs.items():  # Prefect API calls: after the claim lease, not under it
+        mark_crashed(dead_run, batch_id, run_id)
     get_run_logger().info("claimed %d batch(es): %s", len(batches), batches)
     return batches
 

@@ -112,9 +112,8 @@ def renew(store: ServiceStore, lease: Lease, ttl_s: float) -> Lease | None:
     Only the holder's own generation file is rewritten, so a renewal racing a takeover can at worst rewrite a
     superseded generation, which no one reads as the holder any more.
     """
-    latest = current(store, lease.name)
-    if (latest is None or latest.generation != lease.generation or latest.released_at is not None
-            or latest.expired()):
+    latest = alive(store, lease.name)
+    if latest is None or latest.generation != lease.generation:
         return None
     renewed = replace(lease, expires_at=iso_utc(utc_now() + timedelta(seconds=ttl_s)))
     store.write_json(_key(lease.name, lease.generation), asdict(renewed))

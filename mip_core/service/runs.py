@@ -94,8 +94,7 @@ def claimed_batches(store: ServiceStore, target_model: str | None = None) -> dic
 
 def batch_owner_state(store: ServiceStore, batch_id: str) -> dict[str, Any]:
     """``{"owner", "alive", "expires_at"}``: who runs ``batch_id`` and whether that run still holds its lease."""
-    key = _claim_key(store, batch_id)
-    owner = store.read_json(key).get("owner") if store.exists(key) else None
+    owner = owner_of(store, batch_id) if store.exists(_claim_key(store, batch_id)) else None
     live = leases.alive(store, owner) if owner else None
     return {"owner": owner, "alive": live is not None, "expires_at": live.expires_at if live else None}
 
@@ -109,12 +108,12 @@ def adopt(store: ServiceStore, batch_id: str, run_id: str) -> dict[str, Any]:
     """Make ``run_id`` the owner of orphaned ``batch_id`` (call under the claim lease); the former owner is kept
     in ``adopted_from`` for the audit trail. Raises :class:`leases.LeaseHeld` if its owner is still alive."""
     check_id(batch_id, "batch_id")
-    state = batch_owner_state(store, batch_id)
-    if state["alive"] and state["owner"] != run_id:
-        raise leases.LeaseHeld(f"batch {batch_id} is being processed by run {state['owner']} (its lease is renewed "
-                               f"until {state['expires_at']}); wait for it, or, if that process is gone, the batch "
-                               "can be resumed once its lease expires")
     claim = store.read_json(_claim_key(store, batch_id))
+    live = leases.alive(store, claim["owner"]) if claim.get("owner") else None
+    if live is not None and claim["owner"] != run_id:
+        raise leases.LeaseHeld(f"batch {batch_id} is being processed by run {claim['owner']} (its lease is renewed "
+                               f"until {live.expires_at}); wait for it, or, if that process is gone, the batch "
+                               "can be resumed once its lease expires")
     claim["adopted_from"] = [*claim.get("adopted_from", []), claim.get("owner")]
     claim["owner"] = run_id
     store.write_json(_claim_key(store, batch_id), claim)
