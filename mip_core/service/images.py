@@ -180,7 +180,7 @@ def read_image_ref(ref: str, field: str, base_dir: str | None = None, endpoint_u
 
 def upload_key(request_id: str, k: int, checked: CheckedImage) -> str:
     """``uploads/<request_id>/item-<k>.<ext>``; the id is re-checked here because it becomes a storage key."""
-    if not _ID.match(request_id):
+    if not _ID.fullmatch(request_id):
         raise InputError(f"request_id={request_id!r} is not a valid id: use {ID_RULE}")
     return f"{UPLOADS_DIR}/{request_id}/item-{k}.{checked.ext}"
 

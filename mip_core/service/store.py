@@ -79,7 +79,7 @@ def _io(fn: _F) -> _F:
 
 
 def check_id(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise InputError(f"{what}={value!r} is not a valid id: use {ID_RULE}")
     return value
 
@@ -423,7 +423,7 @@ class ServiceStore:
 
     def models(self) -> list[str]:
         """Names of registered models."""
-        return [p.rsplit("/", 1)[-1] for p in self._list("models") if _ID.match(p.rsplit("/", 1)[-1])]
+        return [p.rsplit("/", 1)[-1] for p in self._list("models") if _ID.fullmatch(p.rsplit("/", 1)[-1])]
 
     def versions(self, name: str) -> list[str]:
         """Version folders of model ``name``, oldest first."""
