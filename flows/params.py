@@ -70,6 +70,18 @@ class ServiceSpec(BaseModel):
         "mip", description="Path-restricted edit to apply (see docs/editing.md).")
     edit: dict[str, Any] = Field(default_factory=dict, description="PathEditConfig overrides, with an optional "
                                  '"rmisu" dict of RMisUConfig fields, e.g. {"rmisu": {"steps": 300}}.')
+    gpus_per_actor: int = Field(1, ge=1, description="GPUs each attribution actor spans where the cluster has "
+                                "GPUs (a 72B model in bf16 needs at least 2 x 80 GB); the model is placed across "
+                                "them. Ignored on a CPU cluster.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype in every stage: 'auto' keeps the checkpoint's stored dtype (bf16 for "
+                            "real checkpoints).")
+    ds_profile: Literal["auto", "cpu", "gpu", "gpu-offload"] = Field(
+        "auto", description="DeepSpeed config of the edit job: 'cpu' (gloo, fp32), 'gpu' (one GPU node, bf16, "
+                            "ZeRO-3), 'gpu-offload' (ZeRO-3 with parameters offloaded to CPU, for 70B on one "
+                            "node); 'auto' picks cpu or gpu from the machine.")
+    edit_timeout_s: float = Field(1800, gt=0, description="The edit job is stopped (and the batch fails with "
+                                  "its log tail) after this many seconds.")
     launcher: Literal["deepspeed", "torchrun", "inprocess"] = Field(
         "deepspeed", description="How the edit job starts: a DeepSpeed ZeRO-3 job (or torchrun), or in this "
                                  "process on one device.")
