@@ -3,7 +3,8 @@
 A batch is a recipe of storage-keyed steps: plan -> attribute (Ray) -> reduce -> edit (DeepSpeed) -> evaluate and
 gate -> publish -> close. Whatever happens, ``close`` gives every claimed request a terminal record (done, or
 failed with the reason), so no request is lost; a failed step still fails the run, so operators see it. A run
-whose process dies leaves its batch claimed; its lease lapses and the next run resumes the batch (``runs``).
+whose process dies leaves its batch claimed; its lease lapses and the next run resumes the batch (``runs``), unless
+the batch failed the same way twice or its runs died three times: then it is closed failed, never looped on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from prefect.runtime import flow_run
 from flows.params import ServiceSpec
 from mip_core.errors import InputError
 from mip_core.service.requests import ForgetRequest
-from mip_core.service.runs import BatchTakenOver, RunLease, check_owner, new_run_id
+from mip_core.service.runs import BatchTakenOver, RunLease, check_owner, new_run_id, record_failure
 from mip_core.service.store import ServiceStore
 from tasks.service import (adopt_batch, attribute_task, claim_pending, claim_requests, close_task, edit_task,
                            gate_task, load_checkpoint, plan_batch_task, publish_task, reduce_task, save_checkpoint,
@@ -74,6 +75,8 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
         error = f"{next(reversed(timings), 'plan')} step failed: {type(exc).__name__}: {exc}"
         get_run_logger().error("batch %s: %s", batch_id, error)
     check_owner(store, batch_id, run_id)
+    if error:
+        record_failure(store, batch_id, run_id, error)  # if closing fails too, the next run will not loop on it
     report = close_task(spec.root, batch_id, state["version"], state["gate"], error, timings, state["shards"],
                         {"launcher": spec.launcher, "n_actors": spec.n_actors})
     if error:

@@ -211,14 +211,19 @@ def _submit(args: argparse.Namespace) -> None:
     from mip_core.service.requests import parse_request
     from mip_core.service.store import ServiceStore
 
-    if args.file == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise InputError(f"cannot read request file {args.file!r}: {exc.strerror}") from None
+    try:
+        if args.file == "-":
+            stdin = getattr(sys.stdin, "buffer", None)  # a text-only stdin (a test's StringIO) has no bytes
+            raw = stdin.read() if stdin is not None else sys.stdin.read().encode()
+        else:
+            with open(args.file, "rb") as f:
+                raw = f.read()
+        text = raw.decode("utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot read request file {args.file!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"request file {args.file!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                         "a request is a JSON document, see examples/requests/") from None
     request = parse_request(text)  # before touching the store: an invalid request leaves the queue unchanged
     store = ServiceStore(_service_root(args))
     store.check_target(request)
@@ -295,6 +300,8 @@ def _status(args: argparse.Namespace) -> None:
         owner = owners[batch]
         print(f"batch {batch}: {n} claimed request(s); " + (
             f"run {owner['owner']} is processing it (lease renewed until {owner['expires_at']})" if owner["alive"]
+            else f"its run ({owner['owner'] or 'unknown'}) is gone and it {owner['abandon']}: the next nightly "
+                 "run closes its requests failed" if owner["abandon"]
             else f"its run ({owner['owner'] or 'unknown'}) is gone: the next nightly run resumes it, or now: "
                  f"the unlearn-batch deployment with batch_id={batch}"))
 
@@ -302,8 +309,11 @@ def _status(args: argparse.Namespace) -> None:
 def _models_register(args: argparse.Namespace) -> None:
     from mip_core.service.store import ServiceStore
 
+    from mip_core.service.registry import check_sources
+
     store = ServiceStore(_service_root(args))
-    version = store.register_model(args.name, args.model, dataset_uri=args.dataset)
+    model_uri, dataset_uri = check_sources(args.model, args.dataset, store.endpoint_url)
+    version = store.register_model(args.name, model_uri, dataset_uri=dataset_uri)
     print(f"registered {args.name} {version} (current): {store.uri(store.model_key(args.name, version))}")
 
 

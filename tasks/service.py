@@ -21,7 +21,8 @@ from prefect.states import Crashed
 
 from mip_core.benchmark import load_benchmark
 from mip_core.entrypoints.edit import EditSpec
-from mip_core.errors import InputError
+from mip_core.benchmark.schema import BenchmarkError
+from mip_core.errors import InputError, ModelLoadError
 from mip_core.modeling import load_model
 from mip_core.modeling.io import localize
 from mip_core.paths import reduce_paths
@@ -31,7 +32,8 @@ from mip_core.service.gate import GateConfig, evaluate_and_gate, format_decision
 from mip_core.service.lease import LeaseHeld, hold
 from mip_core.service.html_report import batch_html
 from mip_core.service.report import batch_report
-from mip_core.service.runs import adopt, claimed_batches, orphaned_batches, write_claim
+from mip_core.service.runs import (abandon_reason, adopt, claimed_batches, close_unplanned, orphaned_batches,
+                                   write_claim)
 from mip_core.service.store import ServiceStore
 from tasks.actors import attribute_batch, attribution_config
 from tasks.launch import launch_edit
@@ -41,7 +43,8 @@ from tasks.logs import forward_progress
 def transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry condition: retry I/O and infrastructure failures, not bad input or a bug (a retry cannot fix them)."""
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, (InputError, TypeError, AttributeError, NameError, KeyError))
+    return not isinstance(exc, (InputError, BenchmarkError, ModelLoadError, TypeError, AttributeError, NameError,
+                                KeyError))
 
 
 # I/O-bound steps retry twice with backoff; attribution and the edit job (minutes of compute) once.
@@ -71,8 +74,13 @@ def claim_pending(root: str, target_model: str | None, max_requests: int, run_id
     store = ServiceStore(root)
     batches = []
     dead_runs: dict[str, str | None] = {}  # adopted batch -> the run that died holding it
+    abandoned: dict[str, str] = {}  # batch -> why it is closed failed instead of resumed
     with hold(store, CLAIM_LEASE, ttl_s=CLAIM_TTL_S, wait_s=CLAIM_WAIT_S):  # one claimer at a time
         for batch_id in orphaned_batches(store, target_model):
+            reason = abandon_reason(store.read_json(store.batch_key(batch_id, "claim.json")))
+            if reason is not None:  # resuming it would fail again: close it, every night would loop
+                abandoned[batch_id] = f"batch abandoned: {reason}"
+                continue
             dead_runs[batch_id] = adopt(store, batch_id, run_id)["adopted_from"][-1]
             get_run_logger().warning("batch %s: its run %s is gone; resuming it after its last completed step",
                                      batch_id, dead_runs[batch_id])
@@ -88,6 +96,13 @@ def claim_pending(root: str, target_model: str | None, max_requests: int, run_id
                 batches.append(batch_id)
     for batch_id, dead_run in dead_runs.items():  # Prefect API calls: after the claim lease, not under it
         mark_crashed(dead_run, batch_id, run_id)
+    for batch_id, reason in abandoned.items():
+        get_run_logger().error("batch %s: %s; its requests are closed failed", batch_id, reason)
+        try:
+            close_task.fn(root, batch_id, None, None, reason, {})
+        except Exception as exc:  # noqa: BLE001 - one broken batch must not hold up tonight's new requests
+            get_run_logger().error("batch %s could not be closed (%s: %s); `mip status` lists it", batch_id,
+                                   type(exc).__name__, exc)
     get_run_logger().info("claimed %d batch(es): %s", len(batches), batches)
     return batches
 
@@ -271,6 +286,11 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
     """Give every claimed request its terminal record, write the reports (markdown and HTML), attach them to the
     run; returns the markdown report's URI."""
     store = ServiceStore(root)
+    if not store.exists(store.batch_key(batch_id, "manifest.json")):  # the plan step failed: no items, no gate
+        report_key = close_unplanned(store, batch_id, error or "the batch was closed before it was planned")
+        create_markdown_artifact(markdown=store.read_text(report_key), key=_artifact_key(batch_id),
+                                 description=f"MIP-Editor batch {batch_id}")
+        return store.uri(report_key)
     m = manifest_of(store, batch_id)
     report_key = store.batch_key(batch_id, "report.md")
     failed_items = {i for s in (shards or []) for i, _ in s.get("failures", [])}
@@ -297,7 +317,7 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
                         links=links)
     store.write_text(report_key, text)
     store.write_json(store.batch_key(batch_id, "timings.json"), timings)
-    artifact_key = f"batch-{batch_id.lower()}".replace("_", "-")
+    artifact_key = _artifact_key(batch_id)
     html_uri = write_html_report(store, m, records, get_run_logger(), gate=gate, version=version, error=error,
                                  timings=timings, shards=shards, resources=resources, links=links)
     create_markdown_artifact(markdown=text + (f"\nHTML report with figures: `{html_uri}`\n" if html_uri else ""),
@@ -306,6 +326,11 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
         create_link_artifact(link=html_uri if store.remote else f"file://{html_uri}", key=f"{artifact_key}-html",
                              link_text=f"report.html ({batch_id})", description=f"MIP-Editor batch {batch_id}: HTML")
     return store.uri(report_key)
+
+
+def _artifact_key(batch_id: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"batch-{batch_id.lower()}".replace("_", "-")
 
 
 def write_html_report(store: ServiceStore, m: BatchManifest, records: list[Any], logger: Any,

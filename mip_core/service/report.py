@@ -18,6 +18,15 @@ def _f(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def unplanned_report(batch_id: str, target_model: str, records: Sequence[Any], reason: str) -> str:
+    """Markdown for a batch that failed before it had a plan: which requests it held and why they failed."""
+    lines = [f"# MIP-Editor batch `{batch_id}`", "", f"Model `{target_model}`: **failed before planning**: "
+             f"{reason}", "", f"{len(records)} request(s); nothing was attributed, edited or published.", "",
+             "## Requests", "", "| request | state | reason |", "|---|---|---|"]
+    lines += [f"| `{rec.request.request_id}` | {rec.state} | {rec.reason or ''} |" for rec in records]
+    return "\n".join(lines) + "\n"
+
+
 def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, Any] | None, version: str | None,
                  error: str | None, timings: Mapping[str, float], shards: Sequence[Mapping[str, Any]] | None = None,
                  links: Mapping[str, str] | None = None) -> str:

@@ -93,10 +93,13 @@ def claimed_batches(store: ServiceStore, target_model: str | None = None) -> dic
 
 
 def batch_owner_state(store: ServiceStore, batch_id: str) -> dict[str, Any]:
-    """``{"owner", "alive", "expires_at"}``: who runs ``batch_id`` and whether that run still holds its lease."""
-    owner = owner_of(store, batch_id) if store.exists(_claim_key(store, batch_id)) else None
+    """``{"owner", "alive", "expires_at", "abandon"}``: who runs ``batch_id``, whether that run still holds its
+    lease, and why the next run will close it failed instead of resuming it (None: it resumes it)."""
+    claim = store.read_json(_claim_key(store, batch_id)) if store.exists(_claim_key(store, batch_id)) else {}
+    owner = claim.get("owner")
     live = leases.alive(store, owner) if owner else None
-    return {"owner": owner, "alive": live is not None, "expires_at": live.expires_at if live else None}
+    return {"owner": owner, "alive": live is not None, "expires_at": live.expires_at if live else None,
+            "abandon": abandon_reason(claim) if claim else None}
 
 
 def orphaned_batches(store: ServiceStore, target_model: str | None = None) -> list[str]:
@@ -120,6 +123,58 @@ def adopt(store: ServiceStore, batch_id: str, run_id: str) -> dict[str, Any]:
     return claim
 
 
+MAX_RUNS_PER_BATCH = 3
+"""A batch whose runs died this many times (OOM killer, lost node) is closed failed instead of adopted again."""
+
+
+def record_failure(store: ServiceStore, batch_id: str, run_id: str, error: str) -> None:
+    """Append a failed run's error to the batch's ``claim.json``: the audit trail, and what stops a batch that
+    fails the same way from being adopted night after night (:func:`abandon_reason`)."""
+    claim = store.read_json(_claim_key(store, batch_id))
+    claim["errors"] = [*claim.get("errors", []), {"run": run_id, "at": iso_utc(utc_now()), "error": error}]
+    store.write_json(_claim_key(store, batch_id), claim)
+
+
+def _failure_kind(error: str) -> str:
+    """``"<step> step failed: <ExceptionType>"``: the same step failing with the same exception type is the
+    same failure, whatever paths or times its message carries."""
+    return ":".join(error.split(":")[:2])
+
+
+def abandon_reason(claim: dict[str, Any]) -> str | None:
+    """Why an orphaned batch must be closed failed rather than resumed, or None to resume it.
+
+    Resuming helps after a transient failure (a killed process, an S3 outage). A batch whose last two runs failed
+    with the same error, or whose runs died ``MAX_RUNS_PER_BATCH`` times, would fail again every night and keep
+    its requests ``claimed`` for good."""
+    errors = [e["error"] for e in claim.get("errors", [])]
+    if len(errors) >= 2 and _failure_kind(errors[-1]) == _failure_kind(errors[-2]):
+        return f"failed the same way in {len(errors)} runs: {errors[-1]}"
+    runs = len(claim.get("adopted_from", [])) + 1
+    if runs >= MAX_RUNS_PER_BATCH:
+        last = f"; last error: {errors[-1]}" if errors else ""
+        return f"its run stopped before closing it {runs} times (killed or lost){last}"
+    return None
+
+
+def close_unplanned(store: ServiceStore, batch_id: str, reason: str) -> str:
+    """Close every still-claimed request of a batch that has no manifest (its plan step failed, or it is
+    abandoned before planning) as ``failed`` with ``reason``, and write its report; returns the report's key.
+
+    The manifest is what a normal close reads; without this path a batch whose plan failed kept its requests
+    ``claimed`` forever. The request list comes from ``claim.json``, which claiming writes first."""
+    from .report import unplanned_report
+
+    claim = store.read_json(_claim_key(store, batch_id))
+    report_key = store.batch_key(batch_id, "report.md")
+    for request_id in claim["requests"]:
+        if store.get(request_id).state == "claimed":
+            store.finish(request_id, "failed", reason=reason, report_uri=store.uri(report_key))
+    records = [store.get(r) for r in claim["requests"]]
+    store.write_text(report_key, unplanned_report(batch_id, claim["target_model"], records, reason))
+    return report_key
+
+
 def check_owner(store: ServiceStore, batch_id: str, run_id: str) -> None:
     """Raise :class:`BatchTakenOver` unless ``run_id`` owns ``batch_id`` and still holds its run lease."""
     owner = owner_of(store, batch_id)
@@ -131,5 +186,6 @@ def check_owner(store: ServiceStore, batch_id: str, run_id: str) -> None:
                              "be adopted by another run at any moment; this run stops, the next one resumes it")
 
 
-__all__ = ["BatchTakenOver", "RunLease", "adopt", "batch_owner_state", "check_owner", "claimed_batches",
-           "new_run_id", "orphaned_batches", "owner_of", "write_claim"]
+__all__ = ["MAX_RUNS_PER_BATCH", "BatchTakenOver", "RunLease", "abandon_reason", "adopt", "batch_owner_state",
+           "check_owner", "claimed_batches", "close_unplanned", "new_run_id", "orphaned_batches", "owner_of",
+           "record_failure", "write_claim"]

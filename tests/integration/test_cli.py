@@ -87,3 +87,34 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
     (tmp_path / "ref.json").write_text("{}")
     assert main(["eval", "--model", "m", "--bench", "b", "--reference", str(tmp_path / "ref.json")]) == 2
     assert "not a `mip eval --json` file" in capsys.readouterr().err
+
+
+def test_models_register_checks_its_sources_and_stores_absolute_paths(workdir, capsys, monkeypatch):
+    from mip_core.service.store import ServiceStore
+
+    root = str(workdir / "reg-store")
+    code = main(["models", "register", "--root", root, "--name", "m", "--model", str(workdir / "model"),
+                 "--dataset", "does/not/exist"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mip: error: --dataset ") and "does not exist" in err
+    assert err.count("\n") == 1  # one line, not a traceback
+    code = main(["models", "register", "--root", root, "--name", "m", "--model", str(workdir / "nope"),
+                 "--dataset", str(workdir / "bench")])
+    assert code == 2 and capsys.readouterr().err.startswith("mip: error: --model ")
+    assert ServiceStore(root).models() == []  # nothing registered by either
+
+    monkeypatch.chdir(workdir)  # relative paths, as typed in a checkout
+    assert main(["models", "register", "--root", root, "--name", "m", "--model", "model", "--dataset", "bench"]) == 0
+    info = ServiceStore(root).model_info("m")
+    assert info["dataset_uri"] == str(workdir / "bench") and info["source_uri"] == str(workdir / "model")
+    monkeypatch.chdir("/")  # still resolves from elsewhere: what a worker or an actor does
+    assert load_benchmark(info["dataset_uri"]).manifest.n_profiles == 8
+
+
+def test_submit_of_a_binary_file_is_one_line_error(workdir, capsys):
+    blob = workdir / "photo.jpg"
+    blob.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(range(256)))
+    code = main(["submit", str(blob), "--root", str(workdir / "bin-store")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mip: error: request file ") and "is not UTF-8 text" in err
+    assert err.count("\n") == 1

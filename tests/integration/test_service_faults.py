@@ -98,6 +98,53 @@ def test_a_crashing_step_fails_every_request_and_publishes_nothing(harness, trai
         store.uri(store.batch_key(batch_id, "report.md")))
 
 
+def test_a_batch_whose_plan_fails_closes_every_request_and_is_not_looped_on(harness, trained_tiny, tmp_path):
+    """The dataset a model was registered with disappears: the plan step fails (not retried: no retry brings a
+    folder back), every request ends failed with the reason and a report, and the next night has nothing to do."""
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+
+    model_dir, bench_dir = trained_tiny
+    bench_copy = shutil.copytree(bench_dir, tmp_path / "bench")
+    store = ServiceStore(str(tmp_path / "store"))
+    store.register_model("tiny", model_dir, dataset_uri=str(bench_copy))
+    person = load_benchmark(bench_copy).profiles[0].profile_id
+    for rid in ("g-0", "g-1"):
+        store.submit(ForgetRequest(request_id=rid, target_model="tiny", subjects=[person], requester="t",
+                                   reason="privacy"))
+    (bench_copy / "manifest.json").unlink()
+
+    with pytest.raises(RuntimeError, match="failed"):
+        nightly_unlearning(ServiceSpec(root=store.root, **BASE))
+    for rid in ("g-0", "g-1"):
+        record = store.get(rid)
+        assert record.state == "failed", record
+        assert record.reason.startswith("plan step failed: BenchmarkSchemaError"), record.reason
+        assert store.exists(record.report_uri.removeprefix(store.root + "/"))
+    assert store.list("claimed") == [] and store.versions("tiny") == ["v0001"]
+    assert nightly_unlearning(ServiceSpec(root=store.root, **BASE)) == []  # nothing left to adopt
+
+
+def test_a_batch_that_failed_the_same_way_twice_is_closed_not_adopted(harness, trained_tiny, tmp_path):
+    """A batch left claimed (its close failed too, twice, with the same error) is closed failed by the next
+    nightly run with the reason, instead of being resumed every night."""
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+    from mip_core.service.runs import record_failure, write_claim
+
+    store, ids = _store_with_requests(tmp_path, trained_tiny, 1)
+    store.claim(ids, "b-stuck")
+    write_claim(store, "b-stuck", "tiny", ids, "run-gone")  # its run holds no lease: orphaned
+    for run in ("run-a", "run-b"):
+        record_failure(store, "b-stuck", run, "plan step failed: StoreUnavailable: endpoint refused")
+
+    assert nightly_unlearning(ServiceSpec(root=store.root, **BASE)) == []  # nothing adopted, nothing new
+    record = store.get(ids[0])
+    assert record.state == "failed" and record.reason.startswith("batch abandoned: failed the same way in 2 runs")
+    assert "owner" in store.read_json(store.batch_key("b-stuck", "claim.json"))
+    assert store.read_json(store.batch_key("b-stuck", "claim.json"))["owner"] == "run-gone"  # never adopted
+
+
 class Killed(BaseException):
     """Stands in for the flow process being killed: not an ``Exception``, so nothing in the flow catches it, the
     batch is not closed and its requests stay claimed, as after a SIGKILL."""

@@ -10,8 +10,8 @@ import pytest
 
 from mip_core.service.lease import LeaseHeld, acquire, alive, current, renew
 from mip_core.service.requests import ForgetRequest
-from mip_core.service.runs import (BatchTakenOver, RunLease, adopt, batch_owner_state, check_owner, orphaned_batches,
-                                   write_claim)
+from mip_core.service.runs import (BatchTakenOver, RunLease, abandon_reason, adopt, batch_owner_state, check_owner,
+                                   close_unplanned, orphaned_batches, record_failure, write_claim)
 from mip_core.service.store import ServiceStore
 
 
@@ -77,3 +77,51 @@ def test_a_run_whose_own_lease_expired_stops(tmp_path):
     time.sleep(0.3)
     with pytest.raises(BatchTakenOver, match="lost its lease"):
         check_owner(store, "b1", "run-stalled")
+
+
+def _claim_with(store: ServiceStore, errors: list[str], adopted_from: list[str]) -> dict:
+    _claimed_batch(store, "b1", "run-gone", "r1")
+    for k, error in enumerate(errors):
+        record_failure(store, "b1", f"run-{k}", error)
+    claim = store.read_json(store.batch_key("b1", "claim.json"))
+    return {**claim, "adopted_from": adopted_from}
+
+
+def test_a_batch_failing_the_same_way_twice_is_abandoned_not_resumed(tmp_path):
+    store = ServiceStore(str(tmp_path))
+    same = ["plan step failed: BenchmarkSchemaError: benchmark dir /a does not exist",
+            "plan step failed: BenchmarkSchemaError: benchmark dir /b does not exist"]
+    reason = abandon_reason(_claim_with(store, same, ["run-0"]))
+    assert reason is not None and reason.startswith("failed the same way in 2 runs: plan step failed")
+    assert [e["run"] for e in store.read_json(store.batch_key("b1", "claim.json"))["errors"]] == ["run-0", "run-1"]
+
+
+def test_a_batch_with_one_or_two_different_failures_is_resumed(tmp_path):
+    store = ServiceStore(str(tmp_path / "a"))
+    assert abandon_reason(_claim_with(store, ["attribute step failed: StoreUnavailable: s3 down"], [])) is None
+    store = ServiceStore(str(tmp_path / "b"))
+    assert abandon_reason(_claim_with(store, ["attribute step failed: StoreUnavailable: s3 down",
+                                              "edit step failed: EditJobError: rank 1 killed"], ["run-0"])) is None
+
+
+def test_a_batch_whose_runs_died_three_times_is_abandoned(tmp_path):
+    store = ServiceStore(str(tmp_path))
+    assert abandon_reason(_claim_with(store, [], ["run-0"])) is None
+    reason = abandon_reason(_claim_with(ServiceStore(str(tmp_path / "b")), [], ["run-0", "run-1"]))
+    assert reason is not None and "3 times" in reason
+
+
+def test_a_batch_without_a_manifest_closes_every_claimed_request_failed(tmp_path):
+    store = ServiceStore(str(tmp_path))
+    _claimed_batch(store, "b1", "run-gone", "r1")
+    store.submit(ForgetRequest(request_id="r2", target_model="m", subjects=["p2"], requester="t", reason="privacy"))
+    store.claim(["r2"], "b1")
+    write_claim(store, "b1", "m", ["r1", "r2"], "run-gone")
+    key = close_unplanned(store, "b1", "plan step failed: BenchmarkSchemaError: no manifest")
+    for rid in ("r1", "r2"):
+        record = store.get(rid)
+        assert record.state == "failed" and record.reason == "plan step failed: BenchmarkSchemaError: no manifest"
+        assert record.report_uri == store.uri(key)
+    assert store.list("claimed") == []
+    report = store.read_text(key)
+    assert "failed before planning" in report and "`r1` | failed" in report and "`r2` | failed" in report

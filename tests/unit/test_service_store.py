@@ -255,7 +255,8 @@ def check_status(store: ServiceStore, root: str, capsys, live_run: str) -> None:
     assert trace["submitted_at"] <= trace["claimed_at"] <= trace["finished_at"]  # ISO 8601 UTC sorts as text
     assert main(["status", "--root", root, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["claimed_batches"]["b2"] == {"claimed": 1, "owner": None, "alive": False, "expires_at": None}
+    assert summary["claimed_batches"]["b2"] == {"claimed": 1, "owner": None, "alive": False, "expires_at": None,
+                                               "abandon": None}
     b3 = summary["claimed_batches"]["b3"]
     assert (b3["claimed"], b3["owner"], b3["alive"]) == (1, live_run, True) and b3["expires_at"] is not None
     assert summary["by_model"] == {"demo": {"pending": 0, "claimed": 2, "done": 1, "failed": 1, "rejected": 0},
