@@ -85,7 +85,7 @@ SERVE_ENV = PREFECT_HOME=$(SERVE_HOME) PREFECT_API_URL=http://127.0.0.1:4200/api
 serve: install
 	mkdir -p $(SERVE_HOME)
 	$(SERVE_ENV) $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 > $(SERVE_HOME)/server.log 2>&1 & \
-	server=$$!; trap "kill $$server" EXIT INT TERM; \
+	server=$$!; trap "kill $$server 2>/dev/null || true" EXIT INT TERM; \
 	for i in $$(seq 120); do $(PY) -c "import urllib.request as u; u.urlopen('http://127.0.0.1:4200/api/health', timeout=2)" \
 		2>/dev/null && break; sleep 1; done; \
 	$(SERVE_ENV) $(VENV)/bin/prefect work-pool create mip-process --type process --overwrite && \

@@ -60,7 +60,7 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
         failed = sum(len(s.get("failures", [])) for s in shards)
         actors = sorted({s.get("actor", "") for s in shards})
         lines += ["", f"Attribution: {len(shards)} shard(s) on {len(actors)} actor(s), "
-                      f"{sum(s['n_paths'] for s in shards)} path nodes, {failed} item(s) failed."]
+                      f"{sum(s['n_paths'] for s in shards)} item path(s), {failed} item(s) failed."]
     if timings:
         lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
         lines += [f"| {step} | {sec:.1f} |" for step, sec in timings.items()]

@@ -91,6 +91,7 @@ def _temp_file_beside(path: str, data: bytes) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make atomically written files unlike every other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -402,8 +403,9 @@ class ServiceStore:
 
     @staticmethod
     def new_batch_id() -> str:
-        """``b<UTC %Y%m%dT%H%M%SZ>-<6 hex>``: sorts by time, unique across concurrent starts."""
-        return f"b{utc_now().strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+        """``b<UTC %Y%m%d-%H%M%S>-<6 hex>``: sorts by time, unique across concurrent starts, and lowercase, so the
+        Prefect artifact keys made from it (lowercase only) still contain it verbatim for an API filter."""
+        return f"b{utc_now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
     @staticmethod
     def batch_key(batch_id: str, *parts: str) -> str:

@@ -52,7 +52,8 @@ def check_lifecycle(store: ServiceStore) -> None:
     assert [r.request_id for r in store.list("pending", target_model="demo")] == ["r1", "r2"]
 
     batch = store.new_batch_id()
-    assert re.fullmatch(r"b\d{8}T\d{6}Z-[0-9a-f]{6}", batch)
+    assert re.fullmatch(r"b\d{8}-\d{6}-[0-9a-f]{6}", batch)
+    assert batch == batch.lower()  # Prefect artifact keys are lowercase: the key must still contain the id
     claimed = store.claim(["r1", "r2", "missing"], batch)
     assert [(r.request_id, r.state, r.batch_id) for r in claimed] == [("r1", "claimed", batch),
                                                                         ("r2", "claimed", batch)]
@@ -140,6 +141,8 @@ def test_lifecycle_local(tmp_path):
     store = ServiceStore(str(tmp_path / "store"))
     assert store.uri("a/b.json") == str(tmp_path / "store" / "a" / "b.json")
     check_lifecycle(store)
+    modes = {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "store").rglob("*") if p.is_file()}
+    assert modes == {"0o644"}  # atomic writes (temp file + rename) leave the same mode as any other file
     leftovers = [p for p in (tmp_path / "store").rglob("*") if p.name.startswith(".tmp-")]
     assert leftovers == []
 
