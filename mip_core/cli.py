@@ -394,10 +394,12 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mip_core.adapters import ADAPTERS, DEFAULT_ARCH, TINY_SIZES
+    # names only: the parser (and so `mip --help`) must not import torch, transformers or pydantic
+    from mip_core.adapters import ARCHITECTURES as ADAPTERS
+    from mip_core.adapters import DEFAULT_ARCH
+    from mip_core.adapters import TINY_SIZE_NAMES as TINY_SIZES
     from mip_core.editing import METHOD_NAMES as METHODS
-    from mip_core.evaluation import SPLITS
-    from mip_core.service.requests import STATES
+    from mip_core.names import SPLITS, STATES
 
     parser = argparse.ArgumentParser(prog="mip", description="MIP-Editor: unlearning for multimodal LLMs.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

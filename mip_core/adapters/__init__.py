@@ -1,43 +1,36 @@
-"""Architecture adapters, chosen by ``config.model_type``. Adding one: a module here and a line in ADAPTERS."""
+"""Architecture adapters, chosen by ``config.model_type``. Adding one: a module here, a line in ADAPTERS and its
+``model_type`` in ARCHITECTURES.
+
+The package itself stays light (no torch, no transformers): ``mip --help`` lists the architectures and tiny
+sizes from the names below in well under a second; the adapter classes load on first use (PEP 562).
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
-from mip_core.adapters.base import TINY_SIZES, MLPLayout, ModelAdapter, TinySize, unwrap
-from mip_core.adapters.llava import LlavaAdapter
-from mip_core.adapters.qwen2_5_vl import Qwen25VLAdapter
-from mip_core.adapters.qwen2_vl import Qwen2VLAdapter
-from mip_core.errors import UnsupportedModelError
-
-ADAPTERS: dict[str, type[ModelAdapter]] = {
-    "qwen2_vl": Qwen2VLAdapter,
-    "qwen2_5_vl": Qwen25VLAdapter,
-    "llava": LlavaAdapter,
-}
+#: ``config.model_type`` values with an adapter (checked against ADAPTERS by tests/unit/test_adapters.py).
+ARCHITECTURES = ("llava", "qwen2_5_vl", "qwen2_vl")
 #: The architecture the demo and the CLI build when none is named (the paper's main model family).
 DEFAULT_ARCH = "qwen2_5_vl"
+#: Names of the tiny model sizes (``TINY_SIZES`` holds their shapes).
+TINY_SIZE_NAMES = ("demo", "scale2", "test")
+
+if TYPE_CHECKING:
+    from mip_core.adapters.base import TINY_SIZES, MLPLayout, ModelAdapter, TinySize, unwrap
+    from mip_core.adapters.registry import ADAPTERS, adapter_class, get_adapter
+
+_LAZY = {"ADAPTERS": "registry", "adapter_class": "registry", "get_adapter": "registry", "TINY_SIZES": "base",
+         "MLPLayout": "base", "ModelAdapter": "base", "TinySize": "base", "unwrap": "base"}
 
 
-def adapter_class(model_type: str) -> type[ModelAdapter]:
-    """The adapter class for a ``config.model_type``; raises listing the supported types."""
-    try:
-        return ADAPTERS[model_type]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} has no adapter; supported: {', '.join(sorted(ADAPTERS))}. "
-            "Use one of these architectures, or add an adapter under mip_core/adapters/."
-        ) from None
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mip_core.adapters' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"mip_core.adapters.{_LAZY[name]}"), name)
 
 
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Build the adapter of a live model (wrappers stripped), resolving its MLP sites once."""
-    base = unwrap(model)
-    config = getattr(base, "config", None)
-    if config is None:
-        raise UnsupportedModelError(f"{type(base).__name__} has no HF config; pass a transformers model")
-    return adapter_class(getattr(config, "model_type", "<none>"))(base)
-
-
-__all__ = ["ADAPTERS", "DEFAULT_ARCH", "TINY_SIZES", "MLPLayout", "ModelAdapter", "TinySize", "adapter_class", "get_adapter",
-           "unwrap"]
+__all__ = ["ADAPTERS", "ARCHITECTURES", "DEFAULT_ARCH", "TINY_SIZES", "TINY_SIZE_NAMES", "MLPLayout", "ModelAdapter",
+           "TinySize", "adapter_class", "get_adapter", "unwrap"]

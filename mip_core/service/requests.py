@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from mip_core import names
 from mip_core.errors import InputError
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -42,7 +43,7 @@ Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]
 RequestState = Literal["pending", "claimed", "done", "failed", "rejected"]
-STATES: tuple[str, ...] = ("pending", "claimed", "done", "failed", "rejected")
+STATES: tuple[str, ...] = names.STATES
 """Terminal: ``done`` (a published version no longer knows it), ``failed`` (processing or the gate fell short: it
 may be resubmitted as is), ``rejected`` (the request itself cannot be served, e.g. unknown entity ids: fix it)."""
 

@@ -63,3 +63,15 @@ def test_cli_help_on_every_command(capsys):
     # the installed console script is the same entry point
     out = subprocess.run([str(Path(sys.executable).with_name("mip")), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: mip" in out.stdout, out.stderr
+
+
+def test_cli_help_imports_no_torch_and_the_light_names_match_their_sources():
+    """`mip --help` must start fast (about 5 s when it imported torch and transformers): its parser is built
+    from light name lists, which must equal the registries they stand for."""
+    code = ("import sys; from mip_core.cli import build_parser; build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers', 'pydantic') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+    from mip_core.adapters import ADAPTERS, ARCHITECTURES, TINY_SIZE_NAMES, TINY_SIZES
+
+    assert ARCHITECTURES == tuple(sorted(ADAPTERS)) and TINY_SIZE_NAMES == tuple(sorted(TINY_SIZES))
