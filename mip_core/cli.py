@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 from datetime import timezone
 
 from mip_core.errors import InputError, MipError
@@ -334,33 +335,51 @@ def _models_list(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    from mip_core.service.links import report_link, report_server, serve_url
     from mip_core.service.store import ServiceStore
 
     store = ServiceStore(_service_root(args))
+    if args.serve:
+        _serve_reports(store, report_server, serve_url())
+        return
+    if args.batch_id is None:
+        raise InputError("BATCH_ID is required (or --serve to serve every batch's report)")
     key, html_key = store.batch_key(args.batch_id, "report.md"), store.batch_key(args.batch_id, "report.html")
     if not store.exists(key):
         raise InputError(f"batch {args.batch_id!r} has no report in {store.uri()}; list batches with "
                          f"`mip requests --json` (field batch_id), or check --root")
-    html_uri = store.uri(html_key) if store.exists(html_key) else None
-    location = html_uri if html_uri is None or store.remote else f"file://{html_uri}"
+    link = report_link(store, args.batch_id) if store.exists(html_key) else None
     if args.json:
         gate_key = store.batch_key(args.batch_id, "gate.json")
-        print(json.dumps({"batch_id": args.batch_id, "report": store.uri(key), "html": location,
+        print(json.dumps({"batch_id": args.batch_id, "report": store.uri(key),
+                          "html": store.uri(html_key) if link else None, "link": link.url if link else None,
+                          "link_expires_at": link.expires_at if link else None,
                           "gate": store.read_json(gate_key) if store.exists(gate_key) else None}, indent=1))
         return
     if args.open:
-        if location is None:
+        if link is None:
             raise InputError(f"batch {args.batch_id!r} has no HTML report (batches closed before this release "
                              f"have only {store.uri(key)})")
-        print(location)  # a headless worker has no browser: print it, and open it where a desktop is available
-        if not store.remote and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY")
-                                 or os.environ.get("WAYLAND_DISPLAY")):
-            import webbrowser
-
-            webbrowser.open(location)
+        print(f"{link.url}\n({link.how})")
         return
     sys.stdout.write(store.read_text(key))
-    print(f"\nreport: {store.uri(key)}" + (f"\nhtml:   {location}" if location else ""))
+    print(f"\nreport: {store.uri(key)}" + (f"\nhtml:   {link.url} ({link.how})" if link else ""))
+
+
+def _serve_reports(store: Any, make_server: Any, url: str) -> None:
+    """``mip report --serve``: serve the batch reports on 127.0.0.1 until Ctrl-C."""
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    server = make_server(store, where.hostname or "127.0.0.1", where.port or 8765)
+    print(f"serving the batch reports of {store.root} at {url}/batches/<batch id>/report.html (Ctrl-C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def _schema(args: argparse.Namespace) -> None:
@@ -535,11 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     mls.add_argument("--root", help=root_help)
     mls.add_argument("--json", action="store_true", help="print the lineage records as JSON")
     mls.set_defaults(func=_models_list)
-    rep = sub.add_parser("report", help="print a batch's report (markdown), or where its HTML report is")
-    rep.add_argument("batch_id", metavar="BATCH_ID")
+    rep = sub.add_parser("report", help="print a batch's report (markdown), a link to its HTML report, or serve "
+                                        "the reports")
+    rep.add_argument("batch_id", metavar="BATCH_ID", nargs="?")
     rep.add_argument("--root", help=root_help)
-    rep.add_argument("--open", action="store_true", help="print the HTML report's location (and open it when a "
-                                                         "desktop browser is available)")
+    rep.add_argument("--open", action="store_true", help="print a link a browser opens: presigned HTTPS for an S3 "
+                                                         "store, the --serve address for a local one")
+    rep.add_argument("--serve", action="store_true", help="serve the batch reports (only those) on $MIP_REPORT_URL "
+                                                          "(default http://127.0.0.1:8765) until Ctrl-C")
     rep.add_argument("--json", action="store_true", help="print the report locations and the gate decision as JSON")
     rep.set_defaults(func=_report)
     schema = sub.add_parser("schema", help="print JSON schemas").add_subparsers(
@@ -565,8 +587,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                "\"reason\": \"privacy\"}' | mip submit -"),
     "status": ("mip status demo-privacy-0001", "mip status demo-privacy-0001 --json", "mip status --json"),
     "requests": ("mip requests --state pending", "mip requests --model demo --json"),
-    "report": ("mip report b20261129T043823Z-b7df1c", "mip report b20261129T043823Z-b7df1c --open",
-               "mip report b20261129T043823Z-b7df1c --json"),
+    "report": ("mip report b20261203-211500-6a5920", "mip report b20261203-211500-6a5920 --open",
+               "mip report b20261203-211500-6a5920 --json", "mip report --serve --root demo_out/store"),
     "models": ("mip models list", "mip models register --name demo --model demo_out/vanilla --dataset demo_out/bench"),
     "models register": ("mip models register --name demo --model demo_out/vanilla --dataset demo_out/bench",
                         "mip models register --name prod-mllm --model s3://models/prod-mllm --dataset s3://data/bench "

@@ -31,6 +31,7 @@ from mip_core.service.batch import BatchManifest, plan_batch
 from mip_core.service.gate import GateConfig, evaluate_and_gate, format_decision
 from mip_core.service.lease import LeaseHeld, hold
 from mip_core.service.html_report import batch_html
+from mip_core.service.links import report_link
 from mip_core.service.report import batch_report
 from mip_core.service.runs import (abandon_reason, adopt, claimed_batches, close_unplanned, orphaned_batches,
                                    write_claim)
@@ -320,11 +321,13 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
     artifact_key = _artifact_key(batch_id)
     html_uri = write_html_report(store, m, records, get_run_logger(), gate=gate, version=version, error=error,
                                  timings=timings, shards=shards, resources=resources, links=links)
-    create_markdown_artifact(markdown=text + (f"\nHTML report with figures: `{html_uri}`\n" if html_uri else ""),
+    link = report_link(store, batch_id) if html_uri else None
+    create_markdown_artifact(markdown=text + (f"\n[HTML report with figures]({link.url}) ({link.how})\n"
+                                              if link else ""),
                              key=artifact_key, description=f"MIP-Editor batch {batch_id}")
-    if html_uri:
-        create_link_artifact(link=html_uri if store.remote else f"file://{html_uri}", key=f"{artifact_key}-html",
-                             link_text=f"report.html ({batch_id})", description=f"MIP-Editor batch {batch_id}: HTML")
+    if link:
+        create_link_artifact(link=link.url, key=f"{artifact_key}-html", link_text=f"report.html ({batch_id})",
+                             description=f"MIP-Editor batch {batch_id}: HTML report, {link.how}")
     return store.uri(report_key)
 
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from mip_core.benchmark import load_benchmark
+from mip_core.service import links
 from mip_core.service.requests import ForgetRequest
 from mip_core.service.store import ServiceStore
 
@@ -147,6 +149,7 @@ def test_unlearn_batch_run_shows_completed_with_its_report_in_the_ui(prefect_ser
     from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
                                                 FlowRunFilterParentFlowRunId)
     from prefect.deployments import run_deployment
+    from selenium.webdriver.common.by import By
 
     url, env = prefect_server
     model_dir, bench_dir = trained_tiny
@@ -157,6 +160,10 @@ def test_unlearn_batch_run_shows_completed_with_its_report_in_the_ui(prefect_ser
     for rid, person in zip(ids, people, strict=True):
         store.submit(ForgetRequest(request_id=rid, target_model="tiny", subjects=[person], requester="t",
                                    reason="privacy"))
+
+    report_server = links.report_server(store, "127.0.0.1", 0)  # `mip report --serve`, on a free port
+    report_url = f"http://127.0.0.1:{report_server.server_address[1]}"
+    threading.Thread(target=report_server.serve_forever, daemon=True).start()
 
     # the deployment from prefect.yaml, triggered through the API, run by a real worker
     with get_client(sync_client=True) as client:
@@ -170,7 +177,7 @@ def test_unlearn_batch_run_shows_completed_with_its_report_in_the_ui(prefect_ser
     try:
         worker = subprocess.run(
             [str(BIN / "prefect"), "worker", "start", "--pool", "mip-process", "--run-once"], cwd=tmp_path,
-            env=env | {"MIP_REPO_DIR": str(ROOT), "MIP_THREADS": "1", "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp,
+            env=env | {"MIP_REPO_DIR": str(ROOT), "MIP_REPORT_URL": report_url, "MIP_THREADS": "1", "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp,
                        "MIP_CACHE_DIR": str(tmp_path / "cache")},
             capture_output=True, text=True, timeout=600)
     finally:
@@ -196,11 +203,24 @@ def test_unlearn_batch_run_shows_completed_with_its_report_in_the_ui(prefect_ser
     _wait_text(browser, f"MIP-Editor batch {batch_id}", "published", "Evaluation (multiple-choice accuracy)")
     browser.save_screenshot(str(SCREENSHOTS / "batch-report-artifact.png"))
 
-    # the HTML report: self-contained, its three figures decoded by the browser
-    browser.get(f"file://{tmp_path / 'store' / 'batches' / batch_id / 'report.html'}")
+    # the HTML report, reached as an operator does: the link artifact's page in the UI, its link clicked (served
+    # by `mip report --serve`'s server); self-contained, its three figures decoded by the browser
+    with get_client(sync_client=True) as client:
+        [link] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{key}-html"])))
+    assert link.data == f"{report_url}/batches/{batch_id}/report.html"
+    browser.get(f"{url}/artifacts/artifact/{link.id}")
+    _wait_text(browser, f"report.html ({batch_id})")
+    tabs = set(browser.window_handles)
+    browser.find_element(By.CSS_SELECTOR, f'a[href="{link.data}"]').click()
+    new_tabs = set(browser.window_handles) - tabs  # the UI opens links in a new tab
+    if new_tabs:
+        browser.switch_to.window(new_tabs.pop())
     _wait_text(browser, f"MIP-Editor batch {batch_id}", "published tiny v0002", "Run and resources")
+    assert browser.current_url == link.data
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
     assert images == [["accuracy before and after", True], ["path graph heat map", True],
                       ["wall time per step", True]], images
     browser.save_screenshot(str(SCREENSHOTS / "batch-report-html.png"))
+    report_server.shutdown()
+    report_server.server_close()

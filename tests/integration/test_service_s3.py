@@ -69,3 +69,32 @@ def test_a_dead_endpoint_fails_clearly_and_changes_nothing(s3_endpoint: S3Server
     monkeypatch.setenv("MIP_S3_MAX_ATTEMPTS", "zero")
     with pytest.raises(ValueError, match="MIP_S3_MAX_ATTEMPTS='zero' must be a positive integer"):
         ServiceStore("s3://mip-test/dead", endpoint_url=dead)
+
+
+def test_report_link_of_an_s3_store_is_a_presigned_link_a_browser_can_open(s3_endpoint: S3Server, monkeypatch):
+    """The Prefect UI cannot open s3:// URIs: the link is a presigned HTTP(S) GET, served as HTML, that expires."""
+    import urllib.error
+    import urllib.request
+
+    from mip_core.service.links import report_link
+
+    store = ServiceStore(s3_endpoint.uri("links"), endpoint_url=s3_endpoint.endpoint_url)
+    store.write_text(store.batch_key("b1", "report.html"), "<html><body>the report</body></html>")
+    link = report_link(store, "b1")
+    assert link.url.startswith(s3_endpoint.endpoint_url) and "Signature" in link.url and link.expires_at
+    with urllib.request.urlopen(link.url, timeout=10) as response:  # no credentials: only the signature
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert response.read() == b"<html><body>the report</body></html>"
+    unsigned = link.url.split("?", 1)[0]
+    with pytest.raises(urllib.error.HTTPError):  # without the signature the object is not public
+        urllib.request.urlopen(unsigned, timeout=10)
+    monkeypatch.setenv("MIP_REPORT_LINK_TTL_S", "3600")
+    import time
+    from urllib.parse import parse_qs, urlsplit
+
+    # the test server does not enforce expiry (AWS and MinIO do): check what the signature says instead
+    query = parse_qs(urlsplit(report_link(store, "b1").url).query)
+    if "X-Amz-Expires" in query:  # SigV4: seconds from signing
+        assert query["X-Amz-Expires"] == ["3600"]
+    else:  # SigV2 (what botocore signs for this endpoint): the expiry as a Unix time
+        assert abs(int(query["Expires"][0]) - (time.time() + 3600)) < 60
