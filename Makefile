@@ -85,12 +85,13 @@ SERVE_ENV = PREFECT_HOME=$(SERVE_HOME) PREFECT_API_URL=http://127.0.0.1:4200/api
 serve: install
 	mkdir -p $(SERVE_HOME)
 	$(SERVE_ENV) $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 > $(SERVE_HOME)/server.log 2>&1 & \
-	server=$$!; trap "kill $$server 2>/dev/null || true" EXIT INT TERM; \
+	server=$$!; MIP_ROOT=$(SERVE_ROOT) $(MIP) report --serve > $(SERVE_HOME)/reports.log 2>&1 & \
+	reports=$$!; trap "kill $$server $$reports 2>/dev/null || true" EXIT INT TERM; \
 	for i in $$(seq 120); do $(PY) -c "import urllib.request as u; u.urlopen('http://127.0.0.1:4200/api/health', timeout=2)" \
 		2>/dev/null && break; sleep 1; done; \
 	$(SERVE_ENV) $(VENV)/bin/prefect work-pool create mip-process --type process --overwrite && \
 	$(SERVE_ENV) $(VENV)/bin/prefect --no-prompt deploy --all && \
-	echo "Prefect UI: http://127.0.0.1:4200  (server log: $(SERVE_HOME)/server.log)" && \
+	echo "Prefect UI: http://127.0.0.1:4200  (server log: $(SERVE_HOME)/server.log); batch reports: http://127.0.0.1:8765" && \
 	$(SERVE_ENV) MIP_REPO_DIR=$(CURDIR) MIP_ROOT=$(SERVE_ROOT) $(LOCAL_ONLY) $(VENV)/bin/prefect worker start --pool mip-process
 
 # Speed and storage numbers recorded in BENCHMARKS.md (never asserted in tests). Uses the demo's model when
