@@ -98,6 +98,12 @@ def log_to_stderr(*, unless_terminal: bool = False) -> None:
     where the bar already shows it (the CLI's choice); a job whose stderr is a log file always wants them."""
     if unless_terminal and sys.stderr.isatty():
         return
+    if not sys.stderr.isatty():  # a log file: transformers' weight-loading bars would be carriage-return noise
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     if not any(isinstance(h, _StderrHandler) for h in LOGGER.handlers):
         LOGGER.addHandler(_StderrHandler())
     LOGGER.setLevel(logging.INFO)

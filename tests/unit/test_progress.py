@@ -60,3 +60,22 @@ def test_log_to_stderr_prints_once(capsys):
     finally:
         for handler in list(LOGGER.handlers):
             LOGGER.removeHandler(handler)
+
+
+def test_a_job_logging_to_a_file_gets_no_weight_loading_bars(tiny_models, tmp_path):
+    """A job's stderr is a log file (the edit job's edit.log): transformers' loading bars, redrawn with carriage
+    returns, must not fill it."""
+    import subprocess
+    import sys
+
+    from mip_core.modeling import save_model
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    save_model(model, processor, str(tmp_path / "m"))
+    code = ("from mip_core.progress import log_to_stderr; log_to_stderr(); "
+            f"from mip_core.modeling import load_model; load_model({str(tmp_path / 'm')!r})")
+    log = tmp_path / "job.log"
+    with log.open("wb") as f:
+        subprocess.run([sys.executable, "-c", code], check=True, stdout=f, stderr=subprocess.STDOUT)
+    text = log.read_text()
+    assert "\r" not in text and "Loading weights" not in text, text[-500:]
