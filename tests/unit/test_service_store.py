@@ -315,8 +315,10 @@ def test_an_oversized_request_is_refused_before_parsing_and_at_submit(tmp_path):
     assert not (tmp_path / "store" / "requests").exists()
 
 
-def test_cli_report_prints_the_html_location_and_json(tmp_path, capsys):
+def test_cli_report_prints_the_html_location_and_json(tmp_path, capsys, monkeypatch):
     from mip_core.cli import main
+
+    monkeypatch.delenv("MIP_REPORT_URL", raising=False)
 
     root = str(tmp_path / "store")
     store = ServiceStore(root)
@@ -325,15 +327,17 @@ def test_cli_report_prints_the_html_location_and_json(tmp_path, capsys):
     assert "has no HTML report" in capsys.readouterr().err
     store.write_text(store.batch_key("b1", "report.html"), "<!DOCTYPE html>")
     store.write_json(store.batch_key("b1", "gate.json"), {"passed": True})
-    html = f"file://{tmp_path / 'store' / 'batches' / 'b1' / 'report.html'}"
+    link = "http://127.0.0.1:8765/batches/b1/report.html"  # `mip report --serve`: a browser opens http, not file
+    how = f"served by `mip report --serve --root {root}` while it runs"
     assert main(["report", "b1", "--root", root, "--open"]) == 0
-    assert capsys.readouterr().out == html + "\n"
+    assert capsys.readouterr().out == f"{link}\n({how})\n"
     assert main(["report", "b1", "--root", root]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# MIP-Editor batch `b1`") and out.rstrip().endswith(f"html:   {html}")
+    assert out.startswith("# MIP-Editor batch `b1`") and out.rstrip().endswith(f"html:   {link} ({how})")
     assert main(["report", "b1", "--root", root, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"batch_id": "b1", "report": store.uri("batches/b1/report.md"),
-                                                   "html": html, "gate": {"passed": True}}
+    assert json.loads(capsys.readouterr().out) == {
+        "batch_id": "b1", "report": store.uri("batches/b1/report.md"), "html": store.uri("batches/b1/report.html"),
+        "link": link, "link_expires_at": None, "gate": {"passed": True}}
     assert main(["report", "b9", "--root", root]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mip: error: batch 'b9' has no report")  # one line, what to do
