@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mip_core.entrypoints.edit import SUMMARY_FILE, EditSpec, run_edit, write_spec, write_text, zero3_config
+from mip_core.entrypoints.edit_plan import check_ds_config, ds_config_for, resolve_profile
 from mip_core.errors import InputError, MipError
 from mip_core.progress import MARKER
 from mip_core.storage import filesystem, is_remote
@@ -111,19 +112,24 @@ def _sibling(uri: str, name: str) -> str:
 
 def launch_edit(spec: EditSpec, spec_uri: str, log_uri: str, *, launcher: Launcher = "deepspeed",
                 n_ranks: int = 2, timeout_s: float = 1800, env: dict[str, str] | None = None,
-                hostfile: str | None = None, ds_config: dict[str, Any] | None = None,
+                hostfile: str | None = None, ds_config: dict[str, Any] | None = None, ds_profile: str = "auto",
                 relay: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the spec (and its DeepSpeed config) beside ``spec_uri``, run the edit job, return its summary.
 
+    The job's DeepSpeed config is ``ds_config`` if given, else the named profile's (``ds_config_for``); either is
+    validated here, before launch, so a bad one is an InputError (not retried) instead of a failed job.
     ``relay`` gets the job's progress lines as they are written (the flow logs them in the Prefect run).
 
     Raises :class:`EditJobError` with the exit code, the argv and the last lines of the log when the job fails
     or runs past ``timeout_s``. The log (both ranks' stdout and stderr) goes to ``log_uri``, also on failure.
     """
+    resolve_profile(ds_profile)  # a bad name fails before anything is written, for every launcher
+    if ds_config is not None:
+        check_ds_config(ds_config)
     write_spec(spec, spec_uri)
     if launcher == "inprocess" or n_ranks == 0:
         return _inprocess(spec, log_uri)
-    config = ds_config or zero3_config(zero_stage=spec.zero_stage)
+    config = ds_config or ds_config_for(ds_profile, zero_stage=spec.zero_stage)
     config_uri = _sibling(spec_uri, "ds_config.json")
     write_text(config_uri, json.dumps(config, indent=1) + "\n")
     argv = edit_argv(spec_uri, launcher=launcher, n_ranks=n_ranks, hostfile=hostfile,
@@ -240,4 +246,4 @@ def _inprocess(spec: EditSpec, log_uri: str) -> dict[str, Any]:
                                f"{LOG_TAIL_LINES} lines:\n" + _tail(log_path)) from err
 
 
-__all__ = ["EditJobError", "edit_argv", "job_env", "launch_edit", "zero3_config"]
+__all__ = ["EditJobError", "ds_config_for", "edit_argv", "job_env", "launch_edit", "zero3_config"]

@@ -4,10 +4,14 @@ One :class:`EditSpec` (JSON, local or ``s3://``) says which model, which forget 
 ids), which retain items, which path graph and where the edited model goes. The same code runs
 
 - in-process on one device (:func:`run_edit` with one process): load -> encode -> ``get_method(...).run`` ->
-  :func:`~mip_core.editing.unlearn.save_unlearned`;
+  write;
 - under ``deepspeed`` / ``torchrun`` (``WORLD_SIZE > 1``): every rank loads the model partitioned by ZeRO-3,
   runs the *same* editing code (ranks share each batch and average gradients; only the edited sites' linears
-  are ever gathered in full), the full state dict is consolidated on rank 0, and rank 0 writes the checkpoint.
+  are ever gathered in full), and the ranks share the writing.
+
+Both write the edited model with :func:`mip_core.modeling.shards.write_edited`: no process ever holds the full
+state dict; only the base's shards that hold edited tensors are rewritten (spread over the ranks), every other
+file is hard-linked (or copied server-side on S3). The output keeps the base's layout and key names.
 
 The job writes ``edit_summary.json`` (what :func:`run_edit` returns) beside the model, so the launcher reads
 the outcome from storage instead of parsing logs.
@@ -148,7 +152,8 @@ def zero3_config(*, offload: bool = False, train_micro_batch_size_per_gpu: int =
     """A DeepSpeed config for the edit job (ZeRO-3 by default).
 
     No optimizer section: the edit trains only small neuron slices outside the engine (plain AdamW); the
-    engine only partitions and fetches the frozen weights. ``param_persistence_threshold=0`` partitions every
+    engine only partitions and fetches the frozen weights. Named profiles (cpu, gpu, gpu-offload) are
+    :func:`mip_core.entrypoints.edit_plan.ds_config_for`. ``param_persistence_threshold=0`` partitions every
     parameter, even small ones (DeepSpeed's default keeps tensors under 1e5 numbers whole on every rank,
     which would leave a tiny test model unpartitioned). ``bf16`` is for accelerators; CPU runs stay fp32.
     """
@@ -200,12 +205,50 @@ def _edit(loaded: Any, spec: EditSpec, log: Log) -> tuple[Any, dict[str, int]]:
     return summary, gathered.to_dict()
 
 
-def _summary(summary: Any, gathered: dict[str, int], spec: EditSpec, world_size: int, seconds: float
-             ) -> dict[str, Any]:
+def _summary(summary: Any, gathered: dict[str, int], spec: EditSpec, world_size: int, seconds: float,
+             memory: list[dict[str, int]], files: list[dict[str, list[str]]]) -> dict[str, Any]:
     return {"method": summary.method, "neurons": summary.details.get("neurons"), "steps": summary.steps,
             "edit_seconds": summary.seconds, "seconds": round(seconds, 2), "world_size": world_size,
             "zero_stage": spec.zero_stage if world_size > 1 else None, "gathered": gathered,
-            "trainable_parameters": summary.trainable_parameters, "output_uri": spec.output_uri}
+            "trainable_parameters": summary.trainable_parameters, "output_uri": spec.output_uri,
+            "memory": memory, "files": files}
+
+
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` (peak) of this process from ``/proc/self/status``, in KiB; 0 where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), 0)
+    except OSError:
+        return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS count (``VmHWM``) at the current RSS, so a phase's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _write_model(loaded: Any, summary: Any, spec: EditSpec, rank: int, size: int) -> dict[str, Any]:
+    """Every rank: write its part of the edited model (:func:`write_edited`); returns what it did and its memory.
+
+    Memory in KiB, read from the kernel: ``peak_rss_kib`` over the whole run, ``before_write_kib`` and
+    ``write_peak_kib`` (the peak while writing, counted from a reset just before it).
+    """
+    from mip_core.modeling.shards import edited_parameters, plan_shards, write_edited
+
+    names = edited_parameters(loaded.model, loaded.adapter, summary.details)
+    plan = plan_shards(loaded.model, names, loaded.path, spec.model_uri)
+    memory = {"rank": rank, "peak_rss_kib": _rss_kib("VmHWM"), "before_write_kib": _rss_kib("VmRSS")}
+    reset = _reset_peak_rss()
+    files = write_edited(loaded.model, plan, spec.output_uri, rank=rank, world=size)
+    if reset:
+        memory["write_peak_kib"] = _rss_kib("VmHWM")
+    return {"memory": memory, "files": files}
 
 
 def run_edit(spec: EditSpec, *, distributed: bool | None = None, ds_config: dict[str, Any] | None = None,
@@ -218,14 +261,14 @@ def run_edit(spec: EditSpec, *, distributed: bool | None = None, ds_config: dict
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         return _run_distributed(spec, ds_config or zero3_config(zero_stage=spec.zero_stage), log)
-    from mip_core.editing.unlearn import save_unlearned
     from mip_core.modeling.io import load_model
 
     t0 = time.perf_counter()
     loaded = load_model(spec.model_uri)
     summary, gathered = _edit(loaded, spec, log)
-    save_unlearned(loaded, summary, spec.output_uri, lineage=spec.lineage)
-    out = _summary(summary, gathered, spec, 1, time.perf_counter() - t0)
+    wrote = _write_model(loaded, summary, spec, 0, 1)
+    _write_records(summary, spec)
+    out = _summary(summary, gathered, spec, 1, time.perf_counter() - t0, [wrote["memory"]], [wrote["files"]])
     write_text(_join(spec.output_uri, SUMMARY_FILE), json.dumps(out, indent=1) + "\n")
     return out
 
@@ -288,6 +331,7 @@ def _rank_device() -> str:
 
 def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dict[str, Any]:
     import deepspeed
+    import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
 
     from mip_core._compat.deepspeed import is_partitioned
@@ -310,47 +354,25 @@ def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dic
         summary, gathered = _edit(loaded, spec, rank_log)
         rank_log(f"edit done: {summary.details.get('neurons')} neurons, {summary.steps} steps, "
                  f"gathered {gathered}")
-        if partitioned:
-            state = engine._zero3_consolidated_16bit_state_dict()  # collective; full dict on rank 0 only
-        else:
-            state = loaded.model.state_dict()
-        out = _summary(summary, gathered, spec, size, time.perf_counter() - t0)
+        wrote = _write_model(loaded, summary, spec, rank, size)  # collective: gathers one module at a time
+        parts: list[Any] = [None] * size
+        dist.all_gather_object(parts, wrote)  # also the barrier: every rank's files are written
+        out = _summary(summary, gathered, spec, size, time.perf_counter() - t0, [p["memory"] for p in parts],
+                       [p["files"] for p in parts])
         if rank == 0:
-            _save_state(loaded, state, summary, spec)
+            _write_records(summary, spec)
             write_text(_join(spec.output_uri, SUMMARY_FILE), json.dumps(out, indent=1) + "\n")
             rank_log(f"wrote {spec.output_uri}")
-        del hf_ds
+        del hf_ds, engine
     return out
 
 
-def _save_state(loaded: Any, state: dict[str, Any], summary: Any, spec: EditSpec) -> None:
-    """Rank 0: the consolidated weights as safetensors + config + processor, then ``unlearn.json``."""
+def _write_records(summary: Any, spec: EditSpec) -> None:
+    """``unlearn.json`` (the edit's summary and lineage) beside the model."""
     from mip_core.editing.unlearn import UNLEARN_LOG
 
-    if is_remote(spec.output_uri):
-        with tempfile.TemporaryDirectory() as tmp:
-            _save_local(loaded, state, tmp)
-            fs, path = filesystem(spec.output_uri)
-            fs.put(tmp.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
-    else:
-        _save_local(loaded, state, spec.output_uri.removeprefix("file://"))
     write_text(_join(spec.output_uri, UNLEARN_LOG),
                json.dumps({**summary.to_dict(), "lineage": spec.lineage}, indent=1, default=str) + "\n")
-
-
-def _save_local(loaded: Any, state: dict[str, Any], folder: str) -> None:
-    # The consolidated dict is keyed like model.state_dict(); save it under those (current transformers)
-    # names. Reverting to the checkpoint's original names (save_original_format, the default) renamed a
-    # ZeRO-3-loaded model's language keys wrongly (model.model.layers.*): from_pretrained would not find them.
-    names = set(loaded.model.state_dict())
-    missing = sorted(names - set(state))
-    if missing:
-        raise RuntimeError(f"the consolidated state dict lacks {len(missing)} weights, e.g. {missing[:3]}; "
-                           f"is stage3_gather_16bit_weights_on_model_save true in the DeepSpeed config?")
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(folder, state_dict={k: state[k] for k in sorted(names)},
-                                 safe_serialization=True, save_original_format=False)
-    loaded.processor.save_pretrained(folder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

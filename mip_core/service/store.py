@@ -452,25 +452,45 @@ class ServiceStore:
         return self.write_json(f"{self.model_key(name)}/{CURRENT_FILE}", pointer)
 
     @_io
-    def _copy_tree(self, source_uri: str, dest_key: str) -> int:
-        """Copy every file under ``source_uri`` (a folder or fsspec URI) to ``dest_key``; returns how many."""
+    def _copy_tree(self, source_uri: str, dest_key: str) -> dict[str, int]:
+        """Copy every file under ``source_uri`` (a folder or fsspec URI) to ``dest_key``; returns how many files
+        went each way (``link``, ``copy``, ``server-copy``, ``stream``).
+
+        No tensor bytes pass through this process where storage allows: a folder inside this store (a batch's
+        edited model, another version) is hard-linked (the store replaces files, never rewrites them in place);
+        an object on the same object store is copied by the server (S3 CopyObject). An outside local folder is
+        streamed in chunks (a later in-place save_pretrained there must not change a registered version).
+        """
+        from mip_core.transfer import link_or_copy, same_store
+
         src_fs, src = filesystem(source_uri, self.endpoint_url)
         src = src.rstrip("/")
         if not src_fs.isdir(src):
             raise InputError(f"model source {source_uri!r} is not a folder (or prefix) with model files")
-        files = [f for f in src_fs.find(src) if not f.rsplit("/", 1)[-1].startswith(".tmp-")]
+        files = [f for f in src_fs.find(src) if not any(p.startswith(".tmp-") for p in f[len(src):].split("/"))]
         if not files:
             raise InputError(f"model source {source_uri!r} is empty")
         if self.remote:
             self._ensure_bucket()
+        server_side = same_store(source_uri, self.root)
+        linkable = not self.remote and not is_remote(source_uri) and os.path.abspath(src).startswith(self._base + "/")
+        counts: dict[str, int] = {}
         for f in files:
             rel = f[len(src):].lstrip("/")
             dest = self._path(f"{dest_key}/{rel}")
-            if not self.remote:
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with src_fs.open(f, "rb") as r, self.fs.open(dest, "wb") as w:
-                shutil.copyfileobj(r, w, _COPY_CHUNK)
-        return len(files)
+            if server_side:
+                self.fs.copy(f, dest)
+                how = "server-copy"
+            elif linkable:
+                how = "link" if link_or_copy(f, dest) else "copy"
+            else:
+                if not self.remote:
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with src_fs.open(f, "rb") as r, self.fs.open(dest, "wb") as w:
+                    shutil.copyfileobj(r, w, _COPY_CHUNK)
+                how = "stream"
+            counts[how] = counts.get(how, 0) + 1
+        return counts
 
     def register_model(
         self,
@@ -490,11 +510,11 @@ class ServiceStore:
         parent = self.current_version(name)
         version = self.next_version(name)
         key = self.model_key(name, version)
-        n_files = self._copy_tree(source_uri, key)
+        copied = self._copy_tree(source_uri, key)
         record: dict[str, Any] = {
             "name": name, "version": version, "uri": self.uri(key), "source_uri": source_uri,
             "dataset_uri": dataset_uri, "parent_version": parent, "registered_at": iso_utc(utc_now()),
-            "n_files": n_files, **(lineage or {}),
+            "n_files": sum(copied.values()), "copied": copied, **(lineage or {}),
         }
         self.write_json(f"{key}/{LINEAGE_FILE}", record)
         self.write_text(f"{key}/{CARD_FILE}", card or _default_card(record))

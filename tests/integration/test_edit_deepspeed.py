@@ -11,6 +11,7 @@ at most 6e-5 on edit deltas of 0.2-0.5; the test allows 1e-3).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -25,6 +26,7 @@ from mip_core.editing.unlearn import UNLEARN_LOG
 from mip_core.entrypoints.edit import EditSpec
 from mip_core.evaluation.mia import mean_answer_logprob
 from mip_core.modeling import build_tiny, load_model, save_model
+from mip_core.modeling.shards import RECORD_FILES, weight_map
 from mip_core.paths import reduce_paths
 from mip_core.results import read_path_graph, write_path_graph
 from tasks.launch import launch_edit
@@ -102,12 +104,7 @@ def test_deepspeed_job_edits_only_the_path_and_matches_the_in_process_edit(job, 
         edited_names.add(names[id(base.adapter.down_proj(site).weight)])
     changed = {k for k in base_state if not torch.equal(edited[k], base_state[k])}
     assert changed and changed <= edited_names, sorted(changed - edited_names)
-    # only the edited sites' linears were ever gathered in full, twice each (slices read, then merged)
-    site_numel = sum(p.numel() for site in selection
-                     for lin in (*base.adapter.neuron_inputs(site), base.adapter.down_proj(site))
-                     for p in lin.parameters())
-    assert summary["gathered"]["numel"] == 2 * site_numel, (summary["gathered"], site_numel)
-    assert summary["gathered"]["gathers"] == 2 * len(selection)
+    assert [m["rank"] for m in summary["memory"]] == [0, 1]  # each rank's own kernel-reported memory
     unlearn_log = json.loads(s3_endpoint.fs.cat(s3_endpoint.uri("edit-ds", "edited", UNLEARN_LOG)))
     assert unlearn_log["lineage"]["batch_id"] == "b-test"
     assert unlearn_log["details"]["neurons"] == summary["neurons"]
@@ -125,3 +122,46 @@ def test_deepspeed_job_edits_only_the_path_and_matches_the_in_process_edit(job, 
         gap = (single[key] - edited[key]).abs().max().item()
         assert gap < TOLERANCE, (key, gap)
 
+
+
+VOCAB = 120_000  # embedding + output rows of about 61 MB: the model's bytes dwarf a process's allocation noise
+
+
+def test_two_ranks_rewrite_only_the_edited_shards_link_the_rest_and_never_hold_the_model(job, tmp_path):
+    """A sharded local base: untouched shards are hard links of the base's, and no rank's memory grows by
+    anything near the model's size while writing (rank 0 used to consolidate the full state dict)."""
+    root, spec = job
+    model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)  # the fixture's model: the graph fits it
+    model.resize_token_embeddings(VOCAB)
+    base, out = tmp_path / "base", tmp_path / "edited"
+    model.save_pretrained(base, max_shard_size="300KB")
+    processor.save_pretrained(base)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    del model
+    shards = sorted(set(weight_map(base).values()))
+    assert len(shards) >= 4, shards
+    local = replace(spec, model_uri=str(base), output_uri=str(out),
+                    path_edit={"rmisu": {"steps": 4, "layer": 1, "batch_size": 4, "retain_ce_weight": 0}})
+    summary = launch_edit(local, str(tmp_path / "edit_config.json"), str(tmp_path / "edit.log"),
+                          launcher="deepspeed", n_ranks=2, timeout_s=600,
+                          env={"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")})
+    assert summary["world_size"] == 2
+
+    rewritten = []
+    for f in sorted(p.name for p in base.iterdir()):
+        a, b = os.stat(base / f), os.stat(out / f)
+        if a.st_ino == b.st_ino:
+            assert b.st_nlink > 1
+        else:
+            rewritten.append(f)
+    assert rewritten and set(rewritten) < set(shards), rewritten  # only shards, and not all of them
+    assert {p.name for p in out.iterdir()} - {p.name for p in base.iterdir()} <= RECORD_FILES
+
+    edited = load_model(str(out))  # from_pretrained
+    changed = {k for k, v in edited.model.state_dict().items() if not torch.equal(v, base_state[k])}
+    assert changed and all(".mlp." in k for k in changed), sorted(changed)
+
+    for m in summary["memory"]:  # kernel's peak RSS (VmHWM) while writing, from a reset just before it
+        growth = (m["write_peak_kib"] - m["before_write_kib"]) * 1024
+        assert growth < model_bytes / 4, (m, model_bytes)

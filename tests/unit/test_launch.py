@@ -17,7 +17,8 @@ from mip_core._compat.deepspeed import gather_params, record_gathers
 from mip_core._compat.distributed import average_gradients, global_share, rank_slice, world
 from mip_core.entrypoints.edit import EditSpec, read_spec, write_spec
 from mip_core.errors import InputError, MipError
-from tasks.launch import EditJobError, edit_argv, job_env, launch_edit, zero3_config
+from mip_core.entrypoints.edit_plan import check_ds_config, validate_edit_plan
+from tasks.launch import EditJobError, ds_config_for, edit_argv, job_env, launch_edit, zero3_config
 
 INFRA = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 
@@ -91,6 +92,64 @@ def test_zero3_config_and_the_shipped_files():
         assert DeepSpeedZeroConfig(**doc["zero_optimization"]).stage == 3
     hosts = (INFRA / "hostfile.example").read_text().splitlines()
     assert any(line.split() == ["worker-0", "slots=8"] for line in hosts)
+
+
+def test_ds_profiles_are_validated_and_the_offload_profile_is_the_shipped_file(tmp_path, monkeypatch):
+    shipped = json.loads((INFRA / "zero3_70b_offload.json").read_text())
+    assert ds_config_for("gpu-offload") == shipped
+    assert ds_config_for("cpu") == json.loads((INFRA / "zero3_cpu_gloo.json").read_text())
+    gpu = ds_config_for("gpu")
+    assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["stage"] == 3
+    assert "offload_param" not in gpu["zero_optimization"]
+    with pytest.raises(InputError, match=r"ds_profile='gpu_offload'.*auto, cpu, gpu, gpu-offload"):
+        ds_config_for("gpu_offload")
+    # what the service hands the job is the profile's config: the file launch_edit writes beside the spec
+    seen = {}
+    monkeypatch.setattr(launch, "edit_argv", lambda spec_uri, **kw: seen.update(kw) or [sys.executable, "-c", "1"])
+    with pytest.raises(EditJobError, match="wrote no edit_summary.json"):
+        launch_edit(_spec(tmp_path), str(tmp_path / "b" / "edit_config.json"), str(tmp_path / "edit.log"),
+                    ds_profile="gpu-offload")
+    assert json.loads(Path(seen["ds_config_uri"]).read_text()) == shipped
+    # a bad profile or config is bad input (not retried), found before anything is written or launched
+    with pytest.raises(InputError, match="ds_profile='gpux'"):
+        launch_edit(_spec(tmp_path), str(tmp_path / "c" / "s.json"), str(tmp_path / "c.log"), ds_profile="gpux")
+    bad = {**shipped, "zero_optimization": {**shipped["zero_optimization"], "stgae": 3}}
+    with pytest.raises(InputError, match="stgae"):
+        launch_edit(_spec(tmp_path), str(tmp_path / "c" / "s.json"), str(tmp_path / "c.log"), ds_config=bad)
+    with pytest.raises(InputError, match=r"\['bf_16'\].*did you mean 'bf16'"):
+        check_ds_config({**shipped, "bf_16": {"enabled": True}})
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(("edit", "kwargs", "message"), [
+    ({"rmisu": {"stpes": 3}}, {}, r"edit\['rmisu'\]\['stpes'\] is not an RMisUConfig field \(did you mean 'steps'\?\)"),
+    ({"prnue": True}, {}, r"edit\['prnue'\] is not a PathEditConfig field \(did you mean 'prune'\?\)"),
+    ({"rmisu": {"steps": 0}}, {}, r"RMisUConfig.steps=0"),
+    ({}, {"ranks": 8}, r"edit.rmisu.batch_size=6 is below the edit job's 8 ranks.*batch_size >= 8.*ranks <= 6"),
+    ({"rmisu": {"batch_size": 4}}, {"ranks": 2, "hostfile": "HOSTS"},
+     r"batch_size=4 is below the edit job's 16 ranks"),
+    ({}, {"launcher": "inprocess", "ds_profile": "gpu-offload"}, r"ds_profile='gpu-offload' needs a DeepSpeed job"),
+    ({}, {"ds_profile": "gpu", "cuda": False}, r"ds_profile='gpu' needs GPUs.*ds_profile='cpu'"),
+    ({}, {"ds_profile": "cpu_"}, r"ds_profile='cpu_' is not a DeepSpeed profile; choose one of auto, cpu"),
+])
+def test_validate_edit_plan_names_the_field_and_the_fix(tmp_path, edit, kwargs, message):
+    if kwargs.get("hostfile"):
+        (tmp_path / "hosts").write_text((INFRA / "hostfile.example").read_text())  # 2 nodes x 8 slots
+        kwargs = {**kwargs, "hostfile": str(tmp_path / "hosts")}
+        kwargs["ranks"] = 8
+    with pytest.raises(InputError, match=message):
+        validate_edit_plan("mip", edit, **kwargs)
+
+
+def test_validate_edit_plan_resolves_a_good_plan():
+    plan = validate_edit_plan("mip", {"rmisu": {"batch_size": 8, "steps": 10}}, ranks=8, ds_profile="gpu-offload",
+                              cuda=True)
+    assert plan.world_size == 8 and plan.ds_profile == "gpu-offload" and plan.rmisu_batch_size == 8
+    assert plan.ds_config == ds_config_for("gpu-offload")
+    cpu = validate_edit_plan("mip_paper", {}, ranks=2, ds_profile="auto", cuda=False)
+    assert cpu.ds_profile == "cpu" and cpu.ds_config == zero3_config()
+    one = validate_edit_plan("mip", {}, launcher="inprocess", ranks=2)
+    assert one.world_size == 1 and one.ds_config is None
 
 
 # ------------------------------------------------------------------------------------------------ EditSpec

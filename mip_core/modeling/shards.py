@@ -1,0 +1,247 @@
+"""Write an edited model as its base checkpoint's safetensors shards, rewriting only the shards it changed.
+
+A path edit changes a few MLP linears of a model whose checkpoint may be 140 GB. Saving the whole model again
+needs the full state dict in one process (under ZeRO-3: consolidated on rank 0) and writes every byte. Here:
+
+- the edited parameters' checkpoint keys are found in the base's ``model.safetensors.index.json`` (a single
+  ``model.safetensors`` is one shard), through transformers' own load-time renaming when the checkpoint uses
+  the hub's original key format;
+- each shard holding an edited tensor is rewritten by one rank (shard ``i`` by rank ``i % world``): the base
+  file is copied by the kernel, then only the edited tensors' byte ranges are overwritten (same dtype and shape,
+  so the header and every other tensor stay byte-identical). Its edited tensors are gathered one module at a
+  time (ZeRO-3 collectives, read-only), in rounds of one shard per rank, so a rank holds at most one shard's
+  edited tensors;
+- every other file (untouched shards, the index, config, processor, tokenizer) is hard-linked, or copied
+  server-side on S3 (:mod:`mip_core.transfer`).
+
+Both the in-process edit and the DeepSpeed job use :func:`write_edited`, so their outputs have one layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mip_core._compat.deepspeed import gather_params
+from mip_core.adapters import ModelAdapter
+from mip_core.errors import InputError
+from mip_core.storage import filesystem, is_remote
+from mip_core.transfer import place_file
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+#: Records written per version (edit, publish); never carried from the base into a new version.
+RECORD_FILES = frozenset({"unlearn.json", "edit_summary.json", "lineage.json", "model_card.md"})
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What :func:`write_edited` rewrites and what it carries over unchanged."""
+
+    base_dir: str  # a local folder with the base's files (the base itself, or a node's copy of a remote base)
+    base_uri: str  # where the base lives: an object store's copies stay server-side
+    rewrite: dict[str, dict[str, str]]  # shard file -> {checkpoint key: parameter name} of its edited tensors
+    carry: tuple[str, ...]  # every other file (relative path), placed unchanged
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (``{key: {dtype, shape, data_offsets}}``) and where its data starts."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def weight_map(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """Checkpoint key -> shard file name, from the index, or every key of a single ``model.safetensors``."""
+    folder = Path(folder)
+    if (folder / INDEX_FILE).is_file():
+        return dict(json.loads((folder / INDEX_FILE).read_text())["weight_map"])
+    if (folder / SINGLE_FILE).is_file():
+        return {k: SINGLE_FILE for k in read_header(folder / SINGLE_FILE)[0] if k != "__metadata__"}
+    raise InputError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}: the edit writes safetensors "
+                     f"checkpoints only; re-save the base model with save_pretrained(safe_serialization=True)")
+
+
+def checkpoint_keys(model: nn.Module, names: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
+    """Parameter name (``model.state_dict()`` naming) -> the checkpoint key that stores it.
+
+    Checkpoints the project writes use the state-dict names; a hub checkpoint may use transformers' original
+    key format, which ``from_pretrained`` renames on load: the same renaming is applied here. A name whose key is
+    produced by a many-to-one conversion (fused tensors), or by none, is an :class:`InputError` naming it.
+    """
+    wanted, keys = list(names), list(keys)
+    found = {n: n for n in wanted if n in set(keys)}
+    if len(found) == len(wanted):
+        return found
+    known = dict.fromkeys((n for n, _ in model.named_parameters()), True)
+    known.update(dict.fromkeys((n for n, _ in model.named_buffers()), True))
+    for key, (renamed, converted) in _load_names(model, keys, known).items():
+        if renamed in wanted and renamed not in found:
+            if converted:
+                raise InputError(f"parameter {renamed!r} is built from checkpoint key {key!r} by a tensor "
+                                 f"conversion (fused or split weights); the shard writer only replaces tensors "
+                                 f"stored one to one. Re-save the base with save_pretrained first")
+            found[renamed] = key
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise InputError(f"parameter {missing[0]!r} (and {len(missing) - 1} more) has no key in the base "
+                         f"checkpoint, neither by name nor through transformers' key renaming; is the checkpoint "
+                         f"of this model's class? Re-save it with save_pretrained")
+    return found
+
+
+def _load_names(model: nn.Module, keys: list[str], known: dict[str, bool]) -> dict[str, tuple[str, bool]]:
+    """Checkpoint key -> (its name after load-time renaming, whether a tensor conversion produced it)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = getattr(model, "_weight_conversions", None) or get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+    out: dict[str, tuple[str, bool]] = {}
+    for key in keys:  # as from_pretrained does (core_model_loading.convert_and_load_state_dict_in_model)
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, known)
+        if renamed not in known and key in known:
+            renamed, pattern = rename_source_key(key, [], [], prefix, known)
+        out[key] = (renamed, pattern is not None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def edited_parameters(model: nn.Module, adapter: ModelAdapter, details: Mapping[str, Any]) -> list[str]:
+    """Names of the parameters an edit may have changed: every parameter of the edited sites' linears.
+
+    The sites come from the edit summary's ``per_site`` (or ``per_request``) budgets; a method without them
+    (a full fine-tune baseline) may have changed anything, so every parameter is listed.
+    """
+    per_site: dict[str, Any] = dict(details.get("per_site") or {})
+    for budget in (details.get("per_request") or {}).values():
+        per_site.update(budget)
+    if not per_site:
+        return [n for n, _ in model.named_parameters()]
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names: set[str] = set()
+    for label in per_site:
+        tower, layer = label.rsplit(".", 1)
+        site = adapter.site(tower, int(layer))  # type: ignore[arg-type]
+        for lin in (*adapter.neuron_inputs(site), adapter.down_proj(site)):
+            names |= {by_id[id(p)] for p in lin.parameters()}
+    return sorted(names)
+
+
+def plan_shards(model: nn.Module, names: Iterable[str], base_dir: str, base_uri: str | None = None
+                ) -> ShardPlan:
+    """Which shards of the base at ``base_dir`` hold ``names``' tensors; every other file is carried."""
+    shard_of = weight_map(base_dir)
+    keys = checkpoint_keys(model, names, shard_of)
+    rewrite: dict[str, dict[str, str]] = {}
+    for name, key in sorted(keys.items()):
+        rewrite.setdefault(shard_of[key], {})[key] = name
+    root = Path(base_dir)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    carry = tuple(f for f in files if f not in rewrite and Path(f).name not in RECORD_FILES
+                  and not Path(f).name.startswith(".tmp-"))
+    return ShardPlan(str(root), base_uri or str(root), rewrite, carry)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def write_edited(model: nn.Module, plan: ShardPlan, output_uri: str, *, rank: int = 0, world: int = 1
+                 ) -> dict[str, list[str]]:
+    """Write ``model``'s edited tensors into ``output_uri`` as the base's shards; every rank calls it.
+
+    Collective under ZeRO-3 (every rank gathers the same modules in the same order). Returns what this rank
+    did: ``{"rewritten": [...], "link": [...], "server-copy": [...], ...}`` (file names).
+    """
+    done: dict[str, list[str]] = {}
+    params = dict(model.named_parameters())
+    shards = sorted(plan.rewrite)
+    for start in range(0, len(shards), world):  # one shard per rank per round: bounded memory per rank
+        mine: dict[str, torch.Tensor] = {}
+        for i, shard in enumerate(shards[start:start + world], start):
+            for group in _by_module(plan.rewrite[shard]):
+                with gather_params([params[n] for n in group.values()], modifier_rank=None):
+                    if i % world == rank:
+                        mine.update({k: params[n].detach().to("cpu").clone() for k, n in group.items()})
+        if start + rank < len(shards):
+            shard = shards[start + rank]
+            _write_shard(Path(plan.base_dir) / shard, mine, output_uri, shard)
+            done.setdefault("rewritten", []).append(shard)
+    for i, rel in enumerate(plan.carry):
+        if i % world == rank:
+            how = place_file(_join(plan.base_uri, rel), _join(output_uri, rel),
+                             local_src=str(Path(plan.base_dir) / rel))
+            done.setdefault(how, []).append(rel)
+    return done
+
+
+def _by_module(keys: Mapping[str, str]) -> list[dict[str, str]]:
+    """``{key: name}`` split by owning module (the name without its last part), in a fixed order."""
+    groups: dict[str, dict[str, str]] = {}
+    for key, name in sorted(keys.items(), key=lambda kv: kv[1]):
+        groups.setdefault(name.rsplit(".", 1)[0], {})[key] = name
+    return [groups[m] for m in sorted(groups)]
+
+
+def _write_shard(src: Path, tensors: Mapping[str, torch.Tensor], output_uri: str, name: str) -> None:
+    """``src`` with ``tensors``' bytes put in place, written to ``output_uri/name`` (atomically when local)."""
+    if is_remote(output_uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "shard.safetensors"
+            _patch_copy(src, tensors, local)
+            fs, path = filesystem(_join(output_uri, name))
+            fs.put_file(str(local), path)
+        return
+    dest = Path(output_uri.removeprefix("file://")) / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    _patch_copy(src, tensors, tmp)
+    os.replace(tmp, dest)
+
+
+def _patch_copy(src: Path, tensors: Mapping[str, torch.Tensor], dest: Path) -> None:
+    """Copy ``src`` (kernel-side) to ``dest``, then overwrite each tensor's byte range with the new values.
+
+    Values are stored in the checkpoint's dtype (the header stays as it was); a shape that differs from the
+    stored one is an :class:`InputError` (the model is not the checkpoint's).
+    """
+    header, start = read_header(src)
+    shutil.copyfile(src, dest)
+    with open(dest, "r+b") as f:
+        for key, value in sorted(tensors.items()):
+            info = header[key]
+            if list(value.shape) != list(info["shape"]):
+                raise InputError(f"edited tensor {key!r} has shape {list(value.shape)} but the base checkpoint "
+                                 f"stores {info['shape']}; was the model loaded from this checkpoint?")
+            raw = value.to(_DTYPES[info["dtype"]]).contiguous().reshape(-1).view(torch.uint8).numpy()
+            begin, end = info["data_offsets"]
+            if raw.nbytes != end - begin:  # pragma: no cover - same shape and dtype give the same size
+                raise RuntimeError(f"{key}: {raw.nbytes} bytes for a {end - begin}-byte slot")
+            f.seek(start + begin)
+            f.write(memoryview(raw))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _join(uri: str, rel: str) -> str:
+    return f"{uri.rstrip('/')}/{rel}"
+
+
+__all__ = ["INDEX_FILE", "RECORD_FILES", "SINGLE_FILE", "ShardPlan", "checkpoint_keys", "edited_parameters",
+           "plan_shards", "read_header", "weight_map", "write_edited"]
