@@ -1,8 +1,20 @@
-"""Pieces shared by the two Qwen-VL adapters: the image-only processors and the tiny model's chat format."""
+"""Pieces shared by the two Qwen-VL adapters: the image-only processors and the tiny model's chat format.
+
+The image-only processors exist because the shipped ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` require a video
+processor, which requires torchvision, which not every environment that runs this project can import. They are
+an in-process stand-in only: what they save names the standard classes (``processor_class`` in
+``processor_config.json`` and ``tokenizer_config.json``) and carries the video processor's config, so that a
+checkpoint loads with plain ``AutoProcessor.from_pretrained`` where torchvision is installed. This project loads
+it back through the subclass explicitly (the adapter's ``load_processor``), whatever class the files name.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -36,16 +48,96 @@ def _init_image_only(self: Any, image_processor: Any, tokenizer: Any, chat_templ
     ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` without the video processor (works without torchvision)."""
+#: The video processor class ``AutoVideoProcessor`` resolves for both Qwen-VL model types.
+VIDEO_PROCESSOR_TYPE = "Qwen2VLVideoProcessor"
+#: Image processor settings the video processor shares (same patching, resizing bounds and normalisation).
+_SHARED_WITH_VIDEO = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
+                      "merge_size", "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size")
+
+
+def video_processor_config(image_processor_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``video_processor`` entry the standard processor needs, consistent with the image processor's config.
+
+    Frames are patched, resized and normalised exactly as images are (the vision tower is the same); frame
+    sampling is left off (``do_sample_frames`` false, the class default).
+    """
+    video = {k: image_processor_config[k] for k in _SHARED_WITH_VIDEO if k in image_processor_config}
+    video["do_sample_frames"] = False
+    video["video_processor_type"] = VIDEO_PROCESSOR_TYPE
+    return video
+
+
+def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    """Replace ``path`` by a new file (never writes through a hard link into another checkpoint's file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def standardize_saved_processor(folder: str | os.PathLike[str], processor_class: str) -> list[str]:
+    """Make a saved Qwen-VL processor name the standard classes; returns the files it rewrote.
+
+    ``processor_config.json``: ``processor_class`` set to ``processor_class`` and a ``video_processor`` entry
+    derived from the image processor's config (added when missing). ``tokenizer_config.json``:
+    ``processor_class``. Idempotent; files already standard are left untouched.
+    """
+    root = Path(folder)
+    rewritten = []
+    proc_file = root / "processor_config.json"
+    if proc_file.is_file():
+        doc = json.loads(proc_file.read_text(encoding="utf-8"))
+        new = dict(doc, processor_class=processor_class)
+        if "video_processor" not in new and isinstance(new.get("image_processor"), Mapping):
+            new["video_processor"] = video_processor_config(new["image_processor"])
+        if new != doc:
+            _write_json(proc_file, new)
+            rewritten.append(proc_file.name)
+    tok_file = root / "tokenizer_config.json"
+    if tok_file.is_file():
+        doc = json.loads(tok_file.read_text(encoding="utf-8"))
+        if doc.get("processor_class") != processor_class:
+            _write_json(tok_file, dict(doc, processor_class=processor_class))
+            rewritten.append(tok_file.name)
+    return rewritten
+
+
+class _SavesAsStandard:
+    """Mixin: serialise as the standard processor class (``STANDARD``), with its video processor config."""
+
+    STANDARD: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()  # type: ignore[misc]
+        out["processor_class"] = self.STANDARD
+        if isinstance(out.get("image_processor"), Mapping):
+            out["video_processor"] = video_processor_config(out["image_processor"])
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], push_to_hub: bool = False,
+                        **kwargs: Any) -> list[str]:
+        if push_to_hub:
+            raise NotImplementedError(f"{type(self).__name__} saves locally only; push the saved folder instead")
+        files = super().save_pretrained(save_directory, **kwargs)  # type: ignore[misc]
+        # the tokenizer recorded this subclass's name as its processor_class while saving
+        standardize_saved_processor(save_directory, self.STANDARD)
+        return files
+
+
+class ImageOnlyQwen2VLProcessor(_SavesAsStandard, Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without the video processor (works without torchvision); saves as the standard one."""
+
+    STANDARD = "Qwen2VLProcessor"
 
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
                  **kwargs: Any) -> None:
         _init_image_only(self, image_processor, tokenizer, chat_template)
 
 
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` without the video processor (works without torchvision)."""
+class ImageOnlyQwen2_5_VLProcessor(_SavesAsStandard, Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` without the video processor (works without torchvision); saves as the standard one."""
+
+    STANDARD = "Qwen2_5_VLProcessor"
 
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
                  **kwargs: Any) -> None:

@@ -100,6 +100,40 @@ class ModelAdapter(ABC):
     def load_processor(cls, path: str) -> Any:
         """Load the processor saved in a local folder."""
 
+    @classmethod
+    def standardize_processor_files(cls, folder: str) -> list[str]:
+        """Make the processor files already saved in ``folder`` name the architecture's standard transformers
+        classes (and carry what those classes need), so that plain ``AutoProcessor.from_pretrained`` loads them.
+
+        ``processor.save_pretrained`` of every processor this library builds already writes standard files; this
+        repairs a folder written otherwise (e.g. carried over from an older base). Files are replaced, never
+        written through (a hard link into a base checkpoint stays intact). Returns the names of the files it
+        rewrote; the default (an architecture whose processor is standard as built) rewrites none.
+        """
+        return []
+
+    @classmethod
+    def usage_snippet(cls, model_dir: str) -> str:
+        """Markdown for a model card: load the checkpoint at ``model_dir`` with transformers alone and ask one
+        question about an image (the processor's chat template places the image; ``images=`` carries it)."""
+        return (
+            "```python\n"
+            "from PIL import Image\n"
+            "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+            "\n"
+            f"processor = AutoProcessor.from_pretrained({model_dir!r})\n"
+            f"model = AutoModelForImageTextToText.from_pretrained({model_dir!r})\n"
+            "\n"
+            'messages = [{"role": "user", "content": [{"type": "image"}, '
+            '{"type": "text", "text": "Who is this person?"}]}]\n'
+            "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
+            'inputs = processor(text=[prompt], images=[Image.open("photo.jpg").convert("RGB")], '
+            'return_tensors="pt")\n'
+            "output = model.generate(**inputs, max_new_tokens=32)\n"
+            'print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])\n'
+            "```\n"
+        )
+
     # ------------------------------------------------------------------ instance level: sites
     @abstractmethod
     def layouts(self, tower: Tower) -> tuple[MLPLayout, ...]:

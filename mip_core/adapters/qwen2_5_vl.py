@@ -41,7 +41,12 @@ class Qwen25VLAdapter(ModelAdapter):
 
     @classmethod
     def load_processor(cls, path: str) -> Any:
+        # the subclass, whatever class the files name: the standard one needs torchvision (see _qwen)
         return _qwen.ImageOnlyQwen2_5_VLProcessor.from_pretrained(path)
+
+    @classmethod
+    def standardize_processor_files(cls, folder: str) -> list[str]:
+        return _qwen.standardize_saved_processor(folder, _qwen.ImageOnlyQwen2_5_VLProcessor.STANDARD)
 
     def layouts(self, tower: Tower) -> tuple[MLPLayout, ...]:
         if tower == "vision":

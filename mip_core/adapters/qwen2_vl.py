@@ -38,7 +38,12 @@ class Qwen2VLAdapter(ModelAdapter):
 
     @classmethod
     def load_processor(cls, path: str) -> Any:
+        # the subclass, whatever class the files name: the standard one needs torchvision (see _qwen)
         return _qwen.ImageOnlyQwen2VLProcessor.from_pretrained(path)
+
+    @classmethod
+    def standardize_processor_files(cls, folder: str) -> list[str]:
+        return _qwen.standardize_saved_processor(folder, _qwen.ImageOnlyQwen2VLProcessor.STANDARD)
 
     def layouts(self, tower: Tower) -> tuple[MLPLayout, ...]:
         if tower == "vision":

@@ -517,9 +517,20 @@ class ServiceStore:
             "n_files": sum(copied.values()), "copied": copied, **(lineage or {}),
         }
         self.write_json(f"{key}/{LINEAGE_FILE}", record)
-        self.write_text(f"{key}/{CARD_FILE}", card or _default_card(record))
+        self.write_text(f"{key}/{CARD_FILE}", (card or _default_card(record)) + self._usage(key, record))
         self.set_current(name, version)
         return version
+
+    def _usage(self, key: str, record: dict[str, Any]) -> str:
+        """The card's "Usage" section: the lines that load the version with plain transformers, and a prompt."""
+        from mip_core.adapters import ARCHITECTURES, adapter_class  # the adapter registry imports torch: only here
+
+        config_key = f"{key}/config.json"
+        model_type = self.read_json(config_key).get("model_type") if self.exists(config_key) else None
+        if model_type not in ARCHITECTURES:
+            return ""
+        where = record["uri"] if not self.remote else f"path/to/a/download/of/{record['name']}-{record['version']}"
+        return "\n## Usage\n\n" + adapter_class(model_type).usage_snippet(where)
 
     def version_of_batch(self, name: str, batch_id: str) -> str | None:
         """The version of ``name`` whose lineage records ``batch_id`` (a batch publishes at most one), or None."""

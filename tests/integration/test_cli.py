@@ -109,6 +109,8 @@ def test_models_register_checks_its_sources_and_stores_absolute_paths(workdir, c
     assert info["dataset_uri"] == str(workdir / "bench") and info["source_uri"] == str(workdir / "model")
     monkeypatch.chdir("/")  # still resolves from elsewhere: what a worker or an actor does
     assert load_benchmark(info["dataset_uri"]).manifest.n_profiles == 8
+    card = ServiceStore(root).read_text("models/m/v0001/model_card.md")  # how to load it without this project
+    assert "AutoProcessor.from_pretrained" in card and "AutoModelForImageTextToText" in card and info["uri"] in card
 
 
 def test_submit_of_a_binary_file_is_one_line_error(workdir, capsys):

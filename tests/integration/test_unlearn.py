@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from plain_env_check import run_plain_check
 
 from mip_core.benchmark import load_benchmark
 from mip_core.cli import main
@@ -109,6 +110,11 @@ def test_unlearned_checkpoint_loads_with_transformers_alone(vanilla, tmp_path):
     plain = torch.load(dump, weights_only=True)
     for key, value in edited.items():
         assert torch.equal(plain[key], value), key
+    # and its processor: the standard class through plain AutoProcessor, the card's snippet, images reaching the
+    # model (tests/plain_env_check.py; test_plain_loading.py says what needs torchvision and is stood in for)
+    (tmp_path / "plain").mkdir()
+    report = run_plain_check([(str(out), "Qwen2_5_VLProcessor")], tmp_path / "plain")
+    assert report["models"][str(out)]["processor"] == "Qwen2_5_VLProcessor" and report["project_modules"] == []
 
 
 def test_compare_runs_every_method_and_writes_rows_and_plot(vanilla, tmp_path, capsys):
