@@ -23,3 +23,11 @@ class ArtifactError(MipError, ValueError):
 
 class SchemaMismatchError(ArtifactError):
     """An artifact's ``mip.schema`` (or its columns) differs from what the reader expects."""
+
+
+class AttributionOOM(MipError, RuntimeError):
+    """Attribution ran out of memory (CUDA or host) even one item at a time: a shard error, never an item failure.
+
+    Items that could not be scored for lack of memory say nothing about the items; reporting them as failures
+    would let their requests close ``done``. The message names the items, the device and the fix.
+    """

@@ -36,11 +36,20 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from mip_core.attribution import AttributionConfig, attribute_items
 from mip_core.benchmark import load_benchmark
-from mip_core.errors import InputError, ModelLoadError
-from mip_core.modeling import load_model
-from mip_core.modeling.io import cache_dir
+from mip_core.errors import AttributionOOM, InputError, ModelLoadError
+from mip_core.modeling import LoadedModel, load_model
+from mip_core.modeling.io import DTYPES, cache_dir
 from mip_core.results import write_item_paths
-from mip_core.service.shards import ActorStartError, ShardError, ShardResult, actor_options, shard_items
+from mip_core.service.shards import (
+    ActorStartError,
+    ShardError,
+    ShardOOM,
+    ShardResult,
+    actor_options,
+    actors_that_fit,
+    items_per_pass,
+    shard_items,
+)
 from mip_core.storage import filesystem, is_remote
 from mip_core.types import ItemPath
 
@@ -112,19 +121,57 @@ def _local_copy(uri: str, endpoint_url: str | None) -> str:
     return str(target)
 
 
+WEIGHT_SHARE = 0.9
+"""Share of each GPU's free memory the weights may take when an actor spreads the model over its GPUs."""
+
+
+def _load_on_gpus(local: str, dtype: str) -> LoadedModel:
+    """The model spread over this process's visible GPUs (Ray sets ``CUDA_VISIBLE_DEVICES`` to the actor's).
+
+    ``device_map="auto"`` balances the layers over the GPUs; ``max_memory`` keeps the weights within
+    :data:`WEIGHT_SHARE` of each GPU's free memory, and ``load_model`` raises rather than offload to CPU or disk.
+    """
+    budget = {i: int(WEIGHT_SHARE * torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())}
+    return load_model(local, dtype=dtype, device_map="auto", max_memory=budget)
+
+
+def _fitting_batch_items(loaded: LoadedModel, cfg: AttributionConfig) -> int:
+    """``cfg.batch_items`` lowered to what fits in the GPUs' memory left after the weights.
+
+    The free memory planned with is the smallest GPU's times the GPU count: the layers, and so their
+    activations, are balanced over the GPUs (see :func:`mip_core.service.shards.items_per_pass`).
+    """
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    adapter, model = loaded.adapter, loaded.model
+    widths = [(adapter.down_proj(s).out_features, s.d_mlp) for s in adapter.sites()]
+    head = model.get_output_embeddings()
+    vocab = head.out_features if head is not None else 0
+    return items_per_pass(cfg.batch_items, min(free) * len(free), steps=cfg.steps, widths=widths, vocab=vocab,
+                          bytes_per_value=next(model.parameters()).element_size())
+
+
 @ray.remote
 class AttributionActor:
-    """Holds one model and benchmark in memory and attributes shards of items with them, a call at a time."""
+    """Holds one model and benchmark in memory and attributes shards of items with them, a call at a time.
+
+    On GPUs the model is spread over all of the actor's GPUs (``gpus_per_actor``) and ``batch_items`` is
+    lowered to what fits in the memory left after the weights; on CPU both stay as configured.
+    """
 
     def __init__(self, model_uri: str, bench_uri: str, attribution_cfg: Mapping[str, Any],
-                 endpoint_url: str | None = None) -> None:
+                 endpoint_url: str | None = None, dtype: str = "auto") -> None:
         global _MODEL_LOADS
         torch.set_num_threads(int(os.environ.get("MIP_THREADS", "1")))
         start = time.perf_counter()
         self.cfg = attribution_config(attribution_cfg)
         self.endpoint_url = endpoint_url
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.loaded = load_model(_local_copy(model_uri, endpoint_url), device=self.device)
+        local = _local_copy(model_uri, endpoint_url)
+        if self.device == "cuda":
+            self.loaded = _load_on_gpus(local, dtype)
+            self.cfg = replace(self.cfg, batch_items=_fitting_batch_items(self.loaded, self.cfg))
+        else:
+            self.loaded = load_model(local, dtype=dtype, device="cpu")
         _MODEL_LOADS += 1
         self.bench_uri = bench_uri
         self.bench = load_benchmark(_local_copy(bench_uri, endpoint_url))
@@ -134,10 +181,13 @@ class AttributionActor:
         self.calls = 0
 
     def ping(self) -> dict[str, Any]:
-        """Who and where this actor is, and how often it loaded a model (for tests and logs)."""
+        """Who and where this actor is, what its weights measure up to, how often it loaded a model."""
+        params = list(self.loaded.model.parameters())
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.device,
                 "model_loads": _MODEL_LOADS, "load_seconds": self.load_seconds, "calls": self.calls,
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "batch_items": self.cfg.batch_items,
+                "param_devices": sorted({str(p.device) for p in params}),
+                "param_dtypes": sorted({str(p.dtype) for p in params})}
 
     def score(self, shard: int, items: Sequence[tuple[str, str]], out_uri: str, run_id: str
               ) -> dict[str, Any]:
@@ -145,7 +195,8 @@ class AttributionActor:
 
         An item asked for by several requests is attributed once and written once per request. Items that
         cannot be attributed (including ids missing from the benchmark) are failures, not errors: the rest of
-        the shard still completes. The dataset is written even when empty.
+        the shard still completes. The dataset is written even when empty. Running out of memory is not an
+        item's failure: ``AttributionOOM`` propagates and nothing is written.
         """
         self.calls += 1
         start = time.perf_counter()
@@ -226,6 +277,8 @@ def attribute_batch(
     endpoint_url: str | None = None,
     forward_env: bool = True,
     log: Callable[[str], Any] = print,
+    gpus_per_actor: int = 1,
+    dtype: str = "auto",
 ) -> list[ShardResult]:
     """Attribute ``items`` ((item_id, request_id) pairs) on a pool of Ray actors, one dataset per shard.
 
@@ -236,8 +289,10 @@ def attribute_batch(
     retried once, on a replacement actor or another one; the actors are always killed at the end.
 
     Ray: uses the connected cluster, else ``RAY_ADDRESS``, else starts a local one (left running for later
-    calls). Actors get one GPU each when the cluster has one for every actor, else a CPU share
-    (:func:`actor_options`). With ``forward_env``, the driver's ``AWS_*``/``MIP_S3_*`` variables reach the
+    calls). Actors get ``gpus_per_actor`` GPUs of one node each when the cluster has them for every actor
+    (fewer actors are started when multi-GPU actors would not all fit, :func:`actors_that_fit`), else a CPU
+    share (:func:`actor_options`). Each actor loads the model once, in ``dtype`` ("auto": the checkpoint's),
+    spread over its GPUs. With ``forward_env``, the driver's ``AWS_*``/``MIP_S3_*`` variables reach the
     actors through ``runtime_env`` (visible in the Ray dashboard: turn it off where workers have their own
     credentials).
 
@@ -245,7 +300,8 @@ def attribute_batch(
         one :class:`ShardResult` per shard, in shard order ([] for no items, without touching Ray).
     Raises:
         InputError: bad arguments (named). ActorStartError: the first actors cannot load the model or the
-        benchmark (not retried). ShardError: a shard failed on its retry too.
+        benchmark (not retried). ShardOOM: a shard ran out of memory even one item per pass (not retried:
+        raise ``gpus_per_actor`` or lower ``batch_items``). ShardError: a shard failed on its retry too.
     """
     if not isinstance(run_id, str) or not run_id:
         raise InputError(f"run_id must be a non-empty string, got {run_id!r}")
@@ -258,6 +314,8 @@ def attribute_batch(
         if tuple(pair) not in group:
             group.append((pair[0], pair[1]))
     attribution_config(attribution_cfg)  # fail here, not in every actor
+    if dtype != "auto" and dtype not in DTYPES:
+        raise InputError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}; got {dtype!r}")
     ids = list(groups)
     shards = shard_items(len(ids), n_actors, max_shard=max_shard)
     if not shards:
@@ -271,7 +329,8 @@ def attribute_batch(
 
     _ensure_ray(n_pool)
     resources = ray.cluster_resources()
-    options: dict[str, Any] = actor_options(resources.get("GPU", 0), n_pool,
+    n_pool = actors_that_fit(resources.get("GPU", 0), n_pool, gpus_per_actor)
+    options: dict[str, Any] = actor_options(resources.get("GPU", 0), n_pool, gpus_per_actor=gpus_per_actor,
                                             n_cpus_available=resources.get("CPU", 0))
     env = forwarded_env() if forward_env else {}
     if env:
@@ -279,7 +338,7 @@ def attribute_batch(
     cfg = dict(attribution_cfg or {})
 
     def new_actor() -> Any:
-        return AttributionActor.options(**options).remote(model_uri, bench_uri, cfg, endpoint_url)
+        return AttributionActor.options(**options).remote(model_uri, bench_uri, cfg, endpoint_url, dtype)
 
     log(f"attribution: {len(ids)} items in {len(shards)} shards on {n_pool} actors "
         f"({options.get('num_gpus', 0)} GPU, {options['num_cpus']} CPU each), at most {in_flight} in flight")
@@ -319,6 +378,10 @@ def attribute_batch(
             except (RayActorError, RayTaskError) as exc:
                 k, r = call.shard, shards[call.shard]
                 error = _describe(exc)
+                if isinstance(getattr(exc, "cause", None), AttributionOOM):  # the same memory everywhere
+                    raise ShardOOM(f"attribution shard {k} (items {r.start}..{r.stop - 1} of {len(ids)}; output "
+                                   f"{shard_uri(out_prefix, k)}) ran out of memory on actor slot {call.slot}: "
+                                   f"{exc.cause}") from exc
                 if call.attempt >= 1:
                     raise ShardError(
                         f"attribution shard {k} (items {r.start}..{r.stop - 1} of {len(ids)}, first "
@@ -346,7 +409,8 @@ def attribute_batch(
         with suppress(Exception):  # a closing summary per actor; diagnostics only, never fails the batch
             for p in ray.get([a.ping.remote() for a in pool], timeout=30):
                 log(f"attribution: actor {p['host']}:{p['pid']} on {p['device']} ({p['threads']} threads): "
-                    f"{p['calls']} shards, {p['model_loads']} model load(s)")
+                    f"{p['calls']} shards, {p['model_loads']} model load(s); weights {'+'.join(p['param_dtypes'])} "
+                    f"on {'+'.join(p['param_devices'])}, {p['batch_items']} items per pass")
     finally:
         for actor in spawned:
             with suppress(Exception):

@@ -2,6 +2,8 @@
 
 The same path serves a tiny model built here and a real checkpoint (a local folder or an ``s3://`` prefix): the
 adapter is chosen from ``config.json``'s ``model_type``, and the adapter names the model and processor classes.
+Every stage loads through :func:`load_model`: the checkpoint's stored dtype, no float32 copy, each weight read
+straight onto its device, one model optionally spread over several GPUs (docs/scale.md, "Loading").
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from mip_core.adapters import ModelAdapter, adapter_class
-from mip_core.errors import ModelLoadError
+from mip_core.errors import InputError, ModelLoadError
 from mip_core.storage import filesystem, is_remote
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -76,14 +79,93 @@ def check_model_dir(path: str) -> dict[str, Any]:
         raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON ({exc}); re-save the model") from exc
 
 
-def load_model(uri: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The weight dtypes a stage may ask for by name (``ServiceSpec.dtype``); "auto" keeps the checkpoint's."""
+
+
+def stored_dtype(config: Mapping[str, Any]) -> torch.dtype:
+    """The weight dtype ``config.json`` records (``dtype``, or ``torch_dtype`` before transformers 5).
+
+    float32 when it records none: the tiny models built here are float32 and must stay so. (transformers' own
+    "auto" would read the first tensor of the weights instead.)
+    """
+    for section in (config, config.get("text_config") or {}):
+        name = section.get("dtype") or section.get("torch_dtype")
+        if name:
+            dtype = DTYPES.get(str(name).removeprefix("torch."))
+            if dtype is None:
+                raise ModelLoadError(f"config.json stores weights as {name!r}; supported: {', '.join(DTYPES)}. "
+                                     "Pass dtype= explicitly to load it in one of these")
+            return dtype
+    return torch.float32
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: Mapping[str, Any]) -> torch.dtype:
+    """``dtype`` as a torch dtype: a torch dtype as is, a name from :data:`DTYPES`, or "auto"/None -> stored."""
+    if dtype is None or dtype == "auto":
+        return stored_dtype(config)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise InputError(f"dtype must be 'auto', one of {', '.join(DTYPES)} or a torch.dtype; got {dtype!r}")
+
+
+def _placement(device: str | torch.device, device_map: str | dict[str, Any] | None,
+               max_memory: dict[Any, Any] | None) -> dict[str, Any]:
+    """``from_pretrained`` keywords that load each weight straight onto its device (none: load, then move).
+
+    ZeRO-3 partitions parameters while they are built, which excludes a device map; the model is then moved
+    after loading, as before.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if device_map is not None:
+        # a copy: transformers rewrites max_memory's values in place
+        return {"device_map": device_map, "max_memory": dict(max_memory) if max_memory is not None else None}
+    if is_deepspeed_zero3_enabled() or torch.device(device).type == "cpu":
+        return {}
+    return {"device_map": {"": torch.device(device)}}
+
+
+def _check_fit(model: nn.Module, max_memory: dict[Any, Any] | None, uri: str) -> None:
+    """Fail when a ``max_memory`` placement left weights off the listed devices (offloaded to cpu or disk)."""
+    if max_memory is None:
+        return
+    placed = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    outside = sorted(placed - {str(k) for k in max_memory})
+    if outside:
+        raise ModelLoadError(f"model {uri} does not fit in max_memory={max_memory}: weights were placed on "
+                             f"{', '.join(outside)}. Give the stage more devices (gpus_per_actor) or memory")
+
+
+def load_model(uri: str, *, dtype: torch.dtype | str | None = "auto", device: str | torch.device = "cpu",
+               device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None,
                endpoint_url: str | None = None) -> LoadedModel:
-    """Load model, processor and adapter from a local folder or an fsspec URI (e.g. ``s3://bucket/model``)."""
+    """Load model, processor and adapter from a local folder or an fsspec URI (e.g. ``s3://bucket/model``).
+
+    The one loading path of every stage. Weights keep the checkpoint's stored dtype unless ``dtype`` says
+    otherwise ("auto"/None: config.json's ``dtype``, float32 when it records none; or "float32", "bfloat16",
+    "float16", or a torch dtype). transformers builds the model on the meta device and reads each tensor from
+    the (memory-mapped) safetensors in that dtype, so no float32 copy of a bf16 checkpoint is ever made.
+
+    Args:
+        device: where the whole model goes; loaded straight there (a device map of one device).
+        device_map: instead of ``device``, a transformers/accelerate device map, e.g. "auto" with
+            ``max_memory={0: "70GiB", 1: "70GiB"}`` to spread one model over an actor's GPUs. Weights that do
+            not fit on the devices listed in ``max_memory`` raise instead of being offloaded.
+    """
+    if max_memory is not None and device_map is None:
+        raise InputError("max_memory only applies with a device_map (e.g. device_map='auto')")
     local = localize(uri, endpoint_url)
     config = check_model_dir(local)
     cls = adapter_class(config.get("model_type", "<missing model_type>"))
-    model = cls.model_class.from_pretrained(local, dtype=dtype or torch.float32)
-    model.to(device).eval()
+    placement = _placement(device, device_map, max_memory)
+    model = cls.model_class.from_pretrained(local, dtype=resolve_dtype(dtype, config), **placement)
+    if device_map is None:
+        model.to(device)  # a no-op when the one-device map already put it there
+    _check_fit(model, max_memory, uri)
+    model.eval()
     processor = cls.load_processor(local)
     return LoadedModel(model, processor, cls(model), local)
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from mip_core.errors import InputError
-from mip_core.service.shards import ShardResult, actor_options, shard_items
+from mip_core.service.shards import ShardResult, actor_options, actors_that_fit, items_per_pass, shard_items
 
 
 @pytest.mark.parametrize("n_items", [1, 2, 3, 7, 8, 10, 33, 100])
@@ -66,6 +66,36 @@ def test_actor_options_on_cpu_leave_one_cpu_to_the_driver():
         actor_options(0, 2, n_cpus_available=1)
     with pytest.raises(InputError, match="n_actors"):
         actor_options(0, 0)
+
+
+def test_multi_gpu_actors_ask_for_their_gpus_and_never_fall_back_to_cpu():
+    assert actor_options(8, 2, gpus_per_actor=4) == {"num_gpus": 4, "num_cpus": 1}
+    assert actor_options(8, 1, gpus_per_actor=8, n_cpus_available=2) == {"num_gpus": 8, "num_cpus": 1}
+    assert actor_options(0, 2, gpus_per_actor=4, n_cpus_available=2) == {"num_cpus": 0.5}  # a CPU cluster
+    with pytest.raises(InputError, match=r"gpus_per_actor=4 GPUs need 8 GPUs; the cluster has 6"):
+        actor_options(6, 2, gpus_per_actor=4)
+    with pytest.raises(InputError, match="gpus_per_actor"):
+        actor_options(8, 2, gpus_per_actor=0)
+
+
+def test_fewer_multi_gpu_actors_when_they_would_not_all_fit():
+    assert actors_that_fit(8, 4, 4) == 2
+    assert actors_that_fit(8, 1, 4) == 1
+    assert actors_that_fit(9, 8, 2) == 4
+    assert actors_that_fit(2, 3, 4) == 3  # not even one fits: actor_options then names the shortfall
+    assert actors_that_fit(1, 2, 1) == 2 and actors_that_fit(0, 2, 4) == 2  # single-GPU and CPU: unchanged
+    assert actor_options(8, actors_that_fit(8, 4, 4), gpus_per_actor=4) == {"num_gpus": 4, "num_cpus": 1}
+
+
+def test_items_per_pass_is_the_configured_value_lowered_to_what_fits():
+    # one row of one site (d_model 100, d_mlp 400) in bf16: (8 * 100 + 3 * 400) * 2 = 4000 bytes, no logits;
+    # an item is steps 2 x tokens 10 rows = 80,000 bytes; half of 1 MB holds 6.25 items
+    plan = dict(steps=2, widths=[(100, 400)], vocab=0, bytes_per_value=2, tokens_per_item=10)
+    assert items_per_pass(4, 1e6, **plan) == 4  # the configured value is an upper bound
+    assert items_per_pass(8, 1e6, **plan) == 6
+    assert items_per_pass(8, 1e5, **plan) == 1  # never 0: a pass that still runs out raises AttributionOOM
+    assert items_per_pass(8, 1e6, **{**plan, "vocab": 500}) == 3  # + 2 * 500 * 4 bytes of float32 logits a row
+    assert [items_per_pass(64, f, **plan) for f in (1e5, 4e5, 1e6, 4e6)] == [1, 2, 6, 25]
 
 
 def test_shard_result_round_trips_and_rejects_bad_shapes():
