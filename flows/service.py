@@ -20,9 +20,9 @@ from mip_core.errors import InputError
 from mip_core.service.requests import ForgetRequest
 from mip_core.service.runs import BatchTakenOver, RunLease, check_owner, new_run_id, record_failure
 from mip_core.service.store import ServiceStore
-from tasks.service import (adopt_batch, attribute_task, claim_pending, claim_requests, close_task, edit_task,
-                           gate_task, load_checkpoint, plan_batch_task, publish_task, reduce_task, save_checkpoint,
-                           summarize_task)
+from tasks.service import (adopt_batch, attribute_task, check_settings, claim_pending, claim_requests, close_task,
+                           edit_task, gate_task, load_checkpoint, plan_batch_task, publish_task, reduce_task,
+                           save_checkpoint, summarize_task)
 
 
 def _run_lease(spec: ServiceSpec) -> RunLease:
@@ -61,12 +61,12 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
     try:
         step("plan", plan_batch_task, spec.root, batch_id, spec.retain_limit)
         state["shards"] = step("attribute", attribute_task, spec.root, batch_id, spec.n_actors, spec.attribution,
-                               spec.max_shard)
+                               spec.max_shard, spec.gpus_per_actor, spec.dtype)
         graph_uri = step("reduce", reduce_task, spec.root, batch_id, state["shards"])
         edited = step("edit", edit_task, spec.root, batch_id, graph_uri, spec.method, spec.edit, spec.launcher,
-                      spec.ranks, spec.hostfile)
+                      spec.ranks, spec.hostfile, spec.ds_profile, spec.edit_timeout_s)
         state["gate"] = step("evaluate", gate_task, spec.root, batch_id, edited["output_uri"],
-                             spec.gate.model_dump())
+                             spec.gate.model_dump(), spec.gpus_per_actor, spec.dtype)
         if state["gate"]["passed"]:
             state["version"] = step("publish", publish_task, spec.root, batch_id, edited["output_uri"], graph_uri)
     except BatchTakenOver:
@@ -89,6 +89,7 @@ def nightly_unlearning(spec: ServiceSpec | None = None) -> list[dict[str, Any]]:
     """Resume the batches whose run died, claim all pending requests (one batch per target model) and process
     each batch."""
     spec = spec or ServiceSpec()
+    check_settings(spec)  # a bad setting fails this run before any request is claimed: the requests wait
     with _run_lease(spec) as run:
         batches = claim_pending(spec.root, spec.target_model, spec.max_requests, run.run_id)
         states = [process_batch(batch_id, spec, run.run_id, return_state=True) for batch_id in batches]
@@ -110,6 +111,7 @@ def unlearn_batch(request_ids: list[str] | None = None, spec: ServiceSpec | None
     request_ids = request_ids or None  # the deployment's default is an empty list
     if (request_ids is None) == (batch_id is None):
         raise InputError("unlearn-batch: give request_ids (a new batch) or batch_id (resume one), not both")
+    check_settings(spec)
     with _run_lease(spec) as run:
         if batch_id is None:
             batch_id = claim_requests(spec.root, request_ids, run.run_id)

@@ -7,11 +7,9 @@ storage. Retries sit on the decorators: I/O-bound steps retry; the attribution a
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any
 
-import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -20,23 +18,25 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from prefect.states import Crashed
 
 from mip_core.benchmark import load_benchmark
-from mip_core.entrypoints.edit import EditSpec
 from mip_core.benchmark.schema import BenchmarkError
+from mip_core.entrypoints.edit import EditSpec
+from mip_core.entrypoints.edit_plan import validate_edit_plan
 from mip_core.errors import InputError, ModelLoadError
-from mip_core.modeling import load_model
 from mip_core.modeling.io import localize
 from mip_core.paths import reduce_paths
 from mip_core.results import read_item_paths, read_path_graph, write_path_graph
 from mip_core.service.batch import BatchManifest, plan_batch
-from mip_core.service.gate import GateConfig, evaluate_and_gate, format_decision
+from mip_core.service.gate import GateConfig, format_decision
 from mip_core.service.lease import LeaseHeld, hold
 from mip_core.service.html_report import batch_html
 from mip_core.service.links import report_link
 from mip_core.service.report import batch_report
 from mip_core.service.runs import (abandon_reason, adopt, claimed_batches, close_unplanned, orphaned_batches,
                                    write_claim)
+from mip_core.service.scores import promote_scores
 from mip_core.service.store import ServiceStore
 from tasks.actors import attribute_batch, attribution_config
+from tasks.gate import gate_batch
 from tasks.launch import launch_edit
 from tasks.logs import forward_progress
 
@@ -58,10 +58,6 @@ COMPUTE_RETRIES: dict[str, Any] = {"retries": 1, "retry_delay_seconds": 10, "cac
 # Claiming is seconds of listing and renaming: a 10-minute lease outlives any claim, and a second run waits up
 # to 2 minutes for the first run's claim to finish before giving up with the holder's name.
 CLAIM_LEASE, CLAIM_TTL_S, CLAIM_WAIT_S = "claim", 600.0, 120.0
-
-
-def _threads() -> None:
-    torch.set_num_threads(int(os.environ.get("MIP_THREADS", "1")))
 
 
 def manifest_of(store: ServiceStore, batch_id: str) -> BatchManifest:
@@ -157,6 +153,17 @@ def save_checkpoint(root: str, batch_id: str, step: str, result: Any, seconds: f
     store.write_json(store.batch_key(batch_id, "steps", f"{step}.json"), {"result": result, "seconds": seconds})
 
 
+@task(name="check-settings", cache_policy=NO_CACHE)
+def check_settings(spec: Any) -> dict[str, Any]:
+    """Check a run's settings before it claims anything: edit overrides, the RMisU batch against the edit job's
+    ranks, the DeepSpeed profile against the launcher and this machine, the attribution overrides. A bad setting
+    is the operator's to fix: it fails the run (an InputError, not retried) and leaves every request pending."""
+    plan = validate_edit_plan(spec.method, spec.edit, launcher=spec.launcher, ranks=spec.ranks,
+                              hostfile=spec.hostfile, ds_profile=spec.ds_profile)
+    attribution_config(spec.attribution)
+    return plan.model_dump(exclude={"ds_config"})
+
+
 @task(name="claim-requests", **IO_RETRIES)
 def claim_requests(root: str, request_ids: list[str], run_id: str) -> str:
     """Claim the given pending requests (one target model) as a new batch owned by ``run_id``; returns its id."""
@@ -199,15 +206,16 @@ def plan_batch_task(root: str, batch_id: str, retain_limit: int) -> str:
 
 @task(name="attribute-shards", **COMPUTE_RETRIES)
 def attribute_task(root: str, batch_id: str, n_actors: int, attribution: dict[str, Any],
-                   max_shard: int | None) -> list[dict[str, Any]]:
-    """Score the forget items on Ray actors; each shard's paths land as Parquet under ``shards/``."""
+                   max_shard: int | None, gpus_per_actor: int = 1, dtype: str = "auto") -> list[dict[str, Any]]:
+    """Score the forget items on Ray actors (``gpus_per_actor`` GPUs each on a GPU cluster, the model in
+    ``dtype``); each shard's paths land as Parquet under ``shards/``."""
     store = ServiceStore(root)
     m = manifest_of(store, batch_id)
     attribution_config(attribution)  # a bad key fails here, before any actor starts
     results = attribute_batch(m.base_uri, m.dataset_uri, list(m.forget),
                               store.uri(store.batch_key(batch_id, "shards")), run_id=batch_id, n_actors=n_actors,
-                              attribution_cfg=attribution,
-                              max_shard=max_shard, log=get_run_logger().info)
+                              attribution_cfg=attribution, max_shard=max_shard, gpus_per_actor=gpus_per_actor,
+                              dtype=dtype, log=get_run_logger().info)
     out = [r.to_dict() for r in results]
     store.write_json(store.batch_key(batch_id, "shards.json"), out)
     return out
@@ -226,8 +234,10 @@ def reduce_task(root: str, batch_id: str, shards: list[dict[str, Any]]) -> str:
 
 @task(name="edit-model", **COMPUTE_RETRIES)
 def edit_task(root: str, batch_id: str, graph_uri: str, method: str, edit: dict[str, Any], launcher: str,
-              ranks: int, hostfile: str | None) -> dict[str, Any]:
-    """Launch the edit job (DeepSpeed ZeRO-3, torchrun or in-process); returns its summary."""
+              ranks: int, hostfile: str | None, ds_profile: str = "auto", timeout_s: float = 1800
+              ) -> dict[str, Any]:
+    """Launch the edit job (DeepSpeed ZeRO-3 with the ``ds_profile`` config, torchrun or in-process), stopped
+    after ``timeout_s``; returns its summary."""
     store = ServiceStore(root)
     m = manifest_of(store, batch_id)
     spec = EditSpec(model_uri=m.base_uri, bench_uri=m.dataset_uri, forget=[list(p) for p in m.forget],
@@ -238,22 +248,20 @@ def edit_task(root: str, batch_id: str, graph_uri: str, method: str, edit: dict[
     with forward_progress():  # in-process edits log here; a DeepSpeed job's lines are relayed from its log
         summary = launch_edit(spec, store.uri(store.batch_key(batch_id, "edit_config.json")),
                               store.uri(store.batch_key(batch_id, "logs", "edit.log")), launcher=launcher,
-                              n_ranks=ranks, hostfile=hostfile, relay=get_run_logger().info)
+                              n_ranks=ranks, hostfile=hostfile, ds_profile=ds_profile, timeout_s=timeout_s,
+                              relay=get_run_logger().info)
     store.write_json(store.batch_key(batch_id, "edit_summary.json"), summary)
     return summary
 
 
 @task(name="evaluate-gate", **COMPUTE_RETRIES)
-def gate_task(root: str, batch_id: str, edited_uri: str, gate: dict[str, float]) -> dict[str, Any]:
-    """Score forget / retain / utility items before and after the edit, per modality, and apply the gate."""
-    _threads()
+def gate_task(root: str, batch_id: str, edited_uri: str, gate: dict[str, float], gpus_per_actor: int = 1,
+              dtype: str = "auto") -> dict[str, Any]:
+    """Score forget / retain / utility items before and after the edit, per modality, and apply the gate. Models
+    are scored on Ray actors (none is loaded here); the starting version's scores come from its cache."""
     store = ServiceStore(root)
-    m = manifest_of(store, batch_id)
-    bench = load_benchmark(localize(m.dataset_uri))
-    base, edited = load_model(m.base_uri), load_model(edited_uri)
-    with forward_progress():
-        decision = evaluate_and_gate(base.model, edited.model, edited.processor, bench, m.item_sets(bench),
-                                     GateConfig(**gate), request_of=m.request_of(), log=get_run_logger().info)
+    decision = gate_batch(store, batch_id, edited_uri, GateConfig(**gate), gpus_per_actor=gpus_per_actor,
+                          dtype=dtype, log=get_run_logger().info)
     get_run_logger().info("gate of batch %s:\n%s", batch_id, format_decision(decision))
     store.write_json(store.batch_key(batch_id, "gate.json"), decision.to_dict())
     return decision.to_dict()
@@ -268,6 +276,7 @@ def publish_task(root: str, batch_id: str, edited_uri: str, graph_uri: str) -> s
     if existing is not None:
         if store.current_version(m.target_model) != existing:
             store.set_current(m.target_model, existing)
+        promote_scores(store, batch_id, m.target_model, existing)
         get_run_logger().info("batch %s was already published as %s", batch_id, existing)
         return existing
     version = store.register_model(
@@ -276,7 +285,9 @@ def publish_task(root: str, batch_id: str, edited_uri: str, graph_uri: str) -> s
              f"{len(m.accepted)} forget request(s), {len(m.forget)} items. Lineage in lineage.json.\n",
         lineage={"parent_version": m.base_version, "batch_id": batch_id, "requests": m.accepted,
                  "path_graph": graph_uri})
-    get_run_logger().info("published %s %s", m.target_model, version)
+    get_run_logger().info("published %s %s (files: %s; links and server-side copies move no bytes through this "
+                          "worker)", m.target_model, version, store.model_info(m.target_model, version).get("copied"))
+    promote_scores(store, batch_id, m.target_model, version)  # the next gate scores one model, not two
     return version
 
 

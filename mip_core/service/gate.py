@@ -13,6 +13,10 @@ likely is the right one; chance is 1/4):
 The gate publishes only if, in every modality that has items, the forgetting rate reaches ``min_forgetting`` and
 the retention of both kept sets reaches its floor. Relative figures (``forgetting_rate``, ``retention``) are taken
 against the same items on the starting model, so a question the model never knew is neither credit nor blame.
+
+Everything here but :func:`correctness` is pure. The service scores each model on a Ray actor (``tasks.gate``) and
+keeps a published version's scores with it (``mip_core.service.scores``), so a gate evaluates the edited model
+only, plus any items the starting version was never scored on.
 """
 
 from __future__ import annotations
@@ -95,6 +99,21 @@ def correctness(model: nn.Module, processor: Any, bench: Benchmark, item_sets: M
                            strict=True)) for name, items in item_sets.items()}
 
 
+def correct_by_id(model: nn.Module, processor: Any, bench: Benchmark, item_ids: Sequence[str]) -> dict[str, bool]:
+    """``{item_id: correct}`` for benchmark items given by id (what a scoring actor returns: plain data)."""
+    by_id = {it.item_id: it for it in bench.items}
+    unknown = [i for i in item_ids if i not in by_id]
+    if unknown:
+        raise InputError(f"item ids {unknown[:5]} ({len(unknown)} in all) are not in the benchmark; the batch "
+                         "was planned against another dataset")
+    return correctness(model, processor, bench, {"items": [by_id[i] for i in item_ids]})["items"]
+
+
+def by_set(item_sets: Mapping[str, Sequence[Item]], correct: Mapping[str, bool]) -> dict[str, dict[str, bool]]:
+    """Per-item correctness regrouped as ``{set: {item_id: correct}}``, the tables :func:`decide` takes."""
+    return {name: {it.item_id: correct[it.item_id] for it in items} for name, items in item_sets.items()}
+
+
 def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping[str, bool]],
            after: Mapping[str, Mapping[str, bool]], cfg: GateConfig, *,
            request_of: Mapping[str, str] | None = None) -> GateDecision:
@@ -155,5 +174,5 @@ def format_decision(decision: GateDecision) -> str:
     return "\n".join([*lines, f"gate {verdict}"])
 
 
-__all__ = ["SETS", "GateConfig", "GateDecision", "SetScore", "correctness", "decide", "evaluate_and_gate",
-           "format_decision"]
+__all__ = ["SETS", "GateConfig", "GateDecision", "SetScore", "by_set", "correct_by_id", "correctness", "decide",
+           "evaluate_and_gate", "format_decision"]

@@ -81,8 +81,9 @@ def test_a_crashing_step_fails_every_request_and_publishes_nothing(harness, trai
     from flows.service import unlearn_batch
 
     store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
-    spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 0}})  # the edit step raises
-    with pytest.raises(RuntimeError, match=r"edit step failed: .*steps") as caught:
+    # the edit step raises at run time: only the loaded model tells that it has no layer 99
+    spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"layer": 99}})
+    with pytest.raises(RuntimeError, match=r"edit step failed: .*layer=99") as caught:
         unlearn_batch(ids, spec)
 
     assert store.versions("tiny") == ["v0001"] and store.current_version("tiny") == "v0001"
@@ -143,6 +144,23 @@ def test_a_batch_that_failed_the_same_way_twice_is_closed_not_adopted(harness, t
     assert record.state == "failed" and record.reason.startswith("batch abandoned: failed the same way in 2 runs")
     assert "owner" in store.read_json(store.batch_key("b-stuck", "claim.json"))
     assert store.read_json(store.batch_key("b-stuck", "claim.json"))["owner"] == "run-gone"  # never adopted
+
+
+def test_a_bad_setting_fails_the_run_before_any_request_is_claimed(harness, trained_tiny, tmp_path):
+    """A typo in the deployment's edit settings, or an RMisU batch smaller than the edit job's ranks, is the
+    operator's to fix: the run fails at once naming the field, and the requests wait, still pending."""
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+    from mip_core.errors import InputError
+
+    store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
+    with pytest.raises(InputError, match=r"stpes"):
+        nightly_unlearning(ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"stpes": 30}}))
+    with pytest.raises(InputError, match=r"edit.rmisu.batch_size=2 is below the edit job's 4 ranks"):
+        nightly_unlearning(ServiceSpec(root=store.root, **{**BASE, "launcher": "deepspeed", "ranks": 4},
+                                       edit={"rmisu": {"batch_size": 2}}))
+    assert [store.get(r).state for r in ids] == ["pending", "pending"]
+    assert not store.exists("batches")  # nothing claimed, no batch started
 
 
 class Killed(BaseException):

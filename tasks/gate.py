@@ -1,0 +1,142 @@
+"""The publication gate where the model lives: each model is scored on a Ray actor, never in the flow process.
+
+Why: at 70B no flow process can hold a model. :func:`score_on_actor` starts one actor with the attribution
+actors' resource rule (``gpus_per_actor`` GPUs where the cluster has them, else a CPU share), loads the model
+there, returns ``{item_id: correct}`` (plain data, no tensors) and kills the actor, so one model is in memory at a
+time. :func:`gate_batch` scores only what the store does not know yet (``mip_core.service.scores``): the
+starting version's missing items, and the edited model once. No Prefect here, so tests and CLIs can call it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+from torch import nn
+
+from mip_core.benchmark import load_benchmark
+from mip_core.errors import MipError
+from mip_core.modeling import load_model
+from mip_core.modeling.io import localize
+from mip_core.service.batch import BatchManifest
+from mip_core.service.gate import GateConfig, GateDecision, by_set, correct_by_id, decide
+from mip_core.service.scores import gate_scores
+from mip_core.service.shards import ActorStartError
+from mip_core.service.store import ServiceStore
+from tasks.actors import _describe, _ensure_ray, _load_on_gpus, _local_copy, actor_options, forwarded_env
+
+__all__ = ["ScoringActor", "ScoringError", "gate_batch", "score_on_actor"]
+
+
+class ScoringError(MipError, RuntimeError):
+    """The scoring actor died while scoring (e.g. out of memory); the Prefect step retries it once."""
+
+
+def _inputs_follow_model(model: nn.Module) -> None:
+    """Move a forward's tensor arguments to the device of the model's first weights: the evaluation code builds
+    its batches on the CPU, and a model on one GPU has no accelerate hooks to move them (on several GPUs the
+    hooks take them on from there)."""
+    device = next(model.parameters()).device
+
+    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@ray.remote
+class ScoringActor:
+    """Holds one model and its benchmark; scores items by id, a call at a time."""
+
+    def __init__(self, model_uri: str, dataset_uri: str, dtype: str, endpoint_url: str | None = None) -> None:
+        torch.set_num_threads(int(os.environ.get("MIP_THREADS", "1")))
+        start = time.perf_counter()
+        local = _local_copy(model_uri, endpoint_url)
+        if ray.get_gpu_ids() and torch.cuda.is_available():  # spread over the actor's gpus_per_actor GPUs
+            self.loaded, self.device = _load_on_gpus(local, dtype), f"{torch.cuda.device_count()} GPU"
+            _inputs_follow_model(self.loaded.model)
+        else:
+            self.loaded, self.device = load_model(local, dtype=dtype, device="cpu"), "cpu"
+        self.bench = load_benchmark(_local_copy(dataset_uri, endpoint_url))
+        self.load_seconds = time.perf_counter() - start
+
+    def ping(self) -> dict[str, Any]:
+        """Where this actor runs (tests compare its pid with the driver's) and how long the load took."""
+        return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.device,
+                "load_seconds": self.load_seconds}
+
+    def score(self, item_ids: Sequence[str]) -> dict[str, bool]:
+        return correct_by_id(self.loaded.model, self.loaded.processor, self.bench, item_ids)
+
+
+def _options(gpus_per_actor: int, forward_env: bool) -> dict[str, Any]:
+    resources = ray.cluster_resources()
+    options: dict[str, Any] = actor_options(resources.get("GPU", 0), 1, n_cpus_available=resources.get("CPU", 0),
+                                            gpus_per_actor=gpus_per_actor)
+    env = forwarded_env() if forward_env else {}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return options
+
+
+def score_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *, gpus_per_actor: int = 1,
+                   dtype: str = "auto", endpoint_url: str | None = None, forward_env: bool = True,
+                   log: Callable[[str], Any] = print) -> dict[str, bool]:
+    """``{item_id: correct}`` of ``model_uri`` on ``dataset_uri``'s items, computed on one fresh Ray actor.
+
+    Ray: the connected cluster, else ``RAY_ADDRESS``, else a local one (as ``tasks.actors``). The actor is
+    killed when done, whatever happens. Raises ActorStartError when the model or benchmark cannot be loaded,
+    ScoringError when the actor dies while scoring; an error raised while scoring (e.g. an unknown item id)
+    comes back as Ray's error, an instance of the original type.
+    """
+    ids = list(dict.fromkeys(item_ids))
+    if not ids:
+        return {}
+    _ensure_ray(1)
+    options = _options(gpus_per_actor, forward_env)
+    actor = ScoringActor.options(**options).remote(model_uri, dataset_uri, dtype, endpoint_url)
+    try:
+        try:
+            info = ray.get(actor.ping.remote())
+        except RayActorError as exc:
+            raise ActorStartError(f"the scoring actor could not load {model_uri} (benchmark {dataset_uri}, dtype "
+                                  f"{dtype}): {_describe(exc)}") from exc
+        start = time.perf_counter()
+        try:
+            correct = ray.get(actor.score.remote(ids))
+        except RayActorError as exc:
+            raise ScoringError(f"the scoring actor {info['host']}:{info['pid']} died scoring {len(ids)} items of "
+                               f"{model_uri}: {_describe(exc)}; check `ray logs`, then rerun") from exc
+        log(f"gate: {len(ids)} items of {model_uri} scored on actor {info['host']}:{info['pid']} ({info['device']}, "
+            f"{options.get('num_gpus', 0)} GPU, {options['num_cpus']} CPU) in {time.perf_counter() - start:.1f} s, "
+            f"model loaded in {info['load_seconds']:.1f} s")
+        return correct
+    finally:
+        with suppress(Exception):
+            ray.kill(actor, no_restart=True)
+
+
+def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateConfig, *, gpus_per_actor: int = 1,
+               dtype: str = "auto", log: Callable[[str], Any] = print) -> GateDecision:
+    """Score batch ``batch_id``'s gate items (cached starting-version scores, the edited model on an actor) and
+    apply the gate. The edited model's scores land in ``batches/<id>/scores/`` for ``promote_scores``."""
+    m = BatchManifest.from_json(store.read_text(store.batch_key(batch_id, "manifest.json")))
+    bench = load_benchmark(localize(m.dataset_uri, store.endpoint_url))
+    item_sets = m.item_sets(bench)
+    ids = [it.item_id for items in item_sets.values() for it in items]
+    log(f"gate: {', '.join(f'{len(v)} {k}' for k, v in item_sets.items())} items")
+
+    def score(model_uri: str, wanted: Sequence[str]) -> dict[str, bool]:
+        return score_on_actor(model_uri, m.dataset_uri, wanted, gpus_per_actor=gpus_per_actor, dtype=dtype,
+                              endpoint_url=store.endpoint_url, log=log)
+
+    before, after = gate_scores(store, m, ids, edited_uri, dtype=dtype, score=score, log=log)
+    return decide(item_sets, by_set(item_sets, before), by_set(item_sets, after), cfg, request_of=m.request_of())
