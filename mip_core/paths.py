@@ -1,9 +1,9 @@
 """Reduction of per-item neuron paths to one global path graph: pure functions, no I/O, no model, no tensors.
 
-Method (method.md section 4): per ``(tower, layer, neuron)``, ``support`` = distinct items that selected it,
-``score_sum`` and ``score_max`` of their scores, and the ids of the requests they came from. Selection is the
-union of the per-item selections (the paper's rule); a retain-aware filter is available but off by default,
-because the paper has nothing of the kind and it must be measured before it becomes a default.
+Method (docs/method.md section 4): per ``(tower, layer, neuron)``, ``support`` = distinct items that selected
+it, ``score_sum`` and ``score_max`` of their scores, and the ids of the requests they came from. Selection is
+the union of the per-item selections (the paper's rule); a retain-aware filter is available but off by
+default, because the paper has nothing of the kind and it must be measured before it becomes a default.
 
 Everything here is deterministic (order-independent sums, documented tie breaks), so a rerun on the same paths
 gives the same graph and the same bytes on disk. Rules and formulas: ``docs/results.md``.

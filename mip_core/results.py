@@ -1,9 +1,10 @@
 """Attribution artifacts on disk: versioned Arrow schemas and tower-partitioned Parquet datasets (fsspec).
 
-Why this shape (method.md sections 4 and 7 #10): path scores are stored sparse, one row per kept neuron, never
-as dense ``[items x layers x d_mlp]`` tensors, and every artifact carries its schema version (``mip.schema``)
-so a reader refuses data it does not understand instead of misreading it. Tasks pass :class:`ArtifactRef`
-values, not data. The layout, the manifest and the overwrite rule are documented in ``docs/results.md``.
+Why this shape (docs/method.md sections 4 and 7 #10): path scores are stored sparse, one row per kept neuron,
+never as dense ``[items x layers x d_mlp]`` tensors, and every artifact carries its schema version
+(``mip.schema``) so a reader refuses data it does not understand instead of misreading it. Tasks pass
+:class:`ArtifactRef` values, not data. The layout, the manifest and the overwrite rule are documented in
+``docs/results.md``.
 
 A dataset at ``uri`` (a local path or ``s3://bucket/prefix``) is a directory, partitioned by tower (hive)::
 

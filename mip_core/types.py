@@ -54,7 +54,7 @@ class ItemPath:
 
     @property
     def score(self) -> float:
-        """The path's total score: the sum of its neurons' scores (method.md section 2)."""
+        """The path's total score: the sum of its neurons' scores (docs/method.md section 2)."""
         return float(sum(n.score for n in self.nodes))
 
 

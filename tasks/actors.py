@@ -243,9 +243,11 @@ def _ensure_ray(n_actors: int) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
-    else:  # a local cluster; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to keep its sockets on 127.0.0.1
-        ray.init(num_cpus=max(2, n_actors), include_dashboard=False)
+        ray.init(address=address)  # the cluster's own auth settings (RAY_AUTH_MODE / RAY_AUTH_TOKEN) apply
+        return
+    # a local cluster, living as long as this process (its token auth: tasks/__init__.py);
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps its sockets on 127.0.0.1
+    ray.init(num_cpus=max(2, n_actors), include_dashboard=False)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

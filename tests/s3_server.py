@@ -1,7 +1,8 @@
 """A real S3 HTTP endpoint for tests: moto's threaded server on 127.0.0.1, a free port, in-memory data.
 
-Why moto: no MinIO/SeaweedFS/Garage is installable here (environment notes, "S3"); moto's server speaks the
-S3 protocol over HTTP, so s3fs and pyarrow exercise the same code path as against MinIO or AWS.
+Why moto: no MinIO, SeaweedFS or Garage server installs from the package registries this project can reach;
+moto's server speaks the S3 protocol over HTTP, so s3fs and pyarrow exercise the same code path as against MinIO
+or AWS.
 
 Use the context manager anywhere, or the session-scoped ``s3_endpoint`` fixture (import it into a test module
 or a ``conftest.py``: ``from tests.s3_server import s3_endpoint  # noqa: F401``)::

@@ -1,4 +1,6 @@
-"""Influential neuron path attribution: IGI on the language tower, IFI on the vision tower (method.md 2, 3).
+"""Influential neuron path attribution: IGI on the language tower, IFI on the vision tower.
+
+Method: docs/method.md sections 2 and 3.
 
 ``attribute_items`` is the entry point for benchmark items; ``path_search`` runs on encoded examples;
 ``layer_scores`` scores one layer given a fixed earlier path (the single-layer case, e.g. against Captum).

@@ -1,4 +1,4 @@
-"""Configuration of the influential-neuron path search (method.md sections 2, 3)."""
+"""Configuration of the influential-neuron path search (docs/method.md sections 2, 3)."""
 
 from __future__ import annotations
 

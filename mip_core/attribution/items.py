@@ -152,7 +152,7 @@ def attribute_items(model: nn.Module, adapter: ModelAdapter, processor: Any, ben
                     items: Sequence[Item], cfg: AttributionConfig | None = None, *,
                     request_ids: Mapping[str, str] | None = None, tower: Tower | None = None
                     ) -> tuple[list[ItemPath], list[ItemFailure]]:
-    """Influential neuron paths of benchmark items (method.md sections 2, 3).
+    """Influential neuron paths of benchmark items (docs/method.md sections 2, 3).
 
     Args:
         bench: where multimodal items' images are read (``bench.load_image``).

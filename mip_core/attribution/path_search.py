@@ -1,4 +1,6 @@
-"""Greedy influential-neuron path search: IGI on the language tower, IFI on the vision tower (method.md 2, 3).
+"""Greedy influential-neuron path search: IGI on the language tower, IFI on the vision tower.
+
+Method: docs/method.md sections 2 and 3.
 
 At layer ``l`` of a tower, ``m`` interpolated copies of each example run in one batch. In copy ``s``
 (``alpha_s = s/m``, a right Riemann sum) every neuron of layer ``l`` and every path neuron already selected in

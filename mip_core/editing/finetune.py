@@ -19,7 +19,8 @@ of the retain answers, both averaged over answer tokens (prompt and template tok
   pi_ref(y_i|x_i)) ** beta)`` over forget examples only, with the sequence-level log-ratio from summed answer
   log-probabilities. DPO with the forget answers as the losers and no winners: its gradient is GA's, weighted by
   ``2 r^beta / (1 + r^beta)``, which vanishes once an answer is already unlikely, so it slows down where GA
-  collapses. The research code iterated only the retain set here (defect 8 in ``docs/method.md``); we do not.
+  collapses. The research code iterated only the retain set here (defect 8 in ``docs/method.md`` section 7);
+  we do not.
 
 The reference model of KL_Min and NPO is a frozen copy taken before the first step: it doubles the model's memory
 for the run, as in TOFU and open-unlearning.

@@ -1,7 +1,8 @@
 """The unlearning methods behind one registry: MIP-Editor, its controls and ablations, and the baselines.
 
 =============  ======================================================================================
-``mip``        MIP-Editor: RMisU on the path neurons' slices only (method.md section 5; ``--prune`` first zeroes them)
+``mip``        MIP-Editor: RMisU on the path neurons' slices only (docs/method.md section 5; ``--prune``
+               first zeroes them)
 ``mip_paper``  MIP-Editor with the paper's settings (pruning, ``l`` at 20 % depth, gamma 1, no retain CE)
 ``random``     control: the same edit on as many uniformly random neurons per site
 ``rmu``        full-model RMisU: every MLP neuron below the RMisU layer's output, no pruning, no paths
@@ -153,7 +154,7 @@ class MipEditor:
 def paper_config() -> PathEditConfig:
     """The paper's edit: prune, then RMisU at 20 % depth with gamma 1 and no retain cross-entropy, all positions.
 
-    The target keeps the adaptive norm (a fixed target does nothing at small scale; method.md defect 7).
+    The target keeps the adaptive norm (a fixed target does nothing at small scale; docs/method.md defect 7).
     """
     return PathEditConfig(prune=True, rmisu=RMisUConfig(layer_fraction=0.2, retain_weight=1.0, retain_ce_weight=0.0,
                                                         skip_shared_prefix=False, target_per="input"))

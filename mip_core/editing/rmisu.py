@@ -1,4 +1,6 @@
-"""RMisU: representation misdirection at one LLM layer (method.md section 5; paper Eqs. 12-16, Adaptive RMU).
+"""RMisU: representation misdirection at one LLM layer (paper Eqs. 12-16, Adaptive RMU).
+
+Method: docs/method.md section 5.
 
 At the output ``h_l`` of language layer ``l``, forget inputs are pushed towards a random direction and retain
 inputs are held where the frozen model puts them:

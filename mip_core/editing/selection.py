@@ -77,9 +77,10 @@ def dense_scores(model: nn.Module, adapter: ModelAdapter, examples: Sequence[dic
 def contrastive_scores(forget: Tensor, retain: Tensor) -> Tensor:
     """``mean_f s_hat - mean_r s_hat`` per neuron, ``s_hat = s / max_j |s_j|`` per example (``[n, d] -> [d]``).
 
-    Scores shrink by orders of magnitude from item to item and layer to layer (method.md, BENCHMARKS.md 2), so each
-    example's scores are scaled to [-1, 1] before averaging: every item gets one vote. A neuron that serves the
-    forget items as much as the retain items scores about 0; one that serves only the forget items scores high.
+    Scores shrink by orders of magnitude from item to item and layer to layer (docs/method.md section 2,
+    BENCHMARKS.md 2), so each example's scores are scaled to [-1, 1] before averaging: every item gets one
+    vote. A neuron that serves the forget items as much as the retain items scores about 0; one that serves
+    only the forget items scores high.
     """
     def normalised_mean(s: Tensor) -> Tensor:
         if s.shape[0] == 0:

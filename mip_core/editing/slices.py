@@ -9,7 +9,7 @@ difference to the frozen linears' outputs through forward hooks, so:
 - the base weights stay untouched until :meth:`NeuronEditor.merge`, so the frozen model that RMisU compares
   against is the same model with the editor switched off (:meth:`NeuronEditor.disabled`), at no memory cost;
 - biases stay in the forward pass: the frozen linear adds its bias, the slice adds only its bias *change*
-  (the research code dropped biases while training and kept them at inference: defect 6 of method.md);
+  (the research code dropped biases while training and kept them at inference: defect 6 of docs/method.md);
 - pruning is a column initialised to zero: the pruned neuron's activation still flows, but nothing reads it,
   which is what zeroing the activation at every position does, and it merges into plain weights (no hooks
   at inference).
@@ -228,7 +228,8 @@ class NeuronEditor(nn.Module):
 def prune_columns(adapter: ModelAdapter, selection: NeuronSelection) -> int:
     """Zero the down-projection columns of the selected neurons in place; returns how many numbers changed.
 
-    Equals zeroing the neurons' activations at every position (method.md Eq. 10) and needs no inference hooks.
+    Equals zeroing the neurons' activations at every position (paper Eq. 10, docs/method.md section 5) and
+    needs no inference hooks.
     """
     changed = 0
     with torch.no_grad():

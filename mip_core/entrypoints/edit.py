@@ -282,7 +282,7 @@ def _process_group() -> Iterator[tuple[int, int]]:
     """Initialise the gloo/nccl group from the launcher's variables; always barrier + destroy at the end.
 
     The shared-memory comm op is a C++ build of about 90 s on first use and brings nothing over gloo on CPU.
-    Without the final barrier + destroy, about 1 run in 12 aborted at exit (environment.md).
+    Without the final barrier + destroy, about 1 run in 12 aborted at exit on this stack.
     """
     import deepspeed
     import torch.distributed as dist

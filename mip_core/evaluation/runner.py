@@ -16,7 +16,7 @@ from mip_core.types import MODALITIES
 from mip_core.names import SPLITS  # defined with the CLI's names, which must not import torch
 from mip_core.progress import Progress
 
-#: Which headline figure each split gets against a reference evaluation (method.md section 6).
+#: Which headline figure each split gets against a reference evaluation (docs/method.md section 6).
 RELATIVE_METRIC = {"forget": "forgetting_rate", "test": "forgetting_rate", "retain": "retention",
                    "utility": "retention"}
 
