@@ -33,6 +33,8 @@ from mip_core.evaluation.metrics import forgetting_rate, mean, retention
 from mip_core.evaluation.runner import multiple_choice
 
 SETS = ("forget", "test", "retain", "utility")
+#: What people read for a set name (the log's table and the reports use the same words).
+SET_LABELS = {"test": "held-out phrasings"}
 
 
 @dataclass(frozen=True)
@@ -167,9 +169,10 @@ def evaluate_and_gate(base: nn.Module, edited: nn.Module, processor: Any, bench:
 
 def format_decision(decision: GateDecision) -> str:
     """A fixed-width table of the scores and the verdict, for logs and the batch report."""
-    lines = [f"{'set':8s} {'modality':11s} {'n':>4s} {'before':>7s} {'after':>7s} {'relative':>9s}"]
+    lines = [f"{'set':18s} {'modality':11s} {'n':>4s} {'before':>7s} {'after':>7s} {'relative':>9s}"]
     for s in decision.scores:
-        lines.append(f"{s.items:8s} {s.modality:11s} {s.n:4d} {s.before:7.3f} {s.after:7.3f} {s.relative:9.3f}")
+        name = SET_LABELS.get(s.items, s.items)
+        lines.append(f"{name:18s} {s.modality:11s} {s.n:4d} {s.before:7.3f} {s.after:7.3f} {s.relative:9.3f}")
     verdict = "PASSED" if decision.passed else "FAILED: " + "; ".join(decision.reasons)
     return "\n".join([*lines, f"gate {verdict}"])
 

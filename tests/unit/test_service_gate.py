@@ -103,3 +103,11 @@ def test_held_out_phrasings_are_reported_as_forgetting_but_not_gated():
     held_out = d.metric("test", "text")
     assert (held_out.n, held_out.before, held_out.after, held_out.relative) == (2, 1.0, 1.0, 0.0)
     assert [s.items for s in d.scores] == ["forget", "forget", "test", "retain", "retain", "utility"]
+
+
+def test_the_log_table_names_the_held_out_set_as_the_report_does():
+    sets = {**SETS, "test": [item("t1", "text")]}
+    before = {**ALL_RIGHT, "test": {"t1": True}}
+    d = decide(sets, before, {**after(f1=False, f2=False, f3=False, f4=False), "test": {"t1": False}}, GateConfig())
+    table = format_decision(d)
+    assert "held-out phrasings" in table and not any(line.startswith("test ") for line in table.splitlines())
