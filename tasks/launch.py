@@ -92,6 +92,10 @@ def job_env(env: dict[str, str] | None = None) -> dict[str, str]:
     out.setdefault("GLOO_SOCKET_IFNAME", "lo")
     out.setdefault("OMP_NUM_THREADS", "1")
     out.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / "mip-torch-extensions"))
+    # ZeRO-3 gathers and frees each layer's weights over and over (MiB-sized blocks). glibc raises its mmap
+    # threshold after such frees and then keeps the blocks in its heap: measured on a 0.1 B bf16 model with 2
+    # ranks, each rank's peak RSS was 1.2 GiB with the dynamic threshold and 0.7 GiB with a fixed 1 MiB one.
+    out.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     out["PYTHONUNBUFFERED"] = "1"
     out.update(env or {})
     return out

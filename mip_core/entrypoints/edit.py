@@ -344,16 +344,20 @@ def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dic
             log(f"[rank {rank}/{size}] {msg}")
 
         local = _localize_per_node(spec.model_uri)
-        adapter_class(check_model_dir(local).get("model_type", "")).model_class  # noqa: B018 - import it now
+        model_config = check_model_dir(local)
+        adapter_class(model_config.get("model_type", "")).model_class  # noqa: B018 - import it now
+        ds_config = fit_to_checkpoint(ds_config, model_config)
+        rank_log(f"ZeRO config fitted to the checkpoint: {json.dumps(_fitted_view(ds_config))}")
         # kept alive while loading: from_pretrained then builds the model inside zero.Init (partitioned)
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
         loaded = load_model(local, device=_rank_device())
         engine, *_ = deepspeed.initialize(model=loaded.model, config=ds_config)  # installs the fetch hooks
         partitioned = any(is_partitioned(p) for p in loaded.model.parameters())
-        rank_log(f"model loaded in {time.perf_counter() - t0:.1f} s, partitioned={partitioned}")
+        rank_log(f"model loaded in {time.perf_counter() - t0:.1f} s, partitioned={partitioned}, rss "
+                 f"{_rss_kib('VmRSS') // 1024} MiB, peak {_rss_kib('VmHWM') // 1024} MiB")
         summary, gathered = _edit(loaded, spec, rank_log)
         rank_log(f"edit done: {summary.details.get('neurons')} neurons, {summary.steps} steps, "
-                 f"gathered {gathered}")
+                 f"gathered {gathered}, peak rss so far {_rss_kib('VmHWM') // 1024} MiB")
         wrote = _write_model(loaded, summary, spec, rank, size)  # collective: gathers one module at a time
         parts: list[Any] = [None] * size
         dist.all_gather_object(parts, wrote)  # also the barrier: every rank's files are written
@@ -365,6 +369,48 @@ def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dic
             rank_log(f"wrote {spec.output_uri}")
         del hf_ds, engine
     return out
+
+
+def fit_to_checkpoint(ds_config: dict[str, Any], model_config: dict[str, Any]) -> dict[str, Any]:
+    """The job's DeepSpeed config, completed from the checkpoint it edits (keys the profile set are kept).
+
+    - Precision: a bf16 (or fp16) checkpoint is partitioned in that dtype. Without a ``bf16`` section ZeRO-3
+      converts every parameter to fp32 while partitioning, which doubles each rank's share of a bf16 model.
+    - Live parameters: DeepSpeed's defaults (1e9 live parameters, reuse distance 1e9) keep every layer it has
+      gathered for the forward until the backward reuses it, i.e. the whole model on every rank of a small
+      model; and its buckets are sized for large GPUs. Here they are a few of the model's largest matrices, so a
+      rank holds its partition plus the layers in flight.
+    """
+    from mip_core.modeling.io import stored_dtype
+
+    import torch
+
+    config = json.loads(json.dumps(ds_config))  # a copy
+    dtype = stored_dtype(model_config)
+    if "bf16" not in config and "fp16" not in config and dtype in (torch.bfloat16, torch.float16):
+        config["bf16" if dtype == torch.bfloat16 else "fp16"] = {"enabled": True}
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        largest = _largest_matrix(model_config)
+        for key, value in (("stage3_max_live_parameters", 3 * largest), ("stage3_max_reuse_distance", largest),
+                           ("stage3_prefetch_bucket_size", largest), ("reduce_bucket_size", largest)):
+            zero.setdefault(key, value)
+    return config
+
+
+def _largest_matrix(model_config: dict[str, Any]) -> int:
+    """Numbers in the checkpoint's largest weight matrix (an MLP projection or the embedding)."""
+    sizes = [1]
+    for section in (model_config, model_config.get("text_config") or {}, model_config.get("vision_config") or {}):
+        hidden = section.get("hidden_size") or section.get("embed_dim") or 0
+        sizes += [hidden * (section.get("intermediate_size") or 0), hidden * (section.get("vocab_size") or 0)]
+    return int(max(sizes))
+
+
+def _fitted_view(config: dict[str, Any]) -> dict[str, Any]:
+    zero = config.get("zero_optimization", {})
+    keys = ("stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size")
+    return {"bf16": config.get("bf16", {}).get("enabled", False), **{k: zero.get(k) for k in keys}}
 
 
 def _write_records(summary: Any, spec: EditSpec) -> None:

@@ -207,16 +207,17 @@ def test_unlearn_batch_run_shows_completed_with_its_report_in_the_ui(prefect_ser
     # by `mip report --serve`'s server); self-contained, its three figures decoded by the browser
     with get_client(sync_client=True) as client:
         [link] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{key}-html"])))
-    assert link.data == f"{report_url}/batches/{batch_id}/report.html"
+    href = f"{report_url}/batches/{batch_id}/report.html"
+    assert link.data == f"[report.html ({batch_id})]({href})"  # Prefect stores a link artifact as markdown
     browser.get(f"{url}/artifacts/artifact/{link.id}")
     _wait_text(browser, f"report.html ({batch_id})")
     tabs = set(browser.window_handles)
-    browser.find_element(By.CSS_SELECTOR, f'a[href="{link.data}"]').click()
+    browser.find_element(By.CSS_SELECTOR, f'a[href="{href}"]').click()
     new_tabs = set(browser.window_handles) - tabs  # the UI opens links in a new tab
     if new_tabs:
         browser.switch_to.window(new_tabs.pop())
     _wait_text(browser, f"MIP-Editor batch {batch_id}", "published tiny v0002", "Run and resources")
-    assert browser.current_url == link.data
+    assert browser.current_url == href
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
     assert images == [["accuracy before and after", True], ["path graph heat map", True],

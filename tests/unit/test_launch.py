@@ -255,3 +255,19 @@ def test_distributed_helpers_are_no_ops_on_one_process():
         ctx = gather_params([lin.weight, lin.bias, None], modifier_rank=0)
         assert isinstance(ctx, nullcontext)  # unpartitioned: nothing gathered, DeepSpeed not needed
     assert log.to_dict() == {"gathers": 0, "parameters": 0, "numel": 0, "bytes": 0}
+
+
+def test_the_job_config_follows_the_checkpoint_dtype_and_size():
+    """A bf16 checkpoint is partitioned in bf16 (ZeRO-3 would make every share fp32 otherwise), live parameters
+    are a few of its largest matrices, and what a profile sets explicitly is kept."""
+    from mip_core.entrypoints.edit import fit_to_checkpoint, zero3_config
+
+    model = {"dtype": "bfloat16", "text_config": {"hidden_size": 64, "intermediate_size": 256, "vocab_size": 100}}
+    fitted = fit_to_checkpoint(zero3_config(), model)
+    assert fitted["bf16"] == {"enabled": True}
+    zero = fitted["zero_optimization"]
+    assert (zero["stage3_max_live_parameters"], zero["stage3_prefetch_bucket_size"]) == (3 * 64 * 256, 64 * 256)
+    assert "bf16" not in fit_to_checkpoint(zero3_config(), {"text_config": {"hidden_size": 8}})  # float32 stays
+    offload = fit_to_checkpoint(ds_config_for("gpu-offload"), model)
+    assert offload["zero_optimization"]["stage3_max_live_parameters"] == 1_000_000_000  # the profile's own value
+    assert "bf16" not in zero3_config()  # the input is not changed
