@@ -18,7 +18,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install test test-fast browser demo demo-method serve bench bench-compare bench-selectivity clean
+.PHONY: install test test-fast browser demo demo-method serve bench bench-compare bench-selectivity bench-scale gpu-check clean
 
 install: $(STAMP)
 
@@ -55,9 +55,9 @@ $(DEMO_DIR)/vanilla/model.safetensors: $(DEMO_DIR)/bench/manifest.json
 # registered as `demo` v0001, three forget requests queued (two people's, and one naming an unknown person, which
 # is rejected with its reason), then the nightly flow (local Prefect, local Ray, a 2-rank DeepSpeed job) and its report.
 DEMO_ROOT ?= $(DEMO_DIR)/store
-# gloo and Ray on loopback only (environment notes)
+# gloo and Ray on loopback only (by default Ray binds every interface and gloo picks the first one)
 LOCAL_ONLY = GLOO_SOCKET_IFNAME=lo RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-DEMO_PREFECT = PREFECT_HOME=$(CURDIR)/$(DEMO_DIR)/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+DEMO_PREFECT = PREFECT_HOME=$(CURDIR)/$(DEMO_DIR)/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180 $(LOCAL_ONLY)
 demo: install $(DEMO_DIR)/vanilla/model.safetensors
 	rm -rf $(DEMO_ROOT)
@@ -124,6 +124,21 @@ bench-selectivity: install $(DEMO_DIR)/vanilla/model.safetensors $(DEMO_DIR)/sca
 		--json benches/results/selectivity_$$scale.json --plot benches/results/selectivity_$$scale.png; done
 	$(PY) benches/selectivity_table.py demo=benches/results/selectivity_vanilla.json \
 		scale2=benches/results/selectivity_scale2_vanilla.json
+
+# Memory, bytes moved and wall time per stage (attribution, the DeepSpeed edit at 1 and 2 ranks, publication) of
+# random bf16 Qwen2.5-VL models of 0.1 / 0.5 / 1.5 B parameters, and the extrapolation to 72B on 8 x 80 GB nodes
+# (BENCHMARKS.md section 7, benches/results/scale.json). About 40 min on 2 cores; SCALE_ARGS="--sizes smoke"
+# runs the same code on a 3 M-parameter model in about 5 min.
+SCALE_ARGS ?=
+bench-scale: install
+	$(LOCAL_ONLY) $(PY) benches/scale_bench.py $(SCALE_ARGS)
+
+# On a machine with one GPU: a Qwen2.5-VL-7B-shaped random bf16 model through attribution, a ZeRO-3 edit step
+# over NCCL, the gate and a sharded publish (one JSON line of figures), then the CUDA tests (pytest -m gpu).
+# At most about 8 minutes, nothing downloaded. GPU_CHECK_ARGS=--dry-run runs the same path on CPU, tiny shape.
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	env -u DS_ACCELERATOR $(PY) benches/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
