@@ -336,7 +336,7 @@ def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dic
 
     from mip_core._compat.deepspeed import is_partitioned
     from mip_core.adapters import adapter_class  # imports the model classes before zero.Init patches torch
-    from mip_core.modeling.io import check_model_dir, load_model
+    from mip_core.modeling.io import check_model_dir, load_model, load_zero3
 
     t0 = time.perf_counter()
     with _process_group() as (rank, size):
@@ -350,7 +350,8 @@ def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dic
         rank_log(f"ZeRO config fitted to the checkpoint: {json.dumps(_fitted_view(ds_config))}")
         # kept alive while loading: from_pretrained then builds the model inside zero.Init (partitioned)
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
-        loaded = load_model(local, device=_rank_device())
+        loaded = load_zero3(local, rank=rank) if ds_config["zero_optimization"].get("stage") == 3 else \
+            load_model(local, device=_rank_device())
         engine, *_ = deepspeed.initialize(model=loaded.model, config=ds_config)  # installs the fetch hooks
         partitioned = any(is_partitioned(p) for p in loaded.model.parameters())
         rank_log(f"model loaded in {time.perf_counter() - t0:.1f} s, partitioned={partitioned}, rss "

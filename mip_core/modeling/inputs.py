@@ -90,6 +90,7 @@ def answer_logprob(logits: Tensor, labels: Tensor) -> Tensor:
     Args: ``logits`` ``[R, S, V]``, ``labels`` ``[R, S]`` (``IGNORE_INDEX`` off the answer span).
     Returns ``[R]``. Token ``t + 1`` is predicted at position ``t``.
     """
+    labels = labels.to(logits.device)  # a model placed on GPUs returns its logits there; batches are built on CPU
     targets = labels[:, 1:]  # [R, S-1]
     is_answer = targets != IGNORE_INDEX
     # Normalise the answer positions only: [n_answer, V] rather than [R, S-1, V] (large vocabularies).

@@ -170,6 +170,25 @@ def load_model(uri: str, *, dtype: torch.dtype | str | None = "auto", device: st
     return LoadedModel(model, processor, cls(model), local)
 
 
+def load_zero3(uri: str, *, rank: int, endpoint_url: str | None = None) -> LoadedModel:
+    """Load for a ZeRO-3 job (call it while the job's ``HfDeepSpeedConfig`` is alive): the model is built
+    partitioned inside ``zero.Init`` without initialising weights, then every rank reads only its own slice of
+    each tensor (:func:`mip_core.modeling.shards.fill_partitions`), in the checkpoint's stored dtype."""
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    from mip_core.modeling.shards import fill_partitions
+
+    local = localize(uri, endpoint_url)
+    config = check_model_dir(local)
+    cls = adapter_class(config.get("model_type", "<missing model_type>"))
+    with no_init_weights():  # every weight is read from the checkpoint next
+        model = cls.model_class._from_config(AutoConfig.from_pretrained(local), dtype=resolve_dtype("auto", config))
+    fill_partitions(model, local, rank)
+    model.eval()
+    return LoadedModel(model, cls.load_processor(local), cls(model), local)
+
+
 def save_model(model: nn.Module, processor: Any, uri: str, *, endpoint_url: str | None = None) -> str:
     """Write weights (safetensors), config and processor to a local folder or an fsspec URI; returns ``uri``."""
     if not is_remote(uri):

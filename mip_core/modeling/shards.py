@@ -245,3 +245,58 @@ def _join(uri: str, rel: str) -> str:
 
 __all__ = ["INDEX_FILE", "RECORD_FILES", "SINGLE_FILE", "ShardPlan", "checkpoint_keys", "edited_parameters",
            "plan_shards", "read_header", "weight_map", "write_edited"]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def fill_partitions(model: nn.Module, folder: str, rank: int) -> int:
+    """Read into each ZeRO-3 partition of ``model`` its own slice of the checkpoint in ``folder``; bytes read.
+
+    Why not ``from_pretrained`` under ZeRO-3: transformers materialises each weight on rank 0 and scatters it, so
+    rank 0 peaked at the whole model (measured: 1.9 GiB on a 1 GB bf16 model, 2 ranks, against 0.9 GiB on the
+    other rank). Here every rank reads, with plain file reads (no memory map), only the byte range of each
+    tensor that its partition holds: ZeRO-3 partitions a parameter as contiguous ranges of its flattened
+    tensor, rank r holding ``[r * n, (r + 1) * n)``. A parameter ZeRO keeps whole on every rank (below
+    ``stage3_param_persistence_threshold``) is read whole.
+    """
+    params = dict(model.named_parameters())
+    shard_of = weight_map(folder)
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for name, key in checkpoint_keys(model, list(params), shard_of).items():
+        by_file.setdefault(shard_of[key], []).append((key, name))
+    read = 0
+    for file, pairs in sorted(by_file.items()):
+        header, data_start = read_header(Path(folder) / file)
+        with open(Path(folder) / file, "rb") as f:
+            for key, name in pairs:
+                read += _fill_one(f, data_start, header[key], params[name], rank)
+    return read
+
+
+def _fill_one(f: Any, data_start: int, meta: Mapping[str, Any], param: nn.Parameter, rank: int) -> int:
+    dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise InputError(f"checkpoint tensor dtype {meta['dtype']} is not one of {sorted(_SAFETENSORS_DTYPES)}")
+    size = torch.empty((), dtype=dtype).element_size()
+    begin, end = meta["data_offsets"]
+    numel = (end - begin) // size
+    if getattr(param, "ds_persist", False) or not hasattr(param, "ds_tensor"):  # whole on every rank
+        whole = _read_range(f, data_start + begin, numel, dtype)
+        with torch.no_grad():
+            param.data.copy_(whole.view(param.data.shape))
+        return numel * size
+    part = param.ds_tensor  # [n]: this rank's range of the flattened parameter (the last one padded)
+    start = part.numel() * rank
+    count = max(0, min(part.numel(), numel - start))
+    if count:
+        with torch.no_grad():
+            part[:count].copy_(_read_range(f, data_start + begin + start * size, count, dtype))
+    return count * size
+
+
+def _read_range(f: Any, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    f.seek(offset)
+    raw = bytearray(f.read(count * torch.empty((), dtype=dtype).element_size()))
+    return torch.frombuffer(raw, dtype=dtype)
