@@ -27,6 +27,8 @@ from mip_core.service.gate import correct_by_id
 from mip_core.service.scores import SCORES_FILE, batch_scores_key, read_scores, version_scores_key
 from mip_core.service.store import ServiceStore
 
+from ray_env import ray_test_env
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # A model whose size is in its vision tower: about 67 M parameters (270 MB in float32). A 32-pixel image is 16
@@ -47,10 +49,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("gate_actor")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"RAY_TMPDIR": ray_tmp, "HOME": str(root / "home"), "RAY_AUTH_MODE": "disabled",
-                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                           "MIP_CACHE_DIR": str(root / "cache"), "MIP_THREADS": "1",
-                           "OMP_NUM_THREADS": "1"}.items():
+        for key, value in ray_test_env(root, ray_tmp).items():
             mp.setenv(key, value)
         (root / "home").mkdir()
         big = subprocess.Popen([sys.executable, "-c", BIG, str(root / "big")])  # never in this process

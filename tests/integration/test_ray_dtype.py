@@ -19,6 +19,8 @@ from mip_core.errors import InputError
 from mip_core.modeling import build_tiny, save_model
 from tasks.actors import AttributionActor, attribute_batch
 
+from ray_env import ray_test_env
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 CFG = {"steps": 2, "top_k": 3, "batch_items": 2}
@@ -30,10 +32,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray_dtype")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"RAY_TMPDIR": ray_tmp, "HOME": str(root / "home"), "RAY_AUTH_MODE": "disabled",
-                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                           "MIP_CACHE_DIR": str(root / "cache"), "MIP_THREADS": "1",
-                           "OMP_NUM_THREADS": "1"}.items():
+        for key, value in ray_test_env(root, ray_tmp).items():
             mp.setenv(key, value)
         make_benchmark(root / "bench", 6, seed=0)
         model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)
