@@ -264,15 +264,9 @@ def _inputs_follow_model(model: Any, device: Any) -> None:
 
 
 def _files(folder: Path) -> dict[str, int]:
-    own = linked = 0
-    for p in folder.rglob("*"):
-        if p.is_file():
-            st = p.stat()
-            if st.st_nlink > 1:
-                linked += st.st_size
-            else:
-                own += st.st_size
-    return {"own_bytes": own, "linked_bytes": linked}
+    from scale_bench import new_bytes  # benches/ is this script's own folder, first on sys.path
+
+    return new_bytes(folder)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
