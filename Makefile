@@ -9,6 +9,7 @@ MIP := $(VENV)/bin/mip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
 DEMO_DIR ?= demo_out
+TEST_WORKERS ?= 2  # pytest-xdist processes for `make test` (one per core of the CI machine)
 DEMO_PROFILES ?= 100
 DEMO_ARCH ?= qwen2_5_vl
 DEMO_MINUTES ?= 25
@@ -31,7 +32,7 @@ $(STAMP):
 
 test: install
 	$(MAKE) --no-print-directory browser || echo "warning: no chromium here; the Prefect UI browser test will skip"
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 # Debian's Chromium and ChromeDriver, for the browser test of the Prefect UI (tests/integration/test_prefect_ui.py).
 browser:

@@ -229,6 +229,7 @@ def gate(base_uri: str, edited_uri: str, bench: Any, sets: dict[str, list[Any]],
     import torch
 
     from mip_core.modeling import load_model
+    from mip_core.modeling.inputs import inputs_follow_model
     from mip_core.service.gate import GateConfig, evaluate_and_gate
 
     mem.reset()
@@ -236,7 +237,7 @@ def gate(base_uri: str, edited_uri: str, bench: Any, sets: dict[str, list[Any]],
     base, edited = load_model(base_uri, device=device), load_model(edited_uri, device=device)
     load_s = time.perf_counter() - t0
     for m in (base.model, edited.model):
-        _inputs_follow_model(m, torch.device(device))
+        inputs_follow_model(m)
     t0 = time.perf_counter()
     decision = evaluate_and_gate(base.model, edited.model, edited.processor, bench, sets, GateConfig(),
                                  log=lambda _: None)
@@ -249,18 +250,6 @@ def gate(base_uri: str, edited_uri: str, bench: Any, sets: dict[str, list[Any]],
             "load_s": round(load_s, 2), "peak_bytes": mem.peak(), "passed": decision.passed,
             "scores": {f"{s.items}/{s.modality}": [round(s.before, 3), round(s.after, 3)]
                        for s in decision.scores}}
-
-
-def _inputs_follow_model(model: Any, device: Any) -> None:
-    """The evaluation builds its batches on the CPU: move a forward's tensors to the model's device (what the
-    service's scoring actor does, ``tasks.gate``; the outputs stay where the model is, as there)."""
-    import torch
-
-    def hook(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
-        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
-
-    model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -347,7 +336,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         folder = Path(store.uri(store.model_key("check", version)))
         return {"version": version, "seconds": round(seconds, 3), **_files(folder),
-                "shards": len(list(folder.glob("*.safetensors")))}
+                "shards": len([p for p in folder.glob("*.safetensors") if not p.name.startswith("neuron-delta")]),
+                "deltas": len(list(folder.glob("neuron-delta-*.safetensors")))}
 
     out["publish"] = stage("publish", publish)
     out["ok"] = not out["errors"] and all(out.get(k) for k in ("attribution", "edit", "gate", "publish"))

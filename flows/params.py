@@ -80,6 +80,11 @@ class ServiceSpec(BaseModel):
         "auto", description="DeepSpeed config of the edit job: 'cpu' (gloo, fp32), 'gpu' (one GPU node, bf16, "
                             "ZeRO-3), 'gpu-offload' (ZeRO-3 with parameters offloaded to CPU, for 70B on one "
                             "node); 'auto' picks cpu or gpu from the machine.")
+    version_format: Literal["delta", "full"] = Field(
+        "delta", description="How an edited version is stored: 'delta' links every file of its base and adds the "
+                             "edited neurons' rows and columns (kilobytes to megabytes; `mip export` writes a plain "
+                             "checkpoint for serving); 'full' writes a plain checkpoint, rewriting every shard that "
+                             "holds an edited matrix (with paths in every layer, most of the model).")
     edit_timeout_s: float = Field(1800, gt=0, description="The edit job is stopped (and the batch fails with "
                                   "its log tail) after this many seconds.")
     launcher: Literal["deepspeed", "torchrun", "inprocess"] = Field(

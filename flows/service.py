@@ -64,7 +64,7 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
                                spec.max_shard, spec.gpus_per_actor, spec.dtype)
         graph_uri = step("reduce", reduce_task, spec.root, batch_id, state["shards"])
         edited = step("edit", edit_task, spec.root, batch_id, graph_uri, spec.method, spec.edit, spec.launcher,
-                      spec.ranks, spec.hostfile, spec.ds_profile, spec.edit_timeout_s)
+                      spec.ranks, spec.hostfile, spec.ds_profile, spec.edit_timeout_s, spec.version_format)
         state["gate"] = step("evaluate", gate_task, spec.root, batch_id, edited["output_uri"],
                              spec.gate.model_dump(), spec.gpus_per_actor, spec.dtype)
         if state["gate"]["passed"]:

@@ -318,6 +318,23 @@ def _models_register(args: argparse.Namespace) -> None:
     print(f"registered {args.name} {version} (current): {store.uri(store.model_key(args.name, version))}")
 
 
+def _models_export(args: argparse.Namespace) -> None:
+    from mip_core.modeling.deltas import export_plain
+    from mip_core.modeling.io import localize
+    from mip_core.service.store import ServiceStore
+
+    store = ServiceStore(_service_root(args))
+    version = args.version or store.current_version(args.name)
+    if version is None or version not in store.versions(args.name):
+        raise InputError(f"--version {args.version}: model {args.name!r} has versions {store.versions(args.name)}; "
+                         "list them with `mip models list`")
+    local = localize(store.uri(store.model_key(args.name, version)), store.endpoint_url)
+    done = export_plain(local, args.out)
+    print(f"exported {args.name} {version} to {args.out}: {len(done.get('rewritten', []))} shard(s) written with "
+          f"the edits applied, {len(done.get('link', [])) + len(done.get('copy', []))} file(s) linked or copied; "
+          f"load it with from_pretrained({args.out!r})")
+
+
 def _models_list(args: argparse.Namespace) -> None:
     from mip_core.service.store import ServiceStore
 
@@ -550,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--dataset", required=True, help="the benchmark folder or URI the model was trained on")
     reg.add_argument("--root", help=root_help)
     reg.set_defaults(func=_models_register)
+    exp = models.add_parser("export", help="write a version as a plain checkpoint for serving (a neuron-delta "
+                                           "version gets its edits applied; docs/scale.md)")
+    exp.add_argument("name", metavar="NAME")
+    exp.add_argument("--version", help="default: the current version")
+    exp.add_argument("--out", required=True, help="a local folder (created)")
+    exp.add_argument("--root", help=root_help)
+    exp.set_defaults(func=_models_export)
     mls = models.add_parser("list", help="every version of every model, with its lineage")
     mls.add_argument("--root", help=root_help)
     mls.add_argument("--json", action="store_true", help="print the lineage records as JSON")
@@ -594,6 +618,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                         "mip models register --name prod-mllm --model s3://models/prod-mllm --dataset s3://data/bench "
                         "--root s3://mip-service/prod"),
     "models list": ("mip models list", "mip models list --json"),
+    "models export": ("mip models export demo --out exports/demo-current",
+                      "mip models export demo --version v0003 --out /srv/models/demo-v0003"),
     "schema": ("mip schema request > forget_request.schema.json",),
     "schema request": ("mip schema request > forget_request.schema.json",),
     "benchmark": ("mip benchmark make --out demo_out/bench --profiles 100 --seed 0",),

@@ -16,12 +16,9 @@ Reducing all shards (``read_item_paths`` + ``reduce_paths``) gives the same path
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import time
 from collections import deque
@@ -38,7 +35,7 @@ from mip_core.attribution import AttributionConfig, attribute_items
 from mip_core.benchmark import load_benchmark
 from mip_core.errors import AttributionOOM, InputError, ModelLoadError
 from mip_core.modeling import LoadedModel, load_model
-from mip_core.modeling.io import DTYPES, cache_dir
+from mip_core.modeling.io import DTYPES, localize
 from mip_core.results import write_item_paths
 from mip_core.service.shards import (
     ActorStartError,
@@ -84,48 +81,11 @@ def attribution_config(cfg: Mapping[str, Any] | None) -> AttributionConfig:
         raise InputError(f"attribution_cfg: {exc}") from None
 
 
-def _local_copy(uri: str, endpoint_url: str | None) -> str:
-    """A local folder with ``uri``'s files; remote prefixes are downloaded once per host and content.
-
-    Why not ``mip_core.modeling.io.localize``: it downloads into one fixed folder on every call, so two actors
-    on one host would rewrite files the other is already reading (safetensors are memory-mapped). Here a
-    download goes to a private temp folder renamed into place under a file lock, and the folder name includes
-    a fingerprint of the remote listing (names, sizes, ETags), so a changed model gets a new folder.
-    """
-    if not is_remote(uri):
-        return uri.removeprefix("file://")
-    fs, root = filesystem(uri, endpoint_url)
-    root = root.rstrip("/")
-    listing = fs.find(root, detail=True)
-    if not listing:
-        raise ModelLoadError(f"{uri} does not exist or is empty; check the bucket/prefix and "
-                             "MIP_S3_ENDPOINT_URL")
-    entries = sorted(
-        (p[len(root) + 1:], int(info.get("size") or 0), str(info.get("ETag") or info.get("mtime")))
-        for p, info in listing.items()
-    )
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    fingerprint = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:12]
-    base = cache_dir() / "ray"
-    base.mkdir(parents=True, exist_ok=True)
-    target = base / f"{key}-{fingerprint}"
-    with open(base / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per host at a time; released when the file closes
-        if not target.is_dir():
-            tmp = base / f"{target.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier download by a process of the same pid
-            for rel, _, _ in entries:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{root}/{rel}", str(tmp / rel))
-            os.replace(tmp, target)
-    return str(target)
-
-
 WEIGHT_SHARE = 0.9
 """Share of each GPU's free memory the weights may take when an actor spreads the model over its GPUs."""
 
 
-def _load_on_gpus(local: str, dtype: str) -> LoadedModel:
+def load_on_gpus(local: str, dtype: str) -> LoadedModel:
     """The model spread over this process's visible GPUs (Ray sets ``CUDA_VISIBLE_DEVICES`` to the actor's).
 
     ``device_map="auto"`` balances the layers over the GPUs; ``max_memory`` keeps the weights within
@@ -166,15 +126,15 @@ class AttributionActor:
         self.cfg = attribution_config(attribution_cfg)
         self.endpoint_url = endpoint_url
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        local = _local_copy(model_uri, endpoint_url)
+        local = localize(model_uri, endpoint_url)
         if self.device == "cuda":
-            self.loaded = _load_on_gpus(local, dtype)
+            self.loaded = load_on_gpus(local, dtype)
             self.cfg = replace(self.cfg, batch_items=_fitting_batch_items(self.loaded, self.cfg))
         else:
             self.loaded = load_model(local, dtype=dtype, device="cpu")
         _MODEL_LOADS += 1
         self.bench_uri = bench_uri
-        self.bench = load_benchmark(_local_copy(bench_uri, endpoint_url))
+        self.bench = load_benchmark(localize(bench_uri, endpoint_url))
         self.by_id = {it.item_id: it for it in self.bench.items}
         self.load_seconds = time.perf_counter() - start
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -238,7 +198,7 @@ class _Call:
     first_error: str = ""
 
 
-def _ensure_ray(n_actors: int) -> None:
+def ensure_ray(n_actors: int) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -253,7 +213,7 @@ def _ensure_ray(n_actors: int) -> None:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """One line for logs and errors: the original exception of a failed call, not Ray's full traceback."""
     cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
     if cause is not None:
@@ -329,7 +289,7 @@ def attribute_batch(
     n_pool = min(n_actors, len(shards))
     shard_pairs = [[pair for i in ids[r.start:r.stop] for pair in groups[i]] for r in shards]
 
-    _ensure_ray(n_pool)
+    ensure_ray(n_pool)
     resources = ray.cluster_resources()
     n_pool = actors_that_fit(resources.get("GPU", 0), n_pool, gpus_per_actor)
     options: dict[str, Any] = actor_options(resources.get("GPU", 0), n_pool, gpus_per_actor=gpus_per_actor,
@@ -363,7 +323,7 @@ def attribute_batch(
             pings = ray.get([a.ping.remote() for a in pool])
         except RayActorError as exc:
             raise ActorStartError(f"attribution actors could not start (model {model_uri}, benchmark "
-                                  f"{bench_uri}): {_describe(exc)}") from exc
+                                  f"{bench_uri}): {describe_error(exc)}") from exc
         log(f"attribution: {n_pool} actors ready, model loaded in "
             f"{max(p['load_seconds'] for p in pings):.1f} s at most")
         while queue or pending:
@@ -379,7 +339,7 @@ def attribute_batch(
                 result = ShardResult.from_dict(ray.get(ref))
             except (RayActorError, RayTaskError) as exc:
                 k, r = call.shard, shards[call.shard]
-                error = _describe(exc)
+                error = describe_error(exc)
                 if isinstance(getattr(exc, "cause", None), AttributionOOM):  # the same memory everywhere
                     raise ShardOOM(f"attribution shard {k} (items {r.start}..{r.stop - 1} of {len(ids)}; output "
                                    f"{shard_uri(out_prefix, k)}) ran out of memory on actor slot {call.slot}: "

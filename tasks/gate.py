@@ -19,37 +19,24 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import RayActorError
-from torch import nn
 
 from mip_core.benchmark import load_benchmark
 from mip_core.errors import MipError
 from mip_core.modeling import load_model
+from mip_core.modeling.inputs import inputs_follow_model
 from mip_core.modeling.io import localize
 from mip_core.service.batch import BatchManifest
 from mip_core.service.gate import GateConfig, GateDecision, by_set, correct_by_id, decide
 from mip_core.service.scores import gate_scores
 from mip_core.service.shards import ActorStartError
 from mip_core.service.store import ServiceStore
-from tasks.actors import _describe, _ensure_ray, _load_on_gpus, _local_copy, actor_options, forwarded_env
+from tasks.actors import actor_options, describe_error, ensure_ray, forwarded_env, load_on_gpus
 
 __all__ = ["ScoringActor", "ScoringError", "gate_batch", "score_on_actor"]
 
 
 class ScoringError(MipError, RuntimeError):
     """The scoring actor died while scoring (e.g. out of memory); the Prefect step retries it once."""
-
-
-def _inputs_follow_model(model: nn.Module) -> None:
-    """Move a forward's tensor arguments to the device of the model's first weights: the evaluation code builds
-    its batches on the CPU, and a model on one GPU has no accelerate hooks to move them (on several GPUs the
-    hooks take them on from there)."""
-    device = next(model.parameters()).device
-
-    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
-        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
-
-    model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @ray.remote
@@ -59,13 +46,13 @@ class ScoringActor:
     def __init__(self, model_uri: str, dataset_uri: str, dtype: str, endpoint_url: str | None = None) -> None:
         torch.set_num_threads(int(os.environ.get("MIP_THREADS", "1")))
         start = time.perf_counter()
-        local = _local_copy(model_uri, endpoint_url)
+        local = localize(model_uri, endpoint_url)
         if ray.get_gpu_ids() and torch.cuda.is_available():  # spread over the actor's gpus_per_actor GPUs
-            self.loaded, self.device = _load_on_gpus(local, dtype), f"{torch.cuda.device_count()} GPU"
-            _inputs_follow_model(self.loaded.model)
+            self.loaded, self.device = load_on_gpus(local, dtype), f"{torch.cuda.device_count()} GPU"
+            inputs_follow_model(self.loaded.model)
         else:
             self.loaded, self.device = load_model(local, dtype=dtype, device="cpu"), "cpu"
-        self.bench = load_benchmark(_local_copy(dataset_uri, endpoint_url))
+        self.bench = load_benchmark(localize(dataset_uri, endpoint_url))
         self.load_seconds = time.perf_counter() - start
 
     def ping(self) -> dict[str, Any]:
@@ -100,7 +87,7 @@ def score_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *,
     ids = list(dict.fromkeys(item_ids))
     if not ids:
         return {}
-    _ensure_ray(1)
+    ensure_ray(1)
     options = _options(gpus_per_actor, forward_env)
     actor = ScoringActor.options(**options).remote(model_uri, dataset_uri, dtype, endpoint_url)
     try:
@@ -108,13 +95,13 @@ def score_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *,
             info = ray.get(actor.ping.remote())
         except RayActorError as exc:
             raise ActorStartError(f"the scoring actor could not load {model_uri} (benchmark {dataset_uri}, dtype "
-                                  f"{dtype}): {_describe(exc)}") from exc
+                                  f"{dtype}): {describe_error(exc)}") from exc
         start = time.perf_counter()
         try:
             correct = ray.get(actor.score.remote(ids))
         except RayActorError as exc:
             raise ScoringError(f"the scoring actor {info['host']}:{info['pid']} died scoring {len(ids)} items of "
-                               f"{model_uri}: {_describe(exc)}; check `ray logs`, then rerun") from exc
+                               f"{model_uri}: {describe_error(exc)}; check `ray logs`, then rerun") from exc
         log(f"gate: {len(ids)} items of {model_uri} scored on actor {info['host']}:{info['pid']} ({info['device']}, "
             f"{options.get('num_gpus', 0)} GPU, {options['num_cpus']} CPU) in {time.perf_counter() - start:.1f} s, "
             f"model loaded in {info['load_seconds']:.1f} s")

@@ -234,8 +234,8 @@ def reduce_task(root: str, batch_id: str, shards: list[dict[str, Any]]) -> str:
 
 @task(name="edit-model", **COMPUTE_RETRIES)
 def edit_task(root: str, batch_id: str, graph_uri: str, method: str, edit: dict[str, Any], launcher: str,
-              ranks: int, hostfile: str | None, ds_profile: str = "auto", timeout_s: float = 1800
-              ) -> dict[str, Any]:
+              ranks: int, hostfile: str | None, ds_profile: str = "auto", timeout_s: float = 1800,
+              version_format: str = "delta") -> dict[str, Any]:
     """Launch the edit job (DeepSpeed ZeRO-3 with the ``ds_profile`` config, torchrun or in-process), stopped
     after ``timeout_s``; returns its summary."""
     store = ServiceStore(root)
@@ -244,7 +244,7 @@ def edit_task(root: str, batch_id: str, graph_uri: str, method: str, edit: dict[
                     retain_item_ids=list(m.edit_retain), graph_uri=graph_uri,
                     output_uri=store.uri(store.batch_key(batch_id, "edited")), method=method, path_edit=edit,
                     lineage={"batch_id": batch_id, "base_version": m.base_version, "path_graph": graph_uri,
-                             "requests": m.accepted})
+                             "requests": m.accepted}, version_format=version_format)
     with forward_progress():  # in-process edits log here; a DeepSpeed job's lines are relayed from its log
         summary = launch_edit(spec, store.uri(store.batch_key(batch_id, "edit_config.json")),
                               store.uri(store.batch_key(batch_id, "logs", "edit.log")), launcher=launcher,

@@ -54,13 +54,21 @@ def trained_tiny(tmp_path_factory):
     from mip_core.modeling import build_tiny, save_model
     from mip_core.training import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("trained-tiny")
-    make_benchmark(root / "bench", 8, seed=3, n_utility=20)
-    bench = load_benchmark(root / "bench")
-    model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)
-    train(model, processor, bench, TrainConfig(steps=450, warmup_steps=50, probe_every=0, seed=1),
-          log=lambda _: None)
-    save_model(model, processor, str(root / "vanilla"))
+    from filelock import FileLock
+
+    # under pytest-xdist every worker is its own session: the first trains, the others wait and reuse its folders
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    root = shared / "trained-tiny" if shared else tmp_path_factory.mktemp("trained-tiny")
+    with FileLock(str(root) + ".lock"):
+        if not (root / "done").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            make_benchmark(root / "bench", 8, seed=3, n_utility=20)
+            bench = load_benchmark(root / "bench")
+            model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)
+            train(model, processor, bench, TrainConfig(steps=450, warmup_steps=50, probe_every=0, seed=1),
+                  log=lambda _: None)
+            save_model(model, processor, str(root / "vanilla"))
+            (root / "done").touch()
     return str(root / "vanilla"), str(root / "bench")
 
 

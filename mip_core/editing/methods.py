@@ -21,6 +21,7 @@ their neuron counts, so every path-restricted method of a comparison edits the s
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
@@ -71,6 +72,19 @@ def _budget(selection: NeuronSelection) -> dict[str, int]:
     return {f"{s.tower}.{s.layer}": len(ids) for s, ids in selection.items()}
 
 
+def _ids(selection: NeuronSelection) -> dict[str, list[int]]:
+    """The edited neurons per site label: what a neuron-delta version stores (mip_core.modeling.deltas)."""
+    return {f"{s.tower}.{s.layer}": sorted(int(i) for i in ids) for s, ids in selection.items()}
+
+
+def _union(parts: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
+    out: dict[str, set[int]] = {}
+    for part in parts:
+        for label, ids in part.items():
+            out.setdefault(label, set()).update(ids)
+    return {label: sorted(ids) for label, ids in sorted(out.items())}
+
+
 def path_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, selection: NeuronSelection,
               cfg: PathEditConfig, *, method: str, log: Log = print) -> EditSummary:
     """Prune (optionally) and RMisU-train ``selection``'s slices, then merge them into the weights."""
@@ -84,6 +98,7 @@ def path_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, select
     return EditSummary(method=method, trainable_parameters=editor.n_trainable(), steps=cfg.rmisu.steps,
                        seconds=round(time.perf_counter() - t0, 2), curve=tuple(curve),
                        details={"neurons": editor.n_neurons(), "per_site": _budget(editor.selection),
+                                "neuron_ids": _ids(editor.selection),
                                 "layer": layer, "config": cfg.to_dict()})
 
 
@@ -113,6 +128,7 @@ def per_request_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData,
                        curve=tuple(point | {"request": k} for k, p in enumerate(parts) for point in p.curve),
                        details={"neurons": sum(p.details["neurons"] for p in parts),
                                 "per_request": {r: p.details["per_site"] for r, p in zip(requests, parts, strict=True)},
+                                "neuron_ids": _union([p.details["neuron_ids"] for p in parts]),
                                 "layer": parts[0].details["layer"], "config": cfg.to_dict()})
 
 
@@ -220,7 +236,7 @@ class PruneOnly:
         log(f"prune: zeroed {sum(len(v) for v in selection.values())} neurons ({changed} weights)")
         return EditSummary(method=self.name, trainable_parameters=changed,
                            details={"neurons": sum(len(v) for v in selection.values()),
-                                    "per_site": _budget(selection)})
+                                    "per_site": _budget(selection), "neuron_ids": _ids(selection)})
 
 
 @dataclass(frozen=True)
@@ -265,7 +281,7 @@ class Manu:
         log(f"manu: zeroed {sum(len(v) for v in selection.values())} neurons")
         return EditSummary(method=self.name, trainable_parameters=changed, seconds=round(time.perf_counter() - t0, 2),
                            details={"neurons": sum(len(v) for v in selection.values()),
-                                    "per_site": _budget(selection)})
+                                    "per_site": _budget(selection), "neuron_ids": _ids(selection)})
 
 
 #: name -> class. Path-based methods first, then baselines; ``all`` in the CLI means every entry.

@@ -37,6 +37,7 @@ from mip_core.storage import filesystem, is_remote
 
 SUMMARY_FILE = "edit_summary.json"
 SPEC_SCHEMA = "mip-edit-spec/1"
+VERSION_FORMATS = ("delta", "full")
 
 Log = Callable[[str], None]
 
@@ -56,6 +57,9 @@ class EditSpec:
     seed: int = 0
     zero_stage: int = 3  # DeepSpeed ZeRO stage under a launcher (3: parameters partitioned over ranks)
     lineage: dict[str, Any] = field(default_factory=dict)  # into unlearn.json (requests, batch, versions)
+    # "delta": the base's files plus the edited neurons' slices (mip_core.modeling.deltas; a neuron edit only);
+    # "full": a plain checkpoint, the shards holding edited tensors rewritten whole
+    version_format: str = "delta"
 
     def __post_init__(self) -> None:
         from mip_core.editing import METHOD_NAMES
@@ -87,6 +91,9 @@ class EditSpec:
                                  f"{type(getattr(self, name)).__name__}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise InputError(f"EditSpec.seed must be an integer, got {self.seed!r}")
+        if self.version_format not in VERSION_FORMATS:
+            raise InputError(f"EditSpec.version_format={self.version_format!r} is unknown; use one of "
+                             f"{', '.join(VERSION_FORMATS)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise InputError(f"EditSpec.zero_stage={self.zero_stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
 
@@ -239,13 +246,19 @@ def _write_model(loaded: Any, summary: Any, spec: EditSpec, rank: int, size: int
     Memory in KiB, read from the kernel: ``peak_rss_kib`` over the whole run, ``before_write_kib`` and
     ``write_peak_kib`` (the peak while writing, counted from a reset just before it).
     """
+    from mip_core.modeling.deltas import write_delta
     from mip_core.modeling.shards import edited_parameters, plan_shards, write_edited
 
-    names = edited_parameters(loaded.model, loaded.adapter, summary.details)
-    plan = plan_shards(loaded.model, names, loaded.path, spec.model_uri)
+    neuron_ids = summary.details.get("neuron_ids")
     memory = {"rank": rank, "peak_rss_kib": _rss_kib("VmHWM"), "before_write_kib": _rss_kib("VmRSS")}
     reset = _reset_peak_rss()
-    files = write_edited(loaded.model, plan, spec.output_uri, rank=rank, world=size)
+    if spec.version_format == "delta" and neuron_ids is not None:
+        files = write_delta(loaded.model, loaded.adapter, neuron_ids, loaded.path, spec.output_uri,
+                            base_uri=spec.model_uri, rank=rank, world=size)
+    else:  # a plain checkpoint, or a method that may change whole matrices (fine-tuning baselines)
+        names = edited_parameters(loaded.model, loaded.adapter, summary.details)
+        plan = plan_shards(loaded.model, names, loaded.path, spec.model_uri)
+        files = write_edited(loaded.model, plan, spec.output_uri, rank=rank, world=size)
     if reset:
         memory["write_peak_kib"] = _rss_kib("VmHWM")
     return {"memory": memory, "files": files}

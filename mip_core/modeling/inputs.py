@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from mip_core.errors import InputError
 
@@ -98,3 +98,18 @@ def answer_logprob(logits: Tensor, labels: Tensor) -> Tensor:
     picked = logprobs.gather(-1, targets[is_answer].unsqueeze(-1)).squeeze(-1)  # [n_answer]
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[is_answer]
     return picked.new_zeros(labels.shape[0]).index_add(0, rows, picked)
+
+
+def inputs_follow_model(model: nn.Module) -> None:
+    """Move a forward's tensor arguments to the device of the model's first weights.
+
+    The evaluation code builds its batches on the CPU; a model on one GPU has no accelerate hooks to move them
+    (on several GPUs, under a device map, the hooks take them on from the first device).
+    """
+    device = next(model.parameters()).device
+
+    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -3,14 +3,17 @@
 The same path serves a tiny model built here and a real checkpoint (a local folder or an ``s3://`` prefix): the
 adapter is chosen from ``config.json``'s ``model_type``, and the adapter names the model and processor classes.
 Every stage loads through :func:`load_model`: the checkpoint's stored dtype, no float32 copy, each weight read
-straight onto its device, one model optionally spread over several GPUs (docs/scale.md, "Loading").
+straight onto its device, one model optionally spread over several GPUs (docs/scale.md, "Loading"). A
+neuron-delta version (:mod:`mip_core.modeling.deltas`) loads as its base weights with its deltas applied.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +25,8 @@ from torch import nn
 
 from mip_core.adapters import ModelAdapter, adapter_class
 from mip_core.errors import InputError, ModelLoadError
+from mip_core.modeling.deltas import apply_deltas, plain_view
+from mip_core.modeling.shards import MANIFEST
 from mip_core.storage import filesystem, is_remote
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -43,16 +48,38 @@ def cache_dir() -> Path:
 
 
 def localize(uri: str, endpoint_url: str | None = None) -> str:
-    """A local folder holding ``uri``'s files: the folder itself, or a cached download of a remote prefix."""
+    """A local folder holding ``uri``'s files: the folder itself, or a download of a remote prefix.
+
+    A download happens once per host and content: into a private temporary folder, renamed into place under a
+    file lock, in a folder named by the URI and a fingerprint of the remote listing (names, sizes, ETags). So a
+    changed model gets a new folder, two processes on one host never download into the same folder, and no file
+    a loaded model maps is ever rewritten: a model loaded on the CPU maps its safetensors, and rewriting one in
+    place changes that model's weights (truncating it even reverts rows a neuron delta was applied to).
+    """
     if not is_remote(uri):
         return uri.removeprefix("file://")
-    fs, path = filesystem(uri, endpoint_url)
-    if not fs.exists(path):
-        raise ModelLoadError(f"model URI {uri} does not exist; check the bucket/prefix and MIP_S3_ENDPOINT_URL")
-    local = cache_dir() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    local.mkdir(parents=True, exist_ok=True)
-    fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
-    return str(local)
+    fs, root = filesystem(uri, endpoint_url)
+    root = root.rstrip("/")
+    listing = fs.find(root, detail=True)
+    if not listing:
+        raise ModelLoadError(f"{uri} does not exist or is empty; check the bucket/prefix and MIP_S3_ENDPOINT_URL")
+    entries = sorted((p[len(root) + 1:], int(info.get("size") or 0), str(info.get("ETag") or info.get("mtime")))
+                     for p, info in listing.items())
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:12]
+    base = cache_dir() / "models"
+    base.mkdir(parents=True, exist_ok=True)
+    target = base / f"{key}-{fingerprint}"
+    with open(base / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per host at a time; released when the file closes
+        if not target.is_dir():
+            tmp = base / f"{target.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier download by a process of the same pid
+            for rel, _, _ in entries:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root}/{rel}", str(tmp / rel))
+            os.replace(tmp, target)
+    return str(target)
 
 
 def check_model_dir(path: str) -> dict[str, Any]:
@@ -64,7 +91,7 @@ def check_model_dir(path: str) -> dict[str, Any]:
     missing = []
     if not (folder / "config.json").is_file():
         missing.append("config.json")
-    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+    if not any((folder / f).is_file() for f in (*WEIGHT_FILES, MANIFEST)):
         missing.append(" or ".join(WEIGHT_FILES) + " (safetensors weights)")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         missing.append(" or ".join(TOKENIZER_FILES))
@@ -161,10 +188,12 @@ def load_model(uri: str, *, dtype: torch.dtype | str | None = "auto", device: st
     config = check_model_dir(local)
     cls = adapter_class(config.get("model_type", "<missing model_type>"))
     placement = _placement(device, device_map, max_memory)
-    model = cls.model_class.from_pretrained(local, dtype=resolve_dtype(dtype, config), **placement)
+    with plain_view(local) as view:  # a neuron-delta version: its base weights under their plain names
+        model = cls.model_class.from_pretrained(view, dtype=resolve_dtype(dtype, config), **placement)
     if device_map is None:
         model.to(device)  # a no-op when the one-device map already put it there
     _check_fit(model, max_memory, uri)
+    apply_deltas(model, local)
     model.eval()
     processor = cls.load_processor(local)
     return LoadedModel(model, processor, cls(model), local)
@@ -185,6 +214,7 @@ def load_zero3(uri: str, *, rank: int, endpoint_url: str | None = None) -> Loade
     with no_init_weights():  # every weight is read from the checkpoint next
         model = cls.model_class._from_config(AutoConfig.from_pretrained(local), dtype=resolve_dtype("auto", config))
     fill_partitions(model, local, rank)
+    apply_deltas(model, local)
     model.eval()
     return LoadedModel(model, cls.load_processor(local), cls(model), local)
 

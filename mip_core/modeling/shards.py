@@ -34,7 +34,7 @@ from torch import nn
 
 from mip_core._compat.deepspeed import gather_params
 from mip_core.adapters import ModelAdapter
-from mip_core.errors import InputError
+from mip_core.errors import InputError, ModelLoadError
 from mip_core.storage import filesystem, is_remote
 from mip_core.transfer import place_file
 
@@ -42,6 +42,11 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 #: Records written per version (edit, publish); never carried from the base into a new version.
 RECORD_FILES = frozenset({"unlearn.json", "edit_summary.json", "lineage.json", "model_card.md"})
+#: A neuron-delta version (:mod:`mip_core.modeling.deltas`) keeps its base's weight entry file under this prefix,
+#: so plain ``from_pretrained`` refuses it instead of loading the weights from before the edit.
+BASE_PREFIX = "base-"
+MANIFEST = "neuron_deltas.json"
+MANIFEST_SCHEMA = "mip.neuron_deltas/1"
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -67,13 +72,27 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
         return json.loads(f.read(n)), 8 + n
 
 
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A neuron-delta version's manifest, or None for a plain checkpoint; another schema is refused."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if doc.get("schema") != MANIFEST_SCHEMA:
+        raise ModelLoadError(f"{path} has schema {doc.get('schema')!r}; this version reads {MANIFEST_SCHEMA!r}")
+    return dict(doc)
+
+
 def weight_map(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """Checkpoint key -> shard file name, from the index, or every key of a single ``model.safetensors``."""
+    """Checkpoint key -> file name of the base weights: from the index, or every key of a single
+    ``model.safetensors``; in a neuron-delta version, of its ``base-`` entry file (deltas not included)."""
     folder = Path(folder)
-    if (folder / INDEX_FILE).is_file():
-        return dict(json.loads((folder / INDEX_FILE).read_text())["weight_map"])
-    if (folder / SINGLE_FILE).is_file():
-        return {k: SINGLE_FILE for k in read_header(folder / SINGLE_FILE)[0] if k != "__metadata__"}
+    for prefix in ("", BASE_PREFIX):
+        if (folder / (prefix + INDEX_FILE)).is_file():
+            return dict(json.loads((folder / (prefix + INDEX_FILE)).read_text())["weight_map"])
+        if (folder / (prefix + SINGLE_FILE)).is_file():
+            single = prefix + SINGLE_FILE
+            return {k: single for k in read_header(folder / single)[0] if k != "__metadata__"}
     raise InputError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}: the edit writes safetensors "
                      f"checkpoints only; re-save the base model with save_pretrained(safe_serialization=True)")
 
@@ -150,15 +169,28 @@ def plan_shards(model: nn.Module, names: Iterable[str], base_dir: str, base_uri:
                 ) -> ShardPlan:
     """Which shards of the base at ``base_dir`` hold ``names``' tensors; every other file is carried."""
     shard_of = weight_map(base_dir)
-    keys = checkpoint_keys(model, names, shard_of)
+    root = Path(base_dir)
+    manifest = read_manifest(root) or {"deltas": []}
+    names = set(names) | _delta_parameters(model, root, manifest["deltas"], shard_of)
+    keys = checkpoint_keys(model, sorted(names), shard_of)
     rewrite: dict[str, dict[str, str]] = {}
     for name, key in sorted(keys.items()):
         rewrite.setdefault(shard_of[key], {})[key] = name
-    root = Path(base_dir)
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    carry = tuple(f for f in files if f not in rewrite and Path(f).name not in RECORD_FILES
+    skip = {MANIFEST, *manifest["deltas"]}
+    carry = tuple(f for f in files if f not in rewrite and f not in skip and Path(f).name not in RECORD_FILES
                   and not Path(f).name.startswith(".tmp-"))
     return ShardPlan(str(root), base_uri or str(root), rewrite, carry)
+
+
+def _delta_parameters(model: nn.Module, root: Path, deltas: list[str], shard_of: Mapping[str, str]) -> set[str]:
+    """Parameters a delta version's deltas changed: a plain copy of it rewrites them whole (with the deltas
+    applied, as the loaded model holds them), so the copy needs no deltas."""
+    keys = {k.rsplit("::", 1)[0] for d in deltas for k in read_header(root / d)[0] if k != "__metadata__"}
+    if not keys:
+        return set()
+    mapping = checkpoint_keys(model, [n for n, _ in model.named_parameters()], shard_of)
+    return {name for name, key in mapping.items() if key in keys}
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -181,11 +213,11 @@ def write_edited(model: nn.Module, plan: ShardPlan, output_uri: str, *, rank: in
                         mine.update({k: params[n].detach().to("cpu").clone() for k, n in group.items()})
         if start + rank < len(shards):
             shard = shards[start + rank]
-            _write_shard(Path(plan.base_dir) / shard, mine, output_uri, shard)
+            _write_shard(Path(plan.base_dir) / shard, mine, output_uri, shard.removeprefix(BASE_PREFIX))
             done.setdefault("rewritten", []).append(shard)
     for i, rel in enumerate(plan.carry):
         if i % world == rank:
-            how = place_file(_join(plan.base_uri, rel), _join(output_uri, rel),
+            how = place_file(_join(plan.base_uri, rel), _join(output_uri, rel.removeprefix(BASE_PREFIX)),
                              local_src=str(Path(plan.base_dir) / rel))
             done.setdefault(how, []).append(rel)
     return done
@@ -243,7 +275,7 @@ def _join(uri: str, rel: str) -> str:
     return f"{uri.rstrip('/')}/{rel}"
 
 
-__all__ = ["INDEX_FILE", "RECORD_FILES", "SINGLE_FILE", "ShardPlan", "checkpoint_keys", "edited_parameters",
+__all__ = ["BASE_PREFIX", "INDEX_FILE", "MANIFEST", "MANIFEST_SCHEMA", "RECORD_FILES", "read_manifest", "SINGLE_FILE", "ShardPlan", "checkpoint_keys", "edited_parameters",
            "plan_shards", "read_header", "weight_map", "write_edited"]
 
 

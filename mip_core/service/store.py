@@ -529,8 +529,17 @@ class ServiceStore:
         model_type = self.read_json(config_key).get("model_type") if self.exists(config_key) else None
         if model_type not in ARCHITECTURES:
             return ""
+        from mip_core.modeling.shards import MANIFEST
+
         where = record["uri"] if not self.remote else f"path/to/a/download/of/{record['name']}-{record['version']}"
-        return "\n## Usage\n\n" + adapter_class(model_type).usage_snippet(where)
+        export = ""
+        if self.exists(f"{key}/{MANIFEST}"):  # a neuron-delta version: plain transformers needs an export first
+            where = f"exports/{record['name']}-{record['version']}"
+            export = ("This version is stored as its base's files plus the edited neurons' rows and columns "
+                      "(`neuron_deltas.json`); transformers alone refuses the folder rather than load the weights "
+                      "from before the edit. Write a plain checkpoint first:\n\n```bash\n"
+                      f"mip models export {record['name']} --version {record['version']} --out {where}\n```\n\n")
+        return "\n## Usage\n\n" + export + adapter_class(model_type).usage_snippet(where)
 
     def version_of_batch(self, name: str, batch_id: str) -> str | None:
         """The version of ``name`` whose lineage records ``batch_id`` (a batch publishes at most one), or None."""

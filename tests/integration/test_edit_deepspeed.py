@@ -26,7 +26,7 @@ from mip_core.editing.unlearn import UNLEARN_LOG
 from mip_core.entrypoints.edit import EditSpec
 from mip_core.evaluation.mia import mean_answer_logprob
 from mip_core.modeling import build_tiny, load_model, save_model
-from mip_core.modeling.shards import RECORD_FILES, weight_map
+from mip_core.modeling.shards import INDEX_FILE, MANIFEST, RECORD_FILES, weight_map
 from mip_core.paths import reduce_paths
 from mip_core.results import read_path_graph, write_path_graph
 from tasks.launch import launch_edit
@@ -90,6 +90,7 @@ def test_deepspeed_job_edits_only_the_path_and_matches_the_in_process_edit(job, 
     text = s3_endpoint.fs.cat(log_uri).decode()
     assert "[rank 0/2]" in text and "[rank 1/2]" in text, text[-3000:]
     assert s3_endpoint.fs.exists(s3_endpoint.uri("edit-ds", "ds_config.json"))
+    assert s3_endpoint.fs.exists(s3_endpoint.uri("edit-ds", "edited", MANIFEST))  # a neuron-delta version
 
     base = load_model(spec.model_uri)
     base_state = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -127,13 +128,15 @@ def test_deepspeed_job_edits_only_the_path_and_matches_the_in_process_edit(job, 
 VOCAB = 120_000  # embedding + output rows of about 61 MB: the model's bytes dwarf a process's allocation noise
 
 
-def test_two_ranks_rewrite_only_the_edited_shards_link_the_rest_and_never_hold_the_model(job, tmp_path):
-    """A sharded local base: untouched shards are hard links of the base's, and no rank's memory grows by
-    anything near the model's size while writing (rank 0 used to consolidate the full state dict)."""
+def test_two_ranks_write_a_neuron_delta_and_load_one_into_zero3_partitions(job, tmp_path):
+    """A sharded local base edited by 2 ranks: the new version is every base file hard-linked plus one small
+    delta, and no rank's memory grows by anything near the model's size while writing. A second 2-rank job
+    loads that delta version into its ZeRO-3 partitions and writes it as a plain checkpoint (an edit too weak
+    to change a weight: lr 1e-30, no pruning), which must equal the delta version loaded in one process."""
     root, spec = job
     model, processor = build_tiny("qwen2_5_vl", size="test", seed=1)  # the fixture's model: the graph fits it
     model.resize_token_embeddings(VOCAB)
-    base, out = tmp_path / "base", tmp_path / "edited"
+    base, out, plain = tmp_path / "base", tmp_path / "edited", tmp_path / "plain"
     model.save_pretrained(base, max_shard_size="300KB")
     processor.save_pretrained(base)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -141,27 +144,35 @@ def test_two_ranks_rewrite_only_the_edited_shards_link_the_rest_and_never_hold_t
     del model
     shards = sorted(set(weight_map(base).values()))
     assert len(shards) >= 4, shards
+    env = {"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")}
     local = replace(spec, model_uri=str(base), output_uri=str(out),
                     path_edit={"rmisu": {"steps": 4, "layer": 1, "batch_size": 4, "retain_ce_weight": 0}})
     summary = launch_edit(local, str(tmp_path / "edit_config.json"), str(tmp_path / "edit.log"),
-                          launcher="deepspeed", n_ranks=2, timeout_s=600,
-                          env={"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")})
+                          launcher="deepspeed", n_ranks=2, timeout_s=600, env=env)
     assert summary["world_size"] == 2
 
-    rewritten = []
-    for f in sorted(p.name for p in base.iterdir()):
-        a, b = os.stat(base / f), os.stat(out / f)
-        if a.st_ino == b.st_ino:
-            assert b.st_nlink > 1
-        else:
-            rewritten.append(f)
-    assert rewritten and set(rewritten) < set(shards), rewritten  # only shards, and not all of them
-    assert {p.name for p in out.iterdir()} - {p.name for p in base.iterdir()} <= RECORD_FILES
+    base_inodes = {(p.stat().st_ino, p.stat().st_dev) for p in base.iterdir()}
+    for f in base.iterdir():  # every base file, the index under its base- name, is a hard link: no bytes written
+        assert (f.stat().st_ino, f.stat().st_dev) in {(p.stat().st_ino, p.stat().st_dev) for p in out.iterdir()}
+    written = {p.name: p.stat().st_size for p in out.iterdir()
+               if (p.stat().st_ino, p.stat().st_dev) not in base_inodes}
+    assert set(written) - RECORD_FILES == {MANIFEST, "neuron-delta-0001.safetensors"}, written
+    assert written["neuron-delta-0001.safetensors"] < model_bytes / 50, (written, model_bytes)
 
-    edited = load_model(str(out))  # from_pretrained
-    changed = {k for k, v in edited.model.state_dict().items() if not torch.equal(v, base_state[k])}
+    edited = load_model(str(out))  # base weights + the delta
+    edited_state = {k: v.clone() for k, v in edited.model.state_dict().items()}
+    changed = {k for k, v in edited_state.items() if not torch.equal(v, base_state[k])}
     assert changed and all(".mlp." in k for k in changed), sorted(changed)
-
     for m in summary["memory"]:  # kernel's peak RSS (VmHWM) while writing, from a reset just before it
         growth = (m["write_peak_kib"] - m["before_write_kib"]) * 1024
         assert growth < model_bytes / 4, (m, model_bytes)
+
+    again = replace(local, model_uri=str(out), output_uri=str(plain), version_format="full",
+                    path_edit={"prune": False, "rmisu": {"steps": 1, "layer": 1, "batch_size": 4, "lr": 1e-30}})
+    launch_edit(again, str(tmp_path / "again.json"), str(tmp_path / "again.log"), launcher="deepspeed",
+                n_ranks=2, timeout_s=600, env=env)
+    assert not (plain / MANIFEST).exists() and (plain / INDEX_FILE).is_file()
+    rewritten = [f for f in shards if not os.path.samefile(base / f, plain / f)]
+    assert rewritten and set(rewritten) < set(shards), rewritten  # only the shards holding edited matrices
+    reloaded = type(edited.model).from_pretrained(plain).state_dict()  # plain transformers
+    assert [k for k in edited_state if not torch.equal(edited_state[k], reloaded[k])] == []

@@ -47,14 +47,14 @@ def test_gpu_check_dry_run_prints_plausible_figures(tmp_path):
     assert edit["steps"] == 1 and edit["neurons"] > 0
     assert edit["gathered"]["gathers"] > 0  # parameters were partitioned and gathered by ZeRO-3
     assert edit["peak_bytes"] > model["model_bytes"] and edit["process_group_closed"]
-    assert edit["output"]["own_bytes"] > 0 and edit["output"]["linked_bytes"] > 0  # rewritten shards + links
+    assert edit["output"]["own_bytes"] > 0 and edit["output"]["linked_bytes"] > 0  # a neuron delta + links
 
     gate = out["gate"]
     assert gate["items"] > 0 and gate["items_per_s"] > 0 and isinstance(gate["passed"], bool)
     assert all(0 <= v <= 1 for pair in gate["scores"].values() for v in pair)
 
     pub = out["publish"]
-    assert pub["version"] == "v0002" and pub["shards"] == model["shards"]
+    assert pub["version"] == "v0002" and pub["shards"] == model["shards"] and pub["deltas"] == 1
     assert pub["linked_bytes"] >= model["model_bytes"]  # every shard a hard link: no bytes copied
     assert pub["own_bytes"] < 0.1 * model["model_bytes"]  # only the version's records are written
     assert 0 < out["wall_s"] < 240

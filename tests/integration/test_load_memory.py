@@ -111,7 +111,7 @@ def test_a_bf16_checkpoint_loads_in_bf16_without_a_float32_copy(checkpoint):
 def test_on_gpus_weights_load_straight_there_and_the_pass_size_follows_memory(checkpoint):
     from mip_core.attribution import AttributionConfig
     from mip_core.modeling import load_model
-    from tasks.actors import _fitting_batch_items, _load_on_gpus
+    from tasks.actors import _fitting_batch_items, load_on_gpus
 
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -120,7 +120,7 @@ def test_on_gpus_weights_load_straight_there_and_the_pass_size_follows_memory(ch
     assert {(p.dtype, p.device.type) for p in loaded.model.parameters()} == {(torch.bfloat16, "cuda")}
     assert peak < 1.1 * checkpoint["bytes"] + 16 * 2**20, peak  # one bf16 copy on the GPU, nothing more
     del loaded
-    spread = _load_on_gpus(str(checkpoint["big"]), "auto")  # every visible GPU, as an actor does
+    spread = load_on_gpus(str(checkpoint["big"]), "auto")  # every visible GPU, as an actor does
     devices = {p.device.index for p in spread.model.parameters()}
     assert {p.dtype for p in spread.model.parameters()} == {torch.bfloat16}
     assert devices <= set(range(torch.cuda.device_count())) and None not in devices

@@ -20,7 +20,7 @@ def test_a_local_cluster_uses_a_per_process_token_and_writes_no_token_file(tmp_p
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay short
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
     env |= {"HOME": str(tmp_path / "home"), "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    code = ("from tasks.actors import _ensure_ray; import os, ray; _ensure_ray(1); "  # as a flow imports them
+    code = ("from tasks.actors import ensure_ray; import os, ray; ensure_ray(1); "  # as a flow imports them
             "f = ray.remote(lambda: os.environ.get('RAY_AUTH_MODE')); "
             "print('mode', os.environ['RAY_AUTH_MODE'], ray.get(f.remote())); ray.shutdown()")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
