@@ -62,7 +62,7 @@ def resolve_profile(profile: str, *, cuda: bool | None = None) -> str:
 def ds_config_for(profile: str, *, zero_stage: int = 3) -> dict[str, Any]:
     """The DeepSpeed config of ``profile``, validated by DeepSpeed before any launch.
 
-    - ``cpu``: gloo, fp32, every parameter partitioned (``zero3_config()``, infra/deepspeed/zero3_cpu_gloo.json);
+    - ``cpu``: gloo, fp32, every parameter partitioned, no prefetch (infra/deepspeed/zero3_cpu_gloo.json);
     - ``gpu``: one GPU node, bf16, ZeRO-3, small tensors kept whole (DeepSpeed's default threshold);
     - ``gpu-offload``: ZeRO-3 bf16 with parameters offloaded to pinned CPU memory, buckets for hidden 8192
       (a 70B-class model on one 8-GPU node; infra/deepspeed/zero3_70b_offload.json is this config).
@@ -70,6 +70,10 @@ def ds_config_for(profile: str, *, zero_stage: int = 3) -> dict[str, Any]:
     profile = resolve_profile(profile)
     if profile == "cpu":
         config = zero3_config(zero_stage=zero_stage)
+        # CPU ranks share the cores between compute and gloo: prefetching or keeping gathered layers buys no
+        # overlap, only memory, so each layer is gathered when used and released at once
+        config["zero_optimization"].update({"stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 0,
+                                            "stage3_max_reuse_distance": 0})
     elif profile == "gpu":
         config = zero3_config(zero_stage=zero_stage, bf16=True, param_persistence_threshold=100_000)
     else:

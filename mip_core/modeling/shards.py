@@ -14,7 +14,10 @@ needs the full state dict in one process (under ZeRO-3: consolidated on rank 0) 
 - every other file (untouched shards, the index, config, processor, tokenizer) is hard-linked, or copied
   server-side on S3 (:mod:`mip_core.transfer`).
 
-Both the in-process edit and the DeepSpeed job use :func:`write_edited`, so their outputs have one layout.
+Both the in-process edit and the DeepSpeed job use :func:`write_edited` for a plain ("full") version, so their
+outputs have one layout. The default version format stores only the edited neurons' slices instead
+(:mod:`mip_core.modeling.deltas`); this module also holds what both formats share: reading a checkpoint's
+weight map (including a delta version's ``base-`` entry file) and each rank's slice of it.
 """
 
 from __future__ import annotations

@@ -108,3 +108,27 @@ def test_a_plain_version_written_over_a_delta_version_needs_no_deltas(tiny_model
     assert read_manifest(v3) is None and (v3 / "model.safetensors.index.json").is_file()
     assert not any(p.name.startswith("neuron-delta") for p in v3.iterdir())
     _assert_same(_state(again.model), type(loaded.model).from_pretrained(v3))
+
+
+def test_a_published_delta_version_is_exported_by_the_cli_as_a_plain_checkpoint(tiny_models, tmp_path, capsys):
+    from mip_core.cli import main
+    from mip_core.service.store import ServiceStore
+
+    base, edited = tmp_path / "base", tmp_path / "edited"
+    _save_sharded(tiny_models, base)
+    store = ServiceStore(str(tmp_path / "store"))
+    store.register_model("m", str(base), dataset_uri=str(tmp_path / "bench"))
+    loaded = load_model(store.uri(store.model_key("m", "v0001")))
+    _edit(loaded, SITES, 0.5)
+    write_delta(loaded.model, loaded.adapter, SITES, loaded.path, str(edited))
+    assert store.register_model("m", str(edited), dataset_uri=str(tmp_path / "bench")) == "v0002"
+    card = store.read_text("models/m/v0002/model_card.md")
+    assert "mip models export m --version v0002 --out exports/m-v0002" in card  # the card says how to serve it
+
+    out = tmp_path / "served"
+    assert main(["models", "export", "m", "--out", str(out), "--root", str(tmp_path / "store")]) == 0
+    assert "exported m v0002" in capsys.readouterr().out
+    _assert_same(_state(loaded.model), type(loaded.model).from_pretrained(out))
+    assert main(["models", "export", "m", "--version", "v0009", "--out", str(out),
+                 "--root", str(tmp_path / "store")]) == 2
+    assert "--version v0009" in capsys.readouterr().err
