@@ -69,21 +69,28 @@ class SiteSlices(nn.Module):
         # ZeRO-3: the weights are shards outside a gather, and released again before our forward hooks run,
         # so the frozen base slices are copied once here; unpartitioned weights are read in place (no copies)
         self.keep_base = any(is_partitioned(lin.weight) for lin in linears)
-        with torch.no_grad(), gather_params([p for lin in linears for p in (lin.weight, lin.bias)]):
-            self.rows = nn.ParameterList(
-                nn.Parameter(lin.weight[idx].detach().clone(), requires_grad=train_rows) for lin in inputs)
-            self.row_biases = nn.ParameterList(
-                nn.Parameter(lin.bias[idx].detach().clone(), requires_grad=train_rows and train_biases)
-                for lin in inputs if lin.bias is not None)
-            start = torch.zeros_like(down.weight[:, idx]) if prune else down.weight[:, idx].detach().clone()
-            self.columns = nn.Parameter(start, requires_grad=train_columns)  # [d_out, n]
-            self.base_rows: list[Tensor] | None = None  # frozen W[idx] per input linear (partitioned only)
-            self.base_biases: list[Tensor] | None = None
-            self.base_columns: Tensor | None = None  # frozen W_d[:, idx]
-            if self.keep_base:
-                self.base_rows = [lin.weight[idx].detach().clone() for lin in inputs]
-                self.base_biases = [lin.bias[idx].detach().clone() for lin in inputs if lin.bias is not None]
-                self.base_columns = down.weight[:, idx].detach().clone()
+        rows, biases, base_rows, base_biases = [], [], [], []
+        with torch.no_grad():
+            for lin in inputs:  # one linear gathered at a time: a rank holds one full matrix, not a site's three
+                with gather_params([lin.weight, lin.bias]):
+                    rows.append(nn.Parameter(lin.weight[idx].detach().clone(), requires_grad=train_rows))
+                    if self.keep_base:
+                        base_rows.append(rows[-1].detach().clone())
+                    if lin.bias is not None:
+                        biases.append(nn.Parameter(lin.bias[idx].detach().clone(),
+                                                   requires_grad=train_rows and train_biases))
+                        if self.keep_base:
+                            base_biases.append(biases[-1].detach().clone())
+            with gather_params([down.weight]):
+                base_columns = down.weight[:, idx].detach().clone()  # [d_out, n]
+        self.rows = nn.ParameterList(rows)
+        self.row_biases = nn.ParameterList(biases)
+        start = torch.zeros_like(base_columns) if prune else base_columns.clone() if self.keep_base else base_columns
+        self.columns = nn.Parameter(start, requires_grad=train_columns)  # [d_out, n]
+        # frozen W[idx], b[idx], W_d[:, idx]: kept only when partitioned (unpartitioned weights are read in place)
+        self.base_rows: list[Tensor] | None = base_rows if self.keep_base else None
+        self.base_biases: list[Tensor] | None = base_biases if self.keep_base else None
+        self.base_columns: Tensor | None = base_columns if self.keep_base else None
         self.has_bias = tuple(lin.bias is not None for lin in inputs)
 
     def row_delta(self, k: int, lin: nn.Linear, x: Tensor) -> Tensor:
@@ -212,15 +219,16 @@ class NeuronEditor(nn.Module):
         for sl in self.slices:
             site, idx = sl.site, sl.neurons
             inputs, down = self.adapter.neuron_inputs(site), self.adapter.down_proj(site)
-            # ZeRO-3: every rank holds the same slices (averaged gradients); rank 0's write is broadcast
-            params = [p for lin in (*inputs, down) for p in (lin.weight, lin.bias)]
-            with gather_params(params, modifier_rank=0):
-                bias_k = 0
-                for k, lin in enumerate(inputs):
+            # ZeRO-3: every rank holds the same slices (averaged gradients); rank 0's write is broadcast, one
+            # linear at a time so that a rank holds one gathered matrix
+            bias_k = 0
+            for k, lin in enumerate(inputs):
+                with gather_params([lin.weight, lin.bias], modifier_rank=0):
                     lin.weight[idx] = sl.rows[k].to(lin.weight.dtype)
                     if lin.bias is not None:
                         lin.bias[idx] = sl.row_biases[bias_k].to(lin.bias.dtype)
                         bias_k += 1
+            with gather_params([down.weight], modifier_rank=0):
                 down.weight[:, idx] = sl.columns.to(down.weight.dtype)
         self._merged = True
 
