@@ -40,15 +40,12 @@ from mip_core._compat.deepspeed import gather_params
 from mip_core.adapters import ModelAdapter
 from mip_core.errors import InputError, ModelLoadError
 from mip_core.modeling.shards import (
-    BASE_PREFIX, INDEX_FILE, MANIFEST, MANIFEST_SCHEMA, RECORD_FILES, SINGLE_FILE, checkpoint_keys, read_header,
-    read_manifest, weight_map,
+    BASE_PREFIX, FLOAT_DTYPES, INDEX_FILE, MANIFEST, MANIFEST_SCHEMA, SINGLE_FILE, checkpoint_keys, read_header,
+    read_manifest, version_files, weight_map,
 )
 from mip_core.transfer import link_or_copy, place_file
 
 DELTA_PATTERN = "neuron-delta-{:04d}.safetensors"
-_ST_DTYPES: dict[str, torch.dtype] = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-                                      "F64": torch.float64}
-
 
 # ---------------------------------------------------------------------------------------------- layout
 def base_entry(folder: str | os.PathLike[str]) -> str:
@@ -130,7 +127,7 @@ def write_delta(model: nn.Module, adapter: ModelAdapter, neuron_ids: Mapping[str
                     "deltas": [*deltas, name]}
         _write_local_or_remote(output_uri, MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
         done["delta"] = [name, MANIFEST]
-    carry = [f for f in _files(base_dir) if f != MANIFEST]
+    carry = [f for f in version_files(base_dir) if f != MANIFEST]
     for i, rel in enumerate(carry):
         if i % world == rank:
             dest = BASE_PREFIX + rel.removeprefix(BASE_PREFIX) if rel == entry else rel
@@ -140,18 +137,12 @@ def write_delta(model: nn.Module, adapter: ModelAdapter, neuron_ids: Mapping[str
     return done
 
 
-def _files(folder: str) -> list[str]:
-    root = Path(folder)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
-                  and p.name not in RECORD_FILES and not p.name.startswith(".tmp-"))
-
-
 def _stored_dtype(folder: str, shard: str, key: str) -> torch.dtype:
     dtype = read_header(Path(folder) / shard)[0][key]["dtype"]
-    if dtype not in _ST_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise InputError(f"checkpoint tensor {key!r} has dtype {dtype}; deltas are written for "
-                         f"{sorted(_ST_DTYPES)} weights")
-    return _ST_DTYPES[dtype]
+                         f"{sorted(FLOAT_DTYPES)} weights")
+    return FLOAT_DTYPES[dtype]
 
 
 def _write_local_or_remote(output_uri: str, name: str, write: Any) -> None:
@@ -235,7 +226,7 @@ def export_plain(folder: str, out: str) -> dict[str, list[str]]:
         touched.setdefault(shard_of[key], []).append(key)
     done: dict[str, list[str]] = {}
     skip = {MANIFEST, *(manifest or {}).get("deltas", [])}
-    for rel in _files(folder):
+    for rel in version_files(folder):
         if rel in skip:
             continue
         target = dest / rel.removeprefix(BASE_PREFIX) if manifest else dest / rel
@@ -259,7 +250,7 @@ def _rewrite_tensors(src: Path, dest: Path, keys: list[str], deltas: list[dict[s
             begin, end = info["data_offsets"]
             f.seek(start + begin)
             raw = bytearray(f.read(end - begin))
-            tensor = torch.frombuffer(raw, dtype=_ST_DTYPES[info["dtype"]]).view(info["shape"])
+            tensor = torch.frombuffer(raw, dtype=FLOAT_DTYPES[info["dtype"]]).view(info["shape"])
             for delta in deltas:
                 if key in delta:
                     kind, index, values = delta[key]

@@ -55,6 +55,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+#: The weight dtypes the partition loader and the neuron deltas read and write.
+FLOAT_DTYPES: dict[str, torch.dtype] = {k: _DTYPES[k] for k in ("BF16", "F16", "F32", "F64")}
 
 
 @dataclass(frozen=True)
@@ -179,11 +181,16 @@ def plan_shards(model: nn.Module, names: Iterable[str], base_dir: str, base_uri:
     rewrite: dict[str, dict[str, str]] = {}
     for name, key in sorted(keys.items()):
         rewrite.setdefault(shard_of[key], {})[key] = name
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     skip = {MANIFEST, *manifest["deltas"]}
-    carry = tuple(f for f in files if f not in rewrite and f not in skip and Path(f).name not in RECORD_FILES
-                  and not Path(f).name.startswith(".tmp-"))
+    carry = tuple(f for f in version_files(root) if f not in rewrite and f not in skip)
     return ShardPlan(str(root), base_uri or str(root), rewrite, carry)
+
+
+def version_files(folder: str | os.PathLike[str]) -> list[str]:
+    """A version folder's files (relative paths) that a new version carries: not its records, not temp files."""
+    root = Path(folder)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+                  and p.name not in RECORD_FILES and not p.name.startswith(".tmp-"))
 
 
 def _delta_parameters(model: nn.Module, root: Path, deltas: list[str], shard_of: Mapping[str, str]) -> set[str]:
@@ -278,12 +285,13 @@ def _join(uri: str, rel: str) -> str:
     return f"{uri.rstrip('/')}/{rel}"
 
 
-__all__ = ["BASE_PREFIX", "INDEX_FILE", "MANIFEST", "MANIFEST_SCHEMA", "RECORD_FILES", "read_manifest", "SINGLE_FILE", "ShardPlan", "checkpoint_keys", "edited_parameters",
-           "plan_shards", "read_header", "weight_map", "write_edited"]
+__all__ = ["BASE_PREFIX", "FLOAT_DTYPES", "INDEX_FILE", "MANIFEST", "MANIFEST_SCHEMA", "RECORD_FILES", "SINGLE_FILE",
+           "ShardPlan", "checkpoint_keys", "edited_parameters", "plan_shards", "read_header", "read_manifest",
+           "version_files", "weight_map", "write_edited"]
 
 
 # ---------------------------------------------------------------------------------------------- loading
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
 
 
 def fill_partitions(model: nn.Module, folder: str, rank: int) -> int:
@@ -311,9 +319,9 @@ def fill_partitions(model: nn.Module, folder: str, rank: int) -> int:
 
 
 def _fill_one(f: Any, data_start: int, meta: Mapping[str, Any], param: nn.Parameter, rank: int) -> int:
-    dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+    dtype = FLOAT_DTYPES.get(meta["dtype"])
     if dtype is None:
-        raise InputError(f"checkpoint tensor dtype {meta['dtype']} is not one of {sorted(_SAFETENSORS_DTYPES)}")
+        raise InputError(f"checkpoint tensor dtype {meta['dtype']} is not one of {sorted(FLOAT_DTYPES)}")
     size = torch.empty((), dtype=dtype).element_size()
     begin, end = meta["data_offsets"]
     numel = (end - begin) // size
