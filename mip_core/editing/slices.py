@@ -14,10 +14,10 @@ difference to the frozen linears' outputs through forward hooks, so:
   which is what zeroing the activation at every position does, and it merges into plain weights (no hooks
   at inference).
 
-Under DeepSpeed ZeRO-3 only the edited sites' linears need gathering: the slices are copied out of the
-gathered weights once (``_compat.deepspeed.gather_params``, read-only), and :meth:`merge` writes them back
-inside a gather that broadcasts rank 0's values. ZeRO-3 releases a linear's weight before later forward hooks
-run, so for partitioned linears the frozen base slices are kept as copies (the hooks never read the weights).
+Under DeepSpeed ZeRO-3 the editor never gathers a matrix: the slices are read out of the ranks' partitions
+once (``_compat.deepspeed.read_neurons``), and :meth:`merge` writes rank 0's values back into them
+(``write_neurons``). ZeRO-3 releases a linear's weight before later forward hooks run, so for partitioned
+linears the frozen base slices are kept as copies (the hooks never read the weights).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mip_core._compat.deepspeed import gather_params, is_partitioned
+from mip_core._compat.deepspeed import is_partitioned, read_neurons, write_neurons
 from mip_core.adapters.base import ModelAdapter
 from mip_core.errors import InputError
 from mip_core.types import MLPSite
@@ -71,18 +71,16 @@ class SiteSlices(nn.Module):
         self.keep_base = any(is_partitioned(lin.weight) for lin in linears)
         rows, biases, base_rows, base_biases = [], [], [], []
         with torch.no_grad():
-            for lin in inputs:  # one linear gathered at a time: a rank holds one full matrix, not a site's three
-                with gather_params([lin.weight, lin.bias]):
-                    rows.append(nn.Parameter(lin.weight[idx].detach().clone(), requires_grad=train_rows))
+            for lin in inputs:  # under ZeRO-3 read from the partitions: no matrix is gathered
+                rows.append(nn.Parameter(read_neurons(lin.weight, idx), requires_grad=train_rows))  # [n, d_in]
+                if self.keep_base:
+                    base_rows.append(rows[-1].detach().clone())
+                if lin.bias is not None:
+                    biases.append(nn.Parameter(read_neurons(lin.bias, idx),
+                                               requires_grad=train_rows and train_biases))
                     if self.keep_base:
-                        base_rows.append(rows[-1].detach().clone())
-                    if lin.bias is not None:
-                        biases.append(nn.Parameter(lin.bias[idx].detach().clone(),
-                                                   requires_grad=train_rows and train_biases))
-                        if self.keep_base:
-                            base_biases.append(biases[-1].detach().clone())
-            with gather_params([down.weight]):
-                base_columns = down.weight[:, idx].detach().clone()  # [d_out, n]
+                        base_biases.append(biases[-1].detach().clone())
+            base_columns = read_neurons(down.weight, idx, dim=1)  # [d_out, n]
         self.rows = nn.ParameterList(rows)
         self.row_biases = nn.ParameterList(biases)
         start = torch.zeros_like(base_columns) if prune else base_columns.clone() if self.keep_base else base_columns
@@ -219,17 +217,15 @@ class NeuronEditor(nn.Module):
         for sl in self.slices:
             site, idx = sl.site, sl.neurons
             inputs, down = self.adapter.neuron_inputs(site), self.adapter.down_proj(site)
-            # ZeRO-3: every rank holds the same slices (averaged gradients); rank 0's write is broadcast, one
-            # linear at a time so that a rank holds one gathered matrix
+            # ZeRO-3: every rank holds the same slices (averaged gradients); rank 0's are written, each rank
+            # into its own partition (write_neurons), so no matrix is gathered
             bias_k = 0
             for k, lin in enumerate(inputs):
-                with gather_params([lin.weight, lin.bias], modifier_rank=0):
-                    lin.weight[idx] = sl.rows[k].to(lin.weight.dtype)
-                    if lin.bias is not None:
-                        lin.bias[idx] = sl.row_biases[bias_k].to(lin.bias.dtype)
-                        bias_k += 1
-            with gather_params([down.weight], modifier_rank=0):
-                down.weight[:, idx] = sl.columns.to(down.weight.dtype)
+                write_neurons(lin.weight, idx, sl.rows[k])
+                if lin.bias is not None:
+                    write_neurons(lin.bias, idx, sl.row_biases[bias_k])
+                    bias_k += 1
+            write_neurons(down.weight, idx, sl.columns, dim=1)
         self._merged = True
 
 
@@ -243,10 +239,10 @@ def prune_columns(adapter: ModelAdapter, selection: NeuronSelection) -> int:
     with torch.no_grad():
         for site, ids in check_selection(adapter, selection).items():
             down = adapter.down_proj(site)
-            idx = torch.tensor(ids, dtype=torch.long, device=down.weight.device)
-            with gather_params([down.weight], modifier_rank=0):
-                down.weight[:, idx] = 0
-                changed += down.weight.shape[0] * len(ids)
+            idx = torch.tensor(ids, dtype=torch.long)
+            d_out = int(getattr(down.weight, "ds_shape", down.weight.shape)[0])
+            write_neurons(down.weight, idx, torch.zeros(d_out, len(ids)), dim=1)
+            changed += d_out * len(ids)
     return changed
 
 

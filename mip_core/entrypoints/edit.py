@@ -5,13 +5,15 @@ ids), which retain items, which path graph and where the edited model goes. The 
 
 - in-process on one device (:func:`run_edit` with one process): load -> encode -> ``get_method(...).run`` ->
   write;
-- under ``deepspeed`` / ``torchrun`` (``WORLD_SIZE > 1``): every rank loads the model partitioned by ZeRO-3,
-  runs the *same* editing code (ranks share each batch and average gradients; only the edited sites' linears
-  are ever gathered in full), and the ranks share the writing.
+- under ``deepspeed`` / ``torchrun`` (``WORLD_SIZE > 1``): every rank loads its own partition of the model
+  (ZeRO-3), runs the *same* editing code (ranks share each batch and average gradients; the neuron slices are
+  read from and written into the partitions, never gathered as whole matrices), and the ranks share the
+  writing.
 
-Both write the edited model with :func:`mip_core.modeling.shards.write_edited`: no process ever holds the full
-state dict; only the base's shards that hold edited tensors are rewritten (spread over the ranks), every other
-file is hard-linked (or copied server-side on S3). The output keeps the base's layout and key names.
+Both write the edited model without any process holding the full state dict: by default as a neuron-delta
+version (:mod:`mip_core.modeling.deltas`: the base's files linked or copied server-side on S3, plus the edited
+neurons' slices), or as a plain checkpoint whose shards holding edited tensors are rewritten, spread over the
+ranks (:func:`mip_core.modeling.shards.write_edited`).
 
 The job writes ``edit_summary.json`` (what :func:`run_edit` returns) beside the model, so the launcher reads
 the outcome from storage instead of parsing logs.
@@ -213,10 +215,12 @@ def _edit(loaded: Any, spec: EditSpec, log: Log) -> tuple[Any, dict[str, int]]:
 
 
 def _summary(summary: Any, gathered: dict[str, int], spec: EditSpec, world_size: int, seconds: float,
-             memory: list[dict[str, int]], files: list[dict[str, list[str]]]) -> dict[str, Any]:
+             memory: list[dict[str, int]], files: list[dict[str, list[str]]], partitioned: bool = False
+             ) -> dict[str, Any]:
     return {"method": summary.method, "neurons": summary.details.get("neurons"), "steps": summary.steps,
             "edit_seconds": summary.seconds, "seconds": round(seconds, 2), "world_size": world_size,
-            "zero_stage": spec.zero_stage if world_size > 1 else None, "gathered": gathered,
+            "zero_stage": spec.zero_stage if world_size > 1 else None, "partitioned": partitioned,
+            "gathered": gathered,
             "trainable_parameters": summary.trainable_parameters, "output_uri": spec.output_uri,
             "memory": memory, "files": files}
 
@@ -295,11 +299,14 @@ def _process_group() -> Iterator[tuple[int, int]]:
     """Initialise the gloo/nccl group from the launcher's variables; always barrier + destroy at the end.
 
     The shared-memory comm op is a C++ build of about 90 s on first use and brings nothing over gloo on CPU.
-    Without the final barrier + destroy, about 1 run in 12 aborted at exit on this stack.
+    On gloo, ZeRO-3's all-gathers are made to write in place (``gather_in_place_on_gloo``: no second copy of
+    each gathered matrix). Without the final barrier + destroy, about 1 run in 12 aborted at exit on this stack.
     """
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+
+    from mip_core._compat.deepspeed import gather_in_place_on_gloo
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     accelerator = get_accelerator()
@@ -309,6 +316,7 @@ def _process_group() -> Iterator[tuple[int, int]]:
         backend = accelerator.communication_backend_name()
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend)
+    gather_in_place_on_gloo()
     try:
         yield dist.get_rank(), dist.get_world_size()
         dist.barrier()
@@ -376,7 +384,7 @@ def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dic
         parts: list[Any] = [None] * size
         dist.all_gather_object(parts, wrote)  # also the barrier: every rank's files are written
         out = _summary(summary, gathered, spec, size, time.perf_counter() - t0, [p["memory"] for p in parts],
-                       [p["files"] for p in parts])
+                       [p["files"] for p in parts], partitioned)
         if rank == 0:
             _write_records(summary, spec)
             write_text(_join(spec.output_uri, SUMMARY_FILE), json.dumps(out, indent=1) + "\n")

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mip_core._compat.deepspeed import gather_params
+from mip_core._compat.deepspeed import read_neurons, write_neurons
 from mip_core.adapters import ModelAdapter
 from mip_core.errors import InputError, ModelLoadError
 from mip_core.modeling.shards import (
@@ -98,8 +98,9 @@ def write_delta(model: nn.Module, adapter: ModelAdapter, neuron_ids: Mapping[str
                 ) -> dict[str, list[str]]:
     """Write ``model`` as a delta version of the checkpoint at ``base_dir``; every rank calls it.
 
-    Collective under ZeRO-3: each edited tensor is gathered (read-only) in turn and rank 0 keeps the edited
-    neurons' slices (under 1 % of the MLP at path-edit budgets); rank 0 writes the delta file and the manifest;
+    Collective under ZeRO-3: the edited neurons' slices are read out of the ranks' partitions
+    (:func:`~mip_core._compat.deepspeed.read_neurons`, no matrix gathered) and rank 0 keeps them (under 1 % of
+    the MLP at path-edit budgets); rank 0 writes the delta file and the manifest;
     the base's files are placed by the ranks in turn (links or server-side copies). Returns what this rank did.
     """
     targets = delta_targets(model, adapter, neuron_ids)
@@ -107,15 +108,13 @@ def write_delta(model: nn.Module, adapter: ModelAdapter, neuron_ids: Mapping[str
     shard_of = weight_map(base_dir)
     keys = checkpoint_keys(model, [name for name, _, _ in targets], shard_of)
     slices: dict[str, torch.Tensor] = {}
-    for name, kind, ids in targets:
-        with gather_params([params[name]], modifier_rank=None):
-            if rank == 0:
-                dtype = _stored_dtype(base_dir, shard_of[keys[name]], keys[name])
-                index = torch.tensor(ids, dtype=torch.long)
-                full = params[name].detach()
-                part = full[index.to(full.device)] if kind == "rows" else full[:, index.to(full.device)]
-                slices[f"{keys[name]}::index"] = index
-                slices[f"{keys[name]}::{kind}"] = part.to("cpu", dtype).contiguous()  # [n, ...] or [d_out, n]
+    for name, kind, ids in targets:  # under ZeRO-3 read from the ranks' partitions (collective, no gather)
+        index = torch.tensor(ids, dtype=torch.long)
+        part = read_neurons(params[name], index, dim=0 if kind == "rows" else 1)  # [n, ...] or [d_out, n]
+        if rank == 0:
+            dtype = _stored_dtype(base_dir, shard_of[keys[name]], keys[name])
+            slices[f"{keys[name]}::index"] = index
+            slices[f"{keys[name]}::{kind}"] = part.to("cpu", dtype).contiguous()
     base = read_manifest(base_dir)
     entry = base["base_weights"] if base else base_entry(base_dir)
     deltas = list(base["deltas"]) if base else []
@@ -183,8 +182,8 @@ def read_deltas(folder: str) -> list[dict[str, tuple[str, torch.Tensor, torch.Te
 def apply_deltas(model: nn.Module, folder: str) -> int:
     """Apply ``folder``'s deltas in order to a model holding its base weights; returns the tensors changed.
 
-    Works on a model on one device, spread by a device map, or partitioned by ZeRO-3 (each tensor is gathered
-    with rank 0 as modifier, so DeepSpeed re-partitions the changed values).
+    Works on a model on one device, spread by a device map, or partitioned by ZeRO-3 (each rank writes the
+    positions its partitions hold: :func:`~mip_core._compat.deepspeed.write_neurons`).
     """
     deltas = read_deltas(folder)
     if not deltas:
@@ -197,13 +196,7 @@ def apply_deltas(model: nn.Module, folder: str) -> int:
         for key, (kind, index, values) in sorted(delta.items()):
             if key not in name_of:
                 raise ModelLoadError(f"delta of {folder} edits {key!r}, which this model does not have")
-            param = params[name_of[key]]
-            with torch.no_grad(), gather_params([param], modifier_rank=0):
-                idx = index.to(param.device)
-                if kind == "rows":
-                    param.data[idx] = values.to(param.device, param.dtype)
-                else:
-                    param.data[:, idx] = values.to(param.device, param.dtype)
+            write_neurons(params[name_of[key]], index, values, dim=0 if kind == "rows" else 1)
             changed += 1
     return changed
 
