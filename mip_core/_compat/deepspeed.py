@@ -84,7 +84,7 @@ def gather_params(params: Iterable[nn.Parameter | None], modifier_rank: int | No
 
 
 def read_neurons(param: nn.Parameter, index: Tensor, dim: int = 0) -> Tensor:
-    """A copy of ``param[index]`` (``dim=0``: rows, ``[n, ...]``) or ``param[:, index]`` (``dim=1``: ``[d_out, n]``).
+    """A copy of ``param[index]`` (``dim=0``: rows ``[n, ...]``) or ``param[:, index]`` (``dim=1``: ``[d_out, n]``).
 
     Partitioned: collective over the parameter's group (every rank calls it, in the same order); each rank
     contributes the positions it holds and the slice's raw bytes are gathered, so the result is bit-exact.
@@ -128,7 +128,7 @@ def write_neurons(param: nn.Parameter, index: Tensor, values: Tensor, dim: int =
 
     part, group = param.ds_tensor, param.ds_process_group
     rank, size = dist.get_rank(group), part.ds_numel
-    flat = values.to(part.device, part.dtype).reshape(-1).contiguous()  # in the slice's order
+    flat = values.detach().to(part.device, part.dtype, copy=True).reshape(-1)  # a copy: the broadcast writes it
     dist.broadcast(flat.view(torch.uint8), src=dist.get_global_rank(group, 0), group=group)
     positions = _positions(tuple(param.ds_shape), index, dim).to(part.device)
     mine = torch.div(positions, size, rounding_mode="floor") == rank

@@ -40,8 +40,8 @@ from mip_core._compat.deepspeed import read_neurons, write_neurons
 from mip_core.adapters import ModelAdapter
 from mip_core.errors import InputError, ModelLoadError
 from mip_core.modeling.shards import (
-    BASE_PREFIX, FLOAT_DTYPES, INDEX_FILE, MANIFEST, MANIFEST_SCHEMA, SINGLE_FILE, checkpoint_keys, read_header,
-    read_manifest, version_files, weight_map,
+    BASE_PREFIX, FLOAT_DTYPES, INDEX_FILE, MANIFEST, MANIFEST_SCHEMA, SINGLE_FILE, checkpoint_keys, delta_entry,
+    read_header, read_manifest, split_delta_entry, version_files, weight_map, write_file,
 )
 from mip_core.transfer import link_or_copy, place_file
 
@@ -113,18 +113,18 @@ def write_delta(model: nn.Module, adapter: ModelAdapter, neuron_ids: Mapping[str
         part = read_neurons(params[name], index, dim=0 if kind == "rows" else 1)  # [n, ...] or [d_out, n]
         if rank == 0:
             dtype = _stored_dtype(base_dir, shard_of[keys[name]], keys[name])
-            slices[f"{keys[name]}::index"] = index
-            slices[f"{keys[name]}::{kind}"] = part.to("cpu", dtype).contiguous()
+            slices[delta_entry(keys[name], "index")] = index
+            slices[delta_entry(keys[name], kind)] = part.to("cpu", dtype).contiguous()
     base = read_manifest(base_dir)
     entry = base["base_weights"] if base else base_entry(base_dir)
     deltas = list(base["deltas"]) if base else []
     done: dict[str, list[str]] = {}
     if rank == 0:
         name = DELTA_PATTERN.format(len(deltas) + 1)
-        _write_local_or_remote(output_uri, name, lambda p: save_file(slices, p, metadata={"schema": MANIFEST_SCHEMA}))
+        write_file(output_uri, name, lambda p: save_file(slices, str(p), metadata={"schema": MANIFEST_SCHEMA}))
         manifest = {"schema": MANIFEST_SCHEMA, "base_weights": BASE_PREFIX + entry.removeprefix(BASE_PREFIX),
                     "deltas": [*deltas, name]}
-        _write_local_or_remote(output_uri, MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+        write_file(output_uri, MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
         done["delta"] = [name, MANIFEST]
     carry = [f for f in version_files(base_dir) if f != MANIFEST]
     for i, rel in enumerate(carry):
@@ -144,24 +144,6 @@ def _stored_dtype(folder: str, shard: str, key: str) -> torch.dtype:
     return FLOAT_DTYPES[dtype]
 
 
-def _write_local_or_remote(output_uri: str, name: str, write: Any) -> None:
-    """Write one small file with ``write(local_path)``: atomically in place locally, uploaded otherwise."""
-    from mip_core.storage import filesystem, is_remote
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / name
-        write(str(local))
-        if is_remote(output_uri):
-            fs, path = filesystem(f"{output_uri.rstrip('/')}/{name}")
-            fs.put_file(str(local), path)
-            return
-        dest = Path(output_uri.removeprefix("file://")) / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, dest.with_name(f".tmp-{name}"))
-        os.chmod(dest.with_name(f".tmp-{name}"), 0o644)
-        os.replace(dest.with_name(f".tmp-{name}"), dest)
-
-
 # ---------------------------------------------------------------------------------------------- reading
 def read_deltas(folder: str) -> list[dict[str, tuple[str, torch.Tensor, torch.Tensor]]]:
     """Each delta file of ``folder`` in order: ``{checkpoint key: (rows | cols, index, values)}``."""
@@ -172,9 +154,9 @@ def read_deltas(folder: str) -> list[dict[str, tuple[str, torch.Tensor, torch.Te
             names = list(f.keys())
             one: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
             for entry in names:
-                key, kind = entry.rsplit("::", 1)
+                key, kind = split_delta_entry(entry)
                 if kind != "index":
-                    one[key] = (kind, f.get_tensor(f"{key}::index"), f.get_tensor(entry))
+                    one[key] = (kind, f.get_tensor(delta_entry(key, "index")), f.get_tensor(entry))
             out.append(one)
     return out
 

@@ -27,7 +27,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,7 +196,7 @@ def version_files(folder: str | os.PathLike[str]) -> list[str]:
 def _delta_parameters(model: nn.Module, root: Path, deltas: list[str], shard_of: Mapping[str, str]) -> set[str]:
     """Parameters a delta version's deltas changed: a plain copy of it rewrites them whole (with the deltas
     applied, as the loaded model holds them), so the copy needs no deltas."""
-    keys = {k.rsplit("::", 1)[0] for d in deltas for k in read_header(root / d)[0] if k != "__metadata__"}
+    keys = {split_delta_entry(k)[0] for d in deltas for k in read_header(root / d)[0] if k != "__metadata__"}
     if not keys:
         return set()
     mapping = checkpoint_keys(model, [n for n, _ in model.named_parameters()], shard_of)
@@ -242,19 +242,37 @@ def _by_module(keys: Mapping[str, str]) -> list[dict[str, str]]:
 
 
 def _write_shard(src: Path, tensors: Mapping[str, torch.Tensor], output_uri: str, name: str) -> None:
-    """``src`` with ``tensors``' bytes put in place, written to ``output_uri/name`` (atomically when local)."""
+    """``src`` with ``tensors``' bytes put in place, written to ``output_uri/name``."""
+    write_file(output_uri, name, lambda path: _patch_copy(src, tensors, path))
+
+
+def write_file(output_uri: str, name: str, write: Callable[[Path], Any]) -> None:
+    """Write ``output_uri/name`` with ``write(local_path)``: under a temporary name renamed into place locally
+    (readers never see half a file), or written to a temporary folder and uploaded in one PUT to a store."""
     if is_remote(output_uri):
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "shard.safetensors"
-            _patch_copy(src, tensors, local)
+            local = Path(tmp) / Path(name).name
+            write(local)
             fs, path = filesystem(_join(output_uri, name))
             fs.put_file(str(local), path)
         return
     dest = Path(output_uri.removeprefix("file://")) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".tmp-{dest.name}")
-    _patch_copy(src, tensors, tmp)
+    write(tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
+
+
+def delta_entry(key: str, part: str) -> str:
+    """A neuron-delta file's entry for checkpoint key ``key``: ``K::index``, ``K::rows`` or ``K::cols``."""
+    return f"{key}::{part}"
+
+
+def split_delta_entry(entry: str) -> tuple[str, str]:
+    """``K::rows`` -> (``K``, ``rows``)."""
+    key, _, part = entry.rpartition("::")
+    return key, part
 
 
 def _patch_copy(src: Path, tensors: Mapping[str, torch.Tensor], dest: Path) -> None:
@@ -283,15 +301,6 @@ def _patch_copy(src: Path, tensors: Mapping[str, torch.Tensor], dest: Path) -> N
 
 def _join(uri: str, rel: str) -> str:
     return f"{uri.rstrip('/')}/{rel}"
-
-
-__all__ = ["BASE_PREFIX", "FLOAT_DTYPES", "INDEX_FILE", "MANIFEST", "MANIFEST_SCHEMA", "RECORD_FILES", "SINGLE_FILE",
-           "ShardPlan", "checkpoint_keys", "edited_parameters", "plan_shards", "read_header", "read_manifest",
-           "version_files", "weight_map", "write_edited"]
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
 
 
 def fill_partitions(model: nn.Module, folder: str, rank: int) -> int:
@@ -370,3 +379,9 @@ def _read_into(f: Any, offset: int, target: torch.Tensor) -> None:
         chunk = torch.empty(min(step, flat.numel() - first), dtype=flat.dtype)
         _read_into(f, offset + first * flat.element_size(), chunk)
         flat[first:first + chunk.numel()].copy_(chunk)
+
+
+__all__ = ["BASE_PREFIX", "FLOAT_DTYPES", "INDEX_FILE", "MANIFEST", "MANIFEST_SCHEMA", "RECORD_FILES", "SINGLE_FILE",
+           "ShardPlan", "checkpoint_keys", "delta_entry", "edited_parameters", "fill_partitions", "plan_shards",
+           "read_header", "read_manifest", "split_delta_entry", "version_files", "weight_map", "write_edited",
+           "write_file"]
