@@ -96,13 +96,10 @@ def read_neurons(param: nn.Parameter, index: Tensor, dim: int = 0) -> Tensor:
     import torch.distributed as dist
 
     part, group = param.ds_tensor, param.ds_process_group
-    world, rank, size = dist.get_world_size(group), dist.get_rank(group), part.ds_numel
-    positions = _positions(tuple(param.ds_shape), index, dim).to(part.device)  # [numel of the slice]
-    owner = torch.div(positions, size, rounding_mode="floor")
+    positions, owner, mine, offset = _located(param, index, dim)
     local = torch.zeros(positions.numel(), dtype=part.dtype, device=part.device)
-    mine = owner == rank
-    local[mine] = part.data[positions[mine] - rank * size]
-    pieces = [torch.empty_like(local) for _ in range(world)]
+    local[mine] = part.data[positions[mine] - offset]
+    pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather([p.view(torch.uint8) for p in pieces], local.view(torch.uint8), group=group)
     values = torch.stack(pieces)[owner, torch.arange(positions.numel(), device=part.device)]
     return values.view(_slice_shape(tuple(param.ds_shape), index, dim))
@@ -127,13 +124,11 @@ def write_neurons(param: nn.Parameter, index: Tensor, values: Tensor, dim: int =
     import torch.distributed as dist
 
     part, group = param.ds_tensor, param.ds_process_group
-    rank, size = dist.get_rank(group), part.ds_numel
     flat = values.detach().to(part.device, part.dtype, copy=True).reshape(-1)  # a copy: the broadcast writes it
     dist.broadcast(flat.view(torch.uint8), src=dist.get_global_rank(group, 0), group=group)
-    positions = _positions(tuple(param.ds_shape), index, dim).to(part.device)
-    mine = torch.div(positions, size, rounding_mode="floor") == rank
+    positions, _, mine, offset = _located(param, index, dim)
     with torch.no_grad():
-        part.data[positions[mine] - rank * size] = flat[mine]
+        part.data[positions[mine] - offset] = flat[mine]
 
 
 def gather_in_place_on_gloo() -> bool:
@@ -194,6 +189,18 @@ def _holds_partition(param: nn.Parameter) -> bool:
     part = getattr(param, "ds_tensor", None)
     return (param.ds_status == ZeroParamStatus.NOT_AVAILABLE and part is not None
             and getattr(param, "ds_secondary_tensor", None) is None and part.numel() == part.ds_numel)
+
+
+def _located(param: nn.Parameter, index: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Where a slice of a partitioned ``param`` lies: its flat positions (in the slice's order), the rank
+    holding each, which of them this rank holds, and where this rank's range starts."""
+    import torch.distributed as dist
+
+    part = param.ds_tensor
+    rank, size = dist.get_rank(param.ds_process_group), part.ds_numel
+    positions = _positions(tuple(param.ds_shape), index, dim).to(part.device)  # [numel of the slice]
+    owner = torch.div(positions, size, rounding_mode="floor")
+    return positions, owner, owner == rank, rank * size
 
 
 def _positions(shape: tuple[int, ...], index: Tensor, dim: int) -> Tensor:

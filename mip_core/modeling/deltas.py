@@ -46,6 +46,7 @@ from mip_core.modeling.shards import (
 from mip_core.transfer import link_or_copy, place_file
 
 DELTA_PATTERN = "neuron-delta-{:04d}.safetensors"
+DIM_OF = {"rows": 0, "cols": 1}  # which axis of the tensor a delta part indexes
 
 # ---------------------------------------------------------------------------------------------- layout
 def base_entry(folder: str | os.PathLike[str]) -> str:
@@ -110,7 +111,7 @@ def write_delta(model: nn.Module, adapter: ModelAdapter, neuron_ids: Mapping[str
     slices: dict[str, torch.Tensor] = {}
     for name, kind, ids in targets:  # under ZeRO-3 read from the ranks' partitions (collective, no gather)
         index = torch.tensor(ids, dtype=torch.long)
-        part = read_neurons(params[name], index, dim=0 if kind == "rows" else 1)  # [n, ...] or [d_out, n]
+        part = read_neurons(params[name], index, dim=DIM_OF[kind])  # [n, ...] or [d_out, n]
         if rank == 0:
             dtype = _stored_dtype(base_dir, shard_of[keys[name]], keys[name])
             slices[delta_entry(keys[name], "index")] = index
@@ -178,7 +179,7 @@ def apply_deltas(model: nn.Module, folder: str) -> int:
         for key, (kind, index, values) in sorted(delta.items()):
             if key not in name_of:
                 raise ModelLoadError(f"delta of {folder} edits {key!r}, which this model does not have")
-            write_neurons(params[name_of[key]], index, values, dim=0 if kind == "rows" else 1)
+            write_neurons(params[name_of[key]], index, values, dim=DIM_OF[kind])
             changed += 1
     return changed
 
