@@ -19,7 +19,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install test test-fast browser demo demo-method serve bench bench-compare bench-selectivity bench-scale gpu-check clean
+.PHONY: install test test-fast browser demo demo-method serve bench bench-compare bench-selectivity bench-scale bench-probes gpu-check clean
 
 install: $(STAMP)
 
@@ -52,9 +52,11 @@ $(DEMO_DIR)/vanilla/model.safetensors: $(DEMO_DIR)/bench/manifest.json
 	$(MIP) vanilla --bench $(DEMO_DIR)/bench --arch $(DEMO_ARCH) --size demo --minutes $(DEMO_MINUTES) \
 		--out $(DEMO_DIR)/vanilla
 
-# The service end to end on the embedded default: a fresh local store under $(DEMO_DIR)/store, the demo model
-# registered as `demo` v0001, three forget requests queued (two people's, and one naming an unknown person, which
-# is rejected with its reason), then the nightly flow (local Prefect, local Ray, a 2-rank DeepSpeed job) and its report.
+# The service end to end on the embedded default: a fresh local store under $(DEMO_DIR)/store; the demo model
+# registered as `demo` v0001 with plain keep-set files (other people's facts, general questions, the question
+# templates it was trained on: exported from its benchmark, which the service then never opens); three forget
+# requests queued (three people named by name and photo, and one unknown id, which is rejected with its reason);
+# then the nightly flow (local Prefect, local Ray, a 2-rank DeepSpeed job) and its report.
 DEMO_ROOT ?= $(DEMO_DIR)/store
 # gloo and Ray on loopback only (by default Ray binds every interface and gloo picks the first one)
 LOCAL_ONLY = GLOO_SOCKET_IFNAME=lo RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
@@ -62,9 +64,12 @@ DEMO_PREFECT = PREFECT_HOME=$(CURDIR)/$(DEMO_DIR)/prefect PREFECT_SERVER_ANALYTI
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180 $(LOCAL_ONLY)
 demo: install $(DEMO_DIR)/vanilla/model.safetensors
 	rm -rf $(DEMO_ROOT)
-	$(MIP) models register --root $(DEMO_ROOT) --name demo --model $(DEMO_DIR)/vanilla --dataset $(DEMO_DIR)/bench
+	$(MIP) benchmark export --bench $(DEMO_DIR)/bench --out $(DEMO_DIR)/keepsets
+	$(MIP) models register --root $(DEMO_ROOT) --name demo --model $(DEMO_DIR)/vanilla \
+		--retain $(DEMO_DIR)/keepsets/retain.jsonl --utility $(DEMO_DIR)/keepsets/utility.jsonl \
+		--templates $(DEMO_DIR)/keepsets/templates.jsonl
 	for f in examples/requests/*.json; do $(MIP) submit $$f --root $(DEMO_ROOT) || exit 1; done
-	$(DEMO_PREFECT) MIP_ROOT=$(DEMO_ROOT) $(PY) -m flows.service
+	$(DEMO_PREFECT) MIP_ROOT=$(DEMO_ROOT) MIP_NO_BENCHMARK=1 $(PY) -m flows.service
 	@latest=$$(ls -t $(DEMO_ROOT)/batches/*/report.html | head -1); echo; \
 	echo "HTML report with figures: file://$(CURDIR)/$$latest"; \
 	echo "(mip report $$(basename $$(dirname $$latest)) --root $(DEMO_ROOT) --open prints it again)"
@@ -131,6 +136,12 @@ bench-selectivity: install $(DEMO_DIR)/vanilla/model.safetensors $(DEMO_DIR)/sca
 # (BENCHMARKS.md section 7, benches/results/scale.json). About 40 min on 2 cores; SCALE_ARGS="--sizes smoke"
 # runs the same code on a 3 M-parameter model in about 5 min.
 SCALE_ARGS ?=
+# Requests that name people by name and photo (the service builds its probes, the benchmark is never opened)
+# against requests naming the same people's benchmark ids, scored on the benchmark (BENCHMARKS.md section 8).
+bench-probes: install $(DEMO_DIR)/vanilla/model.safetensors
+	$(LOCAL_ONLY) $(PY) benches/probe_bench.py --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench --people 5 \
+		--out benches/results/probes.json --work $(DEMO_DIR)/probe_bench
+
 bench-scale: install
 	$(LOCAL_ONLY) $(PY) benches/scale_bench.py $(SCALE_ARGS)
 

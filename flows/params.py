@@ -94,6 +94,9 @@ class ServiceSpec(BaseModel):
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node edits (infra/deepspeed).")
     retain_limit: int = Field(120, ge=1, description="Other people's items the edit holds against; as many "
                                                       "others (held out) are scored by the gate.")
+    probe_min_confidence: float = Field(0.5, ge=0, le=1, description="For requests that name a person: a probe "
+                                        "(a registered question template answered by the model) is kept when the "
+                                        "model's answer has at least this geometric-mean token probability.")
     gate: GateSpec = Field(default_factory=GateSpec)
     run_lease_ttl_s: float = Field(600, ge=1, description="A run renews its lease every ttl/4 seconds; a batch "
                                    "whose run stopped renewing for this long (killed process, lost node) is "

@@ -31,6 +31,18 @@ def _benchmark_make(args: argparse.Namespace) -> None:
           f"counts {json.dumps(manifest.counts, sort_keys=True)}")
 
 
+def _benchmark_export(args: argparse.Namespace) -> None:
+    from mip_core.service.keepsets import export_benchmark
+
+    written = export_benchmark(args.bench, args.out)
+    for kind in ("retain", "utility", "templates"):
+        with open(written[kind], encoding="utf-8") as f:
+            print(f"wrote {written[kind]}: {sum(1 for line in f if line.strip())} rows")
+    print(f"wrote {written['images']}: {len(os.listdir(written['images']))} images; register a model with them: "
+          f"mip models register --name NAME --model DIR --retain {written['retain']} --utility "
+          f"{written['utility']} --templates {written['templates']}")
+
+
 def _vanilla(args: argparse.Namespace) -> None:
     import torch
 
@@ -308,14 +320,27 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _models_register(args: argparse.Namespace) -> None:
+    from mip_core.service.registry import check_sources, register_with_keepsets
     from mip_core.service.store import ServiceStore
 
-    from mip_core.service.registry import check_sources
-
+    keep = {"--retain": args.retain, "--utility": args.utility, "--templates": args.templates}
+    given = [flag for flag, value in keep.items() if value is not None]
+    usage = ("give --dataset BENCH (the benchmark the model was trained on) or --retain R --utility U "
+             "[--templates T] (your own keep-set files, docs/keepsets.md; `mip benchmark export` shows examples)")
+    if args.dataset is not None and given:
+        raise InputError(f"--dataset and {', '.join(given)} exclude each other: {usage}")
+    if args.dataset is None and (args.retain is None or args.utility is None):
+        missing = [f for f in ("--retain", "--utility") if keep[f] is None]
+        raise InputError(f"{' and '.join(missing)} missing: {usage}" if given else f"no dataset: {usage}")
     store = ServiceStore(_service_root(args))
-    model_uri, dataset_uri = check_sources(args.model, args.dataset, store.endpoint_url)
-    version = store.register_model(args.name, model_uri, dataset_uri=dataset_uri)
+    if args.dataset is not None:
+        model_uri, dataset_uri = check_sources(args.model, args.dataset, store.endpoint_url)
+        version = store.register_model(args.name, model_uri, dataset_uri=dataset_uri)
+    else:
+        version = register_with_keepsets(store, args.name, args.model, args.retain, args.utility, args.templates)
     print(f"registered {args.name} {version} (current): {store.uri(store.model_key(args.name, version))}")
+    for kind, uri in (store.model_info(args.name, version).get("keepsets") or {}).items():
+        print(f"  keep-set {kind}: {uri}")
 
 
 def _models_export(args: argparse.Namespace) -> None:
@@ -460,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
     make.set_defaults(func=_benchmark_make)
+    bexp = bench.add_parser("export", help="write a benchmark as plain keep-set files (retain.jsonl, "
+                                           "utility.jsonl, templates.jsonl, images/): what an operator registers "
+                                           "a model with")
+    bexp.add_argument("--bench", required=True, help="benchmark folder")
+    bexp.add_argument("--out", required=True, help="output folder (created)")
+    bexp.set_defaults(func=_benchmark_export)
 
     vanilla = sub.add_parser("vanilla", help="fine-tune a model on every profile and the utility set")
     vanilla.add_argument("--bench", required=True, help="benchmark folder")
@@ -564,7 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
                                              "make it current")
     reg.add_argument("--name", required=True, help="model name requests target (letters, digits, . _ -)")
     reg.add_argument("--model", required=True, help="model folder or URI (safetensors + processor)")
-    reg.add_argument("--dataset", required=True, help="the benchmark folder or URI the model was trained on")
+    reg.add_argument("--dataset", help="the benchmark folder or URI the model was trained on (or give --retain "
+                                       "and --utility instead)")
+    reg.add_argument("--retain", help="keep-set file (JSONL or Parquet, docs/keepsets.md): facts about people the "
+                                      "model must keep knowing")
+    reg.add_argument("--utility", help="keep-set file: general questions the model must keep answering")
+    reg.add_argument("--templates", help="question templates (JSONL) to probe a person with (default: a general "
+                                         "set: who is this, birthplace, job, home, employer, known for)")
     reg.add_argument("--root", help=root_help)
     reg.set_defaults(func=_models_register)
     exp = models.add_parser("export", help="write a version as a plain checkpoint for serving (a neuron-delta "
@@ -615,15 +652,21 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                "mip report b20261203-211500-6a5920 --json", "mip report --serve --root demo_out/store"),
     "models": ("mip models list", "mip models register --name demo --model demo_out/vanilla --dataset demo_out/bench"),
     "models register": ("mip models register --name demo --model demo_out/vanilla --dataset demo_out/bench",
-                        "mip models register --name prod-mllm --model s3://models/prod-mllm --dataset s3://data/bench "
+                        "mip models register --name prod-mllm --model s3://models/prod-mllm --retain "
+                        "keep/retain.jsonl --utility keep/utility.jsonl --templates keep/templates.jsonl "
+                        "--root s3://mip-service/prod",
+                        "mip models register --name prod-mllm --model s3://models/prod-mllm --retain "
+                        "s3://data/retain.parquet --utility s3://data/utility.parquet "
                         "--root s3://mip-service/prod"),
     "models list": ("mip models list", "mip models list --json"),
     "models export": ("mip models export demo --out exports/demo-current",
                       "mip models export demo --version v0003 --out /srv/models/demo-v0003"),
     "schema": ("mip schema request > forget_request.schema.json",),
     "schema request": ("mip schema request > forget_request.schema.json",),
-    "benchmark": ("mip benchmark make --out demo_out/bench --profiles 100 --seed 0",),
+    "benchmark": ("mip benchmark make --out demo_out/bench --profiles 100 --seed 0",
+                  "mip benchmark export --bench demo_out/bench --out demo_out/keep"),
     "benchmark make": ("mip benchmark make --out demo_out/bench --profiles 100 --seed 0",),
+    "benchmark export": ("mip benchmark export --bench demo_out/bench --out demo_out/keep",),
     "model": ("mip model tiny --arch {arch} --out /tmp/tiny",),
     "model tiny": ("mip model tiny --arch {arch} --out /tmp/tiny", "mip model tiny --arch {arch} --size test --out "
                    "/tmp/tiny-test"),

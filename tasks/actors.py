@@ -32,7 +32,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from mip_core.attribution import AttributionConfig, attribute_items
-from mip_core.benchmark import load_benchmark
+from mip_core.service.items import load_items
 from mip_core.errors import AttributionOOM, InputError, ModelLoadError
 from mip_core.modeling import LoadedModel, load_model
 from mip_core.modeling.io import DTYPES, localize
@@ -52,9 +52,9 @@ from mip_core.types import ItemPath
 
 __all__ = ["AttributionActor", "actor_options", "attribute_batch", "forwarded_env", "shard_uri"]
 
-FORWARDED_ENV_PREFIXES = ("AWS_", "MIP_S3_")
-"""Driver variables given to the actors (S3 endpoint and credentials): workers of a Ray cluster started before
-the driver set them would not see them otherwise."""
+FORWARDED_ENV_PREFIXES = ("AWS_", "MIP_S3_", "MIP_NO_BENCHMARK")
+"""Driver variables given to the actors (S3 endpoint and credentials, the no-benchmark guard): workers of a Ray
+cluster started before the driver set them would not see them otherwise."""
 
 _MODEL_LOADS = 0  # per actor process: how many times a model was loaded (ping reports it; tests expect 1)
 
@@ -134,7 +134,7 @@ class AttributionActor:
             self.loaded = load_model(local, dtype=dtype, device="cpu")
         _MODEL_LOADS += 1
         self.bench_uri = bench_uri
-        self.bench = load_benchmark(localize(bench_uri, endpoint_url))
+        self.bench = load_items(localize(bench_uri, endpoint_url))  # a benchmark or a batch's item table
         self.by_id = {it.item_id: it for it in self.bench.items}
         self.load_seconds = time.perf_counter() - start
         self.name = f"{socket.gethostname()}:{os.getpid()}"

@@ -20,19 +20,20 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from mip_core.benchmark import load_benchmark
 from mip_core.errors import MipError
 from mip_core.modeling import load_model
 from mip_core.modeling.inputs import inputs_follow_model
 from mip_core.modeling.io import localize
 from mip_core.service.batch import BatchManifest
 from mip_core.service.gate import GateConfig, GateDecision, by_set, correct_by_id, decide
+from mip_core.service.items import load_items
+from mip_core.service.probes import answers_by_id
 from mip_core.service.scores import gate_scores
 from mip_core.service.shards import ActorStartError
 from mip_core.service.store import ServiceStore
 from tasks.actors import actor_options, describe_error, ensure_ray, forwarded_env, load_on_gpus
 
-__all__ = ["ScoringActor", "ScoringError", "gate_batch", "score_on_actor"]
+__all__ = ["ScoringActor", "ScoringError", "gate_batch", "probe_on_actor", "score_on_actor"]
 
 
 class ScoringError(MipError, RuntimeError):
@@ -52,7 +53,7 @@ class ScoringActor:
             inputs_follow_model(self.loaded.model)
         else:
             self.loaded, self.device = load_model(local, dtype=dtype, device="cpu"), "cpu"
-        self.bench = load_benchmark(localize(dataset_uri, endpoint_url))
+        self.bench = load_items(localize(dataset_uri, endpoint_url))  # a benchmark or a batch's item table
         self.load_seconds = time.perf_counter() - start
 
     def ping(self) -> dict[str, Any]:
@@ -62,6 +63,11 @@ class ScoringActor:
 
     def score(self, item_ids: Sequence[str]) -> dict[str, bool]:
         return correct_by_id(self.loaded.model, self.loaded.processor, self.bench, item_ids)
+
+    def answer(self, item_ids: Sequence[str]) -> dict[str, tuple[str, float]]:
+        """``{item_id: (answer, confidence)}``: the greedy answer where the item has none yet (a candidate probe),
+        else the confidence of the given answer."""
+        return answers_by_id(self.loaded.model, self.loaded.processor, self.bench, item_ids)
 
 
 def _options(gpus_per_actor: int, forward_env: bool) -> dict[str, Any]:
@@ -76,7 +82,7 @@ def _options(gpus_per_actor: int, forward_env: bool) -> dict[str, Any]:
 
 def score_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *, gpus_per_actor: int = 1,
                    dtype: str = "auto", endpoint_url: str | None = None, forward_env: bool = True,
-                   log: Callable[[str], Any] = print) -> dict[str, bool]:
+                   log: Callable[[str], Any] = print, method: str = "score") -> dict[str, Any]:
     """``{item_id: correct}`` of ``model_uri`` on ``dataset_uri``'s items, computed on one fresh Ray actor.
 
     Ray: the connected cluster, else ``RAY_ADDRESS``, else a local one (as ``tasks.actors``). The actor is
@@ -98,11 +104,11 @@ def score_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *,
                                   f"{dtype}): {describe_error(exc)}") from exc
         start = time.perf_counter()
         try:
-            correct = ray.get(actor.score.remote(ids))
+            correct = ray.get(getattr(actor, method).remote(ids))
         except RayActorError as exc:
             raise ScoringError(f"the scoring actor {info['host']}:{info['pid']} died scoring {len(ids)} items of "
                                f"{model_uri}: {describe_error(exc)}; check `ray logs`, then rerun") from exc
-        log(f"gate: {len(ids)} items of {model_uri} scored on actor {info['host']}:{info['pid']} ({info['device']}, "
+        log(f"{'gate' if method == 'score' else 'probes'}: {len(ids)} items of {model_uri} scored on actor {info['host']}:{info['pid']} ({info['device']}, "
             f"{options.get('num_gpus', 0)} GPU, {options['num_cpus']} CPU) in {time.perf_counter() - start:.1f} s, "
             f"model loaded in {info['load_seconds']:.1f} s")
         return correct
@@ -116,7 +122,7 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
     """Score batch ``batch_id``'s gate items (cached starting-version scores, the edited model on an actor) and
     apply the gate. The edited model's scores land in ``batches/<id>/scores/`` for ``promote_scores``."""
     m = BatchManifest.from_json(store.read_text(store.batch_key(batch_id, "manifest.json")))
-    bench = load_benchmark(localize(m.dataset_uri, store.endpoint_url))
+    bench = load_items(localize(m.dataset_uri, store.endpoint_url))
     item_sets = m.item_sets(bench)
     ids = [it.item_id for items in item_sets.values() for it in items]
     log(f"gate: {', '.join(f'{len(v)} {k}' for k, v in item_sets.items())} items")
@@ -127,3 +133,12 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
 
     before, after = gate_scores(store, m, ids, edited_uri, dtype=dtype, score=score, log=log)
     return decide(item_sets, by_set(item_sets, before), by_set(item_sets, after), cfg, request_of=m.request_of())
+
+
+def probe_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *, gpus_per_actor: int = 1,
+                   dtype: str = "auto", endpoint_url: str | None = None,
+                   log: Callable[[str], Any] = print) -> dict[str, tuple[str, float]]:
+    """The target model's greedy answers and confidences on candidate probes, computed where it can be held."""
+    got = score_on_actor(model_uri, dataset_uri, item_ids, gpus_per_actor=gpus_per_actor, dtype=dtype,
+                         endpoint_url=endpoint_url, log=log, method="answer")
+    return {i: (str(a), float(c)) for i, (a, c) in got.items()}

@@ -8,6 +8,7 @@ storage. Retries sit on the decorators: I/O-bound steps retry; the attribution a
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -25,9 +26,11 @@ from mip_core.errors import InputError, ModelLoadError
 from mip_core.modeling.io import localize
 from mip_core.paths import reduce_paths
 from mip_core.results import read_item_paths, read_path_graph, write_path_graph
-from mip_core.service.batch import BatchManifest, plan_batch
+from mip_core.service.batch import BatchManifest, plan_batch, unknown_versions
 from mip_core.service.gate import GateConfig, format_decision
 from mip_core.service.lease import LeaseHeld, hold
+from mip_core.service.planning import plan_people_batch
+from mip_core.service.probes import MIN_CONFIDENCE
 from mip_core.service.html_report import batch_html
 from mip_core.service.links import report_link
 from mip_core.service.report import batch_report
@@ -36,7 +39,7 @@ from mip_core.service.runs import (abandon_reason, adopt, claimed_batches, close
 from mip_core.service.scores import promote_scores
 from mip_core.service.store import ServiceStore
 from tasks.actors import attribute_batch, attribution_config
-from tasks.gate import gate_batch
+from tasks.gate import gate_batch, probe_on_actor
 from tasks.launch import launch_edit
 from tasks.logs import forward_progress
 
@@ -182,18 +185,35 @@ def claim_requests(root: str, request_ids: list[str], run_id: str) -> str:
     return batch_id
 
 
-@task(name="plan-batch", **IO_RETRIES)
-def plan_batch_task(root: str, batch_id: str, retain_limit: int) -> str:
-    """Resolve the claimed requests against the model's dataset; unresolvable ones are rejected now, with why."""
+@task(name="plan-batch", **COMPUTE_RETRIES)
+def plan_batch_task(root: str, batch_id: str, retain_limit: int, gpus_per_actor: int = 1, dtype: str = "auto",
+                    min_confidence: float = MIN_CONFIDENCE) -> str:
+    """Turn the claimed requests into the batch's items; unresolvable ones are rejected now, with why.
+
+    A model registered with keep-sets: each person is probed with the model's templates on a Ray actor (the
+    model answers; confident answers are kept) and the batch gets its own item table. A model registered with
+    its benchmark: subjects are its profile ids, resolved against it."""
     store = ServiceStore(root)
     claim = store.read_json(store.batch_key(batch_id, "claim.json"))
     info = store.model_info(claim["target_model"])
-    bench = load_benchmark(localize(info["dataset_uri"]))
-    manifest = plan_batch(batch_id, [store.get(r) for r in claim["requests"]], target_model=claim["target_model"],
-                          base_version=info["version"], base_uri=store.uri(store.model_key(claim["target_model"],
-                                                                                            info["version"])),
-                          dataset_uri=info["dataset_uri"], bench=bench, retain_limit=retain_limit,
-                          versions=store.versions(claim["target_model"]))
+    records = [store.get(r) for r in claim["requests"]]
+    base_uri = store.uri(store.model_key(claim["target_model"], info["version"]))
+    common = {"target_model": claim["target_model"], "base_version": info["version"], "base_uri": base_uri,
+              "retain_limit": retain_limit}
+    versions = store.versions(claim["target_model"])
+    if info.get("keepsets"):
+        def answer(table_uri: str, ids: Sequence[str]) -> dict[str, tuple[str, float]]:
+            return probe_on_actor(base_uri, table_uri, ids, gpus_per_actor=gpus_per_actor, dtype=dtype,
+                                  endpoint_url=store.endpoint_url, log=get_run_logger().info)
+
+        requests = [r.request for r in records]
+        manifest = plan_people_batch(store, batch_id, requests, info["keepsets"], answer,
+                                     rejected=unknown_versions(requests, claim["target_model"], versions),
+                                     min_confidence=min_confidence, log=get_run_logger().info, **common)
+    else:
+        bench = load_benchmark(localize(info["dataset_uri"]))
+        manifest = plan_batch(batch_id, records, dataset_uri=info["dataset_uri"], bench=bench, versions=versions,
+                              **common)
     key = store.batch_key(batch_id, "manifest.json")
     store.write_text(key, manifest.to_json())
     for request_id, reason in manifest.rejected.items():  # the batch's report will list them too
@@ -279,8 +299,9 @@ def publish_task(root: str, batch_id: str, edited_uri: str, graph_uri: str) -> s
         promote_scores(store, batch_id, m.target_model, existing)
         get_run_logger().info("batch %s was already published as %s", batch_id, existing)
         return existing
+    base = store.model_info(m.target_model, m.base_version)  # the new version keeps its base's keep-sets
     version = store.register_model(
-        m.target_model, edited_uri, dataset_uri=m.dataset_uri,
+        m.target_model, edited_uri, dataset_uri=base.get("dataset_uri"), keepsets=base.get("keepsets"),
         card=f"# {m.target_model}\n\nEdited by MIP-Editor batch `{batch_id}` from version `{m.base_version}`: "
              f"{len(m.accepted)} forget request(s), {len(m.forget)} items. Lineage in lineage.json.\n",
         lineage={"parent_version": m.base_version, "batch_id": batch_id, "requests": m.accepted,
@@ -311,7 +332,8 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
         if store.get(request_id).state != "claimed":  # closed by an earlier, interrupted run of this batch
             continue
         n_ok = sum(1 for i in m.items_of.get(request_id, ()) if i not in failed_items)
-        if version and n_ok:
+        own = (gate or {}).get("request_reasons", {}).get(request_id)  # its own items not forgotten
+        if version and n_ok and own is None:
             store.finish(request_id, "done", model_version=version, report_uri=store.uri(report_key),
                          metrics=per_request.get(request_id))
         else:
@@ -319,8 +341,13 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
                 reason = error
             elif not n_ok:
                 reason = "attribution failed for every item of the request"
+            elif gate:  # its own figures first; the batch's reasons when nothing was published
+                batch_reasons = [] if version else [r for r in gate["reasons"] if not own or own not in r]
+                parts = ([own] if own else []) + batch_reasons
+                reason = "gate: " + "; ".join(parts) + (f" (version {version} was published for the batch's other "
+                                                        "requests)" if version else "")
             else:
-                reason = "gate: " + "; ".join(gate["reasons"]) if gate else "not published"
+                reason = "not published"
             store.finish(request_id, "failed", reason=reason, report_uri=store.uri(report_key),
                          metrics=per_request.get(request_id))
     records = [store.get(r) for r in m.requests]

@@ -33,6 +33,9 @@ from .schema import (
 )
 
 
+NO_BENCHMARK_ENV = "MIP_NO_BENCHMARK"
+
+
 class Benchmark:
     """A loaded benchmark. Tables are read eagerly (they are small); images only on :meth:`load_image`."""
 
@@ -217,7 +220,14 @@ def _read_table(root: Path, name: str, expected: pa.Schema, manifest: Manifest) 
 
 
 def load_benchmark(path: str | os.PathLike[str]) -> Benchmark:
-    """Open a benchmark dir made by :func:`make_benchmark`, validating manifest and table schema versions."""
+    """Open a benchmark dir made by :func:`make_benchmark`, validating manifest and table schema versions.
+
+    ``MIP_NO_BENCHMARK=1`` forbids it: a service whose models are registered with their own keep-sets sets it to
+    prove that nothing depends on a training benchmark (the end-to-end test does)."""
+    if os.environ.get(NO_BENCHMARK_ENV, "") not in ("", "0"):
+        raise BenchmarkError(f"{NO_BENCHMARK_ENV} is set, so no benchmark may be opened, but something asked for "
+                             f"{path}; register the model with keep-sets (`mip models register --retain --utility`)"
+                             f" or unset {NO_BENCHMARK_ENV}")
     root = Path(path)
     mpath = root / MANIFEST_FILE
     if not mpath.is_file():

@@ -132,14 +132,23 @@ class Item:
         if (self.modality == "multimodal") != (self.image is not None):
             raise BenchmarkError(f"{where}: multimodal items (and only they) have an image; {MAKE_HINT}")
         opts = tuple(self.options)
+        if not opts and self.answer_index == -1:  # free-form: scored by its greedy answer, not by options
+            object.__setattr__(self, "options", ())
+            return
         if len(opts) != 4 or len(set(opts)) != 4:
-            raise BenchmarkError(f"{where}: needs 4 distinct options, got {opts!r}; {MAKE_HINT}")
+            raise BenchmarkError(f"{where}: needs 4 distinct options (or none and answer_index -1 for a free-form "
+                                 f"item), got {opts!r} with answer_index {self.answer_index}; {MAKE_HINT}")
         if not 0 <= self.answer_index < 4 or opts[self.answer_index] != self.answer:
             raise BenchmarkError(
                 f"{where}: options[{self.answer_index}] is not the answer {self.answer!r}; {MAKE_HINT}"
             )
         if not isinstance(self.options, tuple):
             object.__setattr__(self, "options", opts)
+
+    @property
+    def free_form(self) -> bool:
+        """No options: correct when the model's greedy answer gives ``answer`` (a probe the service built)."""
+        return not self.options
 
     def to_row(self) -> dict[str, Any]:
         return {

@@ -49,7 +49,7 @@ class EditSpec:
     """Everything the edit job needs; JSON-serialisable, so the flow hands it over as one file."""
 
     model_uri: str  # model folder or s3:// prefix (save_model layout)
-    bench_uri: str  # benchmark folder or s3:// prefix (make_benchmark layout); localised when remote
+    bench_uri: str  # benchmark or item-table folder, or s3:// prefix; localised when remote
     forget: tuple[tuple[str, str], ...]  # (item_id, request_id) of every forget item
     retain_item_ids: tuple[str, ...]  # retain items (held in place by the edit)
     graph_uri: str  # path_graph/1 dataset (mip_core.results.write_path_graph)
@@ -192,13 +192,14 @@ def zero3_config(*, offload: bool = False, train_micro_batch_size_per_gpu: int =
 def _edit(loaded: Any, spec: EditSpec, log: Log) -> tuple[Any, dict[str, int]]:
     """Encode the spec's items, read the graph, run the method on ``loaded`` in place (one rank or many)."""
     from mip_core._compat.deepspeed import record_gathers
-    from mip_core.benchmark import load_benchmark
     from mip_core.editing.data import unlearn_data
     from mip_core.editing.methods import get_method
     from mip_core.modeling.io import localize
     from mip_core.results import read_path_graph
 
-    bench = load_benchmark(localize(spec.bench_uri))
+    from mip_core.service.items import load_items
+
+    bench = load_items(localize(spec.bench_uri))  # a benchmark, or a service batch's item table
     by_id = {it.item_id: it for it in bench.items}
     wanted = [i for i, _ in spec.forget] + list(spec.retain_item_ids)
     missing = [i for i in wanted if i not in by_id]

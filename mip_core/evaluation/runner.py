@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from mip_core.benchmark import Benchmark, Item
 from mip_core.evaluation.metrics import forgetting_rate, mc_correct, mean, retention, rouge_l
-from mip_core.modeling.inputs import answer_logprob, collate, encode
+from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob, collate, encode
 from mip_core.types import MODALITIES
 from mip_core.names import SPLITS  # defined with the CLI's names, which must not import torch
 from mip_core.progress import Progress
@@ -52,6 +53,10 @@ def sequence_logprobs(model: nn.Module, examples: Sequence[dict[str, Tensor]], p
 def multiple_choice(model: nn.Module, processor: Any, bench: Benchmark, items: Sequence[Item],
                     batch_size: int = 64, progress: bool = False) -> list[bool]:
     """For each item, whether the highest-likelihood option (as the answer) is the right one."""
+    free = [it.item_id for it in items if it.free_form]
+    if free:
+        raise ValueError(f"multiple_choice: items {free[:5]} ({len(free)} in all) have no options; score them with "
+                         "score_items (greedy answer match)")
     examples = []
     for it in items:
         image = bench.load_image(it) if it.image else None
@@ -85,6 +90,71 @@ def generate_answers(model: nn.Module, processor: Any, bench: Benchmark, items: 
             answers.extend(s.strip() for s in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             bar.update(len(chunk))
     return answers
+
+
+def answer_logprobs(model: nn.Module, processor: Any, bench: Any, items: Sequence[Item],
+                    answers: Sequence[str] | None = None, batch_size: int = 64) -> list[tuple[float, int]]:
+    """Per item, ``(log p(answer + end | question, image), number of tokens scored)``; the answer is the item's
+    own or ``answers[k]``. ``bench`` is anything with ``load_image(item)`` (a benchmark, an item table)."""
+    answers = [it.answer for it in items] if answers is None else list(answers)
+    examples = [encode(processor, it.question, bench.load_image(it) if it.image else None, answer,
+                       item_id=it.item_id) for it, answer in zip(items, answers, strict=True)]
+    counts = [int((ex["labels"][1:] != IGNORE_INDEX).sum()) for ex in examples]  # labels [seq]: answer + end
+    sums = sequence_logprobs(model, examples, processor.tokenizer.pad_token_id, batch_size) if examples else []
+    return list(zip(sums, counts, strict=True))
+
+
+def answer_confidence(model: nn.Module, processor: Any, bench: Any, items: Sequence[Item],
+                      answers: Sequence[str] | None = None, batch_size: int = 64) -> list[float]:
+    """The geometric mean of the answer's token probabilities, ``exp(mean log p)``, in (0, 1]: how clearly the
+    model says it, comparable across answers of different lengths."""
+    return [math.exp(total / max(n, 1)) for total, n in answer_logprobs(model, processor, bench, items, answers,
+                                                                        batch_size)]
+
+
+def probe_answers(model: nn.Module, processor: Any, bench: Any, items: Sequence[Item], max_new_tokens: int = 16,
+                  batch_size: int = 64) -> list[tuple[str, float]]:
+    """The model's greedy answer to each item's question and its confidence (0 for an empty answer)."""
+    if not items:
+        return []
+    generated = generate_answers(model, processor, bench, items, batch_size, max_new_tokens)
+    spoken = [k for k, text in enumerate(generated) if text]
+    confidence = answer_confidence(model, processor, bench, [items[k] for k in spoken],
+                                   [generated[k] for k in spoken], batch_size)
+    by_index = dict(zip(spoken, confidence, strict=True))
+    return [(text, by_index.get(k, 0.0)) for k, text in enumerate(generated)]
+
+
+_EDGE_PUNCTUATION = " \t\n.,;:!?\"'()[]"
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(_EDGE_PUNCTUATION) for w in text.casefold().split() if w.strip(_EDGE_PUNCTUATION)]
+
+
+def generation_match(answer: str, generated: str) -> bool:
+    """Whether a greedy generation gives ``answer``: its words (case and surrounding punctuation ignored) appear
+    in the generation as a run of whole words ("Lisbon" matches "Lisbon." and "born in Lisbon", not "Lis")."""
+    want, got = _words(answer), _words(generated)
+    if not want:
+        return False
+    return any(got[k:k + len(want)] == want for k in range(len(got) - len(want) + 1))
+
+
+def score_items(model: nn.Module, processor: Any, bench: Any, items: Sequence[Item], batch_size: int = 64
+                ) -> list[bool]:
+    """Per item, in order: multiple-choice correctness where it has options, else whether the greedy answer still
+    gives its answer (:func:`generation_match`)."""
+    choice = [k for k, it in enumerate(items) if not it.free_form]
+    free = [k for k, it in enumerate(items) if it.free_form]
+    out: dict[int, bool] = {}
+    if choice:
+        out.update(zip(choice, multiple_choice(model, processor, bench, [items[k] for k in choice], batch_size),
+                       strict=True))
+    if free:
+        generated = generate_answers(model, processor, bench, [items[k] for k in free], batch_size)
+        out.update({k: generation_match(items[k].answer, text) for k, text in zip(free, generated, strict=True)})
+    return [out[k] for k in range(len(items))]
 
 
 def evaluate(model: nn.Module, processor: Any, bench: Benchmark, *, forget_pct: int = 5,

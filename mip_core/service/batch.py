@@ -36,6 +36,8 @@ class BatchManifest:
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     version: int = MANIFEST_VERSION
     eval_test: tuple[str, ...] = ()  # the forget facts asked another way (held out): does forgetting generalise
+    held_out: tuple[tuple[str, str], ...] = ()  # (eval_test item id, request id): held-out figures per request
+    scores_dataset: str = ""  # what cached per-version scores are keyed on (default: dataset_uri)
 
     @property
     def accepted(self) -> list[str]:
@@ -43,7 +45,12 @@ class BatchManifest:
         return [r for r in self.requests if r not in self.rejected]
 
     def request_of(self) -> dict[str, str]:
-        return dict(self.forget)
+        """item id -> request id, for the forget items and the held-out ones."""
+        return dict(self.held_out) | dict(self.forget)
+
+    @property
+    def scores_key(self) -> str:
+        return self.scores_dataset or self.dataset_uri
 
     def item_sets(self, bench: Benchmark) -> dict[str, list[Item]]:
         """The gate's item sets, as benchmark items."""
@@ -63,10 +70,20 @@ class BatchManifest:
                              "re-plan the batch with this release")
         data["requests"] = tuple(data["requests"])
         data["forget"] = tuple(tuple(p) for p in data["forget"])
+        data["held_out"] = tuple(tuple(p) for p in data.get("held_out", ()))
         for name in ("edit_retain", "eval_retain", "eval_utility", "eval_test"):
             data[name] = tuple(data.get(name, ()))  # eval_test: absent from manifests written before it
         data["items_of"] = {k: tuple(v) for k, v in data["items_of"].items()}
         return cls(**data)
+
+
+def unknown_versions(requests: Sequence[Any], target_model: str, versions: Sequence[str] | None
+                     ) -> dict[str, str]:
+    """Requests naming a ``target_version`` the model does not have -> why they are rejected."""
+    return {r.request_id: (f"target_version {r.target_version!r} is not a version of {target_model} (versions: "
+                           f"{', '.join(versions or [])}); resubmit without it (the current version) or with one "
+                           "of those")
+            for r in requests if versions is not None and r.target_version not in (None, *versions)}
 
 
 def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: str, base_version: str,
@@ -76,18 +93,17 @@ def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: s
 
     ``versions``: the model's published versions; a request naming another ``target_version`` is rejected."""
     requests = [rec.request for rec in request_records]
-    unknown_version = {
-        r.request_id: (f"target_version {r.target_version!r} is not a version of {target_model} (versions: "
-                       f"{', '.join(versions or [])}); resubmit without it (the current version) or with one of those")
-        for r in requests if versions is not None and r.target_version not in (None, *versions)}
+    unknown_version = unknown_versions(requests, target_model, versions)
     resolved = resolve_requests([r for r in requests if r.request_id not in unknown_version], bench)
     # Held-out evaluation: the gate scores other people's and general-knowledge items the edit never saw, so a
     # retention measured on what RMisU was told to keep cannot flatter the edit.
     others = retain_items(bench, resolved.forget_profiles, 2 * retain_limit, seed)
     utility = [it.item_id for it in bench.items if it.kind == "utility"][: 2 * utility_limit]
-    facts = {(it.profile_id, it.fact, it.modality) for it, _ in resolved.forget}
-    held_out = [it.item_id for it in bench.items
-                if it.kind == "test" and (it.profile_id, it.fact, it.modality) in facts]
+    facts: dict[tuple[str | None, str, str], str] = {}  # a forget fact -> the request that asked for it first
+    for it, rid in resolved.forget:
+        facts.setdefault((it.profile_id, it.fact, it.modality), rid)
+    held_out = [(it.item_id, facts[key]) for it in bench.items
+                if it.kind == "test" and (key := (it.profile_id, it.fact, it.modality)) in facts]
     return BatchManifest(
         batch_id=batch_id, target_model=target_model, base_version=base_version, base_uri=base_uri,
         dataset_uri=dataset_uri, requests=tuple(r.request_id for r in requests),
@@ -96,7 +112,7 @@ def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: s
         items_of={rid: tuple(ids) for rid, ids in resolved.items_of.items() if rid not in resolved.rejected},
         edit_retain=tuple([it.item_id for it in others[0::2]] + utility[0::2]),
         eval_retain=tuple(it.item_id for it in others[1::2]), eval_utility=tuple(utility[1::2]),
-        eval_test=tuple(held_out))
+        eval_test=tuple(i for i, _ in held_out), held_out=tuple(held_out))
 
 
-__all__ = ["MANIFEST_VERSION", "BatchManifest", "plan_batch"]
+__all__ = ["MANIFEST_VERSION", "BatchManifest", "plan_batch", "unknown_versions"]

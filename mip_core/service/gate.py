@@ -10,8 +10,10 @@ likely is the right one; chance is 1/4):
 - ``retain``: a fixed sample of the other people's items (what must be kept);
 - ``utility``: general-knowledge items with no person in them.
 
-The gate publishes only if, in every modality that has items, the forgetting rate reaches ``min_forgetting`` and
-the retention of both kept sets reaches its floor. Relative figures (``forgetting_rate``, ``retention``) are taken
+Each request is judged on its own items: it is ``done`` only if the forgetting rate of *its* forget items reaches
+``min_forgetting`` (its held-out probes reported beside them), whatever the batch average says. The edit is
+published only if, in every modality that has items, the retention of both kept sets reaches its floor, and at
+least one request passed. Relative figures (``forgetting_rate``, ``retention``) are taken
 against the same items on the starting model, so a question the model never knew is neither credit nor blame.
 
 Everything here but :func:`correctness` is pure. The service scores each model on a Ray actor (``tasks.gate``) and
@@ -30,7 +32,7 @@ from torch import nn
 from mip_core.benchmark import Benchmark, Item
 from mip_core.errors import InputError
 from mip_core.evaluation.metrics import forgetting_rate, mean, retention
-from mip_core.evaluation.runner import multiple_choice
+from mip_core.evaluation.runner import score_items
 
 SETS = ("forget", "test", "retain", "utility")
 #: What people read for a set name (the log's table and the reports use the same words).
@@ -81,13 +83,18 @@ class GateDecision:
     passed: bool
     reasons: tuple[str, ...]  # one per failed check; empty when passed
     scores: tuple[SetScore, ...]
-    per_request: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # request -> before/after acc
+    per_request: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # request -> its own figures
     config: GateConfig = field(default_factory=GateConfig)
+    request_reasons: Mapping[str, str] = field(default_factory=dict)  # request -> why it is not forgotten
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reasons": list(self.reasons), "config": self.config.to_dict(),
                 "scores": [asdict(s) | {"relative": s.relative} for s in self.scores],
-                "per_request": {k: dict(v) for k, v in self.per_request.items()}}
+                "per_request": {k: dict(v) for k, v in self.per_request.items()},
+                "request_reasons": dict(self.request_reasons)}
+
+    def request_passed(self, request_id: str) -> bool:
+        return bool(self.per_request.get(request_id, {}).get("passed"))
 
     def metric(self, items: str, modality: str) -> SetScore | None:
         return next((s for s in self.scores if s.items == items and s.modality == modality), None)
@@ -95,9 +102,10 @@ class GateDecision:
 
 def correctness(model: nn.Module, processor: Any, bench: Benchmark, item_sets: Mapping[str, Sequence[Item]],
                 ) -> dict[str, dict[str, bool]]:
-    """``{set: {item_id: correct}}``: one multiple-choice pass per set (the model is only read)."""
+    """``{set: {item_id: correct}}``: multiple choice where an item has options, else its greedy answer (the
+    model is only read)."""
     model.eval()
-    return {name: dict(zip((it.item_id for it in items), multiple_choice(model, processor, bench, items),
+    return {name: dict(zip((it.item_id for it in items), score_items(model, processor, bench, items),
                            strict=True)) for name, items in item_sets.items()}
 
 
@@ -116,43 +124,96 @@ def by_set(item_sets: Mapping[str, Sequence[Item]], correct: Mapping[str, bool])
     return {name: {it.item_id: correct[it.item_id] for it in items} for name, items in item_sets.items()}
 
 
-def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping[str, bool]],
-           after: Mapping[str, Mapping[str, bool]], cfg: GateConfig, *,
-           request_of: Mapping[str, str] | None = None) -> GateDecision:
-    """The gate over per-item correctness before and after (pure: no model, so it is tested on toy tables)."""
-    scores: list[SetScore] = []
-    reasons: list[str] = []
-    floors = {"forget": cfg.min_forgetting, "retain": cfg.min_retention, "utility": cfg.min_utility}
+def _set_scores(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping[str, bool]],
+                after: Mapping[str, Mapping[str, bool]]) -> list[SetScore]:
+    """Accuracy before and after of every set, per modality."""
+    scores = []
     for name in SETS:
         items = item_sets.get(name, ())
         for modality in sorted({it.modality for it in items}):
             ids = [it.item_id for it in items if it.modality == modality]
-            score = SetScore(name, modality, len(ids), mean([float(before[name][i]) for i in ids]),
-                             mean([float(after[name][i]) for i in ids]))
-            scores.append(score)
-            rel = score.relative
-            if rel != rel:  # NaN: the starting model knew none of these items, so there is nothing to measure
-                if name == "forget":
-                    reasons.append(f"forget {modality}: the starting model answers none of the {len(ids)} items "
-                                   "correctly, so forgetting cannot be measured")
-                continue
-            if name in floors and rel < floors[name]:
-                label = "forgetting rate" if name == "forget" else "retention"
-                reasons.append(f"{name} {modality}: {label} {rel:.3f} < {floors[name]:.3f} "
-                               f"(accuracy {score.before:.3f} -> {score.after:.3f}, n={len(ids)})")
-    if not any(s.items == "forget" for s in scores):
+            scores.append(SetScore(name, modality, len(ids), mean([float(before[name][i]) for i in ids]),
+                                   mean([float(after[name][i]) for i in ids])))
+    return scores
+
+
+def _kept_set_reasons(scores: Sequence[SetScore], cfg: GateConfig) -> list[str]:
+    """The batch's checks: other people's and general items kept (they protect every request alike)."""
+    floors = {"retain": cfg.min_retention, "utility": cfg.min_utility}
+    return [f"{s.items} {s.modality}: retention {s.relative:.3f} < {floors[s.items]:.3f} (accuracy {s.before:.3f} "
+            f"-> {s.after:.3f}, n={s.n})" for s in scores
+            if s.items in floors and s.relative == s.relative and s.relative < floors[s.items]]
+
+
+def _rates(items: Sequence[Item], before: Mapping[str, bool], after: Mapping[str, bool],
+           group: Callable[[Item], str]) -> dict[str, tuple[int, float, float]]:
+    """``{group: (n, accuracy before, accuracy after)}`` of ``items``."""
+    sums: dict[str, list[float]] = {}
+    for it in items:
+        acc = sums.setdefault(group(it), [0, 0.0, 0.0])
+        acc[0] += 1
+        acc[1] += float(before[it.item_id])
+        acc[2] += float(after[it.item_id])
+    return {g: (int(n), b / n, a / n) for g, (n, b, a) in sums.items()}
+
+
+def _request_verdict(items: Sequence[Item], before: Mapping[str, bool], after: Mapping[str, bool],
+                     cfg: GateConfig) -> str | None:
+    """Why a request's own forget items are not forgotten (checked per modality: a person still recognised from
+    a photo is not forgotten because their name is), or None."""
+    for modality, (n, b, a) in sorted(_rates(items, before, after, lambda it: it.modality).items()):
+        rate = forgetting_rate(b, a)
+        if rate != rate:  # NaN: the starting model answered none of them
+            return (f"{modality}: the starting model answers none of the request's {n} forget items correctly, so "
+                    "forgetting cannot be measured")
+        if rate < cfg.min_forgetting:
+            return (f"{modality}: forgetting rate {rate:.3f} < {cfg.min_forgetting:.3f} on the request's own {n} "
+                    f"items (accuracy {b:.3f} -> {a:.3f}): the model still knows them")
+    return None
+
+
+def _per_request(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping[str, bool]],
+                 after: Mapping[str, Mapping[str, bool]], request_of: Mapping[str, str], cfg: GateConfig
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Each request's own figures (``n``, ``before``, ``after``, ``forgetting``; its held-out probes beside them as
+    ``test_*``; ``passed``) and, for those that did not pass, why."""
+    figures: dict[str, dict[str, float]] = {}
+    reasons: dict[str, str] = {}
+    for name, prefix in (("forget", ""), ("test", "test_")):
+        items = item_sets.get(name, ())
+        if not items:
+            continue
+        for request, (n, b, a) in _rates(items, before[name], after[name],
+                                         lambda it: request_of.get(it.item_id, "")).items():
+            if name == "forget" or request in figures:  # held-out probes are reported beside forget items only
+                figures.setdefault(request, {}).update({f"{prefix}n": float(n), f"{prefix}before": b,
+                                                        f"{prefix}after": a,
+                                                        f"{prefix}forgetting": forgetting_rate(b, a)})
+    for request, fig in figures.items():
+        mine = [it for it in item_sets.get("forget", ()) if request_of.get(it.item_id, "") == request]
+        why = _request_verdict(mine, before["forget"], after["forget"], cfg)
+        if why is not None:
+            reasons[request] = why
+        fig["passed"] = float(why is None)
+    return figures, reasons
+
+
+def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping[str, bool]],
+           after: Mapping[str, Mapping[str, bool]], cfg: GateConfig, *,
+           request_of: Mapping[str, str] | None = None) -> GateDecision:
+    """The gate over per-item correctness before and after (pure: no model, so it is tested on toy tables).
+
+    Each request is judged on its own forget items, in every modality they have: it passes when their forgetting
+    rate reaches ``min_forgetting``, whatever the batch average says. The edit is publishable when the kept sets
+    hold and at least one request passes; a request that does not pass is closed failed with its own figures."""
+    scores = _set_scores(item_sets, before, after)
+    reasons = _kept_set_reasons(scores, cfg)
+    per_request, request_reasons = _per_request(item_sets, before, after, request_of or {}, cfg)
+    if not per_request:
         reasons.append("no forget items were evaluated")
-    per_request: dict[str, dict[str, float]] = {}
-    for it in item_sets.get("forget", ()):
-        request = (request_of or {}).get(it.item_id, "")
-        acc = per_request.setdefault(request, {"n": 0.0, "before": 0.0, "after": 0.0})
-        acc["n"] += 1
-        acc["before"] += float(before["forget"][it.item_id])
-        acc["after"] += float(after["forget"][it.item_id])
-    for acc in per_request.values():
-        acc["before"] /= acc["n"]
-        acc["after"] /= acc["n"]
-    return GateDecision(not reasons, tuple(reasons), tuple(scores), per_request, cfg)
+    elif len(request_reasons) == len(per_request):
+        reasons += [f"forget{f' ({r})' if r else ''} {why}" for r, why in sorted(request_reasons.items())]
+    return GateDecision(not reasons, tuple(reasons), tuple(scores), per_request, cfg, request_reasons)
 
 
 def evaluate_and_gate(base: nn.Module, edited: nn.Module, processor: Any, bench: Benchmark,

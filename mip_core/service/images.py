@@ -178,30 +178,44 @@ def read_image_ref(ref: str, field: str, base_dir: str | None = None, endpoint_u
         raise bad(f"{type(exc).__name__}: {exc}") from None
 
 
-def upload_key(request_id: str, k: int, checked: CheckedImage) -> str:
-    """``uploads/<request_id>/item-<k>.<ext>``; the id is re-checked here because it becomes a storage key."""
+def upload_key(request_id: str, name: str, checked: CheckedImage) -> str:
+    """``uploads/<request_id>/<name>.<ext>``; the id is re-checked here because it becomes a storage key."""
     if not _ID.fullmatch(request_id):
         raise InputError(f"request_id={request_id!r} is not a valid id: use {ID_RULE}")
-    return f"{UPLOADS_DIR}/{request_id}/item-{k}.{checked.ext}"
+    return f"{UPLOADS_DIR}/{request_id}/{name}.{checked.ext}"
+
+
+def _image_refs(req: ForgetRequest, base_dir: str | None) -> dict[tuple[str, int, int], str]:
+    """Every image file of ``req``: ``("item", k, 0)`` for ``items[k].image`` (dataset image names excluded) and
+    ``("photo", i, j)`` for ``subjects[i].photos[j]`` (always files: a photo has no dataset to name it in)."""
+    refs = {("item", k, 0): it.image for k, it in enumerate(req.items)
+            if it.image is not None and is_file_ref(it.image, base_dir)}
+    for i, subject in enumerate(req.subjects):
+        if not isinstance(subject, str):
+            refs.update({("photo", i, j): ref for j, ref in enumerate(subject.photos)})
+    return refs
+
+
+def _field(where: tuple[str, int, int]) -> str:
+    kind, i, j = where
+    return f"items[{i}].image" if kind == "item" else f"subjects[{i}].photos[{j}]"
 
 
 def ingest_images(store: ServiceStore, req: ForgetRequest, base_dir: str | None = None) -> ForgetRequest:
-    """Validate every file image of ``req`` and copy it into ``store``; the request with those items' ``image``
-    pointing at the stored copies. Dataset image names stay as they are.
+    """Validate every image file of ``req`` (items' images, people's photos) and copy it into ``store``; the
+    request with those fields pointing at the stored copies. Dataset image names stay as they are.
 
-    All problems of all items are collected into one :class:`InputError` (one ``items[k].image: ...`` line
-    each) raised before anything is written, so a bad request leaves the store unchanged. Relative paths are
-    taken from ``base_dir`` (the request file's folder), default the working directory.
+    All problems are collected into one :class:`InputError` (one ``items[k].image: ...`` or
+    ``subjects[i].photos[j]: ...`` line each) raised before anything is written, so a bad request leaves the
+    store unchanged. Relative paths are taken from ``base_dir`` (the request file's folder), default the working
+    directory.
     """
-    checked: dict[int, tuple[bytes, CheckedImage]] = {}
+    checked: dict[tuple[str, int, int], tuple[bytes, CheckedImage]] = {}
     problems: list[str] = []
-    for k, item in enumerate(req.items):
-        if item.image is None or not is_file_ref(item.image, base_dir):
-            continue
-        field = f"items[{k}].image"
+    for where, ref in _image_refs(req, base_dir).items():
         try:
-            data = read_image_ref(item.image, field, base_dir, store.endpoint_url)
-            checked[k] = (data, check_image_bytes(data, field))
+            data = read_image_ref(ref, _field(where), base_dir, store.endpoint_url)
+            checked[where] = (data, check_image_bytes(data, _field(where)))
         except InputError as exc:
             problems.append(str(exc))
     if problems:
@@ -211,11 +225,14 @@ def ingest_images(store: ServiceStore, req: ForgetRequest, base_dir: str | None 
                          + "\nfix these images and submit again; nothing was queued")
     if not checked:
         return req
-    keys = {k: upload_key(req.request_id, k, info) for k, (_, info) in checked.items()}  # all before writing
-    items = list(req.items)
-    for k, (data, _) in checked.items():
-        items[k] = items[k].model_copy(update={"image": store.write_bytes(keys[k], data)})
-    return req.model_copy(update={"items": items})
+    names = {w: f"item-{w[1]}" if w[0] == "item" else f"subject-{w[1]}-photo-{w[2]}" for w in checked}
+    keys = {w: upload_key(req.request_id, names[w], info) for w, (_, info) in checked.items()}  # all before writing
+    stored = {w: store.write_bytes(keys[w], data) for w, (data, _) in checked.items()}
+    items = [it.model_copy(update={"image": stored[("item", k, 0)]}) if ("item", k, 0) in stored else it
+             for k, it in enumerate(req.items)]
+    subjects = [s if isinstance(s, str) else s.model_copy(update={"photos": [
+        stored.get(("photo", i, j), ref) for j, ref in enumerate(s.photos)]}) for i, s in enumerate(req.subjects)]
+    return req.model_copy(update={"items": items, "subjects": subjects})
 
 
 __all__ = [

@@ -41,21 +41,28 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
              f"{len(m.requests)} request(s), {len(m.rejected)} rejected at planning, {len(m.forget)} forget items, "
              f"{len(m.edit_retain)} items held during the edit; {len(m.eval_retain)} other people's and "
              f"{len(m.eval_utility)} general-knowledge items (held out) scored.", "", "## Requests", "",
-             "| request | state | forget acc before | after | reason |", "|---|---|---|---|---|"]
+             "| request | state | forget acc before | after | held-out before | after | reason |",
+             "|---|---|---|---|---|---|---|"]
     per_request = (gate or {}).get("per_request", {})
     for rec in records:
         acc = per_request.get(rec.request.request_id, {})
         lines.append(f"| `{rec.request.request_id}` | {rec.state} | {_f(acc.get('before', '-'))} | "
-                     f"{_f(acc.get('after', '-'))} | {rec.reason or ''} |")
+                     f"{_f(acc.get('after', '-'))} | {_f(acc.get('test_before', '-'))} | "
+                     f"{_f(acc.get('test_after', '-'))} | {rec.reason or ''} |")
+    if m.scores_dataset:
+        lines += ["", "Probes asked about each person, the model's answers and which were kept: "
+                      f"`batches/{m.batch_id}/probes.parquet`."]
     if gate:
-        lines += ["", "## Evaluation (multiple-choice accuracy)", "",
+        lines += ["", "## Evaluation (accuracy: multiple choice where an item has options, else greedy answer "
+                      "match)", "",
                   "| set | modality | n | before | after | forgetting / retention |", "|---|---|---|---|---|---|"]
         for s in gate["scores"]:
             lines.append(f"| {_SET_NAMES.get(s['items'], s['items'])} | {s['modality']} | {s['n']} | {_f(s['before'])} | {_f(s['after'])} | "
                          f"{_f(s['relative'])} |")
         cfg = gate["config"]
-        lines += ["", f"Gate: forgetting >= {cfg['min_forgetting']}, retention >= {cfg['min_retention']}, "
-                      f"utility >= {cfg['min_utility']} per modality: **{'passed' if gate['passed'] else 'failed'}**"]
+        lines += ["", f"Gate: each request's own forgetting >= {cfg['min_forgetting']}; retention >= "
+                      f"{cfg['min_retention']} and utility >= {cfg['min_utility']} per modality: "
+                      f"**{'passed' if gate['passed'] else 'failed'}**"]
     if shards:
         failed = sum(len(s.get("failures", [])) for s in shards)
         actors = sorted({s.get("actor", "") for s in shards})

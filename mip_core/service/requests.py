@@ -1,8 +1,9 @@
 """Forget requests: the one schema every way in (CLI, API, queue file) is validated against.
 
-A request names *whom* to forget (``subjects``: entity ids, i.e. benchmark profile ids) and/or *which facts*
-(``items``: an item id, or a question the model is asked). Ids double as storage keys, so they are restricted
-to a path-safe alphabet. Validation errors are collected per field, so a requester fixes everything in one
+A request names *whom* to forget (``subjects``: a person by name, with optional aliases, photos and known facts;
+or, as a convenience for models registered with their training benchmark, a profile id of it) and/or *which
+facts* (``items``: an item id, or a question the model is asked). Ids double as storage keys, so they are
+restricted to a path-safe alphabet. Validation errors are collected per field, so a requester fixes everything in one
 round.
 """
 
@@ -18,8 +19,10 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     ValidationError,
     model_validator,
 )
@@ -33,6 +36,8 @@ ID_RULE = ("1-128 characters of letters, digits, '.', '_' or '-', starting with 
            "(it is a storage key: no '/', no spaces)")
 MAX_SUBJECTS = 1000
 MAX_ITEMS = 1000
+MAX_PER_PERSON = 20
+"""Aliases, photos and known facts per person: a handful identifies someone; hundreds is a dataset, not a request."""
 MAX_REQUEST_BYTES = 1 << 20
 """A request is a list of ids and short questions: a megabyte of JSON is a mistake (or an attack), not a request."""
 REASONS = ("privacy", "right_to_be_forgotten", "copyright", "toxicity", "other")
@@ -86,6 +91,52 @@ class ForgetItem(BaseModel):
         return self
 
 
+class KnownFact(BaseModel):
+    """Something the model is known to say about the person: edited like a probe, whatever the model answers."""
+
+    model_config = ConfigDict(extra="forbid", title="KnownFact")
+
+    question: Text = Field(description="a question about the person, e.g. 'Where does Jane Doe live?'")
+    answer: Text = Field(description="the answer the model gives and must stop giving, e.g. 'Lisbon'")
+
+
+class Person(BaseModel):
+    """A person to forget, as a requester knows them: a name, perhaps other names, photos and known facts.
+
+    The service builds its own probes from these (the model's registered question templates, answered by the
+    model itself), so nothing about the person needs to be in any dataset."""
+
+    model_config = ConfigDict(extra="forbid", title="Person")
+
+    name: Name = Field(description="the person's name as the model would know it, e.g. 'Jane Doe'")
+    aliases: list[Name] = Field(default_factory=list, max_length=MAX_PER_PERSON,
+                                description="other names of the person (asked about as held-out probes)")
+    photos: list[Text] = Field(default_factory=list, max_length=MAX_PER_PERSON,
+                               description="photos of the person: image files (path, file:// or s3:// URI; PNG, "
+                                           "JPEG or WebP, at most 10 MiB and 4096x4096 pixels), copied into the "
+                                           "store at submit")
+    facts: list[KnownFact] = Field(default_factory=list, max_length=MAX_PER_PERSON,
+                                   description="facts the model is known to state about the person")
+
+
+def _subject_kind(value: Any) -> str:
+    return "id" if isinstance(value, str) else "person"
+
+
+Subject = Annotated[Annotated[Id, Tag("id")] | Annotated[Person, Tag("person")], Discriminator(_subject_kind)]
+"""A plain string is a profile id of the model's registered benchmark (the demo's convenience); an object is a
+person."""
+
+
+def subject_key(subject: Id | Person) -> str:
+    """What makes two subjects the same: the id, or the casefolded name."""
+    return subject if isinstance(subject, str) else "name:" + " ".join(subject.name.split()).casefold()
+
+
+def subject_label(subject: Id | Person) -> str:
+    return subject if isinstance(subject, str) else subject.name
+
+
 class ForgetRequest(BaseModel):
     """A request to make ``target_model`` forget ``subjects`` (entities) and/or ``items`` (facts)."""
 
@@ -97,9 +148,10 @@ class ForgetRequest(BaseModel):
     target_version: Id | None = Field(default=None, description="the published version the data was seen in, "
                                       "e.g. 'v0002' (must exist; default: the current one). The edit always "
                                       "applies to the model's current version, which descends from it")
-    subjects: list[Id] = Field(default_factory=list, max_length=MAX_SUBJECTS,
-                               description="entity ids (benchmark profile ids, e.g. 'p0003'): forget all "
-                                           "their facts")
+    subjects: list[Subject] = Field(default_factory=list, max_length=MAX_SUBJECTS,
+                                    description="people to forget: each a person object (`name`, optional "
+                                                "`aliases`, `photos`, `facts`), or the profile id of a model "
+                                                "registered with its benchmark (e.g. 'p0003')")
     items: list[ForgetItem] = Field(default_factory=list, max_length=MAX_ITEMS,
                                     description="individual facts to forget")
     requester: Name = Field(description="who asked (person or system), for the audit trail")
@@ -114,9 +166,9 @@ class ForgetRequest(BaseModel):
     def _check_forget_set(self) -> ForgetRequest:
         if not self.subjects and not self.items:
             raise ValueError("the forget set is empty: give `subjects` (entity ids) or `items`")
-        dups = sorted(s for s, n in Counter(self.subjects).items() if n > 1)
+        dups = sorted(s.removeprefix("name:") for s, n in Counter(map(subject_key, self.subjects)).items() if n > 1)
         if dups:
-            raise ValueError(f"duplicate subjects {dups}: list each entity once")
+            raise ValueError(f"duplicate subjects {dups}: list each person once")
         return self
 
 
@@ -141,9 +193,15 @@ class RequestRecord(BaseModel):
         return self.request.request_id
 
 
+_UNION_TAGS = ("id", "person")
+"""Pydantic puts the chosen member's tag in an error's location (``subjects[0].person.name``): dropped."""
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in loc:
+    for k, part in enumerate(loc):
+        if part in _UNION_TAGS and k > 0 and isinstance(loc[k - 1], int):
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(request)"
 
@@ -152,6 +210,8 @@ def _message(err: dict[str, Any]) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "string_pattern_mismatch":
         return f"{err.get('input')!r} is not a valid id: use {ID_RULE}"
+    if kind == "model_attributes_type" and "Person" in msg or kind == "model_type":
+        return "a subject is a profile id (a string) or a person object {\"name\": ..., \"photos\": [...]}"
     if kind == "extra_forbidden":
         return "unknown field (check the spelling against the schema)"
     if kind == "missing":
@@ -203,7 +263,8 @@ def schema_text() -> str:
 
 
 __all__ = [
-    "ID_PATTERN", "MAX_ITEMS", "MAX_REQUEST_BYTES", "MAX_SUBJECTS", "REASONS", "SCHEMA_FILE", "STATES", "ForgetItem",
-    "ForgetRequest", "RequestRecord", "RequestState", "check_request_size", "format_validation_error", "iso_utc", "new_request_id",
-    "parse_request", "request_json_schema", "schema_text", "utc_now",
+    "ID_PATTERN", "MAX_ITEMS", "MAX_PER_PERSON", "MAX_REQUEST_BYTES", "MAX_SUBJECTS", "REASONS", "SCHEMA_FILE",
+    "STATES", "ForgetItem", "ForgetRequest", "KnownFact", "Person", "RequestRecord", "RequestState", "Subject",
+    "check_request_size", "format_validation_error", "iso_utc", "new_request_id", "parse_request",
+    "request_json_schema", "schema_text", "subject_key", "subject_label", "utc_now",
 ]

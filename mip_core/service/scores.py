@@ -139,18 +139,18 @@ def gate_scores(store: ServiceStore, m: BatchManifest, item_ids: Sequence[str], 
     ids = list(dict.fromkeys(item_ids))
     base_key = version_scores_key(store, m.target_model, m.base_version)
     cached = read_scores(store, base_key)
-    if cached is not None and not cached.fits(m.dataset_uri, dtype):
+    if cached is not None and not cached.fits(m.scores_key, dtype):
         log(f"gate: cached scores of {m.target_model} {m.base_version} are for {cached.dataset_uri} in "
-            f"{cached.dtype}, not {m.dataset_uri} in {dtype}; recomputing them")
+            f"{cached.dtype}, not {m.scores_key} in {dtype}; recomputing them")
         cached = None
-    base = ItemScores(m.dataset_uri, dtype) if cached is None else cached
+    base = ItemScores(m.scores_key, dtype) if cached is None else cached
     missing = base.missing(ids)
     log(f"gate: {len(ids) - len(missing)} of {len(ids)} items of the starting model {m.base_version} are cached")
     if missing:
         base = base.merged(_checked(score(m.base_uri, missing), missing, m.base_uri))
         write_scores(store, base_key, base)
     after = _checked(score(edited_uri, ids), ids, edited_uri)
-    write_scores(store, batch_scores_key(store, m.batch_id), ItemScores(m.dataset_uri, dtype, after))
+    write_scores(store, batch_scores_key(store, m.batch_id), ItemScores(m.scores_key, dtype, after))
     return {i: base.correct[i] for i in ids}, after
 
 

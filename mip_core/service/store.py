@@ -497,16 +497,27 @@ class ServiceStore:
         name: str,
         source_uri: str,
         *,
-        dataset_uri: str,
+        dataset_uri: str | None,
+        keepsets: dict[str, str] | None = None,
         card: str = "",
         lineage: dict[str, Any] | None = None,
     ) -> str:
         """Copy a model folder into ``models/<name>/<next version>/`` with lineage and card; make it CURRENT.
 
-        ``lineage`` keys (``parent_version``, ``batch_id``, ``requests``, ``path_graph``, ...) are recorded as
-        given; ``parent_version`` defaults to the version that was current. Returns the new version.
+        What the model must keep knowing is either a benchmark (``dataset_uri``) or the operator's keep-sets
+        (``keepsets``: ``{"retain": uri, "utility": uri, "templates": uri}`` of item tables and a templates file,
+        ``docs/keepsets.md``), recorded in the lineage as given. ``lineage`` keys (``parent_version``,
+        ``batch_id``, ``requests``, ``path_graph``, ...) are recorded as given; ``parent_version`` defaults to
+        the version that was current. Returns the new version.
         """
         self.model_key(name)
+        if dataset_uri is None and keepsets is None:
+            raise InputError(f"model {name!r}: give dataset_uri (a benchmark) or keepsets (retain, utility, "
+                             "templates URIs): the service needs to know what the model must keep knowing")
+        if keepsets is not None and not (isinstance(keepsets, dict) and {"retain", "utility"} <= set(keepsets)
+                                         and all(isinstance(v, str) for v in keepsets.values())):
+            raise InputError(f"keepsets={keepsets!r}: expected "
+                             "{'retain': uri, 'utility': uri, 'templates': uri}")
         parent = self.current_version(name)
         version = self.next_version(name)
         key = self.model_key(name, version)
@@ -514,7 +525,8 @@ class ServiceStore:
         record: dict[str, Any] = {
             "name": name, "version": version, "uri": self.uri(key), "source_uri": source_uri,
             "dataset_uri": dataset_uri, "parent_version": parent, "registered_at": iso_utc(utc_now()),
-            "n_files": sum(copied.values()), "copied": copied, **(lineage or {}),
+            "n_files": sum(copied.values()), "copied": copied,
+            **({"keepsets": dict(keepsets)} if keepsets is not None else {}), **(lineage or {}),
         }
         self.write_json(f"{key}/{LINEAGE_FILE}", record)
         self.write_text(f"{key}/{CARD_FILE}", (card or _default_card(record)) + self._usage(key, record))
@@ -571,6 +583,8 @@ def _default_card(lineage: dict[str, Any]) -> str:
     for key in ("parent_version", "batch_id", "dataset_uri", "source_uri", "path_graph", "registered_at"):
         if lineage.get(key) is not None:
             lines.append(f"- {key}: {lineage[key]}")
+    for kind, uri in (lineage.get("keepsets") or {}).items():
+        lines.append(f"- keep-set {kind}: {uri}")
     requests = lineage.get("requests")
     if requests:
         lines.append(f"- forgotten requests: {', '.join(map(str, requests))}")

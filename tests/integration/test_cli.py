@@ -120,3 +120,56 @@ def test_submit_of_a_binary_file_is_one_line_error(workdir, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("mip: error: request file ") and "is not UTF-8 text" in err
     assert err.count("\n") == 1
+
+
+def test_benchmark_export_then_register_with_keepsets(workdir, tmp_path, capsys, monkeypatch):
+    from mip_core.service.items import ItemTable, load_items
+    from mip_core.service.keepsets import DEFAULT_TEMPLATES, keepset_subjects, read_templates
+    from mip_core.service.store import ServiceStore
+
+    plain = tmp_path / "plain"
+    assert main(["benchmark", "export", "--bench", str(workdir / "bench"), "--out", str(plain)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {plain / 'retain.jsonl'}: " in out and "--retain" in out
+    root = str(tmp_path / "store")
+    model = str(workdir / "model")
+    base = ["models", "register", "--root", root, "--name", "m", "--model", model]
+    # exactly one of --dataset or the --retain/--utility pair
+    for extra, words in (([], "no dataset: give --dataset BENCH"),
+                         (["--retain", str(plain / "retain.jsonl")], "--utility missing"),
+                         (["--dataset", str(workdir / "bench"), "--retain", "r"],
+                          "--dataset and --retain exclude")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert words in err and "--retain R --utility U" in err, err
+    # a bad utility file: every file's problems at once, nothing registered
+    (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "a", "subject": "Ada"}\n')
+    assert main(base + ["--retain", str(plain / "retain.jsonl"), "--utility", str(tmp_path / "bad.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"--utility: invalid utility keep-set {tmp_path / 'bad.jsonl'}" in err and ":1: subject:" in err
+    assert ServiceStore(root).models() == []
+
+    monkeypatch.chdir(plain)  # relative paths, resolved once at registration
+    assert main(base + ["--retain", "retain.jsonl", "--utility", "utility.jsonl", "--templates",
+                        "templates.jsonl"]) == 0
+    assert "keep-set retain: " in capsys.readouterr().out
+    monkeypatch.chdir("/")
+    store = ServiceStore(root)
+    info = store.model_info("m")
+    assert info["dataset_uri"] is None and set(info["keepsets"]) == {"retain", "utility", "templates"}
+    assert info["keepsets"]["retain"] == store.uri("models/m/keepsets/v0001/retain")
+    retain, utility = load_items(info["keepsets"]["retain"]), load_items(info["keepsets"]["utility"])
+    assert isinstance(retain, ItemTable) and isinstance(utility, ItemTable)
+    bench = load_benchmark(workdir / "bench")
+    assert [it.item_id for it in retain.items] == [it.item_id for it in bench.items if it.kind == "qa"]
+    assert len(utility.items) == sum(it.kind == "utility" for it in bench.items)
+    assert keepset_subjects(retain) == {p.profile_id: p.name for p in bench.profiles}
+    assert len(read_templates(info["keepsets"]["templates"])) == len(read_templates(plain / "templates.jsonl"))
+    assert "keep-set retain:" in store.read_text("models/m/v0001/model_card.md")
+    assert store.versions("m") == ["v0001"]  # the keepsets folder is not taken for a version
+    # without --templates the defaults are stored; --dataset still works as before for the next version
+    assert main(base + ["--retain", str(plain / "retain.jsonl"), "--utility", str(plain / "utility.jsonl")]) == 0
+    assert read_templates(store.model_info("m", "v0002")["keepsets"]["templates"]) == list(DEFAULT_TEMPLATES)
+    assert main(base + ["--dataset", str(workdir / "bench")]) == 0
+    info = store.model_info("m")
+    assert "keepsets" not in info and info["dataset_uri"] == str(workdir / "bench")

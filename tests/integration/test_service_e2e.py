@@ -1,10 +1,15 @@
 """The nightly service end to end: S3 (moto on 127.0.0.1), a Prefect server, a deployment run by a process
 worker, Ray attribution actors and a 2-rank DeepSpeed ZeRO-3 edit job over gloo.
 
-Requests arrive three ways (the CLI, the ``submit-request`` flow, the store), one of them unprocessable. The
-nightly deployment is triggered through the API and executed by a real ``prefect worker``; then everything the
-issue promises is read back from S3: one batch, the path graph through ``pyarrow.dataset``, the published model
-through ``from_pretrained``, its gate metrics, and a terminal record with a report for every request.
+The model is registered the way an operator without a training benchmark would: with plain keep-set files
+(``mip benchmark export`` writes them here) and the worker runs with ``MIP_NO_BENCHMARK=1``, so any code path
+that opened a benchmark would fail the batch. Requests name people by name and photo, and arrive three ways (the
+CLI, the ``submit-request`` flow, the store), one of them unprocessable. The nightly deployment is triggered
+through the API and executed by a real ``prefect worker``; then everything the issue promises is read back from
+S3: one batch, the probes it asked, the path graph through ``pyarrow.dataset``, the published model through
+``from_pretrained``, per-request verdicts, and a terminal record with a report for every request. Last, the
+published model is scored on the benchmark itself (in the test, not the service): the named people's facts are
+forgotten and other people's kept.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from mip_core.benchmark import load_benchmark
@@ -75,9 +81,26 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def request(request_id: str, subjects: list[str]) -> dict:
+def request(request_id: str, subjects: list) -> dict:
     return {"request_id": request_id, "target_model": "tiny", "subjects": subjects,
             "requester": "dpo@example.com", "reason": "right_to_be_forgotten"}
+
+
+def person(bench, index: int, photo_dir: Path) -> dict:
+    """A person as a requester knows them: a name and a photo file (no benchmark id)."""
+    profile = bench.profiles[index]
+    photo = photo_dir / f"photo-{index}.png"
+    photo.write_bytes((Path(bench.root) / profile.image).read_bytes())
+    return {"name": profile.name, "photos": [str(photo)]}
+
+
+def mc_accuracy(model_dir: str, bench, profile_ids: set[str]) -> float:
+    """Multiple-choice accuracy of a model on the benchmark's qa items of ``profile_ids``."""
+    from mip_core.evaluation.runner import multiple_choice
+
+    loaded = load_model(model_dir, device="cpu")
+    items = [it for it in bench.items if it.kind == "qa" and it.profile_id in profile_ids]
+    return sum(multiple_choice(loaded.model, loaded.processor, bench, items)) / len(items)
 
 
 def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s3_endpoint, tmp_path, ray_tmp):
@@ -89,12 +112,15 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
 
     model_dir, bench_dir = vanilla
     root = s3_endpoint.uri("e2e")
-    fs, _ = filesystem(root)
-    fs.put(bench_dir.rstrip("/") + "/", f"{s3_endpoint.bucket}/datasets/bench8/", recursive=True)
-    store = ServiceStore(root)
-    assert store.register_model("tiny", model_dir, dataset_uri=s3_endpoint.uri("datasets", "bench8")) == "v0001"
     bench = load_benchmark(bench_dir)
-    alice, bob = bench.profiles[1].profile_id, bench.profiles[5].profile_id
+    keep = tmp_path / "keepsets"
+    assert main(["benchmark", "export", "--bench", bench_dir, "--out", str(keep)]) == 0
+    assert main(["models", "register", "--root", root, "--name", "tiny", "--model", model_dir, "--retain",
+                 str(keep / "retain.jsonl"), "--utility", str(keep / "utility.jsonl"), "--templates",
+                 str(keep / "templates.jsonl")]) == 0
+    store = ServiceStore(root)
+    assert store.model_info("tiny")["dataset_uri"] is None and store.model_info("tiny")["keepsets"]
+    alice, bob = person(bench, 1, tmp_path), person(bench, 5, tmp_path)
 
     # 1. three ways in: the CLI, the submit-request flow, the store; a malformed request changes nothing
     (tmp_path / "a.json").write_text(json.dumps(request("req-a", [alice])))
@@ -118,7 +144,7 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
                         "MIP_REPO_DIR": str(ROOT), "MIP_THREADS": "1", "OMP_NUM_THREADS": "1",
                         "GLOO_SOCKET_IFNAME": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                         "RAY_TMPDIR": ray_tmp, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
-                        "MIP_CACHE_DIR": str(tmp_path / "cache")}
+                        "MIP_CACHE_DIR": str(tmp_path / "cache"), "MIP_NO_BENCHMARK": "1"}
     worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "mip-process", "--run-once"],
                             cwd=tmp_path, env=worker_env, capture_output=True, text=True, timeout=900)
     with get_client(sync_client=True) as client:
@@ -140,6 +166,18 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
     assert store.current_version("tiny") == "v0002"
     lineage = store.model_info("tiny")
     assert lineage["batch_id"] == batch_id and sorted(lineage["requests"]) == ["req-a", "req-b"]
+    assert lineage["keepsets"] == store.model_info("tiny", "v0001")["keepsets"]  # the new version keeps them
+
+    # 3b. what the service asked about each person is stored with the batch, and each verdict is the person's own
+    fs, path = filesystem(store.uri(store.batch_key(batch_id, "probes.parquet")), s3_endpoint.endpoint_url)
+    probes = pq.read_table(fs.open(path, "rb")).to_pylist()
+    for r, who in (("req-a", alice), ("req-b", bob)):
+        mine = [p for p in probes if p["request_id"] == r and p["kept"]]
+        assert {p["use"] for p in mine} == {"edit", "held_out"}, probes
+        assert any(who["name"] in p["question"] for p in mine) and any(p["image"] for p in mine)
+        figures = gate["per_request"][r]
+        assert figures["passed"] == 1.0 and figures["after"] < figures["before"], figures
+        assert "test_after" in figures  # held-out probes reported beside the request's own
 
     # 4. the path graph is a Parquet dataset pyarrow reads straight from S3; it holds both people's paths
     fs, path = filesystem(store.uri(store.batch_key(batch_id, "path_graph")), s3_endpoint.endpoint_url)
@@ -164,7 +202,7 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
     report = store.read_text(store.batch_key(batch_id, "report.md"))
     for r in records:
         assert f"`{r}`" in report
-    assert bench.profiles[1].name not in report  # ids and metrics, not the people's data
+    assert alice["name"] not in report  # ids and metrics, not the people's data
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts()
     keys = {a.key for a in artifacts}
@@ -179,3 +217,12 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
     assert logs and not any(SECRET in log.message for log in logs)
     assert not any(SECRET in (a.data or "") for a in artifacts)
     assert SECRET not in worker.stdout + worker.stderr
+
+    # 8. measured on the benchmark (here, never in the service): the named people are forgotten, others kept
+    named = {bench.profiles[1].profile_id, bench.profiles[5].profile_id}
+    others = {p.profile_id for p in bench.profiles} - named
+    plain = store.uri(store.model_key("tiny", "v0002"))  # a delta version: load_model applies its neurons
+    before_named, after_named = mc_accuracy(model_dir, bench, named), mc_accuracy(str(plain), bench, named)
+    before_others, after_others = mc_accuracy(model_dir, bench, others), mc_accuracy(str(plain), bench, others)
+    assert after_named <= before_named - 0.3, (before_named, after_named)
+    assert after_others >= 0.8 * before_others, (before_others, after_others)

@@ -36,7 +36,8 @@ def test_forgetting_everything_and_keeping_the_rest_passes():
     assert d.passed and d.reasons == ()
     forget_text = d.metric("forget", "text")
     assert (forget_text.before, forget_text.after, forget_text.relative) == (1.0, 0.0, 1.0)
-    assert d.per_request == {"a": {"n": 2, "before": 1.0, "after": 0.0}, "b": {"n": 2, "before": 1.0, "after": 0.0}}
+    figures = {"n": 2, "before": 1.0, "after": 0.0, "forgetting": 1.0, "passed": 1.0}
+    assert d.per_request == {"a": figures, "b": figures} and d.request_reasons == {}
     assert "gate PASSED" in format_decision(d)
 
 
@@ -44,7 +45,8 @@ def test_each_modality_is_gated_on_its_own():
     # text forgotten, the image questions not: the mean over modalities (0.5) would pass, the gate must not
     d = decide(SETS, ALL_RIGHT, after(f1=False, f2=False), GateConfig(min_forgetting=0.5))
     assert not d.passed
-    assert d.reasons == ("forget multimodal: forgetting rate 0.000 < 0.500 (accuracy 1.000 -> 1.000, n=2)",)
+    assert d.reasons == ("forget multimodal: forgetting rate 0.000 < 0.500 on the request's own 2 items (accuracy "
+                         "1.000 -> 1.000): the model still knows them",)
 
 
 def test_collateral_damage_fails_the_retention_floor():
@@ -60,8 +62,8 @@ def test_relative_figures_count_only_what_the_starting_model_knew():
     d = decide(SETS, before, after(f1=False, f2=False, r1=False, f3=False, f4=False), GateConfig())
     assert math.isnan(d.metric("forget", "multimodal").relative)
     assert d.metric("retain", "text").relative == 1.0  # r1 wrong before and after: no blame
-    assert d.reasons == ("forget multimodal: the starting model answers none of the 2 items correctly, so "
-                         "forgetting cannot be measured",)
+    assert d.reasons == ("forget multimodal: the starting model answers none of the request's 2 forget items "
+                         "correctly, so forgetting cannot be measured",)
 
 
 def test_no_forget_items_cannot_pass():
@@ -88,8 +90,8 @@ def test_report_names_requests_and_metrics_but_no_personal_data():
     text = batch_report(m, records, gate=d, version="v0002", error=None, timings={"plan": 0.5, "edit": 12.25},
                         links={"manifest.json": "/s/b1/manifest.json"})
     assert "**published** `demo` `v0002` (from `v0001`)" in text
-    assert "| `a` | done | 1.000 | 0.000 |  |" in text
-    assert "| `x` | rejected | - | - | unknown entity ids ['p9'] |" in text
+    assert "| `a` | done | 1.000 | 0.000 | - | - |  |" in text
+    assert "| `x` | rejected | - | - | - | - | unknown entity ids ['p9'] |" in text
     assert "| forget | text | 1 | 1.000 | 0.000 | 1.000 |" in text and "| edit | 12.2 |" in text
     assert BatchManifest.from_json(m.to_json()) == m
 
@@ -111,3 +113,30 @@ def test_the_log_table_names_the_held_out_set_as_the_report_does():
     d = decide(sets, before, {**after(f1=False, f2=False, f3=False, f4=False), "test": {"t1": False}}, GateConfig())
     table = format_decision(d)
     assert "held-out phrasings" in table and not any(line.startswith("test ") for line in table.splitlines())
+
+
+def test_each_request_is_judged_on_its_own_items_whatever_the_batch_average():
+    # a: both its facts forgotten; b: its image facts still known. The batch's pooled forgetting (0.75 text and
+    # 0.5 image) would pass a 0.5 floor; b must not be done, and a must not be held back by b.
+    sets = {**SETS, "forget": [item("f1", "text"), item("f2", "multimodal"), item("f3", "text"),
+                               item("f4", "multimodal")]}
+    d = decide(sets, ALL_RIGHT, after(f1=False, f2=False, f3=False), GateConfig(min_forgetting=0.5),
+               request_of={"f1": "a", "f2": "a", "f3": "b", "f4": "b"})
+    assert d.passed and d.request_passed("a") and not d.request_passed("b")
+    assert d.request_reasons == {"b": "multimodal: forgetting rate 0.000 < 0.500 on the request's own 1 items "
+                                      "(accuracy 1.000 -> 1.000): the model still knows them"}
+    assert d.per_request["b"]["forgetting"] == 0.5  # its own figures, pooled over modalities, are reported
+    nobody = decide(sets, ALL_RIGHT, after(f1=False), GateConfig(), request_of={"f1": "a", "f2": "a", "f3": "b",
+                                                                                "f4": "b"})
+    assert not nobody.passed and len(nobody.reasons) == 2  # no request forgotten: nothing to publish
+
+
+def test_held_out_probes_are_reported_beside_their_request():
+    sets = {**SETS, "test": [item("t1", "text"), item("t2", "text"), item("t3", "text")]}
+    before = {**ALL_RIGHT, "test": {"t1": True, "t2": True, "t3": True}}
+    edited = {**after(f1=False, f2=False, f3=False, f4=False), "test": {"t1": False, "t2": True, "t3": True}}
+    d = decide(sets, before, edited, GateConfig(),
+               request_of={"f1": "a", "f2": "a", "f3": "b", "f4": "b", "t1": "a", "t2": "a", "t3": "b"})
+    assert (d.per_request["a"]["test_n"], d.per_request["a"]["test_after"]) == (2.0, 0.5)
+    assert d.per_request["a"]["test_forgetting"] == 0.5 and d.per_request["b"]["test_forgetting"] == 0.0
+    assert d.passed and d.request_reasons == {}  # held out: reported, not gated

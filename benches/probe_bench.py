@@ -1,0 +1,140 @@
+"""Probe-built requests against benchmark-id requests on the same people (BENCHMARKS.md section 8).
+
+Two fresh stores, the same model, the same people, the same service settings:
+
+- ``benchmark_ids``: the model registered with its training benchmark (``--dataset``), one request per person
+  naming the profile id; the batch edits the person's benchmark items (the way the service worked before).
+- ``probes``: the model registered with plain keep-set files exported from that benchmark (``--retain``,
+  ``--utility``, ``--templates``), one request per person naming them by name and photo only; the service builds
+  its own probes and the batch never opens the benchmark (``MIP_NO_BENCHMARK=1`` while it runs).
+
+Each batch's edited model (``batches/<id>/edited``, whether or not the gate published it) is then scored here, on
+the benchmark, by multiple choice: the people's training questions (forget), their held-out paraphrases and
+transformed photos (test), everyone else's questions (retain) and the general questions (utility), against the
+same items on the starting model. Rows go to ``--out`` as they are measured.
+
+    python benches/probe_bench.py --model demo_out/vanilla --bench demo_out/bench --people 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+SETS = ("forget", "test", "retain", "utility")
+
+
+def _requests(kind: str, bench, people: list[str], photo_dir: Path) -> list[dict]:
+    out = []
+    for k, pid in enumerate(people):
+        if kind == "benchmark_ids":
+            subject = pid
+        else:
+            profile = bench.profile(pid)
+            photo = photo_dir / f"{pid}.png"
+            photo.write_bytes((Path(bench.root) / profile.image).read_bytes())
+            subject = {"name": profile.name, "photos": [str(photo)]}
+        out.append({"request_id": f"cmp-{k:03d}", "target_model": "demo", "subjects": [subject],
+                    "requester": "bench", "reason": "privacy"})
+    return out
+
+
+def run_batch(kind: str, model: str, bench_dir: str, people: list[str], work: Path, spec_args: dict) -> dict:
+    """Register, submit, run the nightly flow; returns the batch's id, verdicts and timings."""
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+    from mip_core.benchmark import load_benchmark
+    from mip_core.cli import main as mip
+    from mip_core.service.requests import ForgetRequest
+    from mip_core.service.store import ServiceStore
+
+    root = work / kind
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    bench = load_benchmark(bench_dir)
+    if kind == "benchmark_ids":
+        args = ["--dataset", bench_dir]
+    else:
+        keep = root / "keepsets"
+        assert mip(["benchmark", "export", "--bench", bench_dir, "--out", str(keep)]) == 0
+        args = ["--retain", str(keep / "retain.jsonl"), "--utility", str(keep / "utility.jsonl"), "--templates",
+                str(keep / "templates.jsonl")]
+    store_root = str(root / "store")
+    assert mip(["models", "register", "--root", store_root, "--name", "demo", "--model", model, *args]) == 0
+    store = ServiceStore(store_root)
+    for req in _requests(kind, bench, people, root):
+        store.submit(ForgetRequest(**req))
+    if kind == "probes":
+        os.environ["MIP_NO_BENCHMARK"] = "1"  # the batch must not open the benchmark
+    t0 = time.perf_counter()
+    try:
+        [result] = nightly_unlearning(ServiceSpec(root=store_root, **spec_args))
+    finally:
+        os.environ.pop("MIP_NO_BENCHMARK", None)
+    batch = Path(store_root) / "batches" / result["batch_id"]
+    gate = json.loads((batch / "gate.json").read_text())
+    records = {r.request.request_id: r.state for r in store.list()}
+    return {"kind": kind, "batch_id": result["batch_id"], "edited": str(batch / "edited"),
+            "wall_s": round(time.perf_counter() - t0, 1), "published": result["version"],
+            "requests_done": sum(s == "done" for s in records.values()), "states": records,
+            "gate_passed": gate["passed"], "gate_reasons": gate["reasons"],
+            "per_request": gate["per_request"], "timings": result["timings"]}
+
+
+def score(model_dir: str, bench, people: set[str]) -> dict[str, float]:
+    """Multiple-choice accuracy of a model on the four benchmark sets relative to ``people``."""
+    from mip_core.evaluation.runner import multiple_choice
+    from mip_core.modeling import load_model
+
+    loaded = load_model(model_dir, device="cpu")
+    sets = {"forget": [it for it in bench.items if it.kind == "qa" and it.profile_id in people],
+            "test": [it for it in bench.items if it.kind == "test" and it.profile_id in people],
+            "retain": [it for it in bench.items if it.kind == "qa" and it.profile_id not in people],
+            "utility": [it for it in bench.items if it.kind == "utility"]}
+    return {name: sum(multiple_choice(loaded.model, loaded.processor, bench, items)) / len(items)
+            for name, items in sets.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--bench", required=True)
+    ap.add_argument("--people", type=int, default=5, help="the first N people of the benchmark's forget05 split")
+    ap.add_argument("--out", default="benches/results/probes.json")
+    ap.add_argument("--work", default="demo_out/probe_bench")
+    ap.add_argument("--kinds", default="benchmark_ids,probes")
+    args = ap.parse_args()
+    from mip_core.benchmark import load_benchmark
+
+    bench = load_benchmark(args.bench)
+    people = sorted(bench.forget_profile_ids(5))[: args.people]
+    meta = {"command": "python benches/probe_bench.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+            "people": people, "vanilla": score(args.model, bench, set(people)), "rows": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for kind in args.kinds.split(","):
+        row = run_batch(kind, args.model, args.bench, people, Path(args.work), {})
+        row["accuracy"] = score(row["edited"], bench, set(people))
+        v = meta["vanilla"]
+        row["forgetting"] = {s: round(1 - row["accuracy"][s] / v[s], 3) for s in ("forget", "test")}
+        row["retention"] = {s: round(row["accuracy"][s] / v[s], 3) for s in ("retain", "utility")}
+        meta["rows"].append(row)
+        out.write_text(json.dumps(meta, indent=1) + "\n")
+        print(json.dumps({k: row[k] for k in ("kind", "published", "requests_done", "forgetting", "retention",
+                                              "wall_s")}), flush=True)
+    print("\n| requests | published | done | forgetting (train qs) | forgetting (held-out) | retention | utility |"
+          " wall s |\n|---|---|---|---|---|---|---|---|")
+    for r in meta["rows"]:
+        print(f"| {r['kind']} | {r['published'] or 'no'} | {r['requests_done']}/{len(people)} | "
+              f"{r['forgetting']['forget']:.3f} | {r['forgetting']['test']:.3f} | {r['retention']['retain']:.3f} | "
+              f"{r['retention']['utility']:.3f} | {r['wall_s']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Probes: the questions the service asks the target model about a requested person, and what it answered.
+
+A request names a person (a name, maybe aliases, photos and known facts), not a dataset entry. The service turns
+that into items it can edit and measure:
+
+1. :func:`build_candidates`: the model's registered question templates filled with the name (text) or shown
+   with each photo (image), split by the template's ``use`` into *edit* probes and *held-out* probes; held-out
+   image probes show transformed copies of the photos (crop, colour shift), held-out text probes also ask by
+   every alias. Known facts given in the request are edit probes with the given answer.
+2. The target model answers every candidate greedily, with a confidence (the geometric mean of its answer's
+   token probabilities); this runs where the model lives (``tasks.gate.probe_on_actor``).
+3. :func:`select_probes`: a template probe is kept only where the model is confident (``min_confidence``): what
+   the model does not confidently say about a person is not knowledge the gate could see disappear. Known facts
+   are kept whatever the confidence (the requester says the model states them).
+
+Every candidate, kept or not, with its answer, confidence and why it was dropped, is written with the batch as
+``probes.parquet`` (schema ``mip-probes/1``), so an auditor sees exactly what was asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from mip_core.benchmark.images import transform_image
+from mip_core.benchmark.schema import Item
+from mip_core.errors import InputError
+from mip_core.results import SCHEMA_KEY
+
+from .requests import ForgetRequest, Person
+
+PROBES = "mip-probes/1"
+MIN_CONFIDENCE = 0.5
+"""A probe is kept when the model's answer has a geometric-mean token probability of at least this: the answer is
+the model's clear belief, so its disappearance after the edit is a measured fact, not noise."""
+PHOTO_TRANSFORMS = ("crop", "colour_shift")
+PLACEHOLDER = "?"  # the answer of a candidate before the model answered it
+
+PROBES_V1 = pa.schema([pa.field(name, kind, nullable=nullable) for name, kind, nullable in (
+    ("probe_id", pa.string(), False), ("request_id", pa.string(), False), ("subject", pa.string(), False),
+    ("use", pa.string(), False), ("source", pa.string(), False), ("fact", pa.string(), False),
+    ("modality", pa.string(), False), ("question", pa.string(), False), ("image", pa.string(), True),
+    ("answer", pa.string(), False), ("confidence", pa.float64(), False), ("kept", pa.bool_(), False),
+    ("why", pa.string(), True))], metadata={SCHEMA_KEY: PROBES})
+"""One row per candidate probe: what was asked (question, image), what the model answered and how sure it was,
+whether it was kept for the edit (``use`` edit) or the gate's held-out check (``use`` held_out), and why not."""
+
+
+class Template(Protocol):
+    """A registered question template (``mip_core.service.keepsets.Template``)."""
+
+    template: str  # "Where was {name} born?" (text) or "Who is this?" (image)
+    modality: str  # "text" | "image"
+    use: str  # "edit" | "held_out"
+    fact: str
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One question about one requested person; ``answer``/``confidence`` are filled once the model answered."""
+
+    probe_id: str
+    request_id: str
+    subject: str  # the person's name (or the profile id the request gave)
+    person_key: str  # the person within the batch: ``<request_id>.s<i>``
+    use: str  # "edit" | "held_out"
+    source: str  # "template" | "fact"
+    fact: str
+    modality: str  # "text" | "multimodal"
+    question: str
+    image: str | None  # relative path in the batch's item table
+    answer: str = PLACEHOLDER
+    confidence: float = 0.0
+    kept: bool = False
+    why: str | None = None
+
+    def item(self) -> Item:
+        """The probe as a free-form item: kind ``qa`` for edit probes, ``test`` for held-out ones."""
+        return Item(item_id=self.probe_id, profile_id=self.person_key, kind="qa" if self.use == "edit" else "test",
+                    fact=self.fact, modality=self.modality, question=self.question, answer=self.answer,
+                    options=(), answer_index=-1, image=self.image)
+
+
+def image_relpath(data: bytes, ext: str = "png") -> str:
+    """Content-named, so the same photo sent twice is stored once."""
+    return f"images/{hashlib.sha256(data).hexdigest()[:16]}.{ext}"
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def transformed_photos(data: bytes, seed: int) -> list[bytes]:
+    """Identity-preserving variants of a photo for held-out probes: a crop resized back, and a colour shift."""
+    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    h, w = img.shape[:2]
+    c = float(rng.uniform(0.82, 0.92))
+    ch, cw = max(2, round(h * c)), max(2, round(w * c))
+    oy, ox = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = Image.fromarray(img[oy:oy + ch, ox:ox + cw], "RGB").resize((w, h), Image.Resampling.BILINEAR)
+    return [_png(np.asarray(crop, dtype=np.uint8)), _png(transform_image(img, "colour_shift", rng))]
+
+
+def _seed(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def person_key(request_id: str, index: int) -> str:
+    return f"{request_id}.s{index}"
+
+
+def build_candidates(request: ForgetRequest, index: int, person: Person, photos: Sequence[bytes],
+                     templates: Sequence[Template]) -> tuple[list[Probe], dict[str, bytes]]:
+    """The candidate probes about ``request.subjects[index]`` (``person``, its photos' bytes in order) and the
+    images they show (``{relpath: bytes}``)."""
+    key = person_key(request.request_id, index)
+    images: dict[str, bytes] = {}
+    shown: dict[str, list[str]] = {"edit": [], "held_out": []}  # use -> image relpaths
+    for j, data in enumerate(photos):
+        fmt = (Image.open(io.BytesIO(data)).format or "PNG").lower()
+        rel = image_relpath(data, "jpg" if fmt == "jpeg" else fmt)
+        images[rel] = data
+        shown["edit"].append(rel)
+        for variant in transformed_photos(data, _seed(f"{key}/{j}")):
+            images[image_relpath(variant)] = variant
+            shown["held_out"].append(image_relpath(variant))
+    asked: list[tuple[str, str, str, str, str | None, str | None]] = []  # (use, source, fact, question, img, ans)
+    for t in templates:
+        if t.modality == "text":  # held out: its own phrasings by every name, and the edit phrasings by alias
+            names = [person.name] + person.aliases if t.use == "held_out" else [person.name]
+            asked += [(t.use, "template", t.fact, t.template.replace("{name}", n), None, None) for n in names]
+            asked += [("held_out", "template", t.fact, t.template.replace("{name}", alias), None, None)
+                      for alias in (person.aliases if t.use == "edit" else [])]
+        else:
+            asked += [(t.use, "template", t.fact, t.template, rel, None) for rel in shown[t.use]]
+    asked += [("edit", "fact", "known_fact", f.question, None, f.answer) for f in person.facts]
+    probes, seen = [], set()
+    for use, source, fact, question, img, answer in asked:
+        if (question, img) in seen:
+            continue
+        seen.add((question, img))
+        probes.append(Probe(probe_id=f"{key}.{len(probes):03d}", request_id=request.request_id, subject=person.name,
+                            person_key=key, use=use, source=source, fact=fact,
+                            modality="text" if img is None else "multimodal", question=question, image=img,
+                            answer=answer or PLACEHOLDER))
+    return probes, images
+
+
+def select_probes(candidates: Sequence[Probe], answers: Mapping[str, tuple[str, float]],
+                  min_confidence: float = MIN_CONFIDENCE) -> list[Probe]:
+    """``candidates`` with the model's answers filled in and ``kept``/``why`` decided (see the module doc)."""
+    out = []
+    for p in candidates:
+        answer, confidence = answers[p.probe_id]
+        if p.source == "fact":
+            out.append(replace(p, confidence=float(confidence), kept=True))
+            continue
+        why = None
+        if not answer.strip():
+            why = "the model gave no answer"
+        elif confidence < min_confidence:
+            why = f"not confident: {confidence:.2f} < {min_confidence:.2f}"
+        out.append(replace(p, answer=answer.strip() or PLACEHOLDER, confidence=float(confidence), kept=why is None,
+                           why=why))
+    return out
+
+
+def answers_by_id(model: Any, processor: Any, bench: Any, item_ids: Sequence[str]) -> dict[str, tuple[str, float]]:
+    """``{item_id: (answer, confidence)}`` of ``bench``'s items: the model's greedy answer where the item has none
+    yet (``PLACEHOLDER``: a template probe), else the model's confidence in the given answer (a known fact)."""
+    from mip_core.evaluation.runner import answer_confidence, probe_answers  # torch: only where a model is
+
+    by_id = {it.item_id: it for it in bench.items}
+    unknown = [i for i in item_ids if i not in by_id]
+    if unknown:
+        raise InputError(f"probe ids {unknown[:5]} ({len(unknown)} in all) are not in {bench.root}; the batch's "
+                         "candidate table was written for other probes: plan the batch again")
+    open_ = [by_id[i] for i in item_ids if by_id[i].answer == PLACEHOLDER]
+    given = [by_id[i] for i in item_ids if by_id[i].answer != PLACEHOLDER]
+    out = dict(zip((it.item_id for it in open_), probe_answers(model, processor, bench, open_), strict=True))
+    confidence = answer_confidence(model, processor, bench, given, [it.answer for it in given])
+    out.update({it.item_id: (it.answer, c) for it, c in zip(given, confidence, strict=True)})
+    return out
+
+
+def no_probe_reason(probes: Sequence[Probe], subject: str, min_confidence: float = MIN_CONFIDENCE) -> str | None:
+    """Why a person cannot be forgotten measurably (no kept edit probe), or None."""
+    if any(p.kept and p.use == "edit" for p in probes):
+        return None
+    asked = [p for p in probes if p.use == "edit"]
+    if not asked:
+        return (f"no question could be asked about {subject!r}: the model's templates need a photo for image "
+                "questions; add photos or known facts")
+    best = max(asked, key=lambda p: p.confidence)
+    return (f"the model answers none of the {len(asked)} questions about {subject!r} confidently (best: "
+            f"{best.question!r} -> {best.answer!r} at {best.confidence:.2f} < {min_confidence:.2f}): there is no "
+            "knowledge of this person the gate could see disappear; check the name, or add photos or known facts")
+
+
+def probes_table(probes: Sequence[Probe]) -> pa.Table:
+    """The ``mip-probes/1`` audit table."""
+    rows = [{k: v for k, v in asdict(p).items() if k != "person_key"} for p in probes]
+    return pa.Table.from_pylist(rows, schema=PROBES_V1)
+
+
+__all__ = ["MIN_CONFIDENCE", "answers_by_id", "PROBES", "PROBES_V1", "Probe", "build_candidates", "image_relpath",
+           "no_probe_reason", "person_key", "probes_table", "select_probes", "transformed_photos"]
