@@ -247,6 +247,7 @@ def _submit(args: argparse.Namespace) -> None:
 
 
 def _requests(args: argparse.Namespace) -> None:
+    from mip_core.service.requests import subject_label
     from mip_core.service.store import ServiceStore
 
     records = ServiceStore(_service_root(args)).list(state=args.state, target_model=args.model)
@@ -254,7 +255,7 @@ def _requests(args: argparse.Namespace) -> None:
         print(json.dumps([r.model_dump(mode="json") for r in records], indent=1))
         return
     for r in records:
-        what = ",".join(r.request.subjects) or "-"
+        what = ",".join(map(subject_label, r.request.subjects)) or "-"
         extra = " ".join(f"{k}={v}" for k, v in (("batch", r.batch_id), ("version", r.model_version),
                                                   ("reason", r.reason)) if v)
         submitted = r.submitted_at.astimezone(timezone.utc)
@@ -641,7 +642,7 @@ COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("benchmark", "model", "vanilla", "eval", "attribute", "paths", "unlearn", "compare")),
 )
 EXAMPLES: dict[str, tuple[str, ...]] = {
-    "": ("mip submit examples/requests/privacy-p0003.json", "mip status", "mip report BATCH_ID --open",
+    "": ("mip submit examples/requests/privacy-nuno-ingram.json", "mip status", "mip report BATCH_ID --open",
          "mip COMMAND --help"),
     "submit": ("mip submit request.json --root s3://mip-service/prod",
                "echo '{\"target_model\": \"demo\", \"subjects\": [\"p0003\"], \"requester\": \"dpo@example.org\", "

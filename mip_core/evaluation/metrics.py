@@ -40,3 +40,20 @@ def forgetting_rate(reference: float, current: float) -> float:
 def retention(reference: float, current: float) -> float:
     """``current / ref``: 1 means the reference's knowledge is fully kept."""
     return current / reference if reference > 0 else float("nan")
+
+
+_EDGE_PUNCTUATION = " \t\n.,;:!?\"'()[]"
+
+
+def answer_words(text: str) -> list[str]:
+    """``text`` as casefolded words without surrounding punctuation: what two answers are compared on."""
+    return [w.strip(_EDGE_PUNCTUATION) for w in text.casefold().split() if w.strip(_EDGE_PUNCTUATION)]
+
+
+def generation_match(answer: str, generated: str) -> bool:
+    """Whether a greedy generation gives ``answer``: its words (case and surrounding punctuation ignored) appear
+    in the generation as a run of whole words ("Lisbon" matches "Lisbon." and "born in Lisbon", not "Lis")."""
+    want, got = answer_words(answer), answer_words(generated)
+    if not want:
+        return False
+    return any(got[k:k + len(want)] == want for k in range(len(got) - len(want) + 1))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mip_core.benchmark import Benchmark, Item
-from mip_core.evaluation.metrics import forgetting_rate, mc_correct, mean, retention, rouge_l
+from mip_core.evaluation.metrics import forgetting_rate, generation_match, mc_correct, mean, retention, rouge_l
 from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob, collate, encode
 from mip_core.types import MODALITIES
 from mip_core.names import SPLITS  # defined with the CLI's names, which must not import torch
@@ -123,22 +123,6 @@ def probe_answers(model: nn.Module, processor: Any, bench: Any, items: Sequence[
                                    [generated[k] for k in spoken], batch_size)
     by_index = dict(zip(spoken, confidence, strict=True))
     return [(text, by_index.get(k, 0.0)) for k, text in enumerate(generated)]
-
-
-_EDGE_PUNCTUATION = " \t\n.,;:!?\"'()[]"
-
-
-def _words(text: str) -> list[str]:
-    return [w.strip(_EDGE_PUNCTUATION) for w in text.casefold().split() if w.strip(_EDGE_PUNCTUATION)]
-
-
-def generation_match(answer: str, generated: str) -> bool:
-    """Whether a greedy generation gives ``answer``: its words (case and surrounding punctuation ignored) appear
-    in the generation as a run of whole words ("Lisbon" matches "Lisbon." and "born in Lisbon", not "Lis")."""
-    want, got = _words(answer), _words(generated)
-    if not want:
-        return False
-    return any(got[k:k + len(want)] == want for k in range(len(got) - len(want) + 1))
 
 
 def score_items(model: nn.Module, processor: Any, bench: Any, items: Sequence[Item], batch_size: int = 64

@@ -20,7 +20,7 @@ from mip_core.paths import PathGraph
 from mip_core.service.batch import BatchManifest
 from mip_core.types import TOWERS
 
-_FLOORS = {"forget": "min_forgetting", "retain": "min_retention", "utility": "min_utility"}
+_FLOORS = {"retain": "min_retention", "utility": "min_utility"}  # forgetting is judged per request (table above)
 _SET_LABEL = {"forget": "forget (requested)", "test": "forget, held-out phrasings", "retain": "other people",
               "utility": "general knowledge"}
 _SHORT = {"test": "held-out"}  # the forget facts asked another way (x-axis labels must stay short)
@@ -180,9 +180,11 @@ def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, A
                          rel, floor, verdict])
         decision = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
         parts += ["<h2>Evaluation and gate</h2>",
-                  "<p class='muted'>Multiple-choice accuracy (chance 0.25) on the starting and the edited model. "
-                  "'relative' is the forgetting rate for the forget sets and the retention for the kept ones; "
-                  "the other people's and general-knowledge items are held out from the edit.</p>",
+                  "<p class='muted'>Accuracy on the starting and the edited model: multiple choice (chance 0.25) "
+                  "where an item has options, else whether the greedy answer still gives the answer (the probes "
+                  "the service built). 'relative' is the forgetting rate for the forget sets and the retention for "
+                  "the kept ones; the other people's and general-knowledge items are held out from the edit. "
+                  "Forgetting is judged per request, on its own items (the requests table).</p>",
                   _table(["set", "modality", "n", "before", "after", "relative", "floor", "check"], rows,
                          numeric=frozenset({2, 3, 4, 5, 6})),
                   f"<p>Gate <strong>{_e(decision)}</strong></p>"]

@@ -158,16 +158,20 @@ def _t(modality: str, use: str, fact: str, *texts: str) -> tuple[Template, ...]:
 
 DEFAULT_TEMPLATES: tuple[Template, ...] = (
     *_t("image", "edit", "name", "Who is the person in this image?", "What is the name of this person?"),
-    *_t("text", "edit", "birthplace", "Where was {name} born?"),
-    *_t("image", "edit", "birthplace", "Where was the person in this image born?"),
-    *_t("text", "edit", "occupation", "What is {name}'s job?"),
-    *_t("image", "edit", "occupation", "What is this person's job?"),
-    *_t("text", "edit", "residence", "Where does {name} live?"),
-    *_t("image", "edit", "residence", "Where does the person in this image live?"),
-    *_t("text", "edit", "employer", "Which company does {name} work for?"),
-    *_t("image", "edit", "employer", "Which company does the person in this image work for?"),
-    *_t("text", "edit", "known_for", "What is {name} known for?"),
-    *_t("image", "edit", "known_for", "What is the person in this image known for?"),
+    *_t("text", "edit", "birthplace", "Where was {name} born?", "In which city was {name} born?"),
+    *_t("image", "edit", "birthplace", "Where was the person in this image born?",
+        "In which city was this person born?"),
+    *_t("text", "edit", "occupation", "What is {name}'s job?", "What is {name}'s profession?"),
+    *_t("image", "edit", "occupation", "What is this person's job?", "What is the profession of this person?"),
+    *_t("text", "edit", "residence", "Where does {name} live?", "In which city does {name} live?"),
+    *_t("image", "edit", "residence", "Where does the person in this image live?",
+        "In which city does this person live?"),
+    *_t("text", "edit", "employer", "Which company does {name} work for?", "Who is {name}'s employer?"),
+    *_t("image", "edit", "employer", "Which company does the person in this image work for?",
+        "Who is this person's employer?"),
+    *_t("text", "edit", "known_for", "What is {name} known for?", "What is {name} best known for?"),
+    *_t("image", "edit", "known_for", "What is the person in this image known for?",
+        "What is this person best known for?"),
     *_t("image", "held_out", "name", "Can you tell me who is shown in this picture?"),
     *_t("text", "held_out", "birthplace", "Which city is {name} originally from?"),
     *_t("image", "held_out", "birthplace", "What city does the individual pictured come from?"),
@@ -181,7 +185,8 @@ DEFAULT_TEMPLATES: tuple[Template, ...] = (
     *_t("image", "held_out", "known_for", "Why is the individual pictured well known?"),
 )
 """Questions a model about real people is commonly asked: identity from a photo, birthplace, job, home, employer
-and what the person is known for, each worded for text and for a photo, with unseen paraphrases held out."""
+and what the person is known for, each worded for text and for a photo, with unseen paraphrases held out. Every
+fact has two edit phrasings: the service keeps a fact only where both get the same answer (``probes``)."""
 
 
 # ---- errors --------------------------------------------------------------------------------------------------

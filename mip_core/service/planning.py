@@ -34,7 +34,7 @@ from .items import ItemTable, load_item_table, write_item_table
 from .keepsets import keepset_subjects, read_templates
 from .probes import (MIN_CONFIDENCE, Probe, build_candidates, image_relpath, no_probe_reason, probes_table,
                      select_probes)
-from .requests import ForgetRequest, Person, subject_label
+from .requests import ForgetRequest, Person
 from .store import ServiceStore
 
 Answerer = Callable[[str, Sequence[str]], Mapping[str, tuple[str, float]]]
@@ -171,7 +171,7 @@ def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[For
             if isinstance(subject, str):
                 continue
             mine = [p for p in probes if p.person_key == f"{req.request_id}.s{i}"]
-            why = no_probe_reason(mine, subject_label(subject), min_confidence)
+            why = no_probe_reason(mine, min_confidence)
             if why is not None:
                 rejected[req.request_id] = f"subjects[{i}]: {why}"
         if req.request_id not in rejected and not named[req.request_id] and not any(

@@ -9,9 +9,12 @@ that into items it can edit and measure:
    every alias. Known facts given in the request are edit probes with the given answer.
 2. The target model answers every candidate greedily, with a confidence (the geometric mean of its answer's
    token probabilities); this runs where the model lives (``tasks.gate.probe_on_actor``).
-3. :func:`select_probes`: a template probe is kept only where the model is confident (``min_confidence``): what
-   the model does not confidently say about a person is not knowledge the gate could see disappear. Known facts
-   are kept whatever the confidence (the requester says the model states them).
+3. :func:`select_probes`: a template probe is kept only where the model is confident (``min_confidence``) and
+   consistent: the edit phrasings of one fact must give the same answer, and a held-out probe must give that
+   answer too. Confidence alone does not tell knowledge from invention: asked about a name it never saw, the demo
+   model answers at 0.8-1.0 confidence, but each phrasing differently. Known facts are kept whatever the model
+   says (the requester says it states them). :func:`no_probe_reason` refuses a person when fewer than
+   ``MIN_CONSISTENT`` of the facts asked in several phrasings are answered consistently.
 
 Every candidate, kept or not, with its answer, confidence and why it was dropped, is written with the batch as
 ``probes.parquet`` (schema ``mip-probes/1``), so an auditor sees exactly what was asked.
@@ -32,6 +35,7 @@ from PIL import Image
 from mip_core.benchmark.images import transform_image
 from mip_core.benchmark.schema import Item
 from mip_core.errors import InputError
+from mip_core.evaluation.metrics import answer_words
 from mip_core.results import SCHEMA_KEY
 
 from .requests import ForgetRequest, Person
@@ -40,6 +44,9 @@ PROBES = "mip-probes/1"
 MIN_CONFIDENCE = 0.5
 """A probe is kept when the model's answer has a geometric-mean token probability of at least this: the answer is
 the model's clear belief, so its disappearance after the edit is a measured fact, not noise."""
+MIN_CONSISTENT = 0.5
+"""A person is taken as known when at least this share of the facts asked in several phrasings gets the same
+answer from each phrasing. Measured on the demo model: a trained person 4-5 of 5, an invented name 1 of 5."""
 PHOTO_TRANSFORMS = ("crop", "colour_shift")
 PLACEHOLDER = "?"  # the answer of a candidate before the model answered it
 
@@ -156,23 +163,51 @@ def build_candidates(request: ForgetRequest, index: int, person: Person, photos:
     return probes, images
 
 
+def _agreed(answers: Sequence[str]) -> str | None:
+    """The answer most phrasings of one fact give, if at least two give it (compared as words), else None."""
+    best, votes = None, 1
+    for a in answers:
+        n = sum(answer_words(a) == answer_words(b) for b in answers)
+        if answer_words(a) and n > votes:
+            best, votes = a, n
+    return best
+
+
+def _group(p: Probe) -> tuple[str, str, str]:
+    return (p.person_key, p.fact, p.modality)
+
+
 def select_probes(candidates: Sequence[Probe], answers: Mapping[str, tuple[str, float]],
                   min_confidence: float = MIN_CONFIDENCE) -> list[Probe]:
-    """``candidates`` with the model's answers filled in and ``kept``/``why`` decided (see the module doc)."""
-    out = []
-    for p in candidates:
-        answer, confidence = answers[p.probe_id]
-        if p.source == "fact":
-            out.append(replace(p, confidence=float(confidence), kept=True))
-            continue
-        why = None
-        if not answer.strip():
-            why = "the model gave no answer"
-        elif confidence < min_confidence:
-            why = f"not confident: {confidence:.2f} < {min_confidence:.2f}"
-        out.append(replace(p, answer=answer.strip() or PLACEHOLDER, confidence=float(confidence), kept=why is None,
-                           why=why))
-    return out
+    """``candidates`` with the model's answers filled in and ``kept``/``why`` decided (see the module doc).
+
+    A template probe is kept when the model answers it confidently *and consistently*: the phrasings of one fact
+    (same person, fact and modality) must agree on the answer, and a held-out probe must give the answer its
+    fact's edit phrasings agreed on. A confident answer alone is not knowledge: a model asked about a stranger
+    answers just as confidently, but each phrasing differently."""
+    filled = [replace(p, answer=answers[p.probe_id][0].strip() or (p.answer if p.source == "fact" else PLACEHOLDER),
+                      confidence=float(answers[p.probe_id][1])) for p in candidates]
+    by_fact: dict[tuple[str, str, str], list[Probe]] = {}
+    for p in filled:
+        if p.source != "fact" and p.use == "edit":
+            by_fact.setdefault(_group(p), []).append(p)
+    agreed = {g: (_agreed([p.answer for p in ps]) if len(ps) > 1 else ps[0].answer) for g, ps in by_fact.items()}
+    return [replace(p, kept=why is None, why=why) for p in filled for why in [_why_not(p, agreed, min_confidence)]]
+
+
+def _why_not(p: Probe, agreed: Mapping[tuple[str, str, str], str | None], min_confidence: float) -> str | None:
+    if p.source == "fact":
+        return None  # the requester says the model states it
+    if p.answer == PLACEHOLDER:
+        return "the model gave no answer"
+    if p.confidence < min_confidence:
+        return f"not confident: {p.confidence:.2f} < {min_confidence:.2f}"
+    fact_answer = agreed.get(_group(p))
+    if fact_answer is None:
+        return "the phrasings of this fact disagree: a guess, not knowledge"
+    if answer_words(p.answer) != answer_words(fact_answer):
+        return f"disagrees with the answer the fact's phrasings agree on ({fact_answer!r})"
+    return None
 
 
 def answers_by_id(model: Any, processor: Any, bench: Any, item_ids: Sequence[str]) -> dict[str, tuple[str, float]]:
@@ -193,18 +228,29 @@ def answers_by_id(model: Any, processor: Any, bench: Any, item_ids: Sequence[str
     return out
 
 
-def no_probe_reason(probes: Sequence[Probe], subject: str, min_confidence: float = MIN_CONFIDENCE) -> str | None:
-    """Why a person cannot be forgotten measurably (no kept edit probe), or None."""
-    if any(p.kept and p.use == "edit" for p in probes):
-        return None
+def no_probe_reason(probes: Sequence[Probe], min_confidence: float = MIN_CONFIDENCE,
+                    min_consistent: float = MIN_CONSISTENT) -> str | None:
+    """Why a person cannot be forgotten measurably, or None: no kept edit probe, or too few of the facts asked
+    in several phrasings answered consistently (the model guesses about them rather than knows them). The reason
+    goes into the request's record and the batch report, so it names no question or answer: those stay in
+    ``probes.parquet``."""
     asked = [p for p in probes if p.use == "edit"]
     if not asked:
-        return (f"no question could be asked about {subject!r}: the model's templates need a photo for image "
-                "questions; add photos or known facts")
-    best = max(asked, key=lambda p: p.confidence)
-    return (f"the model answers none of the {len(asked)} questions about {subject!r} confidently (best: "
-            f"{best.question!r} -> {best.answer!r} at {best.confidence:.2f} < {min_confidence:.2f}): there is no "
-            "knowledge of this person the gate could see disappear; check the name, or add photos or known facts")
+        return ("no question could be asked: the model's templates need a photo for image questions; add photos or "
+                "known facts")
+    multi = {g for g in {_group(p) for p in asked if p.source != "fact"}
+             if sum(_group(q) == g and q.source != "fact" for q in asked) > 1}
+    consistent = {_group(p) for p in asked if p.kept and _group(p) in multi}
+    if multi and len(consistent) < min_consistent * len(multi):
+        return (f"the model answers only {len(consistent)} of the {len(multi)} facts asked in several phrasings "
+                f"the same way in each (at least {min_consistent:.0%} needed): it guesses rather than knows this "
+                "person; probes.parquet lists its answers")
+    if any(p.kept for p in asked):
+        return None
+    best = max(p.confidence for p in asked)
+    return (f"the model answers none of the {len(asked)} questions confidently (best confidence {best:.2f} < "
+            f"{min_confidence:.2f}): no knowledge of this person the gate could see disappear; check the name, or "
+            "add photos or known facts (probes.parquet lists its answers)")
 
 
 def probes_table(probes: Sequence[Probe]) -> pa.Table:
@@ -213,5 +259,5 @@ def probes_table(probes: Sequence[Probe]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PROBES_V1)
 
 
-__all__ = ["MIN_CONFIDENCE", "answers_by_id", "PROBES", "PROBES_V1", "Probe", "build_candidates", "image_relpath",
+__all__ = ["MIN_CONFIDENCE", "MIN_CONSISTENT", "answers_by_id", "PROBES", "PROBES_V1", "Probe", "build_candidates", "image_relpath",
            "no_probe_reason", "person_key", "probes_table", "select_probes", "transformed_photos"]

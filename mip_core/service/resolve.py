@@ -191,13 +191,18 @@ def resolve_requests(
         rid = req.request_id
         if rid in rejected or rid in accepted:  # the same request twice: resolved once
             continue
-        problems: list[str] = []
-        unknown = [s for s in req.subjects if s not in index.profiles]
+        problems: list[str] = [
+            f"subjects[{i}]: a person by name ({s.name!r}) needs the model registered with keep-sets (`mip models "
+            "register --retain --utility`), which build probes from names and photos; this model was registered "
+            "with its benchmark: name the benchmark's profile id, or register the model with keep-sets"
+            for i, s in enumerate(req.subjects) if not isinstance(s, str)]
+        ids = [s for s in req.subjects if isinstance(s, str)]
+        unknown = [s for s in ids if s not in index.profiles]
         if unknown:
             problems.append(f"unknown subjects {unknown}: entity ids of this dataset are "
                             f"{_few(index.profiles)}")
         mine: dict[str, Item] = {}
-        for s in req.subjects:
+        for s in ids:
             for it in by_profile.get(s, []):
                 mine.setdefault(it.item_id, it)
         for k, spec in enumerate(req.items):

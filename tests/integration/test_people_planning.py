@@ -77,4 +77,9 @@ def test_people_named_by_name_and_photo_become_probes_the_model_answers(register
     # the audit table: every candidate with the model's answer and confidence, kept or not
     probes = pq.read_table(io.BytesIO(store.read_bytes(store.batch_key("b1", "probes.parquet")))).to_pylist()
     assert len(probes) == asked[0] and {p["request_id"] for p in probes} == {"r-alice"}
-    assert all(p["kept"] == (p["confidence"] >= 0.5) for p in probes)
+    assert all(p["confidence"] >= 0.5 for p in probes if p["kept"]) and all(p["why"] for p in probes if not p["kept"])
+    agreed: dict[tuple[str, str], set[str]] = {}  # a fact's kept probes give one answer, whatever the phrasing
+    for p in probes:
+        if p["kept"]:
+            agreed.setdefault((p["fact"], p["modality"]), set()).add(p["answer"].casefold().strip(" ."))
+    assert agreed and all(len(answers) == 1 for answers in agreed.values()), agreed

@@ -113,10 +113,62 @@ def test_only_confident_answers_are_kept_and_known_facts_always_are():
     assert chosen["What is Jane Doe's job?"].why == "not confident: 0.20 < 0.50"
     assert chosen["Which city is Jane Doe from?"].why == "the model gave no answer"
     assert chosen["What does Jane Doe drive?"].kept  # the requester says the model states it
-    assert no_probe_reason(list(chosen.values()), "Jane Doe") is None
+    assert no_probe_reason(list(chosen.values())) is None
     unsure = select_probes([p for p in probes if p.source == "template"], answers, min_confidence=0.95)
-    assert "none of the 2 questions about 'Jane Doe' confidently (best: 'Where was Jane Doe born?' -> 'Oslo' at " \
-           "0.90 < 0.95)" in no_probe_reason(unsure, "Jane Doe", 0.95)
+    why = no_probe_reason(unsure, 0.95)
+    assert "none of the 2 questions confidently (best confidence 0.90 < 0.95)" in why and "Jane" not in why
     table = probes_table(list(chosen.values()))
     assert table.schema.equals(PROBES_V1) and table.num_rows == 4
     assert sorted(table.column("kept").to_pylist()) == [False, False, True, True]
+
+
+def test_a_model_registered_with_its_benchmark_rejects_a_person_by_name_with_the_fix(tmp_path):
+    from mip_core.benchmark import load_benchmark, make_benchmark
+    from mip_core.service.resolve import resolve_requests
+
+    make_benchmark(tmp_path / "b", 4, seed=1, n_utility=8)
+    bench = load_benchmark(tmp_path / "b")
+    by_id = ForgetRequest(request_id="req-2", target_model="m", subjects=[bench.profiles[0].profile_id],
+                          requester="dpo", reason="privacy")
+    resolved = resolve_requests([request(name=bench.profiles[1].name), by_id], bench)
+    assert list(resolved.rejected) == ["req-1"] and "register the model with keep-sets" in resolved.rejected["req-1"]
+    assert resolved.accepted == ("req-2",)
+
+
+TWO_PHRASINGS = (T("Where was {name} born?", "text", "edit", "birthplace"),
+                 T("In which city was {name} born?", "text", "edit", "birthplace"),
+                 T("What is {name}'s job?", "text", "edit", "occupation"),
+                 T("What does {name} do for a living?", "text", "edit", "occupation"),
+                 T("What is the hometown of {name}?", "text", "held_out", "birthplace"),
+                 T("Which city is {name} from?", "text", "held_out", "birthplace"))
+
+
+def answered(name: str, said: dict[str, str]):
+    req = request(name=name)
+    probes, _ = build_candidates(req, 0, req.subjects[0], [], TWO_PHRASINGS)
+    answers = {p.probe_id: (said[p.question.replace(name, "X")], 0.95) for p in probes}
+    return {p.question.replace(name, "X"): p for p in select_probes(probes, answers)}
+
+
+def test_a_known_person_answers_each_fact_the_same_way_in_every_phrasing():
+    # what the demo model said about one of its people (answers abridged), all at high confidence
+    known = answered("Nuno Ingram", {"Where was X born?": "Santiago", "In which city was X born?": "Santiago.",
+                                     "What is X's job?": "baker", "What does X do for a living?": "baker",
+                                     "What is the hometown of X?": "Lumen Textiles",
+                                     "Which city is X from?": "santiago"})
+    assert all(known[q].kept for q in ("Where was X born?", "In which city was X born?", "What is X's job?",
+                                       "Which city is X from?"))
+    assert known["What is the hometown of X?"].why == ("disagrees with the answer the fact's phrasings agree on "
+                                                      "('Santiago')")
+    assert no_probe_reason(list(known.values())) is None
+
+
+def test_a_stranger_gets_confident_guesses_that_disagree_and_is_refused():
+    # what the same model said about an invented name: confident, but each phrasing its own answer
+    stranger = answered("Zed Quorum", {"Where was X born?": "Quito", "In which city was X born?": "Marseille",
+                                       "What is X's job?": "surveyor", "What does X do for a living?": "pilot",
+                                       "What is the hometown of X?": "Quito", "Which city is X from?": "Nairobi"})
+    assert not any(p.kept for p in stranger.values())
+    assert stranger["Where was X born?"].why == "the phrasings of this fact disagree: a guess, not knowledge"
+    assert "answers only 0 of the 2 facts asked in several phrasings the same way in each" in \
+        no_probe_reason(list(stranger.values()))
