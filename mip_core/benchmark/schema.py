@@ -115,8 +115,8 @@ class Item:
     modality: str
     question: str
     answer: str
-    options: tuple[str, str, str, str]
-    answer_index: int
+    options: tuple[str, ...]  # 4 distinct strings, or () for a free-form item
+    answer_index: int  # -1 for a free-form item
     image: str | None
 
     def __post_init__(self) -> None:
@@ -138,7 +138,12 @@ class Item:
         if len(opts) != 4 or len(set(opts)) != 4:
             raise BenchmarkError(f"{where}: needs 4 distinct options (or none and answer_index -1 for a free-form "
                                  f"item), got {opts!r} with answer_index {self.answer_index}; {MAKE_HINT}")
-        if not 0 <= self.answer_index < 4 or opts[self.answer_index] != self.answer:
+        if not 0 <= self.answer_index < 4:
+            raise BenchmarkError(
+                f"{where}: answer_index={self.answer_index!r} must index one of its 4 options (0-3); -1 is only "
+                f"for a free-form item, which has no options; {MAKE_HINT}"
+            )
+        if opts[self.answer_index] != self.answer:
             raise BenchmarkError(
                 f"{where}: options[{self.answer_index}] is not the answer {self.answer!r}; {MAKE_HINT}"
             )

@@ -55,8 +55,8 @@ def multiple_choice(model: nn.Module, processor: Any, bench: Benchmark, items: S
     """For each item, whether the highest-likelihood option (as the answer) is the right one."""
     free = [it.item_id for it in items if it.free_form]
     if free:
-        raise ValueError(f"multiple_choice: items {free[:5]} ({len(free)} in all) have no options; score them with "
-                         "score_items (greedy answer match)")
+        raise ValueError(f"multiple_choice: items {free[:5]} ({len(free)} in all) have no options; score them "
+                         "with score_items (greedy answer match)")
     examples = []
     for it in items:
         image = bench.load_image(it) if it.image else None
