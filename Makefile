@@ -139,8 +139,10 @@ SCALE_ARGS ?=
 # Requests that name people by name and photo (the service builds its probes, the benchmark is never opened)
 # against requests naming the same people's benchmark ids, scored on the benchmark (BENCHMARKS.md section 8).
 bench-probes: install $(DEMO_DIR)/vanilla/model.safetensors
-	$(LOCAL_ONLY) $(PY) benches/probe_bench.py --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench --people 5 \
+	$(DEMO_PREFECT) $(PY) benches/probe_bench.py --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench --people 5 \
 		--out benches/results/probes.json --work $(DEMO_DIR)/probe_bench
+	$(PY) benches/probe_consistency.py --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench \
+		--out benches/results/probe_consistency.json
 
 bench-scale: install
 	$(LOCAL_ONLY) $(PY) benches/scale_bench.py $(SCALE_ARGS)

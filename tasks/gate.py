@@ -25,9 +25,9 @@ from mip_core.modeling import load_model
 from mip_core.modeling.inputs import inputs_follow_model
 from mip_core.modeling.io import localize
 from mip_core.service.batch import BatchManifest
-from mip_core.service.gate import GateConfig, GateDecision, by_set, correct_by_id, decide
+from mip_core.service.gate import GateConfig, GateDecision, by_set, correct_by_id, decide, with_answer_logprobs
 from mip_core.service.items import load_items
-from mip_core.service.probes import answers_by_id
+from mip_core.service.probes import answers_by_id, mean_logprobs, probe_logprobs
 from mip_core.service.scores import gate_scores
 from mip_core.service.shards import ActorStartError
 from mip_core.service.store import ServiceStore
@@ -54,6 +54,7 @@ class ScoringActor:
         else:
             self.loaded, self.device = load_model(local, dtype=dtype, device="cpu"), "cpu"
         self.bench = load_items(localize(dataset_uri, endpoint_url))  # a benchmark or a batch's item table
+        self.by_id = {it.item_id: it for it in self.bench.items}
         self.load_seconds = time.perf_counter() - start
 
     def ping(self) -> dict[str, Any]:
@@ -63,6 +64,14 @@ class ScoringActor:
 
     def score(self, item_ids: Sequence[str]) -> dict[str, bool]:
         return correct_by_id(self.loaded.model, self.loaded.processor, self.bench, item_ids)
+
+    def score_and_logprob(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """``{"correct": {item_id: bool}, "logprob": {item_id: mean per-token log p}}``; the log-probability of
+        free-form items only (the answer the model gave before the edit: how far it has moved from it)."""
+        free = [i for i in item_ids if self.by_id[i].free_form]
+        return {"correct": self.score(item_ids),
+                "logprob": dict(zip(free, mean_logprobs(self.loaded.model, self.loaded.processor, self.bench,
+                                                        [self.by_id[i] for i in free]), strict=True))}
 
     def answer(self, item_ids: Sequence[str]) -> dict[str, tuple[str, float]]:
         """``{item_id: (answer, confidence)}``: the greedy answer where the item has none yet (a candidate probe),
@@ -108,9 +117,10 @@ def score_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *,
         except RayActorError as exc:
             raise ScoringError(f"the scoring actor {info['host']}:{info['pid']} died scoring {len(ids)} items of "
                                f"{model_uri}: {describe_error(exc)}; check `ray logs`, then rerun") from exc
-        log(f"{'gate' if method == 'score' else 'probes'}: {len(ids)} items of {model_uri} scored on actor {info['host']}:{info['pid']} ({info['device']}, "
-            f"{options.get('num_gpus', 0)} GPU, {options['num_cpus']} CPU) in {time.perf_counter() - start:.1f} s, "
-            f"model loaded in {info['load_seconds']:.1f} s")
+        log(f"{'probes' if method == 'answer' else 'gate'}: {len(ids)} items of {model_uri} scored on actor "
+            f"{info['host']}:{info['pid']} ({info['device']}, {options.get('num_gpus', 0)} GPU, "
+            f"{options['num_cpus']} CPU) in {time.perf_counter() - start:.1f} s, model loaded in "
+            f"{info['load_seconds']:.1f} s")
         return correct
     finally:
         with suppress(Exception):
@@ -127,12 +137,18 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
     ids = [it.item_id for items in item_sets.values() for it in items]
     log(f"gate: {', '.join(f'{len(v)} {k}' for k, v in item_sets.items())} items")
 
+    moved: dict[str, float] = {}  # free-form item -> the edited model's mean log p of the answer given before
+
     def score(model_uri: str, wanted: Sequence[str]) -> dict[str, bool]:
-        return score_on_actor(model_uri, m.dataset_uri, wanted, gpus_per_actor=gpus_per_actor, dtype=dtype,
-                              endpoint_url=store.endpoint_url, log=log)
+        got = score_on_actor(model_uri, m.dataset_uri, wanted, gpus_per_actor=gpus_per_actor, dtype=dtype,
+                             endpoint_url=store.endpoint_url, log=log, method="score_and_logprob")
+        if model_uri == edited_uri:
+            moved.update(got["logprob"])
+        return got["correct"]
 
     before, after = gate_scores(store, m, ids, edited_uri, dtype=dtype, score=score, log=log)
-    return decide(item_sets, by_set(item_sets, before), by_set(item_sets, after), cfg, request_of=m.request_of())
+    decision = decide(item_sets, by_set(item_sets, before), by_set(item_sets, after), cfg, request_of=m.request_of())
+    return with_answer_logprobs(decision, item_sets, probe_logprobs(store, batch_id), moved, m.request_of())
 
 
 def probe_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *, gpus_per_actor: int = 1,

@@ -24,7 +24,7 @@ only, plus any items the starting version was never scored on.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -216,6 +216,24 @@ def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping
     return GateDecision(not reasons, tuple(reasons), tuple(scores), per_request, cfg, request_reasons)
 
 
+def with_answer_logprobs(decision: GateDecision, item_sets: Mapping[str, Sequence[Item]],
+                         before: Mapping[str, float], after: Mapping[str, float],
+                         request_of: Mapping[str, str]) -> GateDecision:
+    """``decision`` with each request's mean answer log-probability before and after the edit (``logprob_before``
+    and ``logprob_after`` over its forget items, ``test_logprob_*`` over its held-out probes): a graded figure
+    beside the greedy match, for items the starting model answered freely. ``before``/``after``: item -> mean
+    per-token log p of the answer the starting model gave."""
+    figures = {r: dict(f) for r, f in decision.per_request.items()}
+    for name, prefix in (("forget", ""), ("test", "test_")):
+        for request, fig in figures.items():
+            ids = [it.item_id for it in item_sets.get(name, ()) if request_of.get(it.item_id) == request
+                   and it.item_id in before and it.item_id in after]
+            if ids:
+                fig[f"{prefix}logprob_before"] = mean([before[i] for i in ids])
+                fig[f"{prefix}logprob_after"] = mean([after[i] for i in ids])
+    return replace(decision, per_request=figures)
+
+
 def evaluate_and_gate(base: nn.Module, edited: nn.Module, processor: Any, bench: Benchmark,
                       item_sets: Mapping[str, Sequence[Item]], cfg: GateConfig, *,
                       request_of: Mapping[str, str] | None = None,
@@ -239,4 +257,4 @@ def format_decision(decision: GateDecision) -> str:
 
 
 __all__ = ["SETS", "GateConfig", "GateDecision", "SetScore", "by_set", "correct_by_id", "correctness", "decide",
-           "evaluate_and_gate", "format_decision"]
+           "evaluate_and_gate", "format_decision", "with_answer_logprobs"]

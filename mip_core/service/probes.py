@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from mip_core.benchmark.images import transform_image
@@ -231,6 +233,23 @@ def answers_by_id(model: Any, processor: Any, bench: Any, item_ids: Sequence[str
     return out
 
 
+def mean_logprobs(model: Any, processor: Any, bench: Any, items: Sequence[Item]) -> list[float]:
+    """Mean per-token log-probability of each item's answer: ``log`` of the confidence the probe was kept with."""
+    from mip_core.evaluation.runner import answer_logprobs  # torch: only where a model is
+
+    return [total / max(n, 1) for total, n in answer_logprobs(model, processor, bench, items)]
+
+
+def probe_logprobs(store: Any, batch_id: str) -> dict[str, float]:
+    """``{probe_id: log(confidence)}`` of a batch's kept probes: the starting model's mean per-token log p of each
+    answer, recorded at planning (no second scoring of the starting model)."""
+    key = store.batch_key(batch_id, "probes.parquet")
+    if not store.exists(key):
+        return {}
+    rows = pq.read_table(io.BytesIO(store.read_bytes(key)), columns=["probe_id", "confidence", "kept"]).to_pylist()
+    return {r["probe_id"]: math.log(r["confidence"]) for r in rows if r["kept"] and r["confidence"] > 0}
+
+
 def no_probe_reason(probes: Sequence[Probe], min_confidence: float = MIN_CONFIDENCE,
                     min_consistent: float = MIN_CONSISTENT) -> str | None:
     """Why a person cannot be forgotten measurably, or None: no kept edit probe, or too few of the facts asked
@@ -262,5 +281,5 @@ def probes_table(probes: Sequence[Probe]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PROBES_V1)
 
 
-__all__ = ["MIN_CONFIDENCE", "MIN_CONSISTENT", "answers_by_id", "PROBES", "PROBES_V1", "Probe", "build_candidates", "image_relpath",
+__all__ = ["MIN_CONFIDENCE", "MIN_CONSISTENT", "mean_logprobs", "probe_logprobs", "answers_by_id", "PROBES", "PROBES_V1", "Probe", "build_candidates", "image_relpath",
            "no_probe_reason", "person_key", "probes_table", "select_probes", "transformed_photos"]

@@ -41,14 +41,15 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
              f"{len(m.requests)} request(s), {len(m.rejected)} rejected at planning, {len(m.forget)} forget items, "
              f"{len(m.edit_retain)} items held during the edit; {len(m.eval_retain)} other people's and "
              f"{len(m.eval_utility)} general-knowledge items (held out) scored.", "", "## Requests", "",
-             "| request | state | forget acc before | after | held-out before | after | reason |",
-             "|---|---|---|---|---|---|---|"]
+             "| request | state | forget acc before | after | held-out before | after | answer log p | reason |",
+             "|---|---|---|---|---|---|---|---|"]
     per_request = (gate or {}).get("per_request", {})
     for rec in records:
         acc = per_request.get(rec.request.request_id, {})
+        logp = (f"{acc['logprob_before']:.2f} -> {acc['logprob_after']:.2f}" if "logprob_after" in acc else "-")
         lines.append(f"| `{rec.request.request_id}` | {rec.state} | {_f(acc.get('before', '-'))} | "
                      f"{_f(acc.get('after', '-'))} | {_f(acc.get('test_before', '-'))} | "
-                     f"{_f(acc.get('test_after', '-'))} | {rec.reason or ''} |")
+                     f"{_f(acc.get('test_after', '-'))} | {logp} | {rec.reason or ''} |")
     if m.scores_dataset:
         lines += ["", "Probes asked about each person, the model's answers and which were kept: "
                       f"`batches/{m.batch_id}/probes.parquet`."]

@@ -178,6 +178,7 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
         figures = gate["per_request"][r]
         assert figures["passed"] == 1.0 and figures["after"] < figures["before"], figures
         assert "test_after" in figures  # held-out probes reported beside the request's own
+        assert figures["logprob_after"] < figures["logprob_before"]  # the answers it gave became less likely
 
     # 4. the path graph is a Parquet dataset pyarrow reads straight from S3; it holds both people's paths
     fs, path = filesystem(store.uri(store.batch_key(batch_id, "path_graph")), s3_endpoint.endpoint_url)

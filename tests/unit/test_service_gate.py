@@ -9,7 +9,7 @@ import pytest
 
 from mip_core.errors import InputError
 from mip_core.service.batch import BatchManifest
-from mip_core.service.gate import GateConfig, decide, format_decision
+from mip_core.service.gate import GateConfig, decide, format_decision, with_answer_logprobs
 from mip_core.service.report import batch_report
 
 
@@ -90,8 +90,8 @@ def test_report_names_requests_and_metrics_but_no_personal_data():
     text = batch_report(m, records, gate=d, version="v0002", error=None, timings={"plan": 0.5, "edit": 12.25},
                         links={"manifest.json": "/s/b1/manifest.json"})
     assert "**published** `demo` `v0002` (from `v0001`)" in text
-    assert "| `a` | done | 1.000 | 0.000 | - | - |  |" in text
-    assert "| `x` | rejected | - | - | - | - | unknown entity ids ['p9'] |" in text
+    assert "| `a` | done | 1.000 | 0.000 | - | - | - |  |" in text
+    assert "| `x` | rejected | - | - | - | - | - | unknown entity ids ['p9'] |" in text
     assert "| forget | text | 1 | 1.000 | 0.000 | 1.000 |" in text and "| edit | 12.2 |" in text
     assert BatchManifest.from_json(m.to_json()) == m
 
@@ -140,3 +140,16 @@ def test_held_out_probes_are_reported_beside_their_request():
     assert (d.per_request["a"]["test_n"], d.per_request["a"]["test_after"]) == (2.0, 0.5)
     assert d.per_request["a"]["test_forgetting"] == 0.5 and d.per_request["b"]["test_forgetting"] == 0.0
     assert d.passed and d.request_reasons == {}  # held out: reported, not gated
+
+
+def test_answer_log_probabilities_are_averaged_per_request_beside_the_verdict():
+    sets = {"forget": [item("f1", "text"), item("f2", "text"), item("f3", "text")], "test": [item("t1", "text")]}
+    correct = {"forget": {"f1": True, "f2": True, "f3": True}, "test": {"t1": True}}
+    moved = {"forget": {"f1": False, "f2": False, "f3": False}, "test": {"t1": True}}
+    request_of = {"f1": "a", "f2": "a", "f3": "b", "t1": "a"}
+    d = decide(sets, correct, moved, GateConfig(), request_of=request_of)
+    d = with_answer_logprobs(d, sets, {"f1": -0.1, "f2": -0.3, "t1": -0.2}, {"f1": -4.0, "f2": -6.0, "t1": -0.5},
+                             request_of)  # f3 has options: no log-probability recorded
+    assert (d.per_request["a"]["logprob_before"], d.per_request["a"]["logprob_after"]) == (-0.2, -5.0)
+    assert (d.per_request["a"]["test_logprob_before"], d.per_request["a"]["test_logprob_after"]) == (-0.2, -0.5)
+    assert "logprob_after" not in d.per_request["b"] and d.passed
