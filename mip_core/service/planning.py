@@ -29,11 +29,10 @@ from mip_core.errors import InputError
 from mip_core.modeling.io import localize
 
 from .batch import BatchManifest
-from .images import read_image_ref
-from .items import ItemTable, load_item_table, write_item_table
+from .images import check_image_bytes, read_image_ref
+from .items import ItemTable, image_relpath, load_item_table, write_item_table
 from .keepsets import keepset_subjects, read_templates
-from .probes import (MIN_CONFIDENCE, Probe, build_candidates, image_relpath, no_probe_reason, probes_table,
-                     select_probes)
+from .probes import MIN_CONFIDENCE, Probe, build_candidates, no_probe_reason, probes_table, select_probes
 from .requests import ForgetRequest, Person
 from .store import ServiceStore
 
@@ -82,7 +81,7 @@ def _question_probes(request: ForgetRequest, store: ServiceStore) -> tuple[list[
         rel = None
         if spec.image is not None:
             data = read_image_ref(spec.image, f"items[{k}].image", endpoint_url=store.endpoint_url)
-            rel = image_relpath(data)
+            rel = image_relpath(data, check_image_bytes(data, f"items[{k}].image").ext)
             images[rel] = data
         probes.append(Probe(probe_id=f"{request.request_id}.q{k:03d}", request_id=request.request_id,
                             subject=spec.question, person_key=f"{request.request_id}.q{k}",

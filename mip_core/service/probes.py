@@ -40,6 +40,8 @@ from mip_core.errors import InputError
 from mip_core.evaluation.metrics import answer_words
 from mip_core.results import SCHEMA_KEY
 
+from .images import check_image_bytes
+from .items import image_relpath
 from .requests import ForgetRequest, Person
 
 PROBES = "mip-probes/1"
@@ -100,11 +102,6 @@ class Probe:
                     options=(), answer_index=-1, image=self.image)
 
 
-def image_relpath(data: bytes, ext: str = "png") -> str:
-    """Content-named, so the same photo sent twice is stored once."""
-    return f"images/{hashlib.sha256(data).hexdigest()[:16]}.{ext}"
-
-
 def _png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img, "RGB").save(buf, format="PNG")
@@ -139,13 +136,12 @@ def build_candidates(request: ForgetRequest, index: int, person: Person, photos:
     images: dict[str, bytes] = {}
     shown: dict[str, list[str]] = {"edit": [], "held_out": []}  # use -> image relpaths
     for j, data in enumerate(photos):
-        fmt = (Image.open(io.BytesIO(data)).format or "PNG").lower()
-        rel = image_relpath(data, "jpg" if fmt == "jpeg" else fmt)
+        rel = image_relpath(data, check_image_bytes(data, f"subjects[{index}].photos[{j}]").ext)
         images[rel] = data
         shown["edit"].append(rel)
         for variant in transformed_photos(data, _seed(f"{key}/{j}")):
-            images[image_relpath(variant)] = variant
-            shown["held_out"].append(image_relpath(variant))
+            images[image_relpath(variant, "png")] = variant
+            shown["held_out"].append(image_relpath(variant, "png"))
     asked: list[tuple[str, str, str, str, str | None, str | None]] = []  # (use, source, fact, question, img, ans)
     for t in templates:
         if t.modality == "text":  # held out: its own phrasings by every name, and the edit phrasings by alias
@@ -281,5 +277,6 @@ def probes_table(probes: Sequence[Probe]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PROBES_V1)
 
 
-__all__ = ["MIN_CONFIDENCE", "MIN_CONSISTENT", "mean_logprobs", "probe_logprobs", "answers_by_id", "PROBES", "PROBES_V1", "Probe", "build_candidates", "image_relpath",
-           "no_probe_reason", "person_key", "probes_table", "select_probes", "transformed_photos"]
+__all__ = ["MIN_CONFIDENCE", "MIN_CONSISTENT", "PROBES", "PROBES_V1", "Probe", "answers_by_id", "build_candidates",
+           "mean_logprobs", "no_probe_reason", "person_key", "probe_logprobs", "probes_table", "select_probes",
+           "transformed_photos"]
