@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--out", default="benches/results/probes.json")
     ap.add_argument("--work", default="demo_out/probe_bench")
     ap.add_argument("--kinds", default="benchmark_ids,probes")
+    ap.add_argument("--append", action="store_true", help="replace only --kinds' rows of an existing --out file")
     args = ap.parse_args()
     from mip_core.benchmark import load_benchmark
 
@@ -118,7 +119,11 @@ def main() -> None:
             "people": people, "vanilla": score(args.model, bench, set(people)), "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for kind in args.kinds.split(","):
+    kinds = args.kinds.split(",")
+    if args.append and out.exists():  # keep the other kinds' rows of an earlier run on the same people
+        earlier = json.loads(out.read_text())
+        meta["rows"] = [r for r in earlier["rows"] if r["kind"] not in kinds and earlier["people"] == people]
+    for kind in kinds:
         row = run_batch(kind, args.model, args.bench, people, Path(args.work), {})
         row["accuracy"] = score(row["edited"], bench, set(people))
         v = meta["vanilla"]

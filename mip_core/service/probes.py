@@ -13,8 +13,8 @@ that into items it can edit and measure:
    consistent: the edit phrasings of one fact must give the same answer, and a held-out probe must give that
    answer too. Confidence alone does not tell knowledge from invention: asked about a name it never saw, the demo
    model answers at 0.8-1.0 confidence, but each phrasing differently. Known facts are kept whatever the model
-   says (the requester says it states them). :func:`no_probe_reason` refuses a person when fewer than
-   ``MIN_CONSISTENT`` of the facts asked in several phrasings are answered consistently.
+   says (the requester says it states them). :func:`no_probe_reason` refuses a person when, by name and by photo
+   alike, fewer than ``MIN_CONSISTENT`` of the facts asked in several phrasings are answered consistently.
 
 Every candidate, kept or not, with its answer, confidence and why it was dropped, is written with the batch as
 ``probes.parquet`` (schema ``mip-probes/1``), so an auditor sees exactly what was asked.
@@ -246,23 +246,31 @@ def probe_logprobs(store: Any, batch_id: str) -> dict[str, float]:
     return {r["probe_id"]: math.log(r["confidence"]) for r in rows if r["kept"] and r["confidence"] > 0}
 
 
+def _consistent_shares(asked: Sequence[Probe]) -> dict[str, tuple[int, int]]:
+    """``{modality: (facts answered the same way in every phrasing, facts asked in several phrasings)}``."""
+    groups = [_group(p) for p in asked if p.source != "fact"]
+    multi = {g for g in groups if groups.count(g) > 1}
+    kept = {_group(p) for p in asked if p.kept and _group(p) in multi}
+    return {m: (sum(g[2] == m for g in kept), sum(g[2] == m for g in multi)) for m in sorted({g[2] for g in multi})}
+
+
 def no_probe_reason(probes: Sequence[Probe], min_confidence: float = MIN_CONFIDENCE,
                     min_consistent: float = MIN_CONSISTENT) -> str | None:
-    """Why a person cannot be forgotten measurably, or None: no kept edit probe, or too few of the facts asked
-    in several phrasings answered consistently (the model guesses about them rather than knows them). The reason
-    goes into the request's record and the batch report, so it names no question or answer: those stay in
-    ``probes.parquet``."""
+    """Why a person cannot be forgotten measurably, or None: no kept edit probe, or, by name and by photo alike,
+    too few of the facts asked in several phrasings answered the same way (the model guesses rather than knows).
+    Knowing a person by name or by face is knowing them: one route reaching ``min_consistent`` is enough. The
+    reason goes into the request's record and the batch report, so it names no question or answer: those stay
+    in ``probes.parquet``."""
     asked = [p for p in probes if p.use == "edit"]
     if not asked:
         return ("no question could be asked: the model's templates need a photo for image questions; add photos or "
                 "known facts")
-    multi = {g for g in {_group(p) for p in asked if p.source != "fact"}
-             if sum(_group(q) == g and q.source != "fact" for q in asked) > 1}
-    consistent = {_group(p) for p in asked if p.kept and _group(p) in multi}
-    if multi and len(consistent) < min_consistent * len(multi):
-        return (f"the model answers only {len(consistent)} of the {len(multi)} facts asked in several phrasings "
-                f"the same way in each (at least {min_consistent:.0%} needed): it guesses rather than knows this "
-                "person; probes.parquet lists its answers")
+    shares = _consistent_shares(asked)
+    if shares and all(ok < min_consistent * n for ok, n in shares.values()):
+        found = " and ".join(f"{ok} of {n} {'by name' if m == 'text' else 'by photo'}" for m, (ok, n) in shares.items())
+        return (f"the model answers only {found} of the facts asked in several phrasings the same way in each (at "
+                f"least {min_consistent:.0%} of either needed): it guesses rather than knows this person; "
+                "probes.parquet lists its answers")
     if any(p.kept for p in asked):
         return None
     best = max(p.confidence for p in asked)

@@ -170,5 +170,33 @@ def test_a_stranger_gets_confident_guesses_that_disagree_and_is_refused():
                                        "What is the hometown of X?": "Quito", "Which city is X from?": "Nairobi"})
     assert not any(p.kept for p in stranger.values())
     assert stranger["Where was X born?"].why == "the phrasings of this fact disagree: a guess, not knowledge"
-    assert "answers only 0 of the 2 facts asked in several phrasings the same way in each" in \
+    assert "answers only 0 of 2 by name of the facts asked in several phrasings the same way in each" in \
         no_probe_reason(list(stranger.values()))
+
+
+def test_mip_no_benchmark_forbids_opening_any_benchmark(tmp_path, monkeypatch):
+    from mip_core.benchmark import BenchmarkError, load_benchmark, make_benchmark
+
+    make_benchmark(tmp_path / "b", 4, seed=1, n_utility=8)
+    monkeypatch.setenv("MIP_NO_BENCHMARK", "1")
+    with pytest.raises(BenchmarkError, match="MIP_NO_BENCHMARK is set"):
+        load_benchmark(tmp_path / "b")
+    monkeypatch.setenv("MIP_NO_BENCHMARK", "0")
+    assert len(load_benchmark(tmp_path / "b").profiles) == 4
+
+
+def test_a_person_known_by_face_but_not_by_name_is_known():
+    from mip_core.service.probes import Probe
+
+    def probe(k: int, fact: str, modality: str, kept: bool) -> Probe:
+        return Probe(probe_id=f"p{k}", request_id="r", subject="S", person_key="r.s0", use="edit", source="template",
+                     fact=fact, modality=modality, question=f"q{k}", image=None, answer="a", confidence=0.9,
+                     kept=kept)
+
+    by_face = [probe(0, "job", "multimodal", True), probe(1, "job", "multimodal", True),
+               probe(2, "home", "multimodal", False), probe(3, "home", "multimodal", False),
+               probe(4, "job", "text", False), probe(5, "job", "text", False),
+               probe(6, "home", "text", False), probe(7, "home", "text", False)]
+    assert no_probe_reason(by_face) is None  # 1 of 2 facts by photo: 50 % >= 40 %
+    nowhere = [probe(k, p.fact, p.modality, False) for k, p in enumerate(by_face)]
+    assert "only 0 of 2 by photo and 0 of 2 by name of the facts" in no_probe_reason(nowhere)
