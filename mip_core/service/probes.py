@@ -9,12 +9,12 @@ that into items it can edit and measure:
    every alias. Known facts given in the request are edit probes with the given answer.
 2. The target model answers every candidate greedily, with a confidence (the geometric mean of its answer's
    token probabilities); this runs where the model lives (``tasks.gate.probe_on_actor``).
-3. :func:`select_probes`: a template probe is kept only where the model is confident (``min_confidence``) and
-   consistent: the edit phrasings of one fact must give the same answer, and a held-out probe must give that
-   answer too. Confidence alone does not tell knowledge from invention: asked about a name it never saw, the demo
-   model answers at 0.8-1.0 confidence, but each phrasing differently. Known facts are kept whatever the model
-   says (the requester says it states them). :func:`no_probe_reason` refuses a person when, by name and by photo
-   alike, fewer than ``MIN_CONSISTENT`` of the facts asked in several phrasings are answered consistently.
+3. :func:`select_probes`: an edit probe is kept where the model is confident (``min_confidence``); a held-out
+   probe also has to give the answer its fact's edit phrasings agree on. Known facts are kept whatever the model
+   says (the requester says it states them). :func:`no_probe_reason` then decides whether the model knows the
+   person at all: by name or by photo, at least ``MIN_CONSISTENT`` of the facts asked in several phrasings must
+   get the same answer from each phrasing. Confidence alone does not tell knowledge from invention: asked about a
+   name it never saw, the demo model answers at 0.8-1.0 confidence, but each phrasing differently.
 
 Every candidate, kept or not, with its answer, confidence and why it was dropped, is written with the batch as
 ``probes.parquet`` (schema ``mip-probes/1``), so an auditor sees exactly what was asked.
@@ -61,10 +61,12 @@ PROBES_V1 = pa.schema([pa.field(name, kind, nullable=nullable) for name, kind, n
     ("probe_id", pa.string(), False), ("request_id", pa.string(), False), ("subject", pa.string(), False),
     ("use", pa.string(), False), ("source", pa.string(), False), ("fact", pa.string(), False),
     ("modality", pa.string(), False), ("question", pa.string(), False), ("image", pa.string(), True),
-    ("answer", pa.string(), False), ("confidence", pa.float64(), False), ("kept", pa.bool_(), False),
+    ("answer", pa.string(), False), ("confidence", pa.float64(), False), ("agrees", pa.bool_(), False),
+    ("kept", pa.bool_(), False),
     ("why", pa.string(), True))], metadata={SCHEMA_KEY: PROBES})
 """One row per candidate probe: what was asked (question, image), what the model answered and how sure it was,
-whether it was kept for the edit (``use`` edit) or the gate's held-out check (``use`` held_out), and why not."""
+whether the answer agrees with the other phrasings of its fact, whether it was kept for the edit (``use`` edit)
+or the gate's held-out check (``use`` held_out), and why not."""
 
 
 class Template(Protocol):
@@ -92,6 +94,7 @@ class Probe:
     image: str | None  # relative path in the batch's item table
     answer: str = PLACEHOLDER
     confidence: float = 0.0
+    agrees: bool = False  # the answer the confident edit phrasings of its fact agree on
     kept: bool = False
     why: str | None = None
 
@@ -180,34 +183,39 @@ def _group(p: Probe) -> tuple[str, str, str]:
 
 def select_probes(candidates: Sequence[Probe], answers: Mapping[str, tuple[str, float]],
                   min_confidence: float = MIN_CONFIDENCE) -> list[Probe]:
-    """``candidates`` with the model's answers filled in and ``kept``/``why`` decided (see the module doc).
+    """``candidates`` with the model's answers filled in, ``agrees``, ``kept`` and ``why`` decided.
 
-    A template probe is kept when the model answers it confidently *and consistently*: the phrasings of one fact
-    (same person, fact and modality) must agree on the answer, and a held-out probe must give the answer its
-    fact's edit phrasings agreed on. A confident answer alone is not knowledge: a model asked about a stranger
-    answers just as confidently, but each phrasing differently."""
+    ``agrees``: the answer is the one the confident edit phrasings of its fact (same person, fact and modality)
+    agree on. It decides whether the model *knows the person* (:func:`no_probe_reason`) and which held-out probes
+    measure that knowledge; it does not decide which confident edit answers are removed: once the model is shown
+    to know someone, everything it confidently says about them is what the requester wants gone."""
     filled = [replace(p, answer=answers[p.probe_id][0].strip() or (p.answer if p.source == "fact" else PLACEHOLDER),
                       confidence=float(answers[p.probe_id][1])) for p in candidates]
-    by_fact: dict[tuple[str, str, str], list[Probe]] = {}
+    by_fact: dict[tuple[str, str, str], list[str]] = {}
     for p in filled:
-        if p.source != "fact" and p.use == "edit":
-            by_fact.setdefault(_group(p), []).append(p)
-    agreed = {g: (_agreed([p.answer for p in ps]) if len(ps) > 1 else ps[0].answer) for g, ps in by_fact.items()}
-    return [replace(p, kept=why is None, why=why) for p in filled for why in [_why_not(p, agreed, min_confidence)]]
+        if p.source != "fact" and p.use == "edit" and p.confidence >= min_confidence and p.answer != PLACEHOLDER:
+            by_fact.setdefault(_group(p), []).append(p.answer)
+    agreed = {g: (_agreed(said) if len(said) > 1 else said[0]) for g, said in by_fact.items()}
+    out = []
+    for p in filled:
+        fact_answer = agreed.get(_group(p))
+        agrees = fact_answer is not None and answer_words(p.answer) == answer_words(fact_answer)
+        why = _why_not(p, fact_answer, agrees, min_confidence)
+        out.append(replace(p, agrees=agrees, kept=why is None, why=why))
+    return out
 
 
-def _why_not(p: Probe, agreed: Mapping[tuple[str, str, str], str | None], min_confidence: float) -> str | None:
+def _why_not(p: Probe, fact_answer: str | None, agrees: bool, min_confidence: float) -> str | None:
     if p.source == "fact":
         return None  # the requester says the model states it
     if p.answer == PLACEHOLDER:
         return "the model gave no answer"
     if p.confidence < min_confidence:
         return f"not confident: {p.confidence:.2f} < {min_confidence:.2f}"
-    fact_answer = agreed.get(_group(p))
-    if fact_answer is None:
-        return "the phrasings of this fact disagree: a guess, not knowledge"
-    if answer_words(p.answer) != answer_words(fact_answer):
-        return f"disagrees with the answer the fact's phrasings agree on ({fact_answer!r})"
+    if p.use == "held_out" and fact_answer is None:
+        return "the edit phrasings of this fact disagree: nothing stable to check it against"
+    if p.use == "held_out" and not agrees:
+        return f"does not give the answer the fact's edit phrasings agree on ({fact_answer!r})"
     return None
 
 
@@ -250,8 +258,8 @@ def _consistent_shares(asked: Sequence[Probe]) -> dict[str, tuple[int, int]]:
     """``{modality: (facts answered the same way in every phrasing, facts asked in several phrasings)}``."""
     groups = [_group(p) for p in asked if p.source != "fact"]
     multi = {g for g in groups if groups.count(g) > 1}
-    kept = {_group(p) for p in asked if p.kept and _group(p) in multi}
-    return {m: (sum(g[2] == m for g in kept), sum(g[2] == m for g in multi)) for m in sorted({g[2] for g in multi})}
+    same = {_group(p) for p in asked if p.agrees and _group(p) in multi}
+    return {m: (sum(g[2] == m for g in same), sum(g[2] == m for g in multi)) for m in sorted({g[2] for g in multi})}
 
 
 def no_probe_reason(probes: Sequence[Probe], min_confidence: float = MIN_CONFIDENCE,

@@ -156,10 +156,10 @@ def test_a_known_person_answers_each_fact_the_same_way_in_every_phrasing():
                                      "What is X's job?": "baker", "What does X do for a living?": "baker",
                                      "What is the hometown of X?": "Lumen Textiles",
                                      "Which city is X from?": "santiago"})
-    assert all(known[q].kept for q in ("Where was X born?", "In which city was X born?", "What is X's job?",
-                                       "Which city is X from?"))
-    assert known["What is the hometown of X?"].why == ("disagrees with the answer the fact's phrasings agree on "
-                                                      "('Santiago')")
+    assert all(known[q].kept and known[q].agrees for q in ("Where was X born?", "In which city was X born?",
+                                                           "What is X's job?", "Which city is X from?"))
+    assert known["What is the hometown of X?"].why == ("does not give the answer the fact's edit phrasings agree "
+                                                      "on ('Santiago')")
     assert no_probe_reason(list(known.values())) is None
 
 
@@ -168,8 +168,10 @@ def test_a_stranger_gets_confident_guesses_that_disagree_and_is_refused():
     stranger = answered("Zed Quorum", {"Where was X born?": "Quito", "In which city was X born?": "Marseille",
                                        "What is X's job?": "surveyor", "What does X do for a living?": "pilot",
                                        "What is the hometown of X?": "Quito", "Which city is X from?": "Nairobi"})
-    assert not any(p.kept for p in stranger.values())
-    assert stranger["Where was X born?"].why == "the phrasings of this fact disagree: a guess, not knowledge"
+    assert not any(p.agrees for p in stranger.values())
+    assert stranger["Where was X born?"].kept  # confident: it would be edited, were the person known
+    assert stranger["Which city is X from?"].why == ("the edit phrasings of this fact disagree: nothing stable to "
+                                                     "check it against")
     assert "answers only 0 of 2 by name of the facts asked in several phrasings the same way in each" in \
         no_probe_reason(list(stranger.values()))
 
@@ -188,10 +190,10 @@ def test_mip_no_benchmark_forbids_opening_any_benchmark(tmp_path, monkeypatch):
 def test_a_person_known_by_face_but_not_by_name_is_known():
     from mip_core.service.probes import Probe
 
-    def probe(k: int, fact: str, modality: str, kept: bool) -> Probe:
+    def probe(k: int, fact: str, modality: str, agrees: bool) -> Probe:
         return Probe(probe_id=f"p{k}", request_id="r", subject="S", person_key="r.s0", use="edit", source="template",
                      fact=fact, modality=modality, question=f"q{k}", image=None, answer="a", confidence=0.9,
-                     kept=kept)
+                     agrees=agrees, kept=True)
 
     by_face = [probe(0, "job", "multimodal", True), probe(1, "job", "multimodal", True),
                probe(2, "home", "multimodal", False), probe(3, "home", "multimodal", False),
