@@ -9,9 +9,9 @@ that into items it can edit and measure:
    every alias. Known facts given in the request are edit probes with the given answer.
 2. The target model answers every candidate greedily, with a confidence (the geometric mean of its answer's
    token probabilities); this runs where the model lives (``tasks.gate.probe_on_actor``).
-3. :func:`select_probes`: an edit probe is kept where the model is confident (``min_confidence``); a held-out
-   probe also has to give the answer its fact's edit phrasings agree on. Known facts are kept whatever the model
-   says (the requester says it states them). :func:`no_probe_reason` then decides whether the model knows the
+3. :func:`select_probes`: a template probe is kept where the model is confident (``min_confidence``) and gives
+   the answer its fact's confident edit phrasings agree on. Known facts are kept whatever the model says (the
+   requester says it states them). :func:`no_probe_reason` then decides whether the model knows the
    person at all: by name or by photo, at least ``MIN_CONSISTENT`` of the facts asked in several phrasings must
    get the same answer from each phrasing. Confidence alone does not tell knowledge from invention: asked about a
    name it never saw, the demo model answers at 0.8-1.0 confidence, but each phrasing differently.
@@ -186,9 +186,10 @@ def select_probes(candidates: Sequence[Probe], answers: Mapping[str, tuple[str, 
     """``candidates`` with the model's answers filled in, ``agrees``, ``kept`` and ``why`` decided.
 
     ``agrees``: the answer is the one the confident edit phrasings of its fact (same person, fact and modality)
-    agree on. It decides whether the model *knows the person* (:func:`no_probe_reason`) and which held-out probes
-    measure that knowledge; it does not decide which confident edit answers are removed: once the model is shown
-    to know someone, everything it confidently says about them is what the requester wants gone."""
+    agree on (a fact asked in one phrasing agrees with itself). A template probe is kept when it is confident and
+    agrees: the model's stable knowledge of the person, which the edit removes and the gate checks. Editing the
+    inconsistent answers too was measured on the demo model (BENCHMARKS.md section 8): it doubled the edit set
+    for 0.02 more forgetting and 0.09 less retention."""
     filled = [replace(p, answer=answers[p.probe_id][0].strip() or (p.answer if p.source == "fact" else PLACEHOLDER),
                       confidence=float(answers[p.probe_id][1])) for p in candidates]
     by_fact: dict[tuple[str, str, str], list[str]] = {}
@@ -212,9 +213,9 @@ def _why_not(p: Probe, fact_answer: str | None, agrees: bool, min_confidence: fl
         return "the model gave no answer"
     if p.confidence < min_confidence:
         return f"not confident: {p.confidence:.2f} < {min_confidence:.2f}"
-    if p.use == "held_out" and fact_answer is None:
-        return "the edit phrasings of this fact disagree: nothing stable to check it against"
-    if p.use == "held_out" and not agrees:
+    if fact_answer is None:
+        return "the phrasings of this fact disagree: a guess, not knowledge"
+    if not agrees:
         return f"does not give the answer the fact's edit phrasings agree on ({fact_answer!r})"
     return None
 

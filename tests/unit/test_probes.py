@@ -168,10 +168,8 @@ def test_a_stranger_gets_confident_guesses_that_disagree_and_is_refused():
     stranger = answered("Zed Quorum", {"Where was X born?": "Quito", "In which city was X born?": "Marseille",
                                        "What is X's job?": "surveyor", "What does X do for a living?": "pilot",
                                        "What is the hometown of X?": "Quito", "Which city is X from?": "Nairobi"})
-    assert not any(p.agrees for p in stranger.values())
-    assert stranger["Where was X born?"].kept  # confident: it would be edited, were the person known
-    assert stranger["Which city is X from?"].why == ("the edit phrasings of this fact disagree: nothing stable to "
-                                                     "check it against")
+    assert not any(p.agrees or p.kept for p in stranger.values())
+    assert stranger["Where was X born?"].why == "the phrasings of this fact disagree: a guess, not knowledge"
     assert "answers only 0 of 2 by name of the facts asked in several phrasings the same way in each" in \
         no_probe_reason(list(stranger.values()))
 
