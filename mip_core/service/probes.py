@@ -51,7 +51,7 @@ the model's clear belief, so its disappearance after the edit is a measured fact
 MIN_CONSISTENT = 0.4
 """A person is taken as known when at least this share of the facts asked in several phrasings gets the same
 answer from each phrasing. On the demo model (``benches/probe_consistency.py``, text probes): the 100 trained
-people average 0.66 and 5 of them fall under 0.4; invented names average 0.35, and 26 of 55 reach 0.4 (mostly
+people average 0.66 and 5 of them fall under 0.4; invented names average 0.36, and 27 of 55 reach 0.4 (mostly
 names recombined from trained people's first and last names). Set lower, real requests are refused; higher,
 more guesses are edited."""
 PHOTO_TRANSFORMS = ("crop", "colour_shift")
