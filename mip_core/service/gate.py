@@ -1,8 +1,9 @@
 """Evaluate a batch edit against the model it started from, and decide whether it may be published.
 
-The service cannot ask a person whether the model still knows them; it measures. Every batch is scored on three
-item sets, before and after the edit, per modality, with multiple-choice accuracy (the option the model finds most
-likely is the right one; chance is 1/4):
+The service cannot ask a person whether the model still knows them; it measures. Every batch is scored on its
+item sets, before and after the edit, per modality: an item with options is correct when the option the model
+finds most likely is the right one (chance 1/4); a free-form item (a probe the service built from the model's own
+answer) is correct when the model's greedy answer still gives that answer:
 
 - ``forget``: the batch's own items (what was requested);
 - ``test``: the same facts asked another way (paraphrased questions, transformed images), held out from the edit:

@@ -85,7 +85,7 @@ def accuracy_figure(scores: Sequence[Mapping[str, Any]]) -> str:
     ax.axhline(0.25, color="#cf222e", linestyle="--", linewidth=0.8, label="chance (4 options)")
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylim(0, 1.12)
-    ax.set_ylabel("multiple-choice accuracy")
+    ax.set_ylabel("accuracy (multiple choice or greedy answer)")
     ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return _png(fig)

@@ -68,7 +68,8 @@ def test_a_batch_below_the_gate_is_not_published(harness, trained_tiny, tmp_path
     assert store.versions("tiny") == ["v0001"] and store.current_version("tiny") == "v0001"
     for rid in ids:
         record = store.get(rid)
-        assert record.state == "failed" and record.reason.startswith("gate: forget"), record
+        assert record.state == "failed" and record.reason.startswith("gate: "), record
+        assert "forgetting rate" in record.reason and "the model still knows them" in record.reason, record
         assert record.model_version is None and record.batch_id == result["batch_id"]
         assert record.metrics is not None and record.metrics["before"] > 0  # the gate's numbers travel along
         assert record.report_uri == result["report"]
