@@ -491,10 +491,15 @@ def _parts(table: pa.Table, max_rows: int) -> Iterator[tuple[str, pa.Table]]:
             yield f"{PARTITION_COLUMN}={tower}/part-{i:05d}.parquet", rows.slice(start, max_rows)
 
 
-def _write_part(fs: AbstractFileSystem, root: str, rel: str, table: pa.Table) -> DatasetFile:
+def parquet_bytes(table: pa.Table, compression: str = _COMPRESSION) -> bytes:
+    """``table`` as the bytes of one Parquet file: written by one atomic put, hashed before it is stored."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=_COMPRESSION)
-    data = sink.getvalue().to_pybytes()
+    pq.write_table(table, sink, compression=compression)
+    return sink.getvalue().to_pybytes()
+
+
+def _write_part(fs: AbstractFileSystem, root: str, rel: str, table: pa.Table) -> DatasetFile:
+    data = parquet_bytes(table)
     path = f"{root}/{rel}"
     if _is_local(fs):  # only locally: s3fs.makedirs would silently create a missing bucket
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)

@@ -21,13 +21,14 @@ import torch
 from ray.exceptions import RayActorError
 
 from mip_core.errors import MipError
+from mip_core.evaluation.runner import answer_mean_logprobs
 from mip_core.modeling import load_model
 from mip_core.modeling.inputs import inputs_follow_model
 from mip_core.modeling.io import localize
 from mip_core.service.batch import BatchManifest
 from mip_core.service.gate import GateConfig, GateDecision, by_set, correct_by_id, decide, with_answer_logprobs
 from mip_core.service.items import load_items
-from mip_core.service.probes import answers_by_id, mean_logprobs, probe_logprobs
+from mip_core.service.probes import answers_by_id, probe_logprobs
 from mip_core.service.scores import gate_scores
 from mip_core.service.shards import ActorStartError
 from mip_core.service.store import ServiceStore
@@ -70,8 +71,9 @@ class ScoringActor:
         free-form items only (the answer the model gave before the edit: how far it has moved from it)."""
         free = [i for i in item_ids if self.by_id[i].free_form]
         return {"correct": self.score(item_ids),
-                "logprob": dict(zip(free, mean_logprobs(self.loaded.model, self.loaded.processor, self.bench,
-                                                        [self.by_id[i] for i in free]), strict=True))}
+                "logprob": dict(zip(free, answer_mean_logprobs(self.loaded.model, self.loaded.processor,
+                                                               self.bench, [self.by_id[i] for i in free]),
+                                    strict=True))}
 
     def answer(self, item_ids: Sequence[str]) -> dict[str, tuple[str, float]]:
         """``{item_id: (answer, confidence)}``: the greedy answer where the item has none yet (a candidate probe),
@@ -140,10 +142,13 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
     moved: dict[str, float] = {}  # free-form item -> the edited model's mean log p of the answer given before
 
     def score(model_uri: str, wanted: Sequence[str]) -> dict[str, bool]:
+        edited = model_uri == edited_uri  # the starting model's log p was recorded at probing: not scored again
         got = score_on_actor(model_uri, m.dataset_uri, wanted, gpus_per_actor=gpus_per_actor, dtype=dtype,
-                             endpoint_url=store.endpoint_url, log=log, method="score_and_logprob")
-        if model_uri == edited_uri:
-            moved.update(got["logprob"])
+                             endpoint_url=store.endpoint_url, log=log,
+                             method="score_and_logprob" if edited else "score")
+        if not edited:
+            return got
+        moved.update(got["logprob"])
         return got["correct"]
 
     before, after = gate_scores(store, m, ids, edited_uri, dtype=dtype, score=score, log=log)

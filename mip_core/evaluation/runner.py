@@ -104,12 +104,17 @@ def answer_logprobs(model: nn.Module, processor: Any, bench: Any, items: Sequenc
     return list(zip(sums, counts, strict=True))
 
 
+def answer_mean_logprobs(model: nn.Module, processor: Any, bench: Any, items: Sequence[Item],
+                         answers: Sequence[str] | None = None, batch_size: int = 64) -> list[float]:
+    """Mean per-token log-probability of each answer: comparable across answers of different lengths."""
+    return [total / max(n, 1) for total, n in answer_logprobs(model, processor, bench, items, answers, batch_size)]
+
+
 def answer_confidence(model: nn.Module, processor: Any, bench: Any, items: Sequence[Item],
                       answers: Sequence[str] | None = None, batch_size: int = 64) -> list[float]:
     """The geometric mean of the answer's token probabilities, ``exp(mean log p)``, in (0, 1]: how clearly the
     model says it, comparable across answers of different lengths."""
-    return [math.exp(total / max(n, 1)) for total, n in answer_logprobs(model, processor, bench, items, answers,
-                                                                        batch_size)]
+    return [math.exp(x) for x in answer_mean_logprobs(model, processor, bench, items, answers, batch_size)]
 
 
 def probe_answers(model: nn.Module, processor: Any, bench: Any, items: Sequence[Item], max_new_tokens: int = 16,

@@ -32,6 +32,7 @@ from mip_core.benchmark import Benchmark, load_benchmark
 from mip_core.benchmark.schema import (ITEMS_SCHEMA, KINDS, BenchmarkError, BenchmarkImageError,
                                        BenchmarkSchemaError, Item, table_schema_version)
 from mip_core.errors import InputError
+from mip_core.results import parquet_bytes
 
 from .images import check_image_bytes
 
@@ -68,9 +69,7 @@ def _safe_relpath(rel: str) -> bool:
 def _parquet_bytes(items: Sequence[Item]) -> bytes:
     rows = [it.to_row() for it in items]
     table = pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in TABLE_SCHEMA}, schema=TABLE_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="snappy")
-    return buf.getvalue()
+    return parquet_bytes(table, "snappy")
 
 
 def write_item_table(store: ServiceStore, key: str, items: Sequence[Item], images: Mapping[str, bytes], *,

@@ -35,7 +35,7 @@ from mip_core.storage import filesystem, is_remote
 
 from .images import REF_HINT, check_image_bytes, read_image_ref
 from .items import ItemTable, image_relpath, write_item_table
-from .requests import ID_PATTERN, ID_RULE
+from .requests import ID_PATTERN, ID_RULE, field_path
 
 if TYPE_CHECKING:
     from .store import ServiceStore
@@ -196,13 +196,6 @@ _FIELDS = {"retain": "question, answer, options, image, subject, subject_id, fac
            "templates": "template, modality, use, fact"}
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(row)"
-
-
 def _message(err: Any, what: str) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "missing":
@@ -221,7 +214,7 @@ def _message(err: Any, what: str) -> str:
 
 
 def _problems(exc: ValidationError, where: str, what: str) -> list[str]:
-    return [f"{where}: {_loc(tuple(e['loc']))}: {_message(e, what)}" for e in exc.errors()]
+    return [f"{where}: {field_path(tuple(e['loc']), '(row)')}: {_message(e, what)}" for e in exc.errors()]
 
 
 def _raise(problems: list[str], title: str, fix: str) -> None:

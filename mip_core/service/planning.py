@@ -16,24 +16,22 @@ audit table ``probes.parquet`` stay beside it.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from mip_core.benchmark.schema import Item
 from mip_core.errors import InputError
 from mip_core.modeling.io import localize
+from mip_core.results import parquet_bytes
 
 from .batch import BatchManifest
 from .images import check_image_bytes, read_image_ref
 from .items import ItemTable, image_relpath, load_item_table, write_item_table
 from .keepsets import keepset_subjects, read_templates
-from .probes import MIN_CONFIDENCE, Probe, build_candidates, no_probe_reason, probes_table, select_probes
-from .requests import ForgetRequest, Person
+from .probes import MIN_CONFIDENCE, Probe, build_candidates, no_probe_reason, person_key, probes_table, select_probes
+from .requests import ForgetRequest, Person, norm_text
+from .resolve import seeded_sample
 from .store import ServiceStore
 
 Answerer = Callable[[str, Sequence[str]], Mapping[str, tuple[str, float]]]
@@ -58,10 +56,6 @@ class KeepSets:
         templates = tuple(read_templates(keepsets["templates"], endpoint_url))
         return cls(retain, utility, templates, keepset_subjects(retain),
                    f"{keepsets['retain']}|{keepsets['utility']}")
-
-
-def _norm(name: str) -> str:
-    return " ".join(name.split()).casefold()
 
 
 def _photos(store: ServiceStore, request: ForgetRequest, i: int, person: Person) -> list[bytes]:
@@ -114,7 +108,7 @@ def named_people(requests: Iterable[ForgetRequest], keep: KeepSets) -> set[str]:
     """Retain subject ids the requests name (by id, name or alias): kept out of the retain sample."""
     by_name: dict[str, set[str]] = {}
     for pid, name in keep.people.items():
-        by_name.setdefault(_norm(name), set()).add(pid)
+        by_name.setdefault(norm_text(name), set()).add(pid)
     out: set[str] = set()
     for req in requests:
         for s in req.subjects:
@@ -122,15 +116,8 @@ def named_people(requests: Iterable[ForgetRequest], keep: KeepSets) -> set[str]:
                 out.add(s)
             else:
                 for name in (s.name, *s.aliases):
-                    out |= by_name.get(_norm(name), set())
+                    out |= by_name.get(norm_text(name), set())
     return out
-
-
-def _sample(items: Sequence[Item], limit: int, seed: int) -> list[Item]:
-    if limit >= len(items):
-        return list(items)
-    keep = set(random.Random(seed).sample(range(len(items)), limit))
-    return [it for k, it in enumerate(items) if k in keep]
 
 
 def _image_bytes(table: ItemTable, items: Iterable[Item]) -> dict[str, bytes]:
@@ -162,14 +149,14 @@ def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[For
         "target model answers them")
     answers = answer(table_uri, [p.probe_id for p in candidates]) if candidates else {}
     probes = select_probes(candidates, answers, min_confidence)
-    store.write_bytes(store.batch_key(batch_id, "probes.parquet"), _parquet(probes_table(probes)))
+    store.write_bytes(store.batch_key(batch_id, "probes.parquet"), parquet_bytes(probes_table(probes), "zstd"))
     for req in todo:
         if req.request_id in rejected:
             continue
         for i, subject in enumerate(req.subjects):
             if isinstance(subject, str):
                 continue
-            mine = [p for p in probes if p.person_key == f"{req.request_id}.s{i}"]
+            mine = [p for p in probes if p.person_key == person_key(req.request_id, i)]
             why = no_probe_reason(mine, min_confidence)
             if why is not None:
                 rejected[req.request_id] = f"subjects[{i}]: {why}"
@@ -182,12 +169,6 @@ def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[For
                      retain_limit=retain_limit, utility_limit=utility_limit, seed=seed)
 
 
-def _parquet(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
-
-
 def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetRequest], probes: Sequence[Probe],
               named: Mapping[str, list[Item]], keep: KeepSets, images: Mapping[str, bytes],
               rejected: Mapping[str, str], *, target_model: str, base_version: str, base_uri: str,
@@ -195,15 +176,16 @@ def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetReque
     """The batch's item table (kept probes, named subjects' facts, kept-set samples) and its manifest."""
     accepted = [r for r in requests if r.request_id not in rejected]
     kept = [p for p in probes if p.kept and p.request_id not in rejected]
+    own = {r.request_id: [p.item() for p in kept if p.request_id == r.request_id and p.use == "edit"]
+           + named[r.request_id] for r in accepted}  # every item of each request, shared ones included
     forget: dict[str, tuple[Item, str]] = {}  # item id -> (item, request); request order
-    for req in accepted:  # an item two requests share (a retain fact named twice) is attributed to the first
-        mine = [p.item() for p in kept if p.request_id == req.request_id and p.use == "edit"] + named[req.request_id]
+    for rid, mine in own.items():  # an item two requests share (a retain fact named twice) goes to the first
         for it in mine:
-            forget.setdefault(it.item_id, (it, req.request_id))
+            forget.setdefault(it.item_id, (it, rid))
     held_out = [(p.item(), p.request_id) for p in kept if p.use == "held_out"]
     skip = named_people(accepted, keep)
-    others = _sample([it for it in keep.retain.items if it.profile_id not in skip], 2 * retain_limit, seed)
-    utility = _sample(list(keep.utility.items), 2 * utility_limit, seed)
+    others = seeded_sample([it for it in keep.retain.items if it.profile_id not in skip], 2 * retain_limit, seed)
+    utility = seeded_sample(list(keep.utility.items), 2 * utility_limit, seed)
     named_items = [it for it, _ in forget.values() if it.profile_id in keep.people]  # retain facts, not probes
     items = [it for it, _ in forget.values()] + [it for it, _ in held_out] + others + utility
     ids = [it.item_id for it in items]
@@ -216,15 +198,11 @@ def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetReque
     used = {it.image for it in items if it.image is not None}
     dataset_uri = write_item_table(store, store.batch_key(batch_id, "items"), items,
                                    {rel: data for rel, data in shown.items() if rel in used})
-    items_of: dict[str, list[str]] = {r.request_id: [] for r in accepted}
-    for req in accepted:
-        items_of[req.request_id] = [p.probe_id for p in kept if p.request_id == req.request_id and p.use == "edit"]
-        items_of[req.request_id] += [it.item_id for it in named[req.request_id]]
     return BatchManifest(
         batch_id=batch_id, target_model=target_model, base_version=base_version, base_uri=base_uri,
         dataset_uri=dataset_uri, requests=tuple(r.request_id for r in requests), rejected=dict(rejected),
         forget=tuple((it.item_id, rid) for it, rid in forget.values()),
-        items_of={rid: tuple(v) for rid, v in items_of.items()},
+        items_of={rid: tuple(it.item_id for it in mine) for rid, mine in own.items()},
         edit_retain=tuple([it.item_id for it in others[0::2]] + [it.item_id for it in utility[0::2]]),
         eval_retain=tuple(it.item_id for it in others[1::2]), eval_utility=tuple(it.item_id for it in utility[1::2]),
         eval_test=tuple(it.item_id for it, _ in held_out), held_out=tuple((it.item_id, r) for it, r in held_out),

@@ -238,13 +238,6 @@ def answers_by_id(model: Any, processor: Any, bench: Any, item_ids: Sequence[str
     return out
 
 
-def mean_logprobs(model: Any, processor: Any, bench: Any, items: Sequence[Item]) -> list[float]:
-    """Mean per-token log-probability of each item's answer: ``log`` of the confidence the probe was kept with."""
-    from mip_core.evaluation.runner import answer_logprobs  # torch: only where a model is
-
-    return [total / max(n, 1) for total, n in answer_logprobs(model, processor, bench, items)]
-
-
 def probe_logprobs(store: Any, batch_id: str) -> dict[str, float]:
     """``{probe_id: log(confidence)}`` of a batch's kept probes: the starting model's mean per-token log p of each
     answer, recorded at planning (no second scoring of the starting model)."""
@@ -295,5 +288,5 @@ def probes_table(probes: Sequence[Probe]) -> pa.Table:
 
 
 __all__ = ["MIN_CONFIDENCE", "MIN_CONSISTENT", "PROBES", "PROBES_V1", "Probe", "answers_by_id", "build_candidates",
-           "mean_logprobs", "no_probe_reason", "person_key", "probe_logprobs", "probes_table", "select_probes",
+           "no_probe_reason", "person_key", "probe_logprobs", "probes_table", "select_probes",
            "transformed_photos"]

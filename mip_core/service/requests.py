@@ -128,9 +128,14 @@ Subject = Annotated[Annotated[Id, Tag("id")] | Annotated[Person, Tag("person")],
 person."""
 
 
+def norm_text(text: str) -> str:
+    """``text`` with runs of whitespace collapsed, casefolded: how names and questions are compared."""
+    return " ".join(text.split()).casefold()
+
+
 def subject_key(subject: Id | Person) -> str:
-    """What makes two subjects the same: the id, or the casefolded name."""
-    return subject if isinstance(subject, str) else "name:" + " ".join(subject.name.split()).casefold()
+    """What makes two subjects the same: the id, or the normalised name."""
+    return subject if isinstance(subject, str) else "name:" + norm_text(subject.name)
 
 
 def subject_label(subject: Id | Person) -> str:
@@ -197,13 +202,14 @@ _UNION_TAGS = ("id", "person")
 """Pydantic puts the chosen member's tag in an error's location (``subjects[0].person.name``): dropped."""
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
+def field_path(loc: tuple[Any, ...], empty: str = "(request)") -> str:
+    """A pydantic error location as a field path, ``subjects[0].photos[1]``; ``empty`` for the whole object."""
     out = ""
     for k, part in enumerate(loc):
         if part in _UNION_TAGS and k > 0 and isinstance(loc[k - 1], int):
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(request)"
+    return out or empty
 
 
 def _message(err: dict[str, Any]) -> str:
@@ -221,7 +227,7 @@ def _message(err: dict[str, Any]) -> str:
 
 def format_validation_error(exc: ValidationError, *, what: str = "forget request") -> str:
     """One ``field.path: reason`` line per problem, then how to fix it."""
-    lines = [f"  {_loc(tuple(e['loc']))}: {_message(e)}" for e in exc.errors()]
+    lines = [f"  {field_path(tuple(e['loc']))}: {_message(e)}" for e in exc.errors()]
     return (f"invalid {what} ({len(lines)} problem{'s' if len(lines) != 1 else ''}):\n" + "\n".join(lines)
             + f"\nfix these fields and submit again; {SCHEMA_HINT}")
 
@@ -265,6 +271,6 @@ def schema_text() -> str:
 __all__ = [
     "ID_PATTERN", "MAX_ITEMS", "MAX_PER_PERSON", "MAX_REQUEST_BYTES", "MAX_SUBJECTS", "REASONS", "SCHEMA_FILE",
     "STATES", "ForgetItem", "ForgetRequest", "KnownFact", "Person", "RequestRecord", "RequestState", "Subject",
-    "check_request_size", "format_validation_error", "iso_utc", "new_request_id", "parse_request",
-    "request_json_schema", "schema_text", "subject_key", "subject_label", "utc_now",
+    "check_request_size", "field_path", "format_validation_error", "iso_utc", "new_request_id", "parse_request",
+    "norm_text", "request_json_schema", "schema_text", "subject_key", "subject_label", "utc_now",
 ]

@@ -19,7 +19,7 @@ from mip_core.benchmark import Benchmark, Item
 from mip_core.errors import InputError
 
 from .images import REF_HINT, check_image_bytes, is_file_ref, pixel_digest, read_image_ref
-from .requests import ForgetItem, ForgetRequest
+from .requests import ForgetItem, ForgetRequest, norm_text
 
 SUBJECT_KINDS: tuple[str, ...] = ("qa",)
 """Item kinds a subject resolves to: its ``qa`` items, i.e. exactly what the benchmark's forget split holds.
@@ -60,10 +60,6 @@ class ResolvedBatch:
         return frozenset(it.profile_id for it, _ in self.forget if it.profile_id is not None)
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 def _image_matches(wanted: str, image: str | None) -> bool:
     if image is None:
         return False
@@ -88,7 +84,7 @@ class _Index:
         self.by_question: dict[str, list[Item]] = {}
         for it in bench.items:
             if it.kind in ITEM_KINDS:
-                self.by_question.setdefault(_norm(it.question), []).append(it)
+                self.by_question.setdefault(norm_text(it.question), []).append(it)
         self.profiles = {p.profile_id for p in bench.profiles}
 
     def item(self, spec: ForgetItem, where: str) -> tuple[Item | None, str | None]:
@@ -101,12 +97,12 @@ class _Index:
             if it.kind not in ITEM_KINDS:
                 return None, (f"{where}: item {it.item_id!r} is a {it.kind} item (general ability), not a "
                               "fact about a person; only personal facts are forgotten")
-            if spec.question is not None and _norm(spec.question) != _norm(it.question):
+            if spec.question is not None and norm_text(spec.question) != norm_text(it.question):
                 return None, (f"{where}: item {it.item_id!r} asks {it.question!r}, not {spec.question!r}; "
                               "give one of them")
             return it, None
         assert spec.question is not None  # ForgetItem guarantees item_id or question
-        candidates = self.by_question.get(_norm(spec.question), [])
+        candidates = self.by_question.get(norm_text(spec.question), [])
         if not candidates:
             return None, (f"{where}: question {spec.question!r} is not in the dataset (the service only "
                           "edits what it can evaluate); give the exact question or an item_id")
@@ -115,7 +111,7 @@ class _Index:
             if problem is not None:
                 return None, problem
         if spec.answer is not None:
-            candidates = [c for c in candidates if _norm(c.answer) == _norm(spec.answer)]
+            candidates = [c for c in candidates if norm_text(c.answer) == norm_text(spec.answer)]
         if not candidates:
             return None, (f"{where}: no item asks {spec.question!r} with that image/answer; check them or "
                           "give an item_id")
@@ -234,12 +230,17 @@ def retain_items(
     skip = set(forget_profiles)
     pool = [it for it in bench.items if it.profile_id is not None and it.profile_id not in skip
             and it.kind in kinds]
+    return seeded_sample(pool, limit, seed)
+
+
+def seeded_sample(pool: Sequence[Item], limit: int | None, seed: int) -> list[Item]:
+    """Up to ``limit`` of ``pool`` (None: all), drawn with ``seed``, in the pool's order."""
     if limit is None or limit >= len(pool):
-        return pool
+        return list(pool)
     if limit < 0:
         raise ValueError(f"limit={limit} must be >= 0 (or None for all)")
     keep = set(random.Random(seed).sample(range(len(pool)), limit))
     return [it for i, it in enumerate(pool) if i in keep]
 
 
-__all__ = ["ITEM_KINDS", "SUBJECT_KINDS", "ResolvedBatch", "resolve_requests", "retain_items"]
+__all__ = ["ITEM_KINDS", "SUBJECT_KINDS", "ResolvedBatch", "resolve_requests", "retain_items", "seeded_sample"]

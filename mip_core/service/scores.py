@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mip_core.errors import ArtifactError, InputError, SchemaMismatchError
-from mip_core.results import SCHEMA_KEY
+from mip_core.results import SCHEMA_KEY, parquet_bytes
 from mip_core.service.batch import BatchManifest
 from mip_core.service.store import ServiceStore
 
@@ -98,9 +98,7 @@ def scores_from_table(table: pa.Table, where: str) -> ItemScores:
 
 def write_scores(store: ServiceStore, key: str, scores: ItemScores) -> str:
     """Write ``scores`` at ``key/item_scores.parquet`` (one atomic write); returns its URI."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(scores_table(scores), sink, compression="zstd")
-    return store.write_bytes(f"{key}/{SCORES_FILE}", sink.getvalue().to_pybytes())
+    return store.write_bytes(f"{key}/{SCORES_FILE}", parquet_bytes(scores_table(scores), "zstd"))
 
 
 def read_scores(store: ServiceStore, key: str) -> ItemScores | None:
