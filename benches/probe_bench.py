@@ -76,6 +76,9 @@ def run_batch(kind: str, model: str, bench_dir: str, people: list[str], work: Pa
         [result] = nightly_unlearning(ServiceSpec(root=store_root, **spec_args))
     finally:
         os.environ.pop("MIP_NO_BENCHMARK", None)
+        import ray
+
+        ray.shutdown()  # the next kind's actors must not inherit this one's environment
     batch = Path(store_root) / "batches" / result["batch_id"]
     gate = json.loads((batch / "gate.json").read_text())
     records = {r.request.request_id: r.state for r in store.list()}
@@ -109,6 +112,7 @@ def main() -> None:
     ap.add_argument("--work", default="demo_out/probe_bench")
     ap.add_argument("--kinds", default="benchmark_ids,probes")
     ap.add_argument("--append", action="store_true", help="replace only --kinds' rows of an existing --out file")
+    ap.add_argument("--spec", default="{}", help='ServiceSpec overrides as JSON, e.g. \'{"retain_limit": 240}\'')
     args = ap.parse_args()
     from mip_core.benchmark import load_benchmark
 
@@ -124,7 +128,8 @@ def main() -> None:
         earlier = json.loads(out.read_text())
         meta["rows"] = [r for r in earlier["rows"] if r["kind"] not in kinds and earlier["people"] == people]
     for kind in kinds:
-        row = run_batch(kind, args.model, args.bench, people, Path(args.work), {})
+        row = run_batch(kind, args.model, args.bench, people, Path(args.work), json.loads(args.spec))
+        row["spec"] = json.loads(args.spec)
         row["accuracy"] = score(row["edited"], bench, set(people))
         v = meta["vanilla"]
         row["forgetting"] = {s: round(1 - row["accuracy"][s] / v[s], 3) for s in ("forget", "test")}

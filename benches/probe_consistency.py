@@ -26,7 +26,7 @@ OUTSIDE = ("Jane Doe", "Zed Quorum", "Maria Schmidt", "John Smith", "Aiko Tanaka
 
 def consistent_share(model, processor, bench, templates, name: str) -> float:
     from mip_core.evaluation.runner import probe_answers
-    from mip_core.service.probes import _group, build_candidates, select_probes
+    from mip_core.service.probes import build_candidates, consistent_shares, select_probes
     from mip_core.service.requests import ForgetRequest, Person
 
     req = ForgetRequest(request_id="r", target_model="m", subjects=[Person(name=name)], requester="bench",
@@ -34,8 +34,8 @@ def consistent_share(model, processor, bench, templates, name: str) -> float:
     probes, _ = build_candidates(req, 0, req.subjects[0], [], templates)
     answers = dict(zip((p.probe_id for p in probes),
                        probe_answers(model, processor, bench, [p.item() for p in probes]), strict=True))
-    chosen = select_probes(probes, answers)
-    return len({_group(p) for p in chosen if p.kept}) / len({_group(p) for p in chosen})
+    [(same, asked)] = consistent_shares(select_probes(probes, answers)).values()  # text templates only
+    return same / asked
 
 
 def main() -> None:

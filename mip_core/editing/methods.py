@@ -95,7 +95,7 @@ def path_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, select
     with editor, trainable_only(model, params):
         curve, layer = run_rmisu(model, adapter, data, params, cfg.rmisu, reference=editor.disabled, log=log)
         editor.merge()
-    return EditSummary(method=method, trainable_parameters=editor.n_trainable(), steps=cfg.rmisu.steps,
+    return EditSummary(method=method, trainable_parameters=editor.n_trainable(), steps=int(curve[-1]["step"]),
                        seconds=round(time.perf_counter() - t0, 2), curve=tuple(curve),
                        details={"neurons": editor.n_neurons(), "per_site": _budget(editor.selection),
                                 "neuron_ids": _ids(editor.selection),
@@ -124,7 +124,7 @@ def per_request_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData,
         parts.append(path_edit(model, adapter, data.only_request(request), selections[request], sub,
                                method=method, log=log))
     return EditSummary(method=method, trainable_parameters=sum(p.trainable_parameters for p in parts),
-                       steps=steps * len(requests), seconds=round(time.perf_counter() - t0, 2),
+                       steps=sum(p.steps for p in parts), seconds=round(time.perf_counter() - t0, 2),
                        curve=tuple(point | {"request": k} for k, p in enumerate(parts) for point in p.curve),
                        details={"neurons": sum(p.details["neurons"] for p in parts),
                                 "per_request": {r: p.details["per_site"] for r, p in zip(requests, parts, strict=True)},

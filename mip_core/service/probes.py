@@ -10,7 +10,8 @@ that into items it can edit and measure:
 2. The target model answers every candidate greedily, with a confidence (the geometric mean of its answer's
    token probabilities); this runs where the model lives (``tasks.gate.probe_on_actor``).
 3. :func:`select_probes`: a template probe is kept where the model is confident (``min_confidence``) and gives
-   the answer its fact's confident edit phrasings agree on. Known facts are kept whatever the model says (the
+   the person's answer to its fact: the one most of the fact's confident edit phrasings give, by name and by
+   photo together. Known facts are kept whatever the model says (the
    requester says it states them). :func:`no_probe_reason` then decides whether the model knows the
    person at all: by name or by photo, at least ``MIN_CONSISTENT`` of the facts asked in several phrasings must
    get the same answer from each phrasing. Confidence alone does not tell knowledge from invention: asked about a
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
@@ -168,16 +169,33 @@ def build_candidates(request: ForgetRequest, index: int, person: Person, photos:
 
 
 def _agreed(answers: Sequence[str]) -> str | None:
-    """The answer most phrasings of one fact give, if at least two give it (compared as words), else None."""
-    best, votes = None, 1
+    """The answer most of ``answers`` give (compared as words) if at least two give it and no other answer is given
+    as often, else None: a tie is two beliefs, not one."""
+    votes: dict[tuple[str, ...], list[str]] = {}
     for a in answers:
-        n = sum(answer_words(a) == answer_words(b) for b in answers)
-        if answer_words(a) and n > votes:
-            best, votes = a, n
-    return best
+        if answer_words(a):
+            votes.setdefault(tuple(answer_words(a)), []).append(a)
+    ranked = sorted((len(said) for said in votes.values()), reverse=True)
+    if not ranked or ranked[0] < 2 or (len(ranked) > 1 and ranked[1] == ranked[0]):
+        return None
+    return next(said[0] for said in votes.values() if len(said) == ranked[0])
 
 
-def _group(p: Probe) -> tuple[str, str, str]:
+def _fact_answers(probes: Sequence[Probe], key: Callable[[Probe], tuple[str, ...]],
+                  min_confidence: float) -> dict[tuple[str, ...], str | None]:
+    """``{key: the answer the confident edit phrasings in that group agree on}`` (one phrasing agrees with itself)."""
+    said: dict[tuple[str, ...], list[str]] = {}
+    for p in probes:
+        if p.source != "fact" and p.use == "edit" and p.confidence >= min_confidence and p.answer != PLACEHOLDER:
+            said.setdefault(key(p), []).append(p.answer)
+    return {k: (_agreed(answers) if len(answers) > 1 else answers[0]) for k, answers in said.items()}
+
+
+def _fact(p: Probe) -> tuple[str, str]:
+    return (p.person_key, p.fact)
+
+
+def _route(p: Probe) -> tuple[str, str, str]:
     return (p.person_key, p.fact, p.modality)
 
 
@@ -185,21 +203,20 @@ def select_probes(candidates: Sequence[Probe], answers: Mapping[str, tuple[str, 
                   min_confidence: float = MIN_CONFIDENCE) -> list[Probe]:
     """``candidates`` with the model's answers filled in, ``agrees``, ``kept`` and ``why`` decided.
 
-    ``agrees``: the answer is the one the confident edit phrasings of its fact (same person, fact and modality)
-    agree on (a fact asked in one phrasing agrees with itself). A template probe is kept when it is confident and
-    agrees: the model's stable knowledge of the person, which the edit removes and the gate checks. Editing the
-    inconsistent answers too was measured on the demo model (BENCHMARKS.md section 8): it doubled the edit set
-    for 0.02 more forgetting and 0.09 less retention."""
+    ``agrees``: the answer is the person's *fact answer*, the one most of the fact's confident edit phrasings give,
+    asked by name and by photo together (at least two, and no other answer as often; a fact asked in one phrasing
+    agrees with itself). A template probe is kept when it is confident and agrees: the model's stable belief
+    about the person, which the edit removes and the gate checks, in every phrasing that states it. Pooling the
+    routes matters on a small model: it often gives the trained answer to one phrasing of a fact and a guess to
+    the other, and per route nothing of that fact would be kept although the model plainly holds it (BENCHMARKS.md
+    section 8). Editing every confident answer, consistent or not, was measured too: it doubled the edit set for
+    0.02 more forgetting and 0.09 less retention."""
     filled = [replace(p, answer=answers[p.probe_id][0].strip() or (p.answer if p.source == "fact" else PLACEHOLDER),
                       confidence=float(answers[p.probe_id][1])) for p in candidates]
-    by_fact: dict[tuple[str, str, str], list[str]] = {}
-    for p in filled:
-        if p.source != "fact" and p.use == "edit" and p.confidence >= min_confidence and p.answer != PLACEHOLDER:
-            by_fact.setdefault(_group(p), []).append(p.answer)
-    agreed = {g: (_agreed(said) if len(said) > 1 else said[0]) for g, said in by_fact.items()}
+    agreed = _fact_answers(filled, _fact, min_confidence)
     out = []
     for p in filled:
-        fact_answer = agreed.get(_group(p))
+        fact_answer = agreed.get(_fact(p))
         agrees = fact_answer is not None and answer_words(p.answer) == answer_words(fact_answer)
         why = _why_not(p, fact_answer, agrees, min_confidence)
         out.append(replace(p, agrees=agrees, kept=why is None, why=why))
@@ -248,11 +265,15 @@ def probe_logprobs(store: Any, batch_id: str) -> dict[str, float]:
     return {r["probe_id"]: math.log(r["confidence"]) for r in rows if r["kept"] and r["confidence"] > 0}
 
 
-def _consistent_shares(asked: Sequence[Probe]) -> dict[str, tuple[int, int]]:
-    """``{modality: (facts answered the same way in every phrasing, facts asked in several phrasings)}``."""
-    groups = [_group(p) for p in asked if p.source != "fact"]
-    multi = {g for g in groups if groups.count(g) > 1}
-    same = {_group(p) for p in asked if p.agrees and _group(p) in multi}
+def consistent_shares(probes: Sequence[Probe],
+                      min_confidence: float = MIN_CONFIDENCE) -> dict[str, tuple[int, int]]:
+    """``{modality: (facts whose confident phrasings agree, facts asked in several phrasings)}``, by route (name or
+    photo) on its own: whether the model *knows* the person, as opposed to what is kept for the edit."""
+    asked = [p for p in probes if p.source != "fact" and p.use == "edit"]
+    routes = [_route(p) for p in asked]
+    multi = {g for g in routes if routes.count(g) > 1}
+    agreed = _fact_answers(asked, _route, min_confidence)
+    same = {g for g in multi if agreed.get(g) is not None}
     return {m: (sum(g[2] == m for g in same), sum(g[2] == m for g in multi)) for m in sorted({g[2] for g in multi})}
 
 
@@ -267,7 +288,7 @@ def no_probe_reason(probes: Sequence[Probe], min_confidence: float = MIN_CONFIDE
     if not asked:
         return ("no question could be asked: the model's templates need a photo for image questions; add photos or "
                 "known facts")
-    shares = _consistent_shares(asked)
+    shares = consistent_shares(asked, min_confidence)
     if shares and all(ok < min_consistent * n for ok, n in shares.values()):
         found = " and ".join(f"{ok} of {n} {'by name' if m == 'text' else 'by photo'}" for m, (ok, n) in shares.items())
         return (f"the model answers only {found} of the facts asked in several phrasings the same way in each (at "
@@ -288,5 +309,5 @@ def probes_table(probes: Sequence[Probe]) -> pa.Table:
 
 
 __all__ = ["MIN_CONFIDENCE", "MIN_CONSISTENT", "PROBES", "PROBES_V1", "Probe", "answers_by_id", "build_candidates",
-           "no_probe_reason", "person_key", "probe_logprobs", "probes_table", "select_probes",
+           "consistent_shares", "no_probe_reason", "person_key", "probe_logprobs", "probes_table", "select_probes",
            "transformed_photos"]

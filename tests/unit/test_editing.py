@@ -302,3 +302,44 @@ def test_dense_scores_rank_like_the_path_search():
         for b in range(3):
             top = [n for n in nodes[b] if n.layer == site.layer][0]
             assert int(scores[b].argmax()) == top.neuron and float(scores[b].max()) == pytest.approx(top.score)
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """``prompt`` and the toy's greedy continuation of ``n`` tokens: an answer the model says."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(logits(model, [toy_example(ids, 0)])[0, -1].argmax()))
+    return ids
+
+
+def test_still_said_is_the_share_of_answers_greedy_decoding_writes():
+    from mip_core.editing.rmisu import still_said
+
+    model, _ = toy()
+    ids = greedy(model, [1, 2], 3)
+    wrong = (ids[2] + 1) % 6  # any other first answer token
+    endless = ids[:4] + [(ids[4] + 1) % 6]  # the answer said, a different end token: still said
+    data = UnlearnData([toy_example(ids, 3), toy_example(endless, 3), toy_example(ids[:2] + [wrong, ids[3], ids[4]], 3)],
+                       [], 0, ["text"] * 3, [])
+    assert still_said(model, data, torch.device("cpu"), batch_size=2) == pytest.approx(2 / 3)
+
+
+def test_rmisu_with_check_every_stops_once_no_forget_answer_is_said():
+    from mip_core.editing.rmisu import still_said
+
+    def edit(check_every: int) -> tuple[list[dict], float]:
+        model, adapter = toy()
+        forget = [toy_example(greedy(model, prompt, 2), 2) for prompt in ([1, 2], [3, 1])]  # answers it says
+        data = UnlearnData(forget, examples()[1], 0, ["text"] * 2, ["text", "multimodal", "text"])
+        editor = NeuronEditor(adapter, selection(adapter), prune=False)
+        params = editor.trainable_parameters()
+        cfg = RMisUConfig(layer=1, steps=200, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0,
+                          check_every=check_every)
+        with editor, trainable_only(model, params):
+            before = still_said(model, data, torch.device("cpu"), 2)
+            curve, _ = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lambda _: None)
+            return curve, before, still_said(model, data, torch.device("cpu"), 2)
+
+    curve, before, after = edit(check_every=5)
+    assert before == 1 and after == 0 and curve[-1]["said"] == 0 and curve[-1]["step"] < 200
+    assert edit(check_every=0)[0][-1]["step"] == 200  # off: the whole budget

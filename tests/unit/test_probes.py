@@ -188,15 +188,35 @@ def test_mip_no_benchmark_forbids_opening_any_benchmark(tmp_path, monkeypatch):
 def test_a_person_known_by_face_but_not_by_name_is_known():
     from mip_core.service.probes import Probe
 
-    def probe(k: int, fact: str, modality: str, agrees: bool) -> Probe:
+    def probe(k: int, fact: str, modality: str, answer: str) -> Probe:
         return Probe(probe_id=f"p{k}", request_id="r", subject="S", person_key="r.s0", use="edit", source="template",
-                     fact=fact, modality=modality, question=f"q{k}", image=None, answer="a", confidence=0.9,
-                     agrees=agrees, kept=True)
+                     fact=fact, modality=modality, question=f"q{k}", image=None, answer=answer, confidence=0.9,
+                     kept=True)
 
-    by_face = [probe(0, "job", "multimodal", True), probe(1, "job", "multimodal", True),
-               probe(2, "home", "multimodal", False), probe(3, "home", "multimodal", False),
-               probe(4, "job", "text", False), probe(5, "job", "text", False),
-               probe(6, "home", "text", False), probe(7, "home", "text", False)]
+    by_face = [probe(0, "job", "multimodal", "baker"), probe(1, "job", "multimodal", "Baker."),
+               probe(2, "home", "multimodal", "Oslo"), probe(3, "home", "multimodal", "Lima"),
+               probe(4, "job", "text", "pilot"), probe(5, "job", "text", "nurse"),
+               probe(6, "home", "text", "Rome"), probe(7, "home", "text", "Bern")]
     assert no_probe_reason(by_face) is None  # 1 of 2 facts by photo: 50 % >= 40 %
-    nowhere = [probe(k, p.fact, p.modality, False) for k, p in enumerate(by_face)]
+    nowhere = [probe(k, p.fact, p.modality, f"guess {k}") for k, p in enumerate(by_face)]
     assert "only 0 of 2 by photo and 0 of 2 by name of the facts" in no_probe_reason(nowhere)
+
+
+def test_a_fact_is_answered_by_name_and_photo_together():
+    from mip_core.service.probes import Probe, consistent_shares
+
+    def ask(k: int, fact: str, modality: str) -> Probe:
+        return Probe(probe_id=f"p{k}", request_id="r", subject="S", person_key="r.s0", use="edit", source="template",
+                     fact=fact, modality=modality, question=f"q{k}", image="img.png" if modality != "text" else None)
+
+    # what the demo model said about one of its people, each phrasing at its measured confidence
+    said = {"p0": ("florist", 0.88), "p1": ("sculptor", 1.0), "p2": ("sculptor", 1.0), "p3": ("pharmacist", 0.89),
+            "p4": ("1947", 1.0), "p5": ("1980", 0.97), "p6": ("1947", 1.0), "p7": ("1980", 0.81)}
+    probes = [ask(0, "job", "multimodal"), ask(1, "job", "multimodal"), ask(2, "job", "text"), ask(3, "job", "text"),
+              ask(4, "year", "multimodal"), ask(5, "year", "multimodal"), ask(6, "year", "text"),
+              ask(7, "year", "text")]
+    chosen = {p.probe_id: p for p in select_probes(probes, said)}
+    assert [k for k, p in chosen.items() if p.kept] == ["p1", "p2"]  # "sculptor" twice, by photo and by name
+    assert chosen["p0"].why == "does not give the answer the fact's edit phrasings agree on ('sculptor')"
+    assert chosen["p4"].why == "the phrasings of this fact disagree: a guess, not knowledge"  # 1947 and 1980 tie
+    assert consistent_shares(list(chosen.values())) == {"multimodal": (0, 2), "text": (0, 2)}  # per route: neither
