@@ -98,6 +98,10 @@ class ServiceSpec(BaseModel):
                                         "(a registered question template answered by the model) is kept when the "
                                         "model's answer has at least this geometric-mean token probability.")
     gate: GateSpec = Field(default_factory=GateSpec)
+    split_held_back: bool = Field(True, description="A batch the gate holds back for other people's or general "
+                                  "knowledge, whose requests each forgot their own people, is split in two and each "
+                                  "half retried the same night (down to one request, which then fails with its own "
+                                  "figures); off: its requests fail with the batch.")
     run_lease_ttl_s: float = Field(600, ge=1, description="A run renews its lease every ttl/4 seconds; a batch "
                                    "whose run stopped renewing for this long (killed process, lost node) is "
                                    "resumed by the next nightly run.")

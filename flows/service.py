@@ -1,7 +1,8 @@
 """The unlearning service's flows: ``nightly-unlearning``, ``unlearn-batch`` and ``submit-request``.
 
 A batch is a recipe of storage-keyed steps: plan -> attribute (Ray) -> reduce -> edit (DeepSpeed) -> evaluate and
-gate -> publish -> close. Whatever happens, ``close`` gives every claimed request a terminal record (done, or
+gate -> publish -> close. A batch the gate holds back for its kept sets is split in two and each half retried
+the same night, on the version the one before published (``ServiceSpec.split_held_back``). Whatever happens, ``close`` gives every claimed request a terminal record (done, or
 failed with the reason), so no request is lost; a failed step still fails the run, so operators see it. A run
 whose process dies leaves its batch claimed; its lease lapses and the next run resumes the batch (``runs``), unless
 the batch failed the same way twice or its runs died three times: then it is closed failed, never looped on.
@@ -78,11 +79,28 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
     check_owner(store, batch_id, run_id)
     if error:
         record_failure(store, batch_id, run_id, error)  # if closing fails too, the next run will not loop on it
-    report = close_task(spec.root, batch_id, state["version"], state["gate"], error, timings, state["shards"],
-                        {"launcher": spec.launcher, "n_actors": spec.n_actors})
+    closed = close_task(spec.root, batch_id, state["version"], state["gate"], error, timings, state["shards"],
+                        {"launcher": spec.launcher, "n_actors": spec.n_actors},
+                        run_id if spec.split_held_back else None)
     if error:
-        raise RuntimeError(f"batch {batch_id}: {error}; report {report}")
-    return {"batch_id": batch_id, "version": state["version"], "report": report, "timings": timings}
+        raise RuntimeError(f"batch {batch_id}: {error}; report {closed['report']}")
+    return {"batch_id": batch_id, "version": state["version"], "report": closed["report"], "timings": timings,
+            "retry": closed["retry"]}
+
+
+def process_all(batch_ids: list[str], spec: ServiceSpec, run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Process ``batch_ids`` in turn, and the smaller batches a held-back batch is split into, each on the model
+    version the batch before it published; returns ``(results, failed batch ids)``."""
+    queue, results, failed = list(batch_ids), [], []
+    while queue:
+        batch_id = queue.pop(0)
+        state = process_batch(batch_id, spec, run_id, return_state=True)
+        if not state.is_completed():
+            failed.append(batch_id)
+            continue
+        results.append(state.result())
+        queue = results[-1]["retry"] + queue  # split halves next, before other models' batches
+    return results, failed
 
 
 @flow(name="nightly-unlearning")
@@ -93,9 +111,7 @@ def nightly_unlearning(spec: ServiceSpec | None = None) -> list[dict[str, Any]]:
     check_settings(spec)  # a bad setting fails this run before any request is claimed: the requests wait
     with _run_lease(spec) as run:
         batches = claim_pending(spec.root, spec.target_model, spec.max_requests, run.run_id)
-        states = [process_batch(batch_id, spec, run.run_id, return_state=True) for batch_id in batches]
-    failed = [b for b, s in zip(batches, states, strict=True) if not s.is_completed()]
-    results = [s.result() for s in states if s.is_completed()]
+        results, failed = process_all(batches, spec, run.run_id)
     summarize_task(results, failed)
     if failed:
         raise RuntimeError(f"batches {failed} failed (their requests are marked failed with the reason); "
@@ -119,8 +135,12 @@ def unlearn_batch(request_ids: list[str] | None = None, spec: ServiceSpec | None
         else:
             adopt_batch(spec.root, batch_id, run.run_id)
         result = process_batch(batch_id, spec, run.run_id)
-    summarize_task([result], [], key="unlearn-batch")
-    return result
+        retried, failed = process_all(result["retry"], spec, run.run_id)
+    summarize_task([result, *retried], failed, key="unlearn-batch")
+    if failed:
+        raise RuntimeError(f"batches {failed}, split from {batch_id}, failed (their requests are marked failed "
+                           "with the reason)")
+    return result | {"retried": retried}
 
 
 @flow(name="submit-request")

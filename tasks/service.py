@@ -35,7 +35,7 @@ from mip_core.service.html_report import batch_html
 from mip_core.service.links import report_link
 from mip_core.service.report import batch_report
 from mip_core.service.runs import (abandon_reason, adopt, claimed_batches, close_unplanned, orphaned_batches,
-                                   write_claim)
+                                   split_batch, write_claim)
 from mip_core.service.scores import promote_scores
 from mip_core.service.store import ServiceStore
 from tasks.actors import attribute_batch, attribution_config
@@ -315,22 +315,28 @@ def publish_task(root: str, batch_id: str, edited_uri: str, graph_uri: str) -> s
 @task(name="close-batch", **IO_RETRIES)
 def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, Any] | None, error: str | None,
                timings: dict[str, float], shards: list[dict[str, Any]] | None = None,
-               resources: dict[str, Any] | None = None) -> str:
+               resources: dict[str, Any] | None = None, split_for: str | None = None) -> dict[str, Any]:
     """Give every claimed request its terminal record, write the reports (markdown and HTML), attach them to the
-    run; returns the markdown report's URI."""
+    run; returns ``{"report": the markdown report's URI, "retry": new batch ids}``.
+
+    With ``split_for`` (the run id), a batch the gate held back for its kept sets, whose requests each forgot
+    their own people, is not closed failed: those requests move into two smaller batches owned by that run
+    (``retry``), so none fails only because it shared a batch. A request held back alone fails with its own
+    figures."""
     store = ServiceStore(root)
     if not store.exists(store.batch_key(batch_id, "manifest.json")):  # the plan step failed: no items, no gate
         report_key = close_unplanned(store, batch_id, error or "the batch was closed before it was planned")
         create_markdown_artifact(markdown=store.read_text(report_key), key=_artifact_key(batch_id),
                                  description=f"MIP-Editor batch {batch_id}")
-        return store.uri(report_key)
+        return {"report": store.uri(report_key), "retry": []}
     m = manifest_of(store, batch_id)
     report_key = store.batch_key(batch_id, "report.md")
     failed_items = {i for s in (shards or []) for i, _ in s.get("failures", [])}
     per_request = (gate or {}).get("per_request", {})
+    retry = _retry_batches(store, m, gate, version, error, failed_items, split_for)
     for request_id in m.accepted:
-        if store.get(request_id).state != "claimed":  # closed by an earlier, interrupted run of this batch
-            continue
+        if store.get(request_id).state != "claimed" or store.get(request_id).batch_id != batch_id:
+            continue  # closed by an earlier, interrupted run of this batch, or moved to a smaller batch
         n_ok = sum(1 for i in m.items_of.get(request_id, ()) if i not in failed_items)
         own = (gate or {}).get("request_reasons", {}).get(request_id)  # its own items not forgotten
         if version and n_ok and own is None:
@@ -366,7 +372,24 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
     if link:
         create_link_artifact(link=link.url, key=f"{artifact_key}-html", link_text=f"report.html ({batch_id})",
                              description=f"MIP-Editor batch {batch_id}: HTML report, {link.how}")
-    return store.uri(report_key)
+    return {"report": store.uri(report_key), "retry": retry}
+
+
+def _retry_batches(store: ServiceStore, m: BatchManifest, gate: dict[str, Any] | None, version: str | None,
+                   error: str | None, failed_items: set[str], split_for: str | None) -> list[str]:
+    """The smaller batches a held-back batch's requests move to (see ``close_task``); [] when it is not split."""
+    if not split_for or version or error or not gate or gate.get("passed"):
+        return []
+    own_failures = gate.get("request_reasons", {})
+    movable = [r for r in m.accepted if store.get(r).state == "claimed" and store.get(r).batch_id == m.batch_id
+               and r not in own_failures and any(i not in failed_items for i in m.items_of.get(r, ()))]
+    if len(movable) < 2:
+        return []
+    retry = split_batch(store, m.batch_id, movable, m.target_model, split_for)
+    get_run_logger().warning("batch %s: held back (%s); its %d requests that forgot their own people are retried "
+                             "in smaller batches %s", m.batch_id, "; ".join(gate.get("reasons", [])), len(movable),
+                             retry)
+    return retry
 
 
 def _artifact_key(batch_id: str) -> str:
@@ -392,13 +415,17 @@ def write_html_report(store: ServiceStore, m: BatchManifest, records: list[Any],
     return uri
 
 
+def _held_back(retry: list[str]) -> str:
+    return "no, retried as " + " and ".join(f"`{b}`" for b in retry) if retry else "no (see report)"
+
+
 @task(name="summarize-run", **IO_RETRIES)
 def summarize_task(results: list[dict[str, Any]], failed: list[str], key: str = "nightly-unlearning") -> str:
     """One markdown artifact per run (``key``: nightly-unlearning, unlearn-batch): every batch, what it
     published, and where its reports are."""
     title = "Nightly unlearning run" if key == "nightly-unlearning" else "Unlearning batch run"
     lines = [f"# {title}", "", "| batch | published | report |", "|---|---|---|"]
-    lines += [f"| `{r['batch_id']}` | {r['version'] or 'no (see report)'} | `{r['report']}` (figures: "
+    lines += [f"| `{r['batch_id']}` | {r['version'] or _held_back(r.get('retry', []))} | `{r['report']}` (figures: "
               f"`{r['report'].removesuffix('.md')}.html`) |" for r in results]
     lines += [f"| `{b}` | failed | see the batch's run and `batches/{b}/report.md` |" for b in failed]
     if not results and not failed:

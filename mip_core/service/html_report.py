@@ -18,6 +18,7 @@ from typing import Any
 
 from mip_core.paths import PathGraph
 from mip_core.service.batch import BatchManifest
+from mip_core.service.report import request_state
 from mip_core.types import TOWERS
 
 _FLOORS = {"retain": "min_retention", "utility": "min_utility"}  # forgetting is judged per request (table above)
@@ -162,7 +163,7 @@ def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, A
     for r in records:
         rid = r.request.request_id
         acc = per_request.get(rid, {})
-        rows.append([rid, r.state, len(m.items_of.get(rid, ())), acc.get("before"), acc.get("after"),
+        rows.append([rid, request_state(r, m.batch_id), len(m.items_of.get(rid, ())), acc.get("before"), acc.get("after"),
                      acc.get("test_before"), acc.get("test_after"), r.model_version, r.reason])
     parts += ["<h2>Requests</h2>", _table(["request", "state", "items", "forget accuracy before", "after",
                                            "held-out before", "after", "model version", "reason"], rows,

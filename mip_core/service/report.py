@@ -27,6 +27,15 @@ def unplanned_report(batch_id: str, target_model: str, records: Sequence[Any], r
     return "\n".join(lines) + "\n"
 
 
+def request_state(record: Any, batch_id: str) -> str:
+    """A request's state as this batch's report shows it: a request this batch's gate held back and that moved
+    on to a smaller batch is "retried in `<batch>`", whatever that batch made of it since."""
+    if batch_id in getattr(record, "held_back_in", ()):
+        later = record.held_back_in[record.held_back_in.index(batch_id) + 1:] + [record.batch_id]
+        return f"retried in `{later[0]}`"
+    return record.state
+
+
 def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, Any] | None, version: str | None,
                  error: str | None, timings: Mapping[str, float], shards: Sequence[Mapping[str, Any]] | None = None,
                  links: Mapping[str, str] | None = None) -> str:
@@ -47,7 +56,7 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
     for rec in records:
         acc = per_request.get(rec.request.request_id, {})
         logp = (f"{acc['logprob_before']:.2f} -> {acc['logprob_after']:.2f}" if "logprob_after" in acc else "-")
-        lines.append(f"| `{rec.request.request_id}` | {rec.state} | {_f(acc.get('before', '-'))} | "
+        lines.append(f"| `{rec.request.request_id}` | {request_state(rec, m.batch_id)} | {_f(acc.get('before', '-'))} | "
                      f"{_f(acc.get('after', '-'))} | {_f(acc.get('test_before', '-'))} | "
                      f"{_f(acc.get('test_after', '-'))} | {logp} | {rec.reason or ''} |")
     if m.scores_dataset:

@@ -192,6 +192,8 @@ class RequestRecord(BaseModel):
     model_version: str | None = Field(default=None, description="the model version that no longer knows it")
     report_uri: str | None = None
     metrics: dict[str, float] | None = None
+    held_back_in: list[str] = Field(default_factory=list, description="batches whose gate held this request back "
+                                    "together with others, before it was retried in a smaller batch")
 
     @property
     def request_id(self) -> str:

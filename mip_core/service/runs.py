@@ -84,6 +84,25 @@ def write_claim(store: ServiceStore, batch_id: str, target_model: str, requests:
                                                    "owner": owner, "claimed_at": iso_utc(utc_now())})
 
 
+def split_batch(store: ServiceStore, batch_id: str, request_ids: list[str], target_model: str,
+                owner: str) -> list[str]:
+    """Move ``request_ids`` (claimed by ``batch_id``, whose gate held them back together) into two new batches
+    owned by ``owner``, halves in submission order; returns the new batch ids. They are claimed at once, not put
+    back in the queue, so no other run takes them in between, and a run that dies before processing them leaves
+    claimed batches the next run resumes (``claimed_batches``)."""
+    if len(request_ids) < 2:
+        raise ValueError(f"split_batch: {request_ids} cannot be split")
+    half = (len(request_ids) + 1) // 2
+    new_ids = []
+    for part in (request_ids[:half], request_ids[half:]):
+        new_id = store.new_batch_id()
+        write_claim(store, new_id, target_model, part, owner)
+        for request_id in part:
+            store.move_to_batch(request_id, new_id)
+        new_ids.append(new_id)
+    return new_ids
+
+
 def claimed_batches(store: ServiceStore, target_model: str | None = None) -> dict[str, list[str]]:
     """batch id -> its requests still claimed (their batch has not closed them yet)."""
     out: dict[str, list[str]] = {}
@@ -188,4 +207,4 @@ def check_owner(store: ServiceStore, batch_id: str, run_id: str) -> None:
 
 __all__ = ["MAX_RUNS_PER_BATCH", "BatchTakenOver", "RunLease", "abandon_reason", "adopt", "batch_owner_state",
            "check_owner", "claimed_batches", "close_unplanned", "new_run_id", "orphaned_batches", "owner_of",
-           "record_failure", "write_claim"]
+           "record_failure", "split_batch", "write_claim"]

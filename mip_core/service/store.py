@@ -399,6 +399,16 @@ class ServiceStore:
                              "released")
         return self._move(record, state="pending", claimed_at=None, batch_id=None)
 
+    def move_to_batch(self, request_id: str, batch_id: str) -> RequestRecord:
+        """Move a claimed request into another batch of the same run (a held-back batch split for a retry); the
+        batch it leaves is appended to ``held_back_in``, so the record shows every batch it was in."""
+        check_id(batch_id, "batch_id")
+        record = self.get(request_id)
+        if record.state != "claimed":
+            raise InputError(f"request {request_id!r} is {record.state}; only claimed requests move between batches")
+        return self._move(record, batch_id=batch_id, claimed_at=utc_now(),
+                          held_back_in=[*record.held_back_in, str(record.batch_id)])
+
     # ---- batches -------------------------------------------------------------------------------------------
 
     @staticmethod

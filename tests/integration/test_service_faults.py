@@ -77,6 +77,38 @@ def test_a_batch_below_the_gate_is_not_published(harness, trained_tiny, tmp_path
     assert "**not published**: forget" in report and "publish" not in result["timings"]
 
 
+def test_a_batch_held_back_for_other_people_is_split_until_each_request_is_judged_alone(harness, trained_tiny,
+                                                                                      tmp_path):
+    from flows.params import ServiceSpec
+    from flows.service import unlearn_batch
+    from tasks.service import manifest_of
+
+    store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
+    # every request forgets enough (floor 0), but nobody else's answer may change (floor 1.0): the edit of two
+    # people together is held back for the kept sets, not for either request's own figures
+    spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 40}},
+                       gate={"min_forgetting": 0.0, "min_retention": 1.0, "min_utility": 1.0})
+    result = unlearn_batch(ids, spec)
+    combined = result["batch_id"]
+    assert result["version"] is None and len(result["retry"]) == 2, result  # held back, split in two
+    halves = [r["batch_id"] for r in result["retried"]]
+    assert halves == result["retry"]
+    for rid, half in zip(ids, halves, strict=True):
+        record = store.get(rid)
+        assert record.held_back_in == [combined] and record.batch_id == half, record  # the record keeps both
+        assert manifest_of(store, half).requests == (rid,)  # judged alone
+        assert record.state in ("done", "failed"), record
+        if record.state == "failed":  # alone, so the figures are its own
+            assert record.reason.startswith("gate: ") and record.metrics, record
+        else:
+            assert record.model_version in store.versions("tiny") and record.model_version != "v0001", record
+    # the second half starts from whatever the first published
+    first = result["retried"][0]["version"] or "v0001"
+    assert manifest_of(store, halves[1]).base_version == first
+    report = store.read_text(store.batch_key(combined, "report.md"))
+    assert all(f"retried in `{half}`" in report for half in halves), report
+
+
 def test_a_crashing_step_fails_every_request_and_publishes_nothing(harness, trained_tiny, tmp_path):
     from flows.params import ServiceSpec
     from flows.service import unlearn_batch

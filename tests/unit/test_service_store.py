@@ -341,3 +341,24 @@ def test_cli_report_prints_the_html_location_and_json(tmp_path, capsys, monkeypa
     assert main(["report", "b9", "--root", root]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mip: error: batch 'b9' has no report")  # one line, what to do
+
+
+def test_a_held_back_batch_splits_into_two_claimed_batches_that_remember_it(tmp_path):
+    from mip_core.service.report import request_state
+    from mip_core.service.runs import claimed_batches, owner_of, split_batch
+
+    store = ServiceStore(str(tmp_path))
+    for rid in ("r1", "r2", "r3"):
+        store.submit(_req(rid))
+    store.claim(["r1", "r2", "r3"], "b-all")
+    first, second = split_batch(store, "b-all", ["r1", "r2", "r3"], "demo", owner="run-1")
+    assert claimed_batches(store) == {first: ["r1", "r2"], second: ["r3"]}  # claimed at once: never pending
+    assert owner_of(store, first) == owner_of(store, second) == "run-1"
+    assert store.get("r3").held_back_in == ["b-all"] and request_state(store.get("r3"), "b-all") == \
+        f"retried in `{second}`"
+    assert request_state(store.get("r3"), second) == "claimed"
+    store.finish("r3", "failed", reason="gate: alone")
+    with pytest.raises(InputError, match="only claimed requests move"):
+        store.move_to_batch("r3", "b-other")
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_batch(store, first, ["r1"], "demo", owner="run-1")
