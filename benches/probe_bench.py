@@ -73,8 +73,10 @@ def run_batch(kind: str, model: str, bench_dir: str, people: list[str], work: Pa
         os.environ["MIP_NO_BENCHMARK"] = "1"  # the batch must not open the benchmark
     t0 = time.perf_counter()
     try:
-        # the one batch both ways of asking are compared on, not the smaller batches a held-back one becomes
-        [result] = nightly_unlearning(ServiceSpec(root=store_root, **{"split_held_back": False, **spec_args}))
+        # by default the one batch both ways of asking are compared on, not the smaller batches a held-back one
+        # becomes (--spec '{"split_held_back": true}' runs the whole night; the row is its first batch)
+        [result, *retried] = nightly_unlearning(ServiceSpec(root=store_root,
+                                                            **{"split_held_back": False, **spec_args}))
     finally:
         os.environ.pop("MIP_NO_BENCHMARK", None)
         import ray
@@ -87,7 +89,13 @@ def run_batch(kind: str, model: str, bench_dir: str, people: list[str], work: Pa
             "wall_s": round(time.perf_counter() - t0, 1), "published": result["version"],
             "requests_done": sum(s == "done" for s in records.values()), "states": records,
             "gate_passed": gate["passed"], "gate_reasons": gate["reasons"],
-            "per_request": gate["per_request"], "timings": result["timings"]}
+            "per_request": gate["per_request"], "timings": result["timings"],
+            "night": [{"batch_id": r["batch_id"], "version": r["version"], "retry": r["retry"],
+                       "requests": json.loads((Path(store_root) / "batches" / r["batch_id"] / "claim.json")
+                                              .read_text())["requests"],
+                       "wall_s": round(sum(r["timings"].values()), 1)} for r in [result, *retried]],
+            "held_back_in": {r.request.request_id: r.held_back_in for r in store.list()},
+            "versions": {r.request.request_id: r.model_version for r in store.list()}}
 
 
 def score(model_dir: str, bench, people: set[str]) -> dict[str, float]:
