@@ -2,10 +2,11 @@
 
 A batch is a recipe of storage-keyed steps: plan -> attribute (Ray) -> reduce -> edit (DeepSpeed) -> evaluate and
 gate -> publish -> close. A batch the gate holds back for its kept sets is split in two and each half retried
-the same night, on the version the one before published (``ServiceSpec.split_held_back``). Whatever happens, ``close`` gives every claimed request a terminal record (done, or
-failed with the reason), so no request is lost; a failed step still fails the run, so operators see it. A run
-whose process dies leaves its batch claimed; its lease lapses and the next run resumes the batch (``runs``), unless
-the batch failed the same way twice or its runs died three times: then it is closed failed, never looped on.
+the same night, on the version the one before published (``ServiceSpec.split_held_back``). Whatever happens,
+``close`` gives every claimed request a terminal record (done, or failed with the reason), so no request is lost;
+a failed step still fails the run, so operators see it. A run whose process dies leaves its batch claimed; its
+lease lapses and the next run resumes the batch (``runs``), unless the batch failed the same way twice or its runs
+died three times: then it is closed failed, never looped on.
 """
 
 from __future__ import annotations

@@ -333,19 +333,19 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
     report_key = store.batch_key(batch_id, "report.md")
     failed_items = {i for s in (shards or []) for i, _ in s.get("failures", [])}
     per_request = (gate or {}).get("per_request", {})
-    retry = _retry_batches(store, m, gate, version, error, failed_items, split_for)
-    for request_id in m.accepted:
-        if store.get(request_id).state != "claimed" or store.get(request_id).batch_id != batch_id:
-            continue  # closed by an earlier, interrupted run of this batch, or moved to a smaller batch
-        n_ok = sum(1 for i in m.items_of.get(request_id, ()) if i not in failed_items)
+    # not closed by an earlier, interrupted run of this batch, nor moved on to a smaller batch by it
+    open_ids = [r for r in m.accepted if (rec := store.get(r)).state == "claimed" and rec.batch_id == batch_id]
+    n_ok = {r: sum(1 for i in m.items_of.get(r, ()) if i not in failed_items) for r in open_ids}
+    retry, moved = _retry_batches(store, m, gate, version, error, [r for r in open_ids if n_ok[r]], split_for)
+    for request_id in (r for r in open_ids if r not in moved):
         own = (gate or {}).get("request_reasons", {}).get(request_id)  # its own items not forgotten
-        if version and n_ok and own is None:
+        if version and n_ok[request_id] and own is None:
             store.finish(request_id, "done", model_version=version, report_uri=store.uri(report_key),
                          metrics=per_request.get(request_id))
         else:
             if error:
                 reason = error
-            elif not n_ok:
+            elif not n_ok[request_id]:
                 reason = "attribution failed for every item of the request"
             elif gate:  # its own figures first; the batch's reasons when nothing was published
                 batch_reasons = [] if version else [r for r in gate["reasons"] if not own or own not in r]
@@ -376,20 +376,19 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
 
 
 def _retry_batches(store: ServiceStore, m: BatchManifest, gate: dict[str, Any] | None, version: str | None,
-                   error: str | None, failed_items: set[str], split_for: str | None) -> list[str]:
-    """The smaller batches a held-back batch's requests move to (see ``close_task``); [] when it is not split."""
+                   error: str | None, attributed: list[str], split_for: str | None) -> tuple[list[str], set[str]]:
+    """``(the smaller batches a held-back batch's requests move to, the requests moved)`` (see ``close_task``);
+    nothing when the batch is not split. ``attributed``: its open requests with at least one attributed item."""
     if not split_for or version or error or not gate or gate.get("passed"):
-        return []
-    own_failures = gate.get("request_reasons", {})
-    movable = [r for r in m.accepted if store.get(r).state == "claimed" and store.get(r).batch_id == m.batch_id
-               and r not in own_failures and any(i not in failed_items for i in m.items_of.get(r, ()))]
+        return [], set()
+    movable = [r for r in attributed if r not in gate.get("request_reasons", {})]  # forgot their own people
     if len(movable) < 2:
-        return []
+        return [], set()
     retry = split_batch(store, m.batch_id, movable, m.target_model, split_for)
     get_run_logger().warning("batch %s: held back (%s); its %d requests that forgot their own people are retried "
                              "in smaller batches %s", m.batch_id, "; ".join(gate.get("reasons", [])), len(movable),
                              retry)
-    return retry
+    return retry, set(movable)
 
 
 def _artifact_key(batch_id: str) -> str:

@@ -299,8 +299,8 @@ def still_said(model: nn.Module, data: UnlearnData, device: torch.device, batch_
         labels = batch.pop("labels")[:, 1:]  # [B, S-1]: token t+1 is predicted at position t
         predicted = model(**batch).logits[:, :-1].argmax(-1)  # [B, S-1]
         answer = labels != IGNORE_INDEX
-        last = answer.cumsum(-1) == answer.sum(-1, keepdim=True)  # from the end token on
-        scored = answer & ~(last & answer)  # the answer's tokens without its end token
+        end = answer & (answer.cumsum(-1) == answer.sum(-1, keepdim=True))  # the answer's last token: the end
+        scored = answer & ~end
         scored = torch.where(scored.any(-1, keepdim=True), scored, answer)  # a one-token answer: score the end
         said += int(((predicted == labels) | ~scored).all(-1).sum())
     return said / max(len(data.forget), 1)

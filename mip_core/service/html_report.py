@@ -163,8 +163,8 @@ def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, A
     for r in records:
         rid = r.request.request_id
         acc = per_request.get(rid, {})
-        rows.append([rid, request_state(r, m.batch_id), len(m.items_of.get(rid, ())), acc.get("before"), acc.get("after"),
-                     acc.get("test_before"), acc.get("test_after"), r.model_version, r.reason])
+        rows.append([rid, request_state(r, m.batch_id), len(m.items_of.get(rid, ())), acc.get("before"),
+                     acc.get("after"), acc.get("test_before"), acc.get("test_after"), r.model_version, r.reason])
     parts += ["<h2>Requests</h2>", _table(["request", "state", "items", "forget accuracy before", "after",
                                            "held-out before", "after", "model version", "reason"], rows,
                                           numeric=frozenset({2, 3, 4, 5, 6}))]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
@@ -95,7 +96,7 @@ class Probe:
     image: str | None  # relative path in the batch's item table
     answer: str = PLACEHOLDER
     confidence: float = 0.0
-    agrees: bool = False  # the answer the confident edit phrasings of its fact agree on
+    agrees: bool = False  # gives its fact's answer, pooled over name and photo (select_probes)
     kept: bool = False
     why: str | None = None
 
@@ -270,8 +271,7 @@ def consistent_shares(probes: Sequence[Probe],
     """``{modality: (facts whose confident phrasings agree, facts asked in several phrasings)}``, by route (name or
     photo) on its own: whether the model *knows* the person, as opposed to what is kept for the edit."""
     asked = [p for p in probes if p.source != "fact" and p.use == "edit"]
-    routes = [_route(p) for p in asked]
-    multi = {g for g in routes if routes.count(g) > 1}
+    multi = {g for g, n in Counter(map(_route, asked)).items() if n > 1}
     agreed = _fact_answers(asked, _route, min_confidence)
     same = {g for g in multi if agreed.get(g) is not None}
     return {m: (sum(g[2] == m for g in same), sum(g[2] == m for g in multi)) for m in sorted({g[2] for g in multi})}

@@ -30,7 +30,7 @@ def unplanned_report(batch_id: str, target_model: str, records: Sequence[Any], r
 def request_state(record: Any, batch_id: str) -> str:
     """A request's state as this batch's report shows it: a request this batch's gate held back and that moved
     on to a smaller batch is "retried in `<batch>`", whatever that batch made of it since."""
-    if batch_id in getattr(record, "held_back_in", ()):
+    if batch_id in record.held_back_in:
         later = record.held_back_in[record.held_back_in.index(batch_id) + 1:] + [record.batch_id]
         return f"retried in `{later[0]}`"
     return record.state
@@ -56,7 +56,8 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
     for rec in records:
         acc = per_request.get(rec.request.request_id, {})
         logp = (f"{acc['logprob_before']:.2f} -> {acc['logprob_after']:.2f}" if "logprob_after" in acc else "-")
-        lines.append(f"| `{rec.request.request_id}` | {request_state(rec, m.batch_id)} | {_f(acc.get('before', '-'))} | "
+        lines.append(f"| `{rec.request.request_id}` | {request_state(rec, m.batch_id)} | "
+                     f"{_f(acc.get('before', '-'))} | "
                      f"{_f(acc.get('after', '-'))} | {_f(acc.get('test_before', '-'))} | "
                      f"{_f(acc.get('test_after', '-'))} | {logp} | {rec.reason or ''} |")
     if m.scores_dataset:
@@ -67,8 +68,8 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
                       "match)", "",
                   "| set | modality | n | before | after | forgetting / retention |", "|---|---|---|---|---|---|"]
         for s in gate["scores"]:
-            lines.append(f"| {_SET_NAMES.get(s['items'], s['items'])} | {s['modality']} | {s['n']} | {_f(s['before'])} | {_f(s['after'])} | "
-                         f"{_f(s['relative'])} |")
+            lines.append(f"| {_SET_NAMES.get(s['items'], s['items'])} | {s['modality']} | {s['n']} | "
+                         f"{_f(s['before'])} | {_f(s['after'])} | {_f(s['relative'])} |")
         cfg = gate["config"]
         lines += ["", f"Gate: each request's own forgetting >= {cfg['min_forgetting']}; retention >= "
                       f"{cfg['min_retention']} and utility >= {cfg['min_utility']} per modality: "

@@ -33,7 +33,7 @@ GATE = {"passed": True, "reasons": [], "config": {"min_forgetting": 0.5, "min_re
 
 def record(rid: str, state: str, reason: str | None = None) -> SimpleNamespace:
     return SimpleNamespace(request=SimpleNamespace(request_id=rid, subjects=["p1"]), state=state, reason=reason,
-                           model_version="v0002" if state == "done" else None)
+                           model_version="v0002" if state == "done" else None, held_back_in=[])
 
 
 def test_support_matrix_by_hand():

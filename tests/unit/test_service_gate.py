@@ -84,9 +84,9 @@ def test_report_names_requests_and_metrics_but_no_personal_data():
     d = decide({"forget": [item("f1", "text")], "retain": [item("r1", "text")]},
                {"forget": {"f1": True}, "retain": {"r1": True}}, {"forget": {"f1": False}, "retain": {"r1": True}},
                GateConfig(), request_of={"f1": "a"}).to_dict()
-    records = [SimpleNamespace(request=SimpleNamespace(request_id="a"), state="done", reason=None),
+    records = [SimpleNamespace(request=SimpleNamespace(request_id="a"), state="done", reason=None, held_back_in=[]),
                SimpleNamespace(request=SimpleNamespace(request_id="x"), state="rejected",
-                               reason="unknown entity ids ['p9']")]
+                               reason="unknown entity ids ['p9']", held_back_in=[])]
     text = batch_report(m, records, gate=d, version="v0002", error=None, timings={"plan": 0.5, "edit": 12.25},
                         links={"manifest.json": "/s/b1/manifest.json"})
     assert "**published** `demo` `v0002` (from `v0001`)" in text
