@@ -100,8 +100,10 @@ serve: install
 	echo "Prefect UI: http://127.0.0.1:4200  (server log: $(SERVE_HOME)/server.log); batch reports: http://127.0.0.1:8765" && \
 	$(SERVE_ENV) MIP_REPO_DIR=$(CURDIR) MIP_ROOT=$(SERVE_ROOT) $(LOCAL_ONLY) $(VENV)/bin/prefect worker start --pool mip-process
 
-# Speed and storage numbers recorded in BENCHMARKS.md (never asserted in tests). Uses the demo's model when
-# `make demo` has run, else a random model of the same size.
+# Attribution speed and completeness per quadrature rule against the research code's algorithm
+# (benches/research_ref.py), and storage: BENCHMARKS.md section 2, benches/results/attribution.json (about 15 min
+# on 2 cores). Never asserted in tests. Uses the demo's model when `make demo` has run, else a random model of the
+# same size (speed only: the completeness figures need the trained model).
 bench: install
 	$(PY) benches/attribution_bench.py --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench
 	@if [ -f $(DEMO_DIR)/vanilla/training_log.json ]; then \

@@ -105,7 +105,10 @@ def _attribute(args: argparse.Namespace) -> int:
             raise InputError(f"--items: {', '.join(unknown)} not in split {args.split!r} (forget {args.forget} %); "
                              f"item ids are the item_id column of {args.bench}/items.parquet; fix or drop --items")
         items = [known[i] for i in wanted]
-    cfg = AttributionConfig(steps=args.steps, top_k=args.top_k, batch_items=args.batch_items)
+    try:
+        cfg = AttributionConfig(steps=args.steps, top_k=args.top_k, batch_items=args.batch_items, rule=args.rule)
+    except ValueError as exc:  # names the field; the flag is its name with dashes
+        raise InputError(f"{exc}; fix --steps / --top-k / --batch-items / --rule") from None
     loaded = load_model(args.model)
     request_ids = {it.item_id: args.request_id for it in items} if args.request_id else None
     t0 = time.perf_counter()
@@ -531,7 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--modality", choices=("multimodal", "text"),
                      help="only this modality (multimodal items go to the vision tower, text items to the LLM)")
     att.add_argument("--items", help="comma-separated item ids (default: the whole split)")
-    att.add_argument("--steps", type=int, default=4, help="Riemann steps m (default 4)")
+    att.add_argument("--steps", type=int, default=4, help="interpolation copies m, the rule's nodes (default 4)")
+    att.add_argument("--rule", default="right",
+                     help="quadrature rule placing the m copies on [0, 1]: right (default, the paper's Riemann sum), "
+                          "gauss_legendre or log_trapezoid (docs/attribution.md); "
+                          "gauss_legendre --steps 2 --batch-items 16 is the fast setting of BENCHMARKS.md)")
     att.add_argument("--top-k", type=int, default=5, help="neurons kept per layer (default 5)")
     att.add_argument("--batch-items", type=int, default=4, help="items per forward/backward (x steps rows)")
     att.add_argument("--request-id", help="forget-request id recorded on every path (lineage)")

@@ -184,3 +184,17 @@ def split_packed_patches(activation: Tensor, batch: Mapping[str, Tensor]) -> lis
     if sum(sizes) != rows.shape[0]:
         raise ValueError(f"image_grid_thw accounts for {sum(sizes)} patches, activation has {rows.shape[0]}")
     return list(rows.split(sizes))
+
+
+def rope_position_ids(model: Any, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Qwen-VL's 3D rotary positions of a multimodal batch, as its forward would compute them (``get_rope_index``).
+
+    Text-only batches get nothing: the model's own 1D positions are already cheap.
+    """
+    if "image_grid_thw" not in batch or "mm_token_type_ids" not in batch:
+        return {}
+    inner = getattr(model, "module", model).model
+    position_ids, _ = inner.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                           image_grid_thw=batch["image_grid_thw"],
+                                           attention_mask=batch["attention_mask"])
+    return {"position_ids": position_ids}

@@ -147,6 +147,14 @@ class ModelAdapter(ABC):
     def split_vision_rows(self, activation: Tensor, batch: Mapping[str, Tensor]) -> list[Tensor]:
         """Split a captured vision activation into one ``[n_rows, d_mlp]`` tensor per *image*, in batch order."""
 
+    def fixed_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Forward inputs the model derives from ``batch`` alone, for callers that run the same batch many times.
+
+        Attribution runs one pass per layer over one batch; what the model would recompute identically in every
+        pass (e.g. Qwen-VL's 3D rotary positions) is computed once and passed in. Default: nothing.
+        """
+        return {}
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config

@@ -62,3 +62,6 @@ class Qwen25VLAdapter(ModelAdapter):
 
     def split_vision_rows(self, activation: Tensor, batch: Mapping[str, Tensor]) -> list[Tensor]:
         return _qwen.split_packed_patches(activation, batch)
+
+    def fixed_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return _qwen.rope_position_ids(self.model, batch)

@@ -14,6 +14,7 @@ from mip_core.attribution import AttributionConfig, attribute_items, layer_score
 from mip_core.benchmark import Item
 from mip_core.hooks import capture
 from mip_core.modeling import collate, encode
+from mip_core.modeling.inputs import answer_logprob, answer_positions
 
 
 def _image(seed: int) -> Image.Image:
@@ -156,3 +157,57 @@ def test_a_failing_batch_does_not_lose_its_good_items(tiny_models, monkeypatch):
     paths, failures = attribute_items(model, adapter, processor, ImageBench(), items,
                                       AttributionConfig(steps=2, top_k=2))
     assert [p.item_id for p in paths] == ["t-born", "t-job"] and failures == []
+
+
+@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+def test_kept_logits_and_fixed_inputs_give_the_plain_forwards_objective(arch, tiny_models):
+    """The search asks the LM head only for the positions that predict an answer, with the inputs the model
+    derives from the batch (Qwen-VL's 3D positions) computed once: the answer log-probability is a plain
+    forward's, on text and on image batches whose items differ in length."""
+    model, processor = tiny_models[arch]
+    adapter = get_adapter(model)
+    images = ImageBench().images
+    batches = [[encode(processor, "Where was Anna Lee born?", None, "Lisbon"),
+                encode(processor, "What is her job?", None, "engineer 1974")],
+               [encode(processor, "What is the name of this person?", images["images/a.png"], "Anna Lee"),
+                encode(processor, "Who?", images["images/b.png"], "Bo")]]
+    for examples in batches:
+        batch = collate(examples, processor.tokenizer.pad_token_id)
+        labels = batch.pop("labels")
+        kept = answer_positions(labels)
+        with torch.no_grad():
+            plain = answer_logprob(model(**batch, use_cache=False).logits, labels)
+            logits = model(**batch, **adapter.fixed_inputs(batch), use_cache=False, logits_to_keep=kept).logits
+        assert logits.shape[1] == kept.numel() < labels.shape[1] - 1
+        torch.testing.assert_close(answer_logprob(logits, labels, kept), plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+def test_originals_from_the_early_stopped_forward_equal_those_of_the_unscaled_copy(arch, tiny_models,
+                                                                                   monkeypatch):
+    """Rules without a node at alpha = 1 read the original activations from a forward of the items alone,
+    stopped after the tower's last layer. Forcing that path on the right Riemann sum (whose last copy holds the
+    same values) must give the same scores on every layer, for padded text and packed image batches."""
+    import importlib
+
+    search = importlib.import_module("mip_core.attribution.path_search")
+    model, processor = tiny_models[arch]
+    adapter = get_adapter(model)
+    images = ImageBench().images
+    pad = processor.tokenizer.pad_token_id
+    cases = {"language": [encode(processor, "Where was Anna Lee born?", None, "Lisbon"),
+                          encode(processor, "Job?", None, "engineer 1974")],
+             "vision": [encode(processor, "What is the name of this person?", images["images/a.png"], "Anna Lee"),
+                        encode(processor, "Who?", images["images/b.png"], "Bo")]}
+    cfg = AttributionConfig(steps=3, top_k=2)
+    for tower, examples in cases.items():
+        from_copy: list[torch.Tensor] = []
+        path_search(model, adapter, examples, tower, cfg, pad_token_id=pad, scores_out=from_copy)
+        with monkeypatch.context() as patched:
+            patched.setattr(search, "reads_originals_from_last_copy", lambda rule: False)
+            captured: list[torch.Tensor] = []
+            path_search(model, adapter, examples, tower, cfg, pad_token_id=pad, scores_out=captured)
+        assert len(captured) == len(adapter.sites(tower)) >= 2
+        for got, want in zip(captured, from_copy, strict=True):
+            assert want.abs().max() > 0
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

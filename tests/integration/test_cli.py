@@ -53,6 +53,11 @@ def test_attribute_rejects_unknown_items_and_reports_failures(workdir, capsys):
                  "--items", "p9999-hobby-text-qa", "--out", str(workdir / "nope")])
     err = capsys.readouterr().err
     assert code == 2 and "p9999-hobby-text-qa" in err and "--items" in err
+    code = main(["attribute", "--model", str(workdir / "model"), "--bench", str(workdir / "bench"),
+                 "--rule", "simpson", "--out", str(workdir / "nope")])
+    err = capsys.readouterr().err
+    assert code == 2 and "rule" in err and "gauss_legendre" in err and "--rule" in err
+    assert not (workdir / "nope").exists()
 
 
 def test_model_tiny_benchmark_make_and_eval_with_reference(tmp_path, capsys):

@@ -15,11 +15,14 @@ from toy_models import IMAGE, toy, toy_example
 
 from mip_core.adapters import get_adapter
 from mip_core.attribution import (
+    RULES,
     AttributionConfig,
     EncodedItem,
     answer_logprob,
     attribute_examples,
+    completeness,
     layer_scores,
+    nodes_and_weights,
     path_search,
 )
 from mip_core.errors import InputError
@@ -80,15 +83,21 @@ def ref_forward(w, example, override=None):
     return float(f), seen
 
 
-def ref_layer_scores(model, example, tower, layer, path, steps, fisher):
-    """IG/IFI of every neuron of one layer by explicit loops; ``path = {earlier layer: [neurons]}``."""
+#: The two-node Gauss-Legendre rule on [0, 1], by hand: nodes 1/2 -+ 1/(2 sqrt 3), weights 1/2.
+GAUSS_2 = [(0.5 - 0.5 / math.sqrt(3), 0.5), (0.5 + 0.5 / math.sqrt(3), 0.5)]
+
+
+def ref_layer_scores(model, example, tower, layer, path, steps, fisher, nodes=None):
+    """IG/IFI of every neuron of one layer by explicit loops; ``path = {earlier layer: [neurons]}``.
+
+    ``nodes``: ``[(alpha, weight)]``; by default the right Riemann sum ``(s/steps, 1/steps)``.
+    """
     w = _w(model)
     _, original = ref_forward(w, example)
     a = original[(tower, layer)]  # [n_positions, d_mlp]
     scores = [0.0] * a.shape[1]
     eps = 1e-5
-    for s in range(1, steps + 1):
-        alpha = s / steps
+    for alpha, weight in nodes or [(s / steps, 1 / steps) for s in range(1, steps + 1)]:
 
         def scaled_earlier(x, earlier, alpha=alpha):
             x = x.clone()
@@ -109,15 +118,16 @@ def ref_layer_scores(model, example, tower, layer, path, steps, fisher):
                     return ref_forward(w, example, over)[0]
 
                 g = (at(eps) - at(-eps)) / (2 * eps)
-                scores[j] += float(a[p, j]) * (g * g if fisher else g) / steps
+                scores[j] += float(a[p, j]) * (g * g if fisher else g) * weight
     return scores
 
 
-def ref_path(model, example, tower, steps, k):
+def ref_path(model, example, tower, steps, k, quadrature=None):
     """The greedy search by hand: top-k per layer (ties: lower id first), each given the earlier path."""
     path, nodes = {}, []
     for layer in range(2):
-        scores = ref_layer_scores(model, example, tower, layer, path, steps, fisher=tower == "vision")
+        scores = ref_layer_scores(model, example, tower, layer, path, steps, fisher=tower == "vision",
+                                  nodes=quadrature)
         order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))[:k]
         path[layer] = order
         nodes += [(layer, rank, j, scores[j]) for rank, j in enumerate(order)]
@@ -138,9 +148,32 @@ def _assert_same_path(found, expected, tol=1e-5):
 def test_config_validates_every_field():
     assert AttributionConfig() == AttributionConfig(4, 5, 4, ("language", "vision"))
     for field, bad in [("steps", 0), ("top_k", -1), ("batch_items", 1.5), ("steps", True),
-                       ("towers", ()), ("towers", ("text",)), ("towers", ("vision", "vision"))]:
+                       ("towers", ()), ("towers", ("text",)), ("towers", ("vision", "vision")),
+                       ("rule", "simpson")]:
         with pytest.raises(ValueError, match=f"AttributionConfig.{field}"):
             AttributionConfig(**{field: bad})
+    with pytest.raises(ValueError, match="AttributionConfig.steps=1 with rule='log_trapezoid'"):
+        AttributionConfig(steps=1, rule="log_trapezoid")
+
+
+def test_quadrature_rules_integrate_what_they_promise():
+    """Nodes and weights by hand, and the polynomials each rule integrates exactly on [0, 1]."""
+    def integral(rule, steps, f):
+        alphas, weights = nodes_and_weights(rule, steps)
+        return sum(w * f(a) for a, w in zip(alphas, weights, strict=True))
+
+    assert nodes_and_weights("right", 4) == ((0.25, 0.5, 0.75, 1.0), (0.25,) * 4)
+    alphas, weights = nodes_and_weights("gauss_legendre", 2)
+    assert [*alphas, *weights] == pytest.approx([a for a, _ in GAUSS_2] + [w for _, w in GAUSS_2])
+    assert integral("gauss_legendre", 2, lambda x: x ** 3) == pytest.approx(1 / 4, abs=1e-12)  # degree 2m - 1
+    assert integral("gauss_legendre", 4, lambda x: x ** 7) == pytest.approx(1 / 8, abs=1e-12)
+    assert integral("right", 4, lambda x: x) == pytest.approx(0.625)  # exact for constants only
+    alphas, weights = nodes_and_weights("log_trapezoid", 5)
+    assert (alphas[0], alphas[1], alphas[-1]) == (0.0, pytest.approx(1e-6), 1.0)
+    assert all(b / a == pytest.approx(alphas[2] / alphas[1]) for a, b in zip(alphas[1:], alphas[2:]))
+    assert integral("log_trapezoid", 5, lambda x: 3 * x + 1) == pytest.approx(2.5, abs=1e-12)  # linear: exact
+    for rule in RULES:
+        assert sum(nodes_and_weights(rule, 6)[1]) == pytest.approx(1.0, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- exact values
@@ -150,6 +183,16 @@ def test_language_path_equals_hand_computation(index):
     example = TEXT[index]
     found = path_search(model, adapter, [example], "language", AttributionConfig(steps=3, top_k=2))[0]
     _assert_same_path(found, ref_path(model, example, "language", steps=3, k=2))
+
+
+@pytest.mark.parametrize(("tower", "example"), [("language", TEXT[2]), ("vision", MULTI[0])])
+def test_gauss_legendre_path_equals_hand_computation(tower, example):
+    """No copy sits at alpha = 1: the original activations come from a separate forward, also for the earlier
+    path at layer 1; the hand reference reads them from its own unscaled forward."""
+    model, adapter = toy()
+    cfg = AttributionConfig(steps=2, top_k=2, rule="gauss_legendre")
+    found = path_search(model, adapter, [example], tower, cfg)[0]
+    _assert_same_path(found, ref_path(model, example, tower, steps=2, k=2, quadrature=GAUSS_2), tol=1e-6)
 
 
 def test_vision_path_equals_hand_computation_with_squared_gradients():
@@ -182,7 +225,7 @@ def test_ties_go_to_the_lower_neuron_id():
 
 
 # ---------------------------------------------------------------------------------------------- Captum
-def captum_layer_ig(model, down, examples, steps, pad_token_id=0):
+def captum_layer_ig(model, down, examples, steps, pad_token_id=0, method="riemann_right"):
     """Captum's LayerIntegratedGradients at ``down``'s input, summed over real positions: [B, d_mlp].
 
     The layer baseline must be zero whatever the model makes of a zero input, so a pre-hook registered before
@@ -202,7 +245,7 @@ def captum_layer_ig(model, down, examples, steps, pad_token_id=0):
 
         ones = torch.ones(len(examples), 1)
         attr = LayerIntegratedGradients(forward, down, multiply_by_inputs=True).attribute(
-            ones, baselines=torch.zeros_like(ones), n_steps=steps, method="riemann_right",
+            ones, baselines=torch.zeros_like(ones), n_steps=steps, method=method,
             additional_forward_args=(labels, *(batch[k] for k in names)), attribute_to_layer_input=True)
     finally:
         handle.remove()
@@ -215,6 +258,15 @@ def test_first_layer_equals_captum_layer_integrated_gradients():
     site = adapter.site("language", 0)
     expected = captum_layer_ig(model, adapter.down_proj(site), TEXT[:2], steps=4)
     got = layer_scores(model, adapter, TEXT[:2], site, steps=4)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_first_layer_gauss_legendre_equals_captum():
+    """Captum's own Gauss-Legendre integration, against the library's rule on the same layer."""
+    model, adapter = toy()
+    site = adapter.site("language", 0)
+    expected = captum_layer_ig(model, adapter.down_proj(site), TEXT[:2], steps=3, method="gausslegendre")
+    got = layer_scores(model, adapter, TEXT[:2], site, steps=3, rule="gauss_legendre")
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -250,6 +302,41 @@ def test_completeness_gap_shrinks_with_steps():
         gaps.append(abs(total - (f_x - f_zero)))
     assert gaps == sorted(gaps, reverse=True) and gaps[-1] < gaps[0] / 20, gaps
     assert gaps[-1] < 1e-3, gaps
+
+
+def test_completeness_counts_the_earlier_path_and_matches_the_hand_computed_change():
+    """At layer 1 with path neurons at layer 0, the integral runs over both: ``completeness`` adds their terms,
+    and its ``F(a) - F(0)`` is the float64 reference's with those neurons and layer 1 zeroed."""
+    model, adapter = toy()
+    example, path = TEXT[2], {0: [0, 2]}
+    site = adapter.site("language", 1)
+    total, delta = completeness(model, adapter, [example], site, steps=4, rule="gauss_legendre", path=[path])
+
+    def zero_path(x):
+        x = x.clone()
+        x[:, path[0]] = 0.0
+        return x
+
+    w = _w(model)
+    zeroed = {("language", 0): zero_path, ("language", 1): lambda x: torch.zeros_like(x)}
+    assert float(delta[0]) == pytest.approx(ref_forward(w, example)[0] - ref_forward(w, example, zeroed)[0],
+                                            abs=1e-5)
+    assert abs(float(total[0] - delta[0])) < 1e-3 * abs(float(delta[0]))  # complete: the toy is smooth
+    layer_only = layer_scores(model, adapter, [example], site, steps=4, path=[path], rule="gauss_legendre",
+                              method="ig").sum()
+    assert abs(float(layer_only - delta[0])) > 0.1 * abs(float(delta[0]))  # without the path's terms: not
+
+
+def test_gauss_legendre_converges_faster_than_the_right_sum_on_a_smooth_integrand():
+    """The language toy (SiLU) is smooth along the path: two Gauss-Legendre nodes beat 64 right-sum nodes."""
+    model, adapter = toy()
+    site = adapter.site("language", 0)
+
+    def gap(rule, steps):
+        total, delta = completeness(model, adapter, [TEXT[2]], site, steps=steps, rule=rule)
+        return abs(float(total[0] - delta[0]))
+
+    assert gap("gauss_legendre", 2) < gap("right", 64) / 100
 
 
 # ---------------------------------------------------------------------------------------------- batching

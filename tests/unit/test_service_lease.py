@@ -7,7 +7,7 @@ link here).
 from __future__ import annotations
 
 import threading
-import time
+from datetime import datetime
 
 import pytest
 
@@ -45,13 +45,14 @@ def check_lease(store: ServiceStore) -> None:
     second = acquire(store, "claim", owner="run-b")
     assert second.generation == 2
     release(store, second)
-    # a holder that crashed (never released) blocks only until its expiry
-    crashed = acquire(store, "claim", owner="crashed", ttl_s=0.3)
+    # a holder that crashed (never released) blocks only until its expiry. The TTL leaves seconds of margin for
+    # the "still held" check on a loaded machine; the taker then waits for the expiry instead of sleeping a guess.
+    crashed = acquire(store, "claim", owner="crashed", ttl_s=3.0)
     with pytest.raises(LeaseHeld):
         acquire(store, "claim", owner="run-c")
-    time.sleep(0.4)
-    taker = acquire(store, "claim", owner="run-c")
+    taker = acquire(store, "claim", owner="run-c", wait_s=60, poll_s=0.1)
     assert taker.generation == crashed.generation + 1
+    assert datetime.fromisoformat(taker.acquired_at) >= datetime.fromisoformat(crashed.expires_at)
     assert not release(store, crashed)  # it lost the lease: releasing must not free the new holder's
     assert current(store, "claim").released_at is None
     release(store, taker)
