@@ -101,7 +101,7 @@ serve: install
 	$(SERVE_ENV) MIP_REPO_DIR=$(CURDIR) MIP_ROOT=$(SERVE_ROOT) $(LOCAL_ONLY) $(VENV)/bin/prefect worker start --pool mip-process
 
 # Attribution speed and completeness per quadrature rule against the research code's algorithm
-# (benches/research_ref.py), and storage: BENCHMARKS.md section 2, benches/results/attribution.json (about 15 min
+# (benches/research_ref.py), and storage: BENCHMARKS.md section 2, benches/results/attribution.json (about 12 min
 # on 2 cores). Never asserted in tests. Uses the demo's model when `make demo` has run, else a random model of the
 # same size (speed only: the completeness figures need the trained model).
 bench: install
