@@ -85,7 +85,7 @@ def run_batch(kind: str, model: str, bench_dir: str, people: list[str], work: Pa
     batch = Path(store_root) / "batches" / result["batch_id"]
     gate = json.loads((batch / "gate.json").read_text())
     records = {r.request.request_id: r.state for r in store.list()}
-    return {"kind": kind, "batch_id": result["batch_id"], "edited": str(batch / "edited"),
+    return {"kind": kind, "batch_id": result["batch_id"], "edited": str(batch / "edited"), "store": store_root,
             "wall_s": round(time.perf_counter() - t0, 1), "published": result["version"],
             "requests_done": sum(s == "done" for s in records.values()), "states": records,
             "gate_passed": gate["passed"], "gate_reasons": gate["reasons"],
@@ -110,6 +110,21 @@ def score(model_dir: str, bench, people: set[str]) -> dict[str, float]:
             "utility": [it for it in bench.items if it.kind == "utility"]}
     return {name: sum(multiple_choice(loaded.model, loaded.processor, bench, items)) / len(items)
             for name, items in sets.items()}
+
+
+def relapse(row: dict, bench, people: list[str]) -> list[dict]:
+    """For each version the night published: its people's accuracy on it and on every later version of the night
+    (does a later edit bring earlier-forgotten people back?). Request ``cmp-K`` names ``people[K]``."""
+    order = [n["version"] for n in row["night"] if n["version"]]
+    forgotten_by = {v: [people[int(rid.split("-")[1])] for rid, got in row["versions"].items() if got == v]
+                    for v in order}
+    out = []
+    for i, version in enumerate(order):
+        for later in order[i:]:
+            acc = score(str(Path(row["store"]) / "models" / "demo" / later), bench, set(forgotten_by[version]))
+            out.append({"forgotten_by": version, "people": forgotten_by[version], "scored_on": later,
+                        "forget": round(acc["forget"], 3), "test": round(acc["test"], 3)})
+    return out
 
 
 def main() -> None:
@@ -143,6 +158,15 @@ def main() -> None:
         v = meta["vanilla"]
         row["forgetting"] = {s: round(1 - row["accuracy"][s] / v[s], 3) for s in ("forget", "test")}
         row["retention"] = {s: round(row["accuracy"][s] / v[s], 3) for s in ("retain", "utility")}
+        published = [n["version"] for n in row["night"] if n["version"]]
+        if len(row["night"]) > 1 and published:  # a night of several batches: also its last version, scored
+            acc = score(str(Path(row["store"]) / "models" / "demo" / published[-1]), bench, set(people))
+            row["last_version"] = {"version": published[-1], "accuracy": acc,
+                                   "forgetting": {s: round(1 - acc[s] / v[s], 3) for s in ("forget", "test")},
+                                   "retention": {s: round(acc[s] / v[s], 3) for s in ("retain", "utility")}}
+        if len(published) > 1:
+            row["relapse"] = relapse(row, bench, people)
+            print(json.dumps(row["relapse"]), flush=True)
         meta["rows"].append(row)
         out.write_text(json.dumps(meta, indent=1) + "\n")
         print(json.dumps({k: row[k] for k in ("kind", "published", "requests_done", "forgetting", "retention",

@@ -48,6 +48,8 @@ class GateSpec(BaseModel):
                                  "fraction of the starting model's.")
     min_utility: float = Field(0.8, ge=0, le=1, description="General-knowledge accuracy kept at least this "
                                "fraction of the starting model's.")
+    max_relapse: float = Field(0.05, ge=0, le=1, description="People earlier versions forgot: their accuracy may "
+                               "rise by at most this much (a sample of their items is re-checked every batch).")
 
 
 class ServiceSpec(BaseModel):

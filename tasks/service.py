@@ -29,6 +29,7 @@ from mip_core.results import read_item_paths, read_path_graph, write_path_graph
 from mip_core.service.batch import BatchManifest, plan_batch, unknown_versions
 from mip_core.service.gate import GateConfig, format_decision
 from mip_core.service.lease import LeaseHeld, hold
+from mip_core.service.forgotten import forgotten_before
 from mip_core.service.planning import plan_people_batch
 from mip_core.service.probes import MIN_CONFIDENCE
 from mip_core.service.html_report import batch_html
@@ -201,6 +202,10 @@ def plan_batch_task(root: str, batch_id: str, retain_limit: int, gpus_per_actor:
     common = {"target_model": claim["target_model"], "base_version": info["version"], "base_uri": base_uri,
               "retain_limit": retain_limit}
     versions = store.versions(claim["target_model"])
+    forgotten = forgotten_before(store, claim["target_model"], info["version"])
+    get_run_logger().info("plan: earlier versions forgot %d request(s) in %d batch(es); their people leave the "
+                          "kept sets and a sample of their items is re-checked by the gate",
+                          len(forgotten.requests), len(forgotten.batches))
     if info.get("keepsets"):
         def answer(table_uri: str, ids: Sequence[str]) -> dict[str, tuple[str, float]]:
             return probe_on_actor(base_uri, table_uri, ids, gpus_per_actor=gpus_per_actor, dtype=dtype,
@@ -209,11 +214,12 @@ def plan_batch_task(root: str, batch_id: str, retain_limit: int, gpus_per_actor:
         requests = [r.request for r in records]
         manifest = plan_people_batch(store, batch_id, requests, info["keepsets"], answer,
                                      rejected=unknown_versions(requests, claim["target_model"], versions),
-                                     min_confidence=min_confidence, log=get_run_logger().info, **common)
+                                     min_confidence=min_confidence, forgotten=forgotten,
+                                     log=get_run_logger().info, **common)
     else:
         bench = load_benchmark(localize(info["dataset_uri"]))
         manifest = plan_batch(batch_id, records, dataset_uri=info["dataset_uri"], bench=bench, versions=versions,
-                              **common)
+                              forgotten=[(i, r) for i, r, _ in forgotten.items], **common)
     key = store.batch_key(batch_id, "manifest.json")
     store.write_text(key, manifest.to_json())
     for request_id, reason in manifest.rejected.items():  # the batch's report will list them too

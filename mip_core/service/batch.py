@@ -14,7 +14,7 @@ from typing import Any
 
 from mip_core.benchmark import Benchmark, Item
 from mip_core.errors import InputError
-from mip_core.service.resolve import resolve_requests, retain_items
+from mip_core.service.resolve import resolve_requests, retain_items, seeded_sample
 
 MANIFEST_VERSION = 1
 
@@ -38,6 +38,8 @@ class BatchManifest:
     eval_test: tuple[str, ...] = ()  # the forget facts asked another way (held out): does forgetting generalise
     held_out: tuple[tuple[str, str], ...] = ()  # (eval_test item id, request id): held-out figures per request
     scores_dataset: str = ""  # what cached per-version scores are keyed on (default: dataset_uri)
+    #: (item id, request id) of people earlier versions of the lineage forgot: the gate checks they stay forgotten
+    eval_earlier: tuple[tuple[str, str], ...] = ()
 
     @property
     def accepted(self) -> list[str]:
@@ -56,8 +58,9 @@ class BatchManifest:
         """The gate's item sets, as benchmark items."""
         by_id = {it.item_id: it for it in bench.items}
         sets = {"forget": [by_id[i] for i, _ in self.forget], "test": [by_id[i] for i in self.eval_test],
-                "retain": [by_id[i] for i in self.eval_retain], "utility": [by_id[i] for i in self.eval_utility]}
-        return {name: items for name, items in sets.items() if items or name != "test"}
+                "retain": [by_id[i] for i in self.eval_retain], "utility": [by_id[i] for i in self.eval_utility],
+                "earlier": [by_id[i] for i, _ in self.eval_earlier]}
+        return {name: items for name, items in sets.items() if items or name not in ("test", "earlier")}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -71,6 +74,7 @@ class BatchManifest:
         data["requests"] = tuple(data["requests"])
         data["forget"] = tuple(tuple(p) for p in data["forget"])
         data["held_out"] = tuple(tuple(p) for p in data.get("held_out", ()))
+        data["eval_earlier"] = tuple(tuple(p) for p in data.get("eval_earlier", ()))
         for name in ("edit_retain", "eval_retain", "eval_utility", "eval_test"):
             data[name] = tuple(data.get(name, ()))  # eval_test: absent from manifests written before it
         data["items_of"] = {k: tuple(v) for k, v in data["items_of"].items()}
@@ -88,22 +92,29 @@ def unknown_versions(requests: Sequence[Any], target_model: str, versions: Seque
 
 def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: str, base_version: str,
                base_uri: str, dataset_uri: str, bench: Benchmark, retain_limit: int = 120,
-               utility_limit: int = 50, seed: int = 0, versions: Sequence[str] | None = None) -> BatchManifest:
+               utility_limit: int = 50, seed: int = 0, versions: Sequence[str] | None = None,
+               forgotten: Sequence[tuple[str, str]] = (), earlier_limit: int = 60) -> BatchManifest:
     """Resolve claimed requests against the model's dataset; unresolvable ones are rejected, never dropped.
 
-    ``versions``: the model's published versions; a request naming another ``target_version`` is rejected."""
+    ``versions``: the model's published versions; a request naming another ``target_version`` is rejected.
+    ``forgotten``: (item id, request id) that earlier versions of the lineage forgot: their people leave the kept
+    sets, and a seeded sample of ``earlier_limit`` of them is what the gate re-checks (``service.forgotten``)."""
     requests = [rec.request for rec in request_records]
     unknown_version = unknown_versions(requests, target_model, versions)
     resolved = resolve_requests([r for r in requests if r.request_id not in unknown_version], bench)
+    by_id = {it.item_id: it for it in bench.items}
+    earlier = [(i, rid) for i, rid in forgotten if i in by_id]
+    gone = {by_id[i].profile_id for i, _ in earlier} - {None}
     # Held-out evaluation: the gate scores other people's and general-knowledge items the edit never saw, so a
     # retention measured on what RMisU was told to keep cannot flatter the edit.
-    others = retain_items(bench, resolved.forget_profiles, 2 * retain_limit, seed)
+    others = retain_items(bench, set(resolved.forget_profiles) | gone, 2 * retain_limit, seed)
     utility = [it.item_id for it in bench.items if it.kind == "utility"][: 2 * utility_limit]
     facts: dict[tuple[str | None, str, str], str] = {}  # a forget fact -> the request that asked for it first
     for it, rid in resolved.forget:
         facts.setdefault((it.profile_id, it.fact, it.modality), rid)
     held_out = [(it.item_id, facts[key]) for it in bench.items
                 if it.kind == "test" and (key := (it.profile_id, it.fact, it.modality)) in facts]
+    facts_ids = {it.item_id for it, _ in resolved.forget} | {i for i, _ in held_out}  # forgotten again here
     return BatchManifest(
         batch_id=batch_id, target_model=target_model, base_version=base_version, base_uri=base_uri,
         dataset_uri=dataset_uri, requests=tuple(r.request_id for r in requests),
@@ -112,7 +123,8 @@ def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: s
         items_of={rid: tuple(ids) for rid, ids in resolved.items_of.items() if rid not in resolved.rejected},
         edit_retain=tuple([it.item_id for it in others[0::2]] + utility[0::2]),
         eval_retain=tuple(it.item_id for it in others[1::2]), eval_utility=tuple(utility[1::2]),
-        eval_test=tuple(i for i, _ in held_out), held_out=tuple(held_out))
+        eval_test=tuple(i for i, _ in held_out), held_out=tuple(held_out),
+        eval_earlier=tuple(seeded_sample([p for p in earlier if p[0] not in facts_ids], earlier_limit, seed)))
 
 
 __all__ = ["MANIFEST_VERSION", "BatchManifest", "plan_batch", "unknown_versions"]

@@ -9,12 +9,16 @@ answer) is correct when the model's greedy answer still gives that answer:
 - ``test``: the same facts asked another way (paraphrased questions, transformed images), held out from the edit:
   whether forgetting generalises. Reported, not gated (no floor): the method does not promise it;
 - ``retain``: a fixed sample of the other people's items (what must be kept);
-- ``utility``: general-knowledge items with no person in them.
+- ``utility``: general-knowledge items with no person in them;
+- ``earlier``: a sample of the items of people earlier versions of the lineage forgot
+  (``mip_core.service.forgotten``): they must stay forgotten.
 
 Each request is judged on its own items: it is ``done`` only if the forgetting rate of *its* forget items reaches
 ``min_forgetting`` (its held-out probes reported beside them), whatever the batch average says. The edit is
 published only if, in every modality that has items, the retention of both kept sets reaches its floor, and at
-least one request passed. Relative figures (``forgetting_rate``, ``retention``) are taken
+least one request passed, and no earlier-forgotten people come back: their accuracy, in every modality, rises by
+at most ``max_relapse`` over the starting model's (a difference, not a ratio: it starts near zero). Relative
+figures (``forgetting_rate``, ``retention``) are taken
 against the same items on the starting model, so a question the model never knew is neither credit nor blame.
 
 Everything here but :func:`correctness` is pure. The service scores each model on a Ray actor (``tasks.gate``) and
@@ -35,9 +39,9 @@ from mip_core.errors import InputError
 from mip_core.evaluation.metrics import forgetting_rate, mean, retention
 from mip_core.evaluation.runner import score_items
 
-SETS = ("forget", "test", "retain", "utility")
+SETS = ("forget", "test", "retain", "utility", "earlier")
 #: What people read for a set name (the log's table and the reports use the same words).
-SET_LABELS = {"test": "held-out phrasings"}
+SET_LABELS = {"test": "held-out phrasings", "earlier": "forgotten earlier"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,12 @@ class GateConfig:
     min_forgetting: float = 0.5  # forget accuracy must fall by at least half of what the model knew (1 = all)
     min_retention: float = 0.8  # other people's accuracy kept at >= 80 % of the starting model's
     min_utility: float = 0.8  # general-knowledge accuracy kept at >= 80 %
+    # People forgotten by earlier versions may not come back: their accuracy may rise by at most this much (MUSE's
+    # sustainability; one item in 20 of a modality's sample)
+    max_relapse: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("min_forgetting", "min_retention", "min_utility"):
+        for name in ("min_forgetting", "min_retention", "min_utility", "max_relapse"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise InputError(f"GateConfig.{name}={value!r} must be within [0, 1]")
@@ -73,9 +80,12 @@ class SetScore:
 
     @property
     def relative(self) -> float:
-        """Forgetting rate for the forget sets, retention for the kept sets (NaN when ``before`` is 0)."""
+        """Forgetting rate for the forget sets, retention for the kept sets (NaN when ``before`` is 0); for the
+        earlier-forgotten people, the rise of their accuracy (``after - before``)."""
         if self.items in ("forget", "test"):
             return forgetting_rate(self.before, self.after)
+        if self.items == "earlier":
+            return self.after - self.before
         return retention(self.before, self.after)
 
 
@@ -146,6 +156,13 @@ def _kept_set_reasons(scores: Sequence[SetScore], cfg: GateConfig) -> list[str]:
             if s.items in floors and s.relative == s.relative and s.relative < floors[s.items]]
 
 
+def _relapse_reasons(scores: Sequence[SetScore], cfg: GateConfig) -> list[str]:
+    """People earlier versions forgot, answered again: the check that keeps a lineage's forgetting forgotten."""
+    return [f"forgotten earlier {s.modality}: accuracy rose {s.before:.3f} -> {s.after:.3f} (+{s.relative:.3f} > "
+            f"{cfg.max_relapse:.3f}, n={s.n}): people earlier versions forgot come back" for s in scores
+            if s.items == "earlier" and s.relative > cfg.max_relapse]
+
+
 def _rates(items: Sequence[Item], before: Mapping[str, bool], after: Mapping[str, bool],
            group: Callable[[Item], str]) -> dict[str, tuple[int, float, float]]:
     """``{group: (n, accuracy before, accuracy after)}`` of ``items``."""
@@ -206,9 +223,10 @@ def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping
 
     Each request is judged on its own forget items, in every modality they have: it passes when their forgetting
     rate reaches ``min_forgetting``, whatever the batch average says. The edit is publishable when the kept sets
-    hold and at least one request passes; a request that does not pass is closed failed with its own figures."""
+    hold, no earlier-forgotten people come back, and at least one request passes; a request that does not pass is
+    closed failed with its own figures."""
     scores = _set_scores(item_sets, before, after)
-    reasons = _kept_set_reasons(scores, cfg)
+    reasons = _kept_set_reasons(scores, cfg) + _relapse_reasons(scores, cfg)
     per_request, request_reasons = _per_request(item_sets, before, after, request_of or {}, cfg)
     if not per_request:
         reasons.append("no forget items were evaluated")

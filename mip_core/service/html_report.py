@@ -23,8 +23,8 @@ from mip_core.types import TOWERS
 
 _FLOORS = {"retain": "min_retention", "utility": "min_utility"}  # forgetting is judged per request (table above)
 _SET_LABEL = {"forget": "forget (requested)", "test": "forget, held-out phrasings", "retain": "other people",
-              "utility": "general knowledge"}
-_SHORT = {"test": "held-out"}  # the forget facts asked another way (x-axis labels must stay short)
+              "utility": "general knowledge", "earlier": "forgotten by earlier versions"}
+_SHORT = {"test": "held-out", "earlier": "earlier"}  # the forget facts asked another way (x-axis labels must stay short)
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328;
 padding:0 1rem}h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
@@ -177,6 +177,9 @@ def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, A
             floor = cfg.get(floor_name) if floor_name else None
             rel = s["relative"]
             verdict = "-" if floor is None or rel != rel else ("pass" if rel >= floor else "FAIL")
+            if s["items"] == "earlier" and cfg.get("max_relapse") is not None:  # a ceiling on a rise, not a floor
+                floor = cfg["max_relapse"]
+                verdict = "pass" if rel <= floor else "FAIL"
             rows.append([_SET_LABEL.get(s["items"], s["items"]), s["modality"], s["n"], s["before"], s["after"],
                          rel, floor, verdict])
         decision = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
@@ -184,7 +187,8 @@ def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, A
                   "<p class='muted'>Accuracy on the starting and the edited model: multiple choice (chance 0.25) "
                   "where an item has options, else whether the greedy answer still gives the answer (the probes "
                   "the service built). 'relative' is the forgetting rate for the forget sets and the retention for "
-                  "the kept ones; the other people's and general-knowledge items are held out from the edit. "
+                  "the kept ones, and for people earlier versions forgot the rise of their accuracy (its ceiling in "
+                  "the floor column); the other people's and general-knowledge items are held out from the edit. "
                   "Forgetting is judged per request, on its own items (the requests table).</p>",
                   _table(["set", "modality", "n", "before", "after", "relative", "floor", "check"], rows,
                          numeric=frozenset({2, 3, 4, 5, 6})),

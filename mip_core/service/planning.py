@@ -27,12 +27,17 @@ from mip_core.results import parquet_bytes
 
 from .batch import BatchManifest
 from .images import check_image_bytes, read_image_ref
-from .items import ItemTable, image_relpath, load_item_table, write_item_table
+from .forgotten import Forgotten
+from .items import ITEMSET_FILE, ItemTable, image_relpath, load_item_table, read_item_table, write_item_table
 from .keepsets import keepset_subjects, read_templates
 from .probes import MIN_CONFIDENCE, Probe, build_candidates, no_probe_reason, person_key, probes_table, select_probes
 from .requests import ForgetRequest, Person, norm_text
 from .resolve import seeded_sample
 from .store import ServiceStore
+
+#: Earlier-forgotten items the gate re-checks per batch (a sample: the gate's cost grows with it, not with the
+#: lineage): about two items per person for the 32 people of a month of nightly 1-person requests.
+EARLIER_LIMIT = 60
 
 Answerer = Callable[[str, Sequence[str]], Mapping[str, tuple[str, float]]]
 """``(item table URI, item ids) -> {item_id: (greedy answer, confidence)}``: the target model answering, where
@@ -127,8 +132,12 @@ def _image_bytes(table: ItemTable, items: Iterable[Item]) -> dict[str, bytes]:
 def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[ForgetRequest], keepsets: Mapping[str, str],
                       answer: Answerer, *, target_model: str, base_version: str, base_uri: str,
                       rejected: Mapping[str, str], retain_limit: int = 120, utility_limit: int = 50, seed: int = 0,
-                      min_confidence: float = MIN_CONFIDENCE, log: Callable[[str], Any] = print) -> BatchManifest:
-    """Probe, select and write the batch's item table; returns the manifest (not yet written)."""
+                      min_confidence: float = MIN_CONFIDENCE, forgotten: Forgotten | None = None,
+                      earlier_limit: int = EARLIER_LIMIT, log: Callable[[str], Any] = print) -> BatchManifest:
+    """Probe, select and write the batch's item table; returns the manifest (not yet written).
+
+    ``forgotten``: what earlier versions of the lineage forgot; their people leave the kept sets and a sample of
+    ``earlier_limit`` of their forget items joins the gate (``mip_core.service.forgotten``)."""
     keep = KeepSets.open(keepsets, store.endpoint_url)
     rejected = dict(rejected)
     todo = [r for r in requests if r.request_id not in rejected]
@@ -166,14 +175,17 @@ def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[For
                                         "(probes.parquet lists them): nothing measurable to forget")
     return _manifest(store, batch_id, requests, probes, named, keep, images, rejected,
                      target_model=target_model, base_version=base_version, base_uri=base_uri,
-                     retain_limit=retain_limit, utility_limit=utility_limit, seed=seed)
+                     retain_limit=retain_limit, utility_limit=utility_limit, seed=seed,
+                     forgotten=forgotten or Forgotten((), ()), earlier_limit=earlier_limit)
 
 
 def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetRequest], probes: Sequence[Probe],
               named: Mapping[str, list[Item]], keep: KeepSets, images: Mapping[str, bytes],
               rejected: Mapping[str, str], *, target_model: str, base_version: str, base_uri: str,
-              retain_limit: int, utility_limit: int, seed: int) -> BatchManifest:
-    """The batch's item table (kept probes, named subjects' facts, kept-set samples) and its manifest."""
+              retain_limit: int, utility_limit: int, seed: int, forgotten: Forgotten, earlier_limit: int
+              ) -> BatchManifest:
+    """The batch's item table (kept probes, named subjects' facts, kept-set samples, earlier-forgotten people's
+    items) and its manifest."""
     accepted = [r for r in requests if r.request_id not in rejected]
     kept = [p for p in probes if p.kept and p.request_id not in rejected]
     own = {r.request_id: [p.item() for p in kept if p.request_id == r.request_id and p.use == "edit"]
@@ -183,18 +195,21 @@ def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetReque
         for it in mine:
             forget.setdefault(it.item_id, (it, rid))
     held_out = [(p.item(), p.request_id) for p in kept if p.use == "held_out"]
-    skip = named_people(accepted, keep)
+    skip = named_people([*accepted, *forgotten.requests], keep)  # people to forget, or forgotten already
     others = seeded_sample([it for it in keep.retain.items if it.profile_id not in skip], 2 * retain_limit, seed)
     utility = seeded_sample(list(keep.utility.items), 2 * utility_limit, seed)
     named_items = [it for it, _ in forget.values() if it.profile_id in keep.people]  # retain facts, not probes
-    items = [it for it, _ in forget.values()] + [it for it, _ in held_out] + others + utility
+    taken = {it.item_id for it, _ in [*forget.values(), *held_out]}
+    earlier, earlier_images = _earlier_items(store, forgotten, earlier_limit, seed, taken)
+    items = [it for it, _ in forget.values()] + [it for it, _ in held_out] + others + utility + [
+        it for it, _ in earlier]
     ids = [it.item_id for it in items]
     if len(set(ids)) != len(ids):
         raise InputError(f"batch {batch_id}: item ids repeat across probes and keep-sets "
                          f"({sorted({i for i in ids if ids.count(i) > 1})[:5]}); give the keep-set rows unique "
                          "item_id values that do not look like request ids")
     shown = {**_image_bytes(keep.retain, others + named_items),
-             **_image_bytes(keep.utility, utility), **images}
+             **_image_bytes(keep.utility, utility), **images, **earlier_images}
     used = {it.image for it in items if it.image is not None}
     dataset_uri = write_item_table(store, store.batch_key(batch_id, "items"), items,
                                    {rel: data for rel, data in shown.items() if rel in used})
@@ -206,7 +221,27 @@ def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetReque
         edit_retain=tuple([it.item_id for it in others[0::2]] + [it.item_id for it in utility[0::2]]),
         eval_retain=tuple(it.item_id for it in others[1::2]), eval_utility=tuple(it.item_id for it in utility[1::2]),
         eval_test=tuple(it.item_id for it, _ in held_out), held_out=tuple((it.item_id, r) for it, r in held_out),
-        scores_dataset=keep.scores_key)
+        scores_dataset=keep.scores_key, eval_earlier=tuple((it.item_id, rid) for it, rid in earlier))
+
+
+def _earlier_items(store: ServiceStore, forgotten: Forgotten, limit: int, seed: int, taken: set[str]
+                   ) -> tuple[list[tuple[Item, str]], dict[str, bytes]]:
+    """A seeded sample of the earlier-forgotten items, read back from their batches' item tables, with their
+    images; items this batch forgets again are left to it."""
+    picked = [(i, rid, batch) for i, rid, batch in forgotten.items if i not in taken]
+    picked = seeded_sample(picked, limit, seed)
+    out: list[tuple[Item, str]] = []
+    images: dict[str, bytes] = {}
+    for batch in dict.fromkeys(batch for _, _, batch in picked):
+        key = store.batch_key(batch, "items")
+        if not store.exists(f"{key}/{ITEMSET_FILE}"):  # a batch planned against a benchmark has no table
+            continue
+        table = read_item_table(store, key)
+        by_id = {it.item_id: it for it in table.items}
+        mine = [(by_id[i], rid) for i, rid, b in picked if b == batch and i in by_id]
+        out += mine
+        images.update(_image_bytes(table, [it for it, _ in mine]))
+    return out, images
 
 
 __all__ = ["Answerer", "KeepSets", "candidates_for", "named_people", "plan_people_batch"]

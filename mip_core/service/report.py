@@ -11,7 +11,7 @@ from typing import Any
 from mip_core.service.batch import BatchManifest
 
 
-_SET_NAMES = {"test": "forget, held-out phrasings (not gated)"}
+_SET_NAMES = {"test": "forget, held-out phrasings (not gated)", "earlier": "forgotten by earlier versions (rise)"}
 
 
 def _f(value: Any) -> str:
@@ -72,7 +72,8 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
                          f"{_f(s['before'])} | {_f(s['after'])} | {_f(s['relative'])} |")
         cfg = gate["config"]
         lines += ["", f"Gate: each request's own forgetting >= {cfg['min_forgetting']}; retention >= "
-                      f"{cfg['min_retention']} and utility >= {cfg['min_utility']} per modality: "
+                      f"{cfg['min_retention']} and utility >= {cfg['min_utility']} per modality; people forgotten "
+                      f"earlier rise by <= {cfg.get('max_relapse', '-')}: "
                       f"**{'passed' if gate['passed'] else 'failed'}**"]
     if shards:
         failed = sum(len(s.get("failures", [])) for s in shards)

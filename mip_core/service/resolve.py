@@ -14,6 +14,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from mip_core.benchmark import Benchmark, Item
 from mip_core.errors import InputError
@@ -30,6 +31,8 @@ subject.
 """
 ITEM_KINDS: tuple[str, ...] = ("qa", "test")
 """Kinds an explicit item may name: facts about a person; utility items (general ability) are not."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ def retain_items(
     return seeded_sample(pool, limit, seed)
 
 
-def seeded_sample(pool: Sequence[Item], limit: int | None, seed: int) -> list[Item]:
+def seeded_sample(pool: Sequence[T], limit: int | None, seed: int) -> list[T]:
     """Up to ``limit`` of ``pool`` (None: all), drawn with ``seed``, in the pool's order."""
     if limit is None or limit >= len(pool):
         return list(pool)

@@ -85,3 +85,51 @@ def test_people_named_by_name_and_photo_become_probes_the_model_answers(register
     assert all(len(said) == 1 for said in edit_answers.values())
     held = [p for p in probes if p["kept"] and p["use"] == "held_out"]
     assert held and all(p["answer"].casefold().strip(" .") in edit_answers[p["fact"]] for p in held)
+
+
+def test_the_next_night_rechecks_people_the_lineage_forgot_from_their_own_batch_tables(registered, monkeypatch):
+    """Night 1 forgets Carol by name and photo; the next night's batch copies a sample of her probes (and their
+    photos) from night 1's item table into its own as the gate's ``earlier`` set, and keeps her out of the
+    kept samples."""
+    from mip_core.service.forgotten import forgotten_before
+
+    store, bench, loaded, tmp = registered
+    carol, dave = bench.profiles[3], bench.profiles[4]
+    photo = tmp / "carol.png"
+    photo.write_bytes((bench.root / carol.image).read_bytes())
+    night1 = store.submit(ForgetRequest(request_id="r-carol", target_model="tiny", requester="t", reason="privacy",
+                                        subjects=[{"name": carol.name, "photos": [str(photo)]}])).request
+    night2 = store.submit(ForgetRequest(request_id="r-dave", target_model="tiny", requester="t", reason="privacy",
+                                        subjects=[dave.profile_id])).request
+
+    def answer(table_uri, ids):
+        return answers_by_id(loaded.model, loaded.processor, load_items(localize(table_uri)), ids)
+
+    info = store.model_info("tiny")
+    monkeypatch.setenv("MIP_NO_BENCHMARK", "1")
+    store.claim(["r-carol"], "n1")
+    m1 = plan_people_batch(store, "n1", [night1], info["keepsets"], answer, target_model="tiny",
+                           base_version=info["version"], base_uri=info["uri"], rejected={}, retain_limit=10,
+                           utility_limit=4)
+    assert not m1.rejected and not m1.eval_earlier
+    store.write_text(store.batch_key("n1", "manifest.json"), m1.to_json())
+    store.finish("r-carol", "done")
+    version = store.register_model("tiny", info["uri"], dataset_uri=info["dataset_uri"], keepsets=info["keepsets"],
+                                   lineage={"batch_id": "n1", "requests": ["r-carol"]})
+
+    forgotten = forgotten_before(store, "tiny", version)
+    store.claim(["r-dave"], "n2")
+    m2 = plan_people_batch(store, "n2", [night2], info["keepsets"], answer, target_model="tiny",
+                           base_version=version, base_uri=info["uri"], rejected={}, retain_limit=10, utility_limit=4,
+                           forgotten=forgotten, earlier_limit=6)
+    table = load_items(localize(m2.dataset_uri))
+    earlier = m2.item_sets(table)["earlier"]
+    assert len(earlier) == min(6, len(m1.forget)) and {rid for _, rid in m2.eval_earlier} == {"r-carol"}
+    assert {it.item_id for it in earlier} <= {i for i, _ in m1.forget}
+    assert all(it.profile_id == "r-carol.s0" for it in earlier)
+    for it in earlier:
+        if it.image is not None:
+            assert table.load_image(it).size == bench.load_image(next(b for b in bench.items if b.image)).size
+    by_id = {it.item_id: it for it in table.items}
+    kept_people = {by_id[i].profile_id for i in m2.edit_retain + m2.eval_retain if by_id[i].kind == "qa"}
+    assert kept_people and carol.profile_id not in kept_people and dave.profile_id not in kept_people

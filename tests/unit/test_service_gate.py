@@ -153,3 +153,25 @@ def test_answer_log_probabilities_are_averaged_per_request_beside_the_verdict():
     assert (d.per_request["a"]["logprob_before"], d.per_request["a"]["logprob_after"]) == (-0.2, -5.0)
     assert (d.per_request["a"]["test_logprob_before"], d.per_request["a"]["test_logprob_after"]) == (-0.2, -0.5)
     assert "logprob_after" not in d.per_request["b"] and d.passed
+
+
+def test_people_forgotten_earlier_who_come_back_hold_the_version_back():
+    """Sustainability: the ``earlier`` set is judged on the rise of its accuracy (after - before), per modality,
+    against ``max_relapse``; a version under which they are answered again is not published."""
+    sets = SETS | {"earlier": [item(f"e{k}", "text") for k in range(20)] + [item("e-img", "multimodal")]}
+    forgot_all = after(f1=False, f2=False, f3=False, f4=False)
+    before = ALL_RIGHT | {"earlier": {it.item_id: False for it in sets["earlier"]}}
+
+    def edited(*back: str) -> dict[str, dict[str, bool]]:
+        return forgot_all | {"earlier": {it.item_id: it.item_id in back for it in sets["earlier"]}}
+
+    one_back = decide(sets, before, edited("e0"), GateConfig())  # 1 of 20 text items: +0.05, at the ceiling
+    assert one_back.passed and one_back.metric("earlier", "text").relative == pytest.approx(0.05)
+    two_back = decide(sets, before, edited("e0", "e1"), GateConfig())
+    assert not two_back.passed
+    assert two_back.reasons == ("forgotten earlier text: accuracy rose 0.000 -> 0.100 (+0.100 > 0.050, n=20): "
+                                "people earlier versions forgot come back",)
+    image_back = decide(sets, before, edited("e-img"), GateConfig(max_relapse=0.5))
+    assert not image_back.passed and image_back.reasons[0].startswith("forgotten earlier multimodal")
+    assert "forgotten earlier" in format_decision(two_back)
+    assert decide(sets, before, edited("e0", "e1"), GateConfig(max_relapse=0.1)).passed

@@ -180,3 +180,55 @@ def test_retain_items_sample(bench):
     order = [it.item_id for it in everything]
     assert [it.item_id for it in a] == sorted((it.item_id for it in a), key=order.index)
     assert retain_items(bench, ["p0001"], 5, 4) != a
+
+
+# ---- what the lineage forgot -------------------------------------------------------------------------------
+
+
+def test_the_next_batch_keeps_earlier_forgotten_people_out_of_its_kept_sets_and_rechecks_them(bench, tmp_path):
+    """Night 1 forgets p0001 (request a, done) and fails p0002 (request b); night 2 plans on the published
+    version: p0001 leaves both kept samples (an edit told to keep them would train them back), p0002 stays,
+    and a sample of p0001's forget items becomes the gate's ``earlier`` set."""
+    from mip_core.service.batch import BatchManifest, plan_batch
+    from mip_core.service.forgotten import forgotten_before
+    from mip_core.service.store import ServiceStore
+
+    store = ServiceStore(str(tmp_path / "store"))
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text('{"model_type": "tiny"}')
+    dataset = str(bench.root)
+    v1 = store.register_model("demo", str(source), dataset_uri=dataset)
+    common = {"target_model": "demo", "base_uri": "/m", "dataset_uri": dataset, "bench": bench}
+    for rid, subject in (("a", "p0001"), ("b", "p0002"), ("c", "p0003")):
+        store.submit(_req(rid, subjects=[subject]))
+    store.claim(["a", "b"], "b1")
+    night1 = plan_batch("b1", [store.get("a"), store.get("b")], base_version=v1, **common)
+    store.write_text(store.batch_key("b1", "manifest.json"), night1.to_json())
+    store.finish("a", "done", model_version="v0002")
+    store.finish("b", "failed", reason="its own forgetting rate was too low")
+    v2 = store.register_model("demo", str(source), dataset_uri=dataset,
+                              lineage={"batch_id": "b1", "requests": ["a", "b"]})
+
+    assert forgotten_before(store, "demo", v1).requests == ()
+    forgotten = forgotten_before(store, "demo", v2)
+    assert [r.request_id for r in forgotten.requests] == ["a"] and forgotten.batches == ["b1"]
+    first_forgotten = {i for i, rid in night1.forget if rid == "a"}
+    assert {i for i, _, _ in forgotten.items} == first_forgotten
+
+    store.claim(["c"], "b2")
+    by_id = {it.item_id: it for it in bench.items}
+
+    def kept_people(m: BatchManifest) -> set[str]:
+        return {by_id[i].profile_id for i in (*m.edit_retain, *m.eval_retain)} - {None}
+
+    night2 = plan_batch("b2", [store.get("c")], base_version=v2, earlier_limit=4,
+                        forgotten=[(i, rid) for i, rid, _ in forgotten.items], **common)
+    unaware = plan_batch("b2", [store.get("c")], base_version=v2, **common)
+    assert "p0001" in kept_people(unaware)  # the behaviour before: forgotten people were to be kept
+    assert "p0001" not in kept_people(night2) and "p0002" in kept_people(night2)
+    assert len(night2.eval_earlier) == 4 and {i for i, _ in night2.eval_earlier} <= first_forgotten
+    assert {rid for _, rid in night2.eval_earlier} == {"a"}
+    assert [it.item_id for it in night2.item_sets(bench)["earlier"]] == [i for i, _ in night2.eval_earlier]
+    assert "earlier" not in night1.item_sets(bench)
+    assert BatchManifest.from_json(night2.to_json()) == night2

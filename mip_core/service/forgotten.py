@@ -1,0 +1,66 @@
+"""Who a model's lineage has already forgotten: people a new batch must neither keep nor let come back.
+
+A published version's lineage names the batch that made it (``batch_id``) and its parent (``parent_version``).
+Walking it from a batch's base version back to the registered model gives every request an earlier edit
+completed (``done``, closed by that batch). Planning uses them twice:
+
+- their people leave the kept sets, for the edit and for the gate. RMisU's retain term would otherwise train
+  their answers back, and the gate would count forgetting them as damage. This is how people forgotten one night
+  partly returned after the next (BENCHMARKS.md section 8);
+- a seeded sample of their forget items joins the gate as the ``earlier`` set. A version under which they are
+  answered again (accuracy up by more than ``GateConfig.max_relapse``) is not published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .batch import BatchManifest
+from .requests import ForgetRequest
+from .resolve import seeded_sample
+from .store import ServiceStore
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """Done requests of the lineage's earlier batches and their forget items, newest version first."""
+
+    requests: tuple[ForgetRequest, ...]
+    items: tuple[tuple[str, str, str], ...]  # (item id, request id, batch id)
+
+    def sample(self, limit: int, seed: int) -> list[tuple[str, str, str]]:
+        """Up to ``limit`` of the items, drawn with ``seed`` (every request's items are equally likely)."""
+        return seeded_sample(self.items, limit, seed)
+
+    @property
+    def batches(self) -> list[str]:
+        return list(dict.fromkeys(batch for _, _, batch in self.items))
+
+
+def forgotten_before(store: ServiceStore, target_model: str, base_version: str) -> Forgotten:
+    """What the versions up to ``base_version`` of ``target_model`` forgot (nothing for a registered model)."""
+    requests: list[ForgetRequest] = []
+    items: list[tuple[str, str, str]] = []
+    version: str | None = base_version
+    seen: set[str] = set()
+    while version and version not in seen:
+        seen.add(version)
+        info = store.model_info(target_model, version)
+        batch = info.get("batch_id")
+        key = store.batch_key(batch, "manifest.json") if batch else None
+        if key and store.exists(key):
+            manifest = BatchManifest.from_json(store.read_text(key))
+            done = [rid for rid in manifest.accepted if _closed_done_by(store, rid, batch)]
+            requests += [store.get(rid).request for rid in done]
+            items += [(item_id, rid, batch) for item_id, rid in manifest.forget if rid in done]
+        version = info.get("parent_version")
+    return Forgotten(tuple(requests), tuple(items))
+
+
+def _closed_done_by(store: ServiceStore, request_id: str, batch_id: str) -> bool:
+    """Whether the request ended ``done`` in ``batch_id`` (a request split into a retry ends in the retry)."""
+    record = store.get(request_id)
+    return record.state == "done" and record.batch_id == batch_id
+
+
+__all__ = ["Forgotten", "forgotten_before"]
