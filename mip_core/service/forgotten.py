@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from .batch import BatchManifest
 from .requests import ForgetRequest
-from .resolve import seeded_sample
 from .store import ServiceStore
 
 
@@ -27,10 +26,6 @@ class Forgotten:
 
     requests: tuple[ForgetRequest, ...]
     items: tuple[tuple[str, str, str], ...]  # (item id, request id, batch id)
-
-    def sample(self, limit: int, seed: int) -> list[tuple[str, str, str]]:
-        """Up to ``limit`` of the items, drawn with ``seed`` (every request's items are equally likely)."""
-        return seeded_sample(self.items, limit, seed)
 
     @property
     def batches(self) -> list[str]:
