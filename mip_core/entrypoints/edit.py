@@ -337,7 +337,7 @@ def _localize_per_node(uri: str) -> str:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     mine = localize(uri) if local_rank == 0 else None
     entries: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(entries, (socket.gethostname(), local_rank, mine))
+    dist.all_gather_object(entries, (socket.gethostname(), local_rank, mine))  # trusted peers: this job's ranks
     return next(p for host, lr, p in entries if host == socket.gethostname() and lr == 0)
 
 
@@ -383,7 +383,8 @@ def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dic
                  f"gathered {gathered}, peak rss so far {_rss_kib('VmHWM') // 1024} MiB")
         wrote = _write_model(loaded, summary, spec, rank, size)  # collective: gathers one module at a time
         parts: list[Any] = [None] * size
-        dist.all_gather_object(parts, wrote)  # also the barrier: every rank's files are written
+        # also the barrier: every rank's files are written
+        dist.all_gather_object(parts, wrote)  # trusted peers: this job's ranks, summaries they computed
         out = _summary(summary, gathered, spec, size, time.perf_counter() - t0, [p["memory"] for p in parts],
                        [p["files"] for p in parts], partitioned)
         if rank == 0:

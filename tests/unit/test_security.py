@@ -34,8 +34,16 @@ def _is_true(node: ast.AST | None) -> bool:
     return isinstance(node, ast.Constant) and node.value is True
 
 
+#: torch.distributed collectives that pickle what they carry (and unpickle what other ranks send).
+OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list",
+                      "send_object_list", "recv_object_list")
+#: The marker a line using one must carry, saying why its peers are trusted (the ranks of one job).
+TRUSTED_PEERS = "# trusted peers:"
+
+
 def violations(source: str, filename: str = "<src>") -> list[str]:
     out: list[str] = []
+    lines = source.splitlines()
     for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
@@ -55,6 +63,9 @@ def violations(source: str, filename: str = "<src>") -> list[str]:
         if name in ("yaml.load", "yaml.unsafe_load") and (loader is None or _name(loader) not in (
                 "yaml.SafeLoader", "SafeLoader", "yaml.CSafeLoader")):
             out.append(f"{where}: yaml.load without SafeLoader")
+        if name.split(".")[-1] in OBJECT_COLLECTIVES and TRUSTED_PEERS not in lines[node.lineno - 1]:
+            out.append(f"{where}: {name.split('.')[-1]} pickles across ranks; only between the ranks of one job, "
+                       f"marked `{TRUSTED_PEERS} <why>` on the line")
         if name in ("eval", "exec"):
             out.append(f"{where}: {name}()")
         if name.split(".")[0] == "subprocess" or name in ("os.system", "os.popen"):
@@ -77,6 +88,8 @@ def test_no_unsafe_loading_or_shell(path):
     ("import subprocess\nsubprocess.run('ls', shell=True)", "shell command string"),
     ("import os\nos.system('ls')", "shell command string"),
     ("eval('1')", "eval()"),
+    ("import torch.distributed as dist\ndist.all_gather_object(out, x)", "pickles across ranks"),
+    ("from torch import distributed\ndistributed.broadcast_object_list(objs)", "pickles across ranks"),
 ])
 def test_the_checker_catches_each_rule(snippet, found):
     assert any(found in v for v in violations(snippet))
@@ -84,5 +97,6 @@ def test_the_checker_catches_each_rule(snippet, found):
 
 def test_the_checker_allows_the_safe_forms():
     safe = ("import torch, yaml, subprocess, numpy as np\ntorch.load('x', weights_only=True)\n"
-            "yaml.load(open('f'), Loader=yaml.SafeLoader)\nsubprocess.run(['ls', '-l'])\nnp.load('x.npy')\n")
+            "yaml.load(open('f'), Loader=yaml.SafeLoader)\nsubprocess.run(['ls', '-l'])\nnp.load('x.npy')\n"
+            "dist.all_gather_object(out, x)  # trusted peers: the ranks of this job\n")
     assert violations(safe) == []
