@@ -60,19 +60,19 @@ class _Layer:
     def __init__(self, adapter: ModelAdapter, tower: Tower, batch: Mapping[str, Tensor],
                  originals: Mapping[MLPSite, Tensor], site: MLPSite, previous: tuple[MLPSite, int] | None,
                  alphas: Tensor) -> None:
-        self.adapter, self.tower, self.batch, self.originals = adapter, tower, batch, originals
-        self.site, self.previous, self.alphas = site, previous, alphas  # alphas: [m]
+        self.originals, self.site, self.previous, self.alphas = originals, site, previous, alphas  # alphas: [m]
+        # every site of a tower lays its activation out alike: the copies' first rows, once per pass, [m]
+        self.first = _first_rows(adapter, tower, originals[site], batch)
         self.leaf: Tensor | None = None
         self.prev_leaf: Tensor | None = None
 
     def original_first(self, s: MLPSite) -> Tensor:
         """The unscaled activation of ``s`` at position 0 of the first copy, [d_mlp]."""
-        first = _first_rows(self.adapter, self.tower, self.originals[s], self.batch)
-        return self.originals[s].reshape(-1, s.d_mlp)[first[0]]
+        return self.originals[s].reshape(-1, s.d_mlp)[self.first[0]]
 
     def __call__(self, s: MLPSite, x: Tensor) -> Tensor:
         original = self.originals[s].reshape(-1, x.shape[-1])  # [N, d_mlp]
-        first = _first_rows(self.adapter, self.tower, x, self.batch)  # [m]
+        first = self.first
         if s == self.site:
             self.leaf = (self.alphas[:, None] * original[first]).detach().requires_grad_(True)  # [m, d_mlp]
             return x.reshape(-1, x.shape[-1]).index_put((first,), self.leaf).reshape(x.shape)

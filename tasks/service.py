@@ -390,7 +390,7 @@ def _retry_batches(store: ServiceStore, m: BatchManifest, gate: dict[str, Any] |
     movable = [r for r in attributed if r not in gate.get("request_reasons", {})]  # forgot their own people
     if len(movable) < 2:
         return [], set()
-    retry = split_batch(store, m.batch_id, movable, m.target_model, split_for)
+    retry = split_batch(store, movable, m.target_model, split_for)
     get_run_logger().warning("batch %s: held back (%s); its %d requests that forgot their own people are retried "
                              "in smaller batches %s", m.batch_id, "; ".join(gate.get("reasons", [])), len(movable),
                              retry)

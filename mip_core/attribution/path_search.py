@@ -84,6 +84,13 @@ def frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _example_rows(adapter: ModelAdapter, tower: Tower, lead: torch.Size, batch: Mapping[str, Tensor],
+                  device: torch.device) -> list[Tensor]:
+    """Per batch row, the flat indices of its real positions in a ``[*lead, d_mlp]`` activation reshaped to 2-D."""
+    flat_ids = torch.arange(lead.numel(), device=device).reshape(*lead, 1)  # [..., 1]: each position's flat index
+    return [t.reshape(-1) for t in adapter.rows_per_example(tower, flat_ids, batch)]
+
+
 @dataclass(frozen=True)
 class _Positions:
     """Where each example's real positions (tokens or patches) sit in a flattened ``[N, d_mlp]`` activation.
@@ -106,8 +113,7 @@ class _Positions:
         """``base_rows``: each example's positions in the unscaled batch; without it, copy ``m`` (alpha 1)."""
         alphas, weights = rule
         steps, n = len(alphas), lead.numel()
-        flat_ids = torch.arange(n, device=device).reshape(*lead, 1)  # [..., 1]: each position's flat index
-        rows = [t.reshape(-1) for t in adapter.rows_per_example(tower, flat_ids, batch)]
+        rows = _example_rows(adapter, tower, lead, batch, device)
         if len(rows) != n_examples * steps:
             raise RuntimeError(f"{tower}: {len(rows)} batch rows for {n_examples} examples x {steps} copies")
         real = torch.zeros(n, dtype=torch.bool, device=device)
@@ -160,9 +166,7 @@ class _Originals:
                 pass
             finally:
                 handle.remove()
-        lead = store[sites[0]].shape[:-1]
-        flat_ids = torch.arange(lead.numel(), device=device).reshape(*lead, 1)
-        rows = [t.reshape(-1) for t in adapter.rows_per_example(tower, flat_ids, batch)]
+        rows = _example_rows(adapter, tower, store[sites[0]].shape[:-1], batch, device)
         return cls({s.layer: store[s].reshape(-1, s.d_mlp) for s in sites}, rows)
 
 
@@ -170,7 +174,8 @@ class _Originals:
 class _Pass:
     """What one layer's pass needs besides the batch: the rule's nodes and weights, and where originals are."""
 
-    rule: tuple[tuple[float, ...], tuple[float, ...]]  # (alphas, weights)
+    name: Rule  # the quadrature rule
+    rule: tuple[tuple[float, ...], tuple[float, ...]]  # its (alphas, weights)
     method: Method
     originals: _Originals | None = None  # None: read them from copy m (alpha = 1)
     completeness: bool = False  # also return each example's quadrature sum over every scaled neuron
@@ -236,8 +241,7 @@ def _scores(model: nn.Module, adapter: ModelAdapter, batch: Mapping[str, Tensor]
     totals = _quadrature_sums(grad, original, grads[1:], earlier, pos, n_examples) if how.completeness else None
     if how.method == "fisher":
         grad = grad * grad
-    legacy = how.originals is None and len(set(how.rule[1])) == 1  # the right Riemann sum
-    return _combine(grad, original, pos, n_examples, how.rule[1], legacy), totals
+    return _combine(grad, original, pos, n_examples, how.rule[1], legacy=how.name == "right"), totals
 
 
 def _quadrature_sums(grad: Tensor, original: Tensor, earlier_grads: Sequence[Tensor | None],
@@ -254,7 +258,7 @@ def _quadrature_sums(grad: Tensor, original: Tensor, earlier_grads: Sequence[Ten
     return per_position.new_zeros(n_examples).index_add(0, pos.example, per_position).cpu()
 
 
-def _combine(grad: Tensor, original: Tensor, pos: _Positions, n_examples: int, weights: Sequence[float],
+def _combine(grad: Tensor, original: Tensor, pos: _Positions, n_examples: int, weights: Sequence[float], *,
              legacy: bool) -> Tensor:
     """``score[b, j] = sum_p a_pj sum_s w_s grad_spj`` from the per-position gradients, [B, d_mlp] on the CPU.
 
@@ -362,7 +366,7 @@ def _layer_pass(model: nn.Module, adapter: ModelAdapter, examples: Sequence[Mapp
     masks = _path_masks(adapter, site.tower, path, below=site.layer)
     with frozen(model):
         batch, labels, originals = _prepare(model, adapter, examples, site.tower, rule, steps, pad_token_id)
-        how = _Pass(nodes_and_weights(rule, steps), method or METHOD_BY_TOWER[site.tower], originals,
+        how = _Pass(rule, nodes_and_weights(rule, steps), method or METHOD_BY_TOWER[site.tower], originals,
                     with_completeness)
         return _scores(model, adapter, batch, labels, site, masks, len(examples), how)
 
@@ -417,7 +421,7 @@ def path_search(model: nn.Module, adapter: ModelAdapter, examples: Sequence[Mapp
     masks: dict[int, Tensor] = {}
     with frozen(model):
         batch, labels, originals = _prepare(model, adapter, examples, tower, cfg.rule, cfg.steps, pad_token_id)
-        how = _Pass(nodes_and_weights(cfg.rule, cfg.steps), method, originals)
+        how = _Pass(cfg.rule, nodes_and_weights(cfg.rule, cfg.steps), method, originals)
         for site in sites:
             scores, _ = _scores(model, adapter, batch, labels, site, masks, len(examples), how)
             if scores_out is not None:

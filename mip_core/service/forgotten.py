@@ -45,17 +45,13 @@ def forgotten_before(store: ServiceStore, target_model: str, base_version: str) 
         key = store.batch_key(batch, "manifest.json") if batch else None
         if key and store.exists(key):
             manifest = BatchManifest.from_json(store.read_text(key))
-            done = [rid for rid in manifest.accepted if _closed_done_by(store, rid, batch)]
-            requests += [store.get(rid).request for rid in done]
+            records = [store.get(rid) for rid in manifest.accepted]
+            # done in this batch: a request split into a retry ends in the retry, and counts there
+            done = {r.request_id for r in records if r.state == "done" and r.batch_id == batch}
+            requests += [r.request for r in records if r.request_id in done]
             items += [(item_id, rid, batch) for item_id, rid in manifest.forget if rid in done]
         version = info.get("parent_version")
     return Forgotten(tuple(requests), tuple(items))
-
-
-def _closed_done_by(store: ServiceStore, request_id: str, batch_id: str) -> bool:
-    """Whether the request ended ``done`` in ``batch_id`` (a request split into a retry ends in the retry)."""
-    record = store.get(request_id)
-    return record.state == "done" and record.batch_id == batch_id
 
 
 __all__ = ["Forgotten", "forgotten_before"]

@@ -22,9 +22,10 @@ from mip_core.service.report import request_state
 from mip_core.types import TOWERS
 
 _FLOORS = {"retain": "min_retention", "utility": "min_utility"}  # forgetting is judged per request (table above)
+_CEILINGS = {"earlier": "max_relapse"}  # people forgotten earlier: a rise of at most this much
 _SET_LABEL = {"forget": "forget (requested)", "test": "forget, held-out phrasings", "retain": "other people",
               "utility": "general knowledge", "earlier": "forgotten by earlier versions"}
-_SHORT = {"test": "held-out", "earlier": "earlier"}  # the forget facts asked another way (x-axis labels must stay short)
+_SHORT = {"test": "held-out", "earlier": "earlier"}  # x-axis labels must stay short
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328;
 padding:0 1rem}h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
@@ -173,13 +174,12 @@ def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, A
         cfg = gate["config"]
         rows = []
         for s in gate["scores"]:
-            floor_name = _FLOORS.get(s["items"])
-            floor = cfg.get(floor_name) if floor_name else None
+            is_ceiling = s["items"] in _CEILINGS
+            limit_name = _CEILINGS.get(s["items"]) or _FLOORS.get(s["items"])
+            floor = cfg.get(limit_name) if limit_name else None
             rel = s["relative"]
-            verdict = "-" if floor is None or rel != rel else ("pass" if rel >= floor else "FAIL")
-            if s["items"] == "earlier" and cfg.get("max_relapse") is not None:  # a ceiling on a rise, not a floor
-                floor = cfg["max_relapse"]
-                verdict = "pass" if rel <= floor else "FAIL"
+            verdict = "-" if floor is None or rel != rel else (
+                "pass" if (rel <= floor if is_ceiling else rel >= floor) else "FAIL")
             rows.append([_SET_LABEL.get(s["items"], s["items"]), s["modality"], s["n"], s["before"], s["after"],
                          rel, floor, verdict])
         decision = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])

@@ -25,7 +25,7 @@ from mip_core.errors import InputError
 from mip_core.modeling.io import localize
 from mip_core.results import parquet_bytes
 
-from .batch import BatchManifest
+from .batch import EARLIER_LIMIT, BatchManifest
 from .images import check_image_bytes, read_image_ref
 from .forgotten import Forgotten
 from .items import ITEMSET_FILE, ItemTable, image_relpath, load_item_table, read_item_table, write_item_table
@@ -34,10 +34,6 @@ from .probes import MIN_CONFIDENCE, Probe, build_candidates, no_probe_reason, pe
 from .requests import ForgetRequest, Person, norm_text
 from .resolve import seeded_sample
 from .store import ServiceStore
-
-#: Earlier-forgotten items the gate re-checks per batch (a sample: the gate's cost grows with it, not with the
-#: lineage): about two items per person for the 32 people of a month of nightly 1-person requests.
-EARLIER_LIMIT = 60
 
 Answerer = Callable[[str, Sequence[str]], Mapping[str, tuple[str, float]]]
 """``(item table URI, item ids) -> {item_id: (greedy answer, confidence)}``: the target model answering, where

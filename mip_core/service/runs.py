@@ -84,9 +84,8 @@ def write_claim(store: ServiceStore, batch_id: str, target_model: str, requests:
                                                    "owner": owner, "claimed_at": iso_utc(utc_now())})
 
 
-def split_batch(store: ServiceStore, batch_id: str, request_ids: list[str], target_model: str,
-                owner: str) -> list[str]:
-    """Move ``request_ids`` (claimed by ``batch_id``, whose gate held them back together) into two new batches
+def split_batch(store: ServiceStore, request_ids: list[str], target_model: str, owner: str) -> list[str]:
+    """Move ``request_ids`` (claimed by one batch, whose gate held them back together) into two new batches
     owned by ``owner``, halves in submission order; returns the new batch ids. They are claimed at once, not put
     back in the queue, so no other run takes them in between, and a run that dies before processing them leaves
     claimed batches the next run resumes (``claimed_batches``)."""

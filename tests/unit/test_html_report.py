@@ -95,3 +95,16 @@ def test_a_report_that_cannot_be_drawn_is_logged_not_raised(tmp_path, monkeypatc
     assert service_tasks.write_html_report(store, MANIFEST, [], logger, gate=None, version=None, error=None,
                                            timings={}) is None
     assert said[-1] == "batch b1: the HTML report could not be written: RuntimeError: no fonts"
+
+
+def test_people_forgotten_earlier_are_checked_against_a_ceiling():
+    """The ``earlier`` set's figure is a rise: it passes at or under ``max_relapse`` and fails above it."""
+    def page(rise: float) -> str:
+        gate = GATE | {"config": GATE["config"] | {"max_relapse": 0.05},
+                       "scores": [*GATE["scores"], {"items": "earlier", "modality": "text", "n": 20, "before": 0.0,
+                                                    "after": rise, "relative": rise}]}
+        return batch_html(MANIFEST, [record("a", "done")], gate=gate, version="v0002", error=None, timings={})
+
+    held = page(0.1)
+    assert "forgotten by earlier versions" in held and held.count("<td>FAIL</td>") == 1
+    assert page(0.05).count("<td>FAIL</td>") == 0

@@ -351,7 +351,7 @@ def test_a_held_back_batch_splits_into_two_claimed_batches_that_remember_it(tmp_
     for rid in ("r1", "r2", "r3"):
         store.submit(_req(rid))
     store.claim(["r1", "r2", "r3"], "b-all")
-    first, second = split_batch(store, "b-all", ["r1", "r2", "r3"], "demo", owner="run-1")
+    first, second = split_batch(store, ["r1", "r2", "r3"], "demo", owner="run-1")
     assert claimed_batches(store) == {first: ["r1", "r2"], second: ["r3"]}  # claimed at once: never pending
     assert owner_of(store, first) == owner_of(store, second) == "run-1"
     assert store.get("r3").held_back_in == ["b-all"] and request_state(store.get("r3"), "b-all") == \
@@ -361,4 +361,4 @@ def test_a_held_back_batch_splits_into_two_claimed_batches_that_remember_it(tmp_
     with pytest.raises(InputError, match="only claimed requests move"):
         store.move_to_batch("r3", "b-other")
     with pytest.raises(ValueError, match="cannot be split"):
-        split_batch(store, first, ["r1"], "demo", owner="run-1")
+        split_batch(store, ["r1"], "demo", owner="run-1")
