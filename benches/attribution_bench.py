@@ -42,8 +42,8 @@ from mip_core.attribution import AttributionConfig, attribute_items, path_search
 from mip_core.attribution.path_search import completeness  # noqa: E402
 from mip_core.benchmark import load_benchmark, make_benchmark  # noqa: E402
 from mip_core.modeling import build_tiny, encode, load_model  # noqa: E402
-from mip_core.paths import reduce_paths  # noqa: E402
-from mip_core.results import write_item_paths, write_path_graph  # noqa: E402
+from mip_core.path_graph import reduce_paths  # noqa: E402
+from mip_core.parquet_io import write_item_paths, write_path_graph  # noqa: E402
 from mip_core.types import PathNode  # noqa: E402
 
 #: ``rule:m:items_per_pass``; the first is the library default, the reference for neuron agreement.

@@ -28,7 +28,7 @@ from mip_core.editing.methods import MipEditor, PathEditConfig, RandomControl, p
 from mip_core.editing.selection import contrastive_selection, dense_scores, from_graph, random_like
 from mip_core.evaluation import evaluate, forgetting_rate, retention
 from mip_core.modeling import load_model
-from mip_core.paths import RetainFilter, reduce_paths
+from mip_core.path_graph import RetainFilter, reduce_paths
 
 BASE = PathEditConfig()
 

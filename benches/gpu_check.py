@@ -145,7 +145,7 @@ def attribute(model_uri: str, bench: Any, items: list[Any], device: str, mem: Me
               ) -> tuple[dict[str, Any], Any]:
     from mip_core.attribution import AttributionConfig, attribute_items
     from mip_core.modeling import load_model
-    from mip_core.paths import reduce_paths
+    from mip_core.path_graph import reduce_paths
 
     mem.reset()
     t0 = time.perf_counter()
@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return out
     out["attribution"], graph = res
     from mip_core.entrypoints.edit import EditSpec, write_spec
-    from mip_core.results import write_path_graph
+    from mip_core.parquet_io import write_path_graph
 
     graph_uri = str(work / "path_graph")
     write_path_graph(graph, graph_uri)

@@ -317,8 +317,8 @@ def _baseline_actor_body() -> dict[str, Any]:
 def _stage_attribute(a: dict[str, Any]) -> dict[str, Any]:
     import ray
 
-    from mip_core.paths import reduce_paths
-    from mip_core.results import read_item_paths, write_path_graph
+    from mip_core.path_graph import reduce_paths
+    from mip_core.parquet_io import read_item_paths, write_path_graph
     from tasks.actors import attribute_batch
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -365,7 +365,7 @@ def _stage_rank_baseline(a: dict[str, Any]) -> dict[str, Any]:
 
     import mip_core.entrypoints.edit  # noqa: F401
     import mip_core.editing.methods  # noqa: F401
-    import mip_core.results  # noqa: F401
+    import mip_core.parquet_io  # noqa: F401
     from mip_core.adapters import adapter_class
 
     adapter_class("qwen2_5_vl").model_class  # noqa: B018

@@ -92,7 +92,7 @@ def _attribute(args: argparse.Namespace) -> int:
     from mip_core.attribution import AttributionConfig, attribute_items
     from mip_core.benchmark import load_benchmark
     from mip_core.modeling import load_model
-    from mip_core.results import write_item_paths
+    from mip_core.parquet_io import write_item_paths
 
     torch.set_num_threads(args.threads)
     bench = load_benchmark(args.bench)
@@ -124,8 +124,8 @@ def _attribute(args: argparse.Namespace) -> int:
 
 
 def _paths_reduce(args: argparse.Namespace) -> None:
-    from mip_core.paths import reduce_paths
-    from mip_core.results import read_item_paths, write_path_graph
+    from mip_core.path_graph import reduce_paths
+    from mip_core.parquet_io import read_item_paths, write_path_graph
 
     graph = reduce_paths(read_item_paths(args.inputs), run_id=args.run_id)
     ref = write_path_graph(graph, args.out)
@@ -133,8 +133,8 @@ def _paths_reduce(args: argparse.Namespace) -> None:
 
 
 def _paths_show(args: argparse.Namespace) -> None:
-    from mip_core.paths import summarize
-    from mip_core.results import read_path_graph
+    from mip_core.path_graph import summarize
+    from mip_core.parquet_io import read_path_graph
 
     print(summarize(read_path_graph(args.uri), top=args.top))
 
@@ -154,7 +154,7 @@ def _unlearn(args: argparse.Namespace) -> None:
     from mip_core.benchmark import load_benchmark
     from mip_core.editing.unlearn import save_unlearned, unlearn_benchmark
     from mip_core.modeling import load_model
-    from mip_core.results import read_path_graph
+    from mip_core.parquet_io import read_path_graph
 
     torch.set_num_threads(args.threads)
     graph = read_path_graph(args.paths) if args.paths else None  # before the model: fail fast on a bad URI

@@ -36,7 +36,7 @@ from mip_core.service.items import load_items
 from mip_core.errors import AttributionOOM, InputError, ModelLoadError
 from mip_core.modeling import LoadedModel, load_model
 from mip_core.modeling.io import DTYPES, localize
-from mip_core.results import write_item_paths
+from mip_core.parquet_io import write_item_paths
 from mip_core.service.shards import (
     ActorStartError,
     ShardError,

@@ -24,8 +24,8 @@ from mip_core.entrypoints.edit import EditSpec
 from mip_core.entrypoints.edit_plan import validate_edit_plan
 from mip_core.errors import InputError, ModelLoadError
 from mip_core.modeling.io import localize
-from mip_core.paths import reduce_paths
-from mip_core.results import read_item_paths, read_path_graph, write_path_graph
+from mip_core.path_graph import reduce_paths
+from mip_core.parquet_io import read_item_paths, read_path_graph, write_path_graph
 from mip_core.service.batch import BatchManifest, plan_batch, unknown_versions
 from mip_core.service.gate import GateConfig, format_decision
 from mip_core.service.lease import LeaseHeld, hold

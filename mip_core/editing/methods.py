@@ -14,7 +14,7 @@
 =============  ======================================================================================
 
 Each method edits the model in place and returns an :class:`~mip_core.editing.base.EditSummary`. Path-based
-methods need a :class:`~mip_core.paths.PathGraph` (``needs_graph``); the controls use the graph only for
+methods need a :class:`~mip_core.path_graph.PathGraph` (``needs_graph``); the controls use the graph only for
 their neuron counts, so every path-restricted method of a comparison edits the same number of neurons per site.
 """
 
@@ -41,7 +41,7 @@ from mip_core.editing.selection import (
 )
 from mip_core.editing.slices import NeuronEditor, NeuronSelection, prune_columns
 from mip_core.errors import InputError
-from mip_core.paths import PathGraph
+from mip_core.path_graph import PathGraph
 from mip_core.types import MLPSite, Tower
 
 

@@ -20,7 +20,7 @@ switched off, so no second copy of the weights is needed.
 
 Several ranks (a DeepSpeed / torchrun launch): every rank draws the same batch indices, forwards its share
 of each batch, weights its losses by its share of the batch's tokens, and the gradients are averaged before
-clipping (``_compat.distributed``). So the trainable slices stay identical on all ranks and follow the
+clipping (``mip_core.parallel.data_parallel``). So the trainable slices stay identical on all ranks and follow the
 one-process gradient up to float summation order. With one process nothing changes.
 """
 
@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from mip_core._compat.deepspeed import is_partitioned
-from mip_core._compat.distributed import average_gradients, global_share, rank_slice, world
+from mip_core.parallel.zero3_slices import is_partitioned
+from mip_core.parallel.data_parallel import average_gradients, global_share, rank_slice, world
 from mip_core.adapters.base import ModelAdapter
 from mip_core.editing.base import Log, UnlearnData
 from mip_core.errors import InputError

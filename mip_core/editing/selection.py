@@ -20,7 +20,7 @@ from mip_core.editing.slices import NeuronSelection, check_selection
 from mip_core.errors import InputError
 from mip_core.hooks import capture
 from mip_core.modeling.inputs import collate
-from mip_core.paths import PathGraph
+from mip_core.path_graph import PathGraph
 from mip_core.types import MLPSite, Tower
 
 

@@ -15,7 +15,7 @@ difference to the frozen linears' outputs through forward hooks, so:
   at inference).
 
 Under DeepSpeed ZeRO-3 the editor never gathers a matrix: the slices are read out of the ranks' partitions
-once (``_compat.deepspeed.read_neurons``), and :meth:`merge` writes rank 0's values back into them
+once (``mip_core.parallel.zero3_slices.read_neurons``), and :meth:`merge` writes rank 0's values back into them
 (``write_neurons``). ZeRO-3 releases a linear's weight before later forward hooks run, so for partitioned
 linears the frozen base slices are kept as copies (the hooks never read the weights).
 """
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mip_core._compat.deepspeed import is_partitioned, read_neurons, write_neurons
+from mip_core.parallel.zero3_slices import is_partitioned, read_neurons, write_neurons
 from mip_core.adapters.base import ModelAdapter
 from mip_core.errors import InputError
 from mip_core.types import MLPSite

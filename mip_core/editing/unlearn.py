@@ -14,7 +14,7 @@ from mip_core.editing.methods import METHODS, get_method
 from mip_core.editing.rmisu import RMisUConfig
 from mip_core.errors import InputError
 from mip_core.modeling.io import LoadedModel, save_model
-from mip_core.paths import PathGraph, reduce_paths
+from mip_core.path_graph import PathGraph, reduce_paths
 from mip_core.storage import filesystem
 
 UNLEARN_LOG = "unlearn.json"

@@ -52,7 +52,7 @@ class EditSpec:
     bench_uri: str  # benchmark or item-table folder, or s3:// prefix; localised when remote
     forget: tuple[tuple[str, str], ...]  # (item_id, request_id) of every forget item
     retain_item_ids: tuple[str, ...]  # retain items (held in place by the edit)
-    graph_uri: str  # path_graph/1 dataset (mip_core.results.write_path_graph)
+    graph_uri: str  # path_graph/1 dataset (mip_core.parquet_io.write_path_graph)
     output_uri: str  # where the edited model goes: local folder or s3:// prefix
     method: str = "mip"  # a name of mip_core.editing.methods.METHODS
     path_edit: dict[str, Any] = field(default_factory=dict)  # get_method(..., path_edit_overrides=...)
@@ -191,11 +191,11 @@ def zero3_config(*, offload: bool = False, train_micro_batch_size_per_gpu: int =
 # ------------------------------------------------------------------------------------------------ the edit
 def _edit(loaded: Any, spec: EditSpec, log: Log) -> tuple[Any, dict[str, int]]:
     """Encode the spec's items, read the graph, run the method on ``loaded`` in place (one rank or many)."""
-    from mip_core._compat.deepspeed import record_gathers
+    from mip_core.parallel.zero3_slices import record_gathers
     from mip_core.editing.data import unlearn_data
     from mip_core.editing.methods import get_method
     from mip_core.modeling.io import localize
-    from mip_core.results import read_path_graph
+    from mip_core.parquet_io import read_path_graph
 
     from mip_core.service.items import load_items
 
@@ -307,7 +307,7 @@ def _process_group() -> Iterator[tuple[int, int]]:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from mip_core._compat.deepspeed import gather_in_place_on_gloo
+    from mip_core.parallel.zero3_slices import gather_in_place_on_gloo
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     accelerator = get_accelerator()
@@ -356,7 +356,7 @@ def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dic
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
 
-    from mip_core._compat.deepspeed import is_partitioned
+    from mip_core.parallel.zero3_slices import is_partitioned
     from mip_core.adapters import adapter_class  # imports the model classes before zero.Init patches torch
     from mip_core.modeling.io import check_model_dir, load_model, load_zero3
 

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mip_core._compat.deepspeed import read_neurons, write_neurons
+from mip_core.parallel.zero3_slices import read_neurons, write_neurons
 from mip_core.adapters import ModelAdapter
 from mip_core.errors import InputError, ModelLoadError
 from mip_core.modeling.shards import (
@@ -100,7 +100,7 @@ def write_delta(model: nn.Module, adapter: ModelAdapter, neuron_ids: Mapping[str
     """Write ``model`` as a delta version of the checkpoint at ``base_dir``; every rank calls it.
 
     Collective under ZeRO-3: the edited neurons' slices are read out of the ranks' partitions
-    (:func:`~mip_core._compat.deepspeed.read_neurons`, no matrix gathered) and rank 0 keeps them (under 1 % of
+    (:func:`~mip_core.parallel.zero3_slices.read_neurons`, no matrix gathered) and rank 0 keeps them (under 1 % of
     the MLP at path-edit budgets); rank 0 writes the delta file and the manifest;
     the base's files are placed by the ranks in turn (links or server-side copies). Returns what this rank did.
     """
@@ -166,7 +166,7 @@ def apply_deltas(model: nn.Module, folder: str) -> int:
     """Apply ``folder``'s deltas in order to a model holding its base weights; returns the tensors changed.
 
     Works on a model on one device, spread by a device map, or partitioned by ZeRO-3 (each rank writes the
-    positions its partitions hold: :func:`~mip_core._compat.deepspeed.write_neurons`).
+    positions its partitions hold: :func:`~mip_core.parallel.zero3_slices.write_neurons`).
     """
     deltas = read_deltas(folder)
     if not deltas:

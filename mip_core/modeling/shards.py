@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mip_core._compat.deepspeed import gather_params
+from mip_core.parallel.zero3_slices import gather_params
 from mip_core.adapters import ModelAdapter
 from mip_core.errors import InputError, ModelLoadError
 from mip_core.storage import filesystem, is_remote

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from mip_core.paths import PathGraph
+from mip_core.path_graph import PathGraph
 from mip_core.service.batch import BatchManifest
 from mip_core.service.report import request_state
 from mip_core.types import TOWERS

@@ -17,7 +17,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from struct import error as struct_error  # PIL plugins raise it on some truncated headers
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
 
@@ -26,8 +26,6 @@ from mip_core.storage import filesystem
 
 from .requests import ID_PATTERN, ID_RULE, ForgetRequest
 
-if TYPE_CHECKING:
-    from .store import ServiceStore
 
 FORMATS: dict[str, str] = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 """Accepted PIL formats -> the extension an upload is stored under."""
@@ -201,7 +199,16 @@ def _field(where: tuple[str, int, int]) -> str:
     return f"items[{i}].image" if kind == "item" else f"subjects[{i}].photos[{j}]"
 
 
-def ingest_images(store: ServiceStore, req: ForgetRequest, base_dir: str | None = None) -> ForgetRequest:
+class ImageStore(Protocol):
+    """Where :func:`ingest_images` copies images to (the service store); a protocol, so this module does not
+    import the store that calls it."""
+
+    endpoint_url: str | None
+
+    def write_bytes(self, key: str, data: bytes) -> str: ...
+
+
+def ingest_images(store: ImageStore, req: ForgetRequest, base_dir: str | None = None) -> ForgetRequest:
     """Validate every image file of ``req`` (items' images, people's photos) and copy it into ``store``; the
     request with those fields pointing at the stored copies. Dataset image names stay as they are.
 

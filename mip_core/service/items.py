@@ -32,7 +32,7 @@ from mip_core.benchmark import Benchmark, load_benchmark
 from mip_core.benchmark.schema import (ITEMS_SCHEMA, KINDS, BenchmarkError, BenchmarkImageError,
                                        BenchmarkSchemaError, Item, table_schema_version)
 from mip_core.errors import InputError
-from mip_core.results import parquet_bytes
+from mip_core.parquet_io import parquet_bytes
 
 from .images import check_image_bytes
 

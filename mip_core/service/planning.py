@@ -23,7 +23,7 @@ from typing import Any
 from mip_core.benchmark.schema import Item
 from mip_core.errors import InputError
 from mip_core.modeling.io import localize
-from mip_core.results import parquet_bytes
+from mip_core.parquet_io import parquet_bytes
 
 from .batch import EARLIER_LIMIT, BatchManifest
 from .images import check_image_bytes, read_image_ref

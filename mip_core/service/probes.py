@@ -40,7 +40,7 @@ from mip_core.benchmark.images import transform_image
 from mip_core.benchmark.schema import Item
 from mip_core.errors import InputError
 from mip_core.evaluation.metrics import answer_words
-from mip_core.results import SCHEMA_KEY
+from mip_core.parquet_io import SCHEMA_KEY
 
 from .images import check_image_bytes
 from .items import image_relpath

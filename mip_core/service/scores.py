@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mip_core.errors import ArtifactError, InputError, SchemaMismatchError
-from mip_core.results import SCHEMA_KEY, parquet_bytes
+from mip_core.parquet_io import SCHEMA_KEY, parquet_bytes
 from mip_core.service.batch import BatchManifest
 from mip_core.service.store import ServiceStore
 

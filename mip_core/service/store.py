@@ -34,6 +34,7 @@ from pydantic import BaseModel, ValidationError
 from mip_core.errors import ArtifactError, InputError
 from mip_core.storage import filesystem, is_remote, s3_max_attempts
 
+from .images import ingest_images
 from .requests import (ID_PATTERN, ID_RULE, STATES, ForgetRequest, RequestRecord, RequestState, check_request_size,
                        iso_utc, utc_now)
 
@@ -278,8 +279,6 @@ class ServiceStore:
         from ``base_dir``, e.g. the request file's folder); a bad image is an :class:`InputError` listing every
         bad ``items[k].image``, and then nothing is written.
         """
-        from .images import ingest_images
-
         existing = self._find(req.request_id)
         if existing is not None:
             raise InputError(f"request_id={req.request_id!r} already exists (state {existing.state}, "

@@ -10,7 +10,7 @@ import pytest
 from mip_core.benchmark import load_benchmark, make_benchmark
 from mip_core.cli import main
 from mip_core.modeling import load_model, save_model
-from mip_core.results import read_item_paths, read_path_graph
+from mip_core.parquet_io import read_item_paths, read_path_graph
 
 
 @pytest.fixture(scope="module")

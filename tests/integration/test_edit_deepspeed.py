@@ -27,8 +27,8 @@ from mip_core.entrypoints.edit import EditSpec
 from mip_core.evaluation.mia import mean_answer_logprob
 from mip_core.modeling import build_tiny, load_model, save_model
 from mip_core.modeling.shards import INDEX_FILE, MANIFEST, RECORD_FILES, weight_map
-from mip_core.paths import reduce_paths
-from mip_core.results import read_path_graph, write_path_graph
+from mip_core.path_graph import reduce_paths
+from mip_core.parquet_io import read_path_graph, write_path_graph
 from tasks.launch import launch_edit
 
 pytestmark = pytest.mark.slow

@@ -22,8 +22,8 @@ import ray
 from mip_core.attribution import AttributionConfig, attribute_items
 from mip_core.benchmark import load_benchmark, make_benchmark
 from mip_core.modeling import build_tiny, load_model, save_model
-from mip_core.paths import reduce_paths
-from mip_core.results import read_item_paths
+from mip_core.path_graph import reduce_paths
+from mip_core.parquet_io import read_item_paths
 from mip_core.service.shards import ActorStartError, ShardError
 from tasks.actors import attribute_batch, shard_uri
 

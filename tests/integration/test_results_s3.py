@@ -8,8 +8,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from mip_core.paths import reduce_paths
-from mip_core.results import (
+from mip_core.path_graph import reduce_paths
+from mip_core.parquet_io import (
     MANIFEST_FILE,
     ArtifactError,
     read_item_paths,

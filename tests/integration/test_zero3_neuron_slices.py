@@ -35,7 +35,7 @@ def _rank(rank: int, port: int, dtype: torch.dtype, in_place: bool, out: dict) -
     import torch.distributed as dist
     from deepspeed.runtime.zero import partition_parameters
 
-    from mip_core._compat.deepspeed import gather_in_place_on_gloo, gather_params, read_neurons, write_neurons
+    from mip_core.parallel.zero3_slices import gather_in_place_on_gloo, gather_params, read_neurons, write_neurons
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")

@@ -15,7 +15,7 @@ from mip_core.editing.slices import NeuronEditor, check_selection, prune_columns
 from mip_core.errors import InputError
 from mip_core.hooks import patch
 from mip_core.modeling.inputs import collate
-from mip_core.paths import GraphNode, PathGraph
+from mip_core.path_graph import GraphNode, PathGraph
 
 IMG = [[0.5, -0.2, 0.1], [0.3, 0.4, -0.6]]
 IMG2 = [[-0.4, 0.2, 0.6], [0.1, -0.3, 0.2]]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from PIL import Image
 
-from mip_core.paths import GraphNode, PathGraph
+from mip_core.path_graph import GraphNode, PathGraph
 from mip_core.service.batch import BatchManifest
 from mip_core.service.html_report import batch_html, support_matrix
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import tasks.launch as launch
-from mip_core._compat.deepspeed import gather_params, record_gathers
-from mip_core._compat.distributed import average_gradients, global_share, rank_slice, world
+from mip_core.parallel.zero3_slices import gather_params, record_gathers
+from mip_core.parallel.data_parallel import average_gradients, global_share, rank_slice, world
 from mip_core.entrypoints.edit import EditSpec, read_spec, write_spec
 from mip_core.errors import InputError, MipError
 from mip_core.entrypoints.edit_plan import check_ds_config, validate_edit_plan

@@ -20,7 +20,7 @@ from mip_core.editing.methods import MipEditor, MipPaper, PathEditConfig, Random
 from mip_core.editing.rmisu import RMisUConfig, _direction_index
 from mip_core.editing.selection import contrastive_selection, dense_scores
 from mip_core.errors import InputError
-from mip_core.paths import GraphNode, PathGraph
+from mip_core.path_graph import GraphNode, PathGraph
 
 MARKER, COMMON, ANSWER, OTHER = 1, 2, 3, 4  # token ids of the specialised toy model
 

@@ -13,7 +13,7 @@ import pytest
 from mip_core.benchmark import load_benchmark, make_benchmark
 from mip_core.errors import InputError, ModelLoadError, SchemaMismatchError
 from mip_core.modeling import load_model, save_model
-from mip_core.results import SCHEMA_KEY
+from mip_core.parquet_io import SCHEMA_KEY
 from mip_core.service.batch import BatchManifest
 from mip_core.service.gate import by_set, correct_by_id
 from mip_core.service.scores import (ITEM_SCORES, SCORES_FILE, ItemScores, batch_scores_key, gate_scores,

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from mip_core.errors import InputError
-from mip_core.paths import GraphNode, PathGraph, RetainFilter, reduce_paths, summarize
+from mip_core.path_graph import GraphNode, PathGraph, RetainFilter, reduce_paths, summarize
 from mip_core.types import ItemPath
 from path_builders import item_path
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from mip_core.errors import InputError
-from mip_core.results import PATH_GRAPH_V1
+from mip_core.schemas import PATH_GRAPH_V1
 from mip_core.types import TOWERS, ItemPath, Tower
 
 __all__ = ["GraphNode", "PathGraph", "RetainFilter", "reduce_paths", "summarize"]
@@ -120,7 +120,7 @@ class PathGraph:
         return PathGraph(f"{self.run_id}/{request_id}", tuple(n for n in self.nodes if request_id in n.request_ids))
 
     def to_table(self) -> pa.Table:
-        """The graph as a :data:`mip_core.results.PATH_GRAPH_V1` table, rows in canonical order."""
+        """The graph as a :data:`mip_core.schemas.PATH_GRAPH_V1` table, rows in canonical order."""
         cols: dict[str, list[Any]] = {
             "run_id": [self.run_id] * len(self.nodes),
             "tower": [n.tower for n in self.nodes],

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,65 +33,23 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from mip_core.errors import ArtifactError, InputError, MipError, SchemaMismatchError
+from mip_core.path_graph import PathGraph
+from mip_core.schemas import (  # re-exported: readers of the artifacts use them with the I/O
+    DATASET_FORMAT, ITEM_PATHS, ITEM_PATHS_V1, MANIFEST_FILE, PATH_GRAPH, PATH_GRAPH_V1, SCHEMA_KEY, SCHEMAS,
+)
 from mip_core.storage import filesystem, is_remote, storage_options
 from mip_core.types import TOWERS, ItemPath, PathNode, Tower
 
-if TYPE_CHECKING:
-    from mip_core.paths import PathGraph
-
-SCHEMA_KEY = "mip.schema"
-"""Schema-metadata key (and manifest field) holding an artifact's ``name/version``."""
-ITEM_PATHS = "item_paths/1"
-PATH_GRAPH = "path_graph/1"
-DATASET_FORMAT = "mip-dataset/1"
-"""Version of the directory layout and of ``_manifest.json`` itself (independent of the table schemas)."""
-MANIFEST_FILE = "_manifest.json"
-"""The leading ``_`` makes pyarrow.dataset, Spark and DuckDB skip it when they list the parts."""
 PARTITION_COLUMN = "tower"
 DEFAULT_MAX_ROWS_PER_FILE = 1_000_000
-
 _PART_RE = re.compile(r"(?:tower=[^/]+/)?part-\d{5}\.parquet")
 _COMPRESSION = "zstd"
-
-ITEM_PATHS_V1 = pa.schema(
-    [
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("request_id", pa.string(), nullable=True),
-        # Plain string, not dictionary: hive partition values are discovered as strings, so a dictionary
-        # column would not unify with the partition field (the directory name stores the tower anyway).
-        pa.field("tower", pa.string(), nullable=False),
-        pa.field("layer", pa.int16(), nullable=False),
-        pa.field("rank", pa.int16(), nullable=False),
-        pa.field("neuron", pa.int32(), nullable=False),
-        pa.field("score", pa.float32(), nullable=False),
-    ],
-    metadata={SCHEMA_KEY: ITEM_PATHS},
-)
-"""One row per kept neuron of one item's path (``rank`` 0 = the layer's top neuron for that item)."""
-
-PATH_GRAPH_V1 = pa.schema(
-    [
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("tower", pa.string(), nullable=False),
-        pa.field("layer", pa.int16(), nullable=False),
-        pa.field("neuron", pa.int32(), nullable=False),
-        pa.field("support", pa.int32(), nullable=False),
-        pa.field("score_sum", pa.float64(), nullable=False),
-        pa.field("score_max", pa.float32(), nullable=False),
-        pa.field("request_ids", pa.list_(pa.field("item", pa.string(), nullable=False)), nullable=False),
-    ],
-    metadata={SCHEMA_KEY: PATH_GRAPH},
-)
-"""One row per neuron of the reduced path graph; ``request_ids`` = sorted distinct contributing requests."""
-
-SCHEMAS: dict[str, pa.Schema] = {ITEM_PATHS: ITEM_PATHS_V1, PATH_GRAPH: PATH_GRAPH_V1}
 
 _SORT_KEYS: dict[str, list[tuple[str, str]]] = {
     # item paths: a unique key per row (an item repeats no (layer, rank)), so the order is total
     ITEM_PATHS: [("tower", "ascending"), ("layer", "ascending"), ("neuron", "ascending"),
                  ("item_id", "ascending"), ("request_id", "ascending"), ("rank", "ascending")],
-    # path graph: the PathGraph order (mip_core.paths), unique per (tower, layer, neuron)
+    # path graph: the PathGraph order (mip_core.path_graph), unique per (tower, layer, neuron)
     PATH_GRAPH: [("tower", "ascending"), ("layer", "ascending"), ("score_sum", "descending"),
                  ("neuron", "ascending")],
 }  # fmt: skip
@@ -314,7 +272,6 @@ def write_path_graph(
 
 def read_path_graph(uri: str, endpoint_url: str | None = None) -> PathGraph:
     """Read a ``path_graph/1`` dataset; the run id comes from the manifest (so empty graphs keep theirs)."""
-    from mip_core.paths import PathGraph  # paths imports this module's schemas, so import it lazily
 
     table, manifest = read_dataset(uri, PATH_GRAPH, endpoint_url=endpoint_url)
     return PathGraph.from_table(table, run_id=manifest.run_id)
@@ -452,8 +409,8 @@ def _schema_name(schema: pa.Schema, where: str) -> str:
     raw = meta.get(SCHEMA_KEY.encode())
     if raw is None:
         raise SchemaMismatchError(
-            f"{where} has no {SCHEMA_KEY!r} metadata, so it was not written by mip_core.results; "
-            "write it with mip_core.results (e.g. write_item_paths / write_path_graph)"
+            f"{where} has no {SCHEMA_KEY!r} metadata, so it was not written by mip_core.parquet_io; "
+            "write it with mip_core.parquet_io (e.g. write_item_paths / write_path_graph)"
         )
     return str(raw.decode("utf-8", errors="replace"))
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mip_core.errors import InputError, MipError
-from mip_core.paths import GraphNode, PathGraph, reduce_paths
-from mip_core.results import (
+from mip_core.path_graph import GraphNode, PathGraph, reduce_paths
+from mip_core.parquet_io import (
     ITEM_PATHS_V1,
     MANIFEST_FILE,
     PATH_GRAPH_V1,
