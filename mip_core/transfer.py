@@ -17,6 +17,40 @@ from pathlib import Path
 from mip_core.storage import filesystem, is_remote
 
 
+def temp_file_beside(path: str, data: bytes) -> str:
+    """``data`` written and fsynced to a temporary file in ``path``'s folder (same filesystem: rename/link are
+    atomic); the caller moves it into place or removes it."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make atomically written files unlike every other file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+    """Whole-object write that readers never see half done: one PUT on an object store, a temporary file moved
+    into place (``os.replace``) locally. The project's one atomic writer (the service store and the edit job)."""
+    if is_remote(uri):
+        fs, path = filesystem(uri, endpoint_url)
+        fs.pipe_file(path, data)
+        return
+    path = uri.removeprefix("file://")
+    tmp = temp_file_beside(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def link_or_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> bool:
     """Hard-link ``src`` at ``dest`` (replacing what is there); copy when linking fails. True if linked."""
     src, dest = Path(src), Path(dest)

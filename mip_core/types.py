@@ -24,15 +24,6 @@ class MLPSite:
     d_mlp: int
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class NeuronRef:
-    """Neuron ``neuron`` of the MLP at ``(tower, layer)``."""
-
-    tower: Tower
-    layer: int
-    neuron: int
-
-
 @dataclass(frozen=True, slots=True)
 class PathNode:
     """One kept neuron of an item's path: ``rank`` 0 is the layer's top-scoring neuron."""

@@ -151,10 +151,6 @@ def tiny_image_processor(size: TinySize) -> Qwen2VLImageProcessorPil:
                                     merge_size=2, temporal_patch_size=2)
 
 
-def load_image_processor(path: str) -> Qwen2VLImageProcessorPil:
-    return Qwen2VLImageProcessorPil.from_pretrained(path)
-
-
 def tiny_text_config(size: TinySize, tokenizer: Any) -> dict[str, Any]:
     head_dim = size.hidden // size.heads
     half = head_dim // 2  # M-RoPE splits the rotary half-dimension over (time, height, width)

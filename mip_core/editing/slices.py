@@ -198,16 +198,6 @@ class NeuronEditor(nn.Module):
     def n_neurons(self) -> int:
         return sum(len(ids) for ids in self.selection.values())
 
-    def slice_state(self) -> dict[str, Tensor]:
-        """The slices alone, keyed ``{tower}.{layer}.{rows.k|row_biases.k|columns|neurons}``: an adapter file."""
-        out: dict[str, Tensor] = {}
-        for sl in self.slices:
-            prefix = f"{sl.site.tower}.{sl.site.layer}"
-            out[f"{prefix}.neurons"] = sl.neurons.detach().cpu()
-            for name, p in sl.named_parameters():
-                out[f"{prefix}.{name}"] = p.detach().cpu().contiguous()
-        return out
-
     @torch.no_grad()
     def merge(self) -> None:
         """Write the slices into the base weights and detach: the model is now a plain, edited HF model."""

@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from mip_core.errors import ArtifactError, InputError
 from mip_core.storage import filesystem, is_remote, s3_max_attempts
+from mip_core.transfer import link_or_copy, same_store, temp_file_beside, write_atomic
 
 from .images import ingest_images
 from .requests import (ID_PATTERN, ID_RULE, STATES, ForgetRequest, RequestRecord, RequestState, check_request_size,
@@ -83,24 +83,6 @@ def check_id(value: str, what: str) -> str:
     if not isinstance(value, str) or not _ID.fullmatch(value):
         raise InputError(f"{what}={value!r} is not a valid id: use {ID_RULE}")
     return value
-
-
-def _temp_file_beside(path: str, data: bytes) -> str:
-    """``data`` written and fsynced to a temporary file in ``path``'s folder (same filesystem: rename/link are
-    atomic); the caller moves it into place or removes it."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make atomically written files unlike every other file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
 
 
 class ServiceStore:
@@ -157,12 +139,7 @@ class ServiceStore:
             self._ensure_bucket()
             self.fs.pipe(path, data)  # one PUT: readers see the old object or the new one
             return self.uri(key)
-        tmp = _temp_file_beside(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(path, data)
         return path
 
     @_io
@@ -178,7 +155,7 @@ class ServiceStore:
             except FileExistsError:
                 return False
             return True
-        tmp = _temp_file_beside(path, data)
+        tmp = temp_file_beside(path, data)
         try:
             os.link(tmp, path)
             return True
@@ -470,7 +447,6 @@ class ServiceStore:
         an object on the same object store is copied by the server (S3 CopyObject). An outside local folder is
         streamed in chunks (a later in-place save_pretrained there must not change a registered version).
         """
-        from mip_core.transfer import link_or_copy, same_store
 
         src_fs, src = filesystem(source_uri, self.endpoint_url)
         src = src.rstrip("/")
