@@ -1,6 +1,6 @@
 """Variations of the path-restricted edit, each beside the random-neuron control at the same budget.
 
-The evidence behind the defaults of ``RMisUConfig`` / ``PathEditConfig`` (BENCHMARKS.md, section 3). Each
+The evidence behind the defaults of ``RMisUConfig`` / ``EditConfig`` (BENCHMARKS.md, section 3). Each
 variation changes one thing from the defaults; ``random`` gets the same edit on as many random neurons per site.
 Forget and retain splits only (MC accuracy, ROUGE-L), so a variation costs one edit plus ~8 s of evaluation.
 
@@ -24,20 +24,20 @@ from mip_core.attribution.items import tower_for
 from mip_core.benchmark import load_benchmark
 from mip_core.compare import harmonic_mean
 from mip_core.editing.data import request_of, unlearn_data
-from mip_core.editing.methods import MipEditor, PathEditConfig, RandomControl, paper_config, path_edit
+from mip_core.editing.methods import EditConfig, MipEditor, RandomControl, paper_config, path_edit
 from mip_core.editing.selection import contrastive_selection, dense_scores, from_graph, random_like
 from mip_core.evaluation import evaluate, forgetting_rate, retention
 from mip_core.modeling import load_model
 from mip_core.path_graph import RetainFilter, reduce_paths
 
-BASE = PathEditConfig()
+BASE = EditConfig()
 
 
-def _rmisu(**kw: object) -> PathEditConfig:
+def _rmisu(**kw: object) -> EditConfig:
     return replace(BASE, rmisu=replace(BASE.rmisu, **kw))
 
 
-# name -> (PathEditConfig, top_k, retain filter max_ratio, "contrastive" (continuous forget - retain scores at the
+# name -> (EditConfig, top_k, retain filter max_ratio, "contrastive" (continuous forget - retain scores at the
 # union's per-site budget) or None)
 VARIATIONS = {
     "default": (BASE, 5, None),

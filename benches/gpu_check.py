@@ -216,7 +216,6 @@ def edit_job(spec_file: str, profile: str, result_file: str) -> int:
            "backend": "nccl" if cuda else "gloo", "profile": profile, "steps": summary.get("steps"),
            "neurons": summary.get("neurons"), "seconds": summary.get("seconds"),
            "edit_seconds": summary.get("edit_seconds"), "partitioned": summary.get("partitioned"),
-           "gathered": summary.get("gathered"),
            "files": summary.get("files"), "rank_memory": summary.get("memory"),
            "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else _peak_rss(),
            "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "VmHWM",
@@ -319,7 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = EditSpec(model_uri=base_uri, bench_uri=str(work / "bench"),
                     forget=[(it.item_id, f"req-{it.profile_id}") for it in forget],
                     retain_item_ids=[it.item_id for it in retain], graph_uri=graph_uri, output_uri=edited_uri,
-                    path_edit={"rmisu": {"steps": 1, "batch_size": 2}}, lineage={"batch_id": "gpu-check"})
+                    edit={"rmisu": {"steps": 1, "batch_size": 2}}, lineage={"batch_id": "gpu-check"})
     spec_path = work / "edit" / "spec.json"
     write_spec(spec, str(spec_path))
     ed = stage("edit", lambda: edit(spec_path, "gpu" if cuda else "cpu", args.edit_timeout_s, cuda))

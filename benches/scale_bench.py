@@ -698,7 +698,7 @@ class Bench:
             spec = {"model_uri": model_uri, "bench_uri": str(bench), "forget": forget,
                     "retain_item_ids": retain, "graph_uri": graph_uri, "output_uri": str(out),
                     "method": "mip",
-                    "path_edit": {"rmisu": {"steps": work["edit_steps"], "batch_size": work["edit_batch"]}},
+                    "edit": {"rmisu": {"steps": work["edit_steps"], "batch_size": work["edit_batch"]}},
                     "lineage": {"batch_id": f"scale-{size}-ws{ranks}", "base_version": reg["version"]}}
             run, ed = self.stage("edit", {"spec": spec, "spec_uri": str(sw / f"edit-ws{ranks}" / "spec.json"),
                                           "log_uri": str(sw / f"edit-ws{ranks}" / "edit.log"), "ranks": ranks,
@@ -715,7 +715,7 @@ class Bench:
                      rmisu={"steps": work["edit_steps"], "batch_size": work["edit_batch"]},
                      retain_items=len(retain),
                      output=written, summary={k: summary.get(k) for k in (
-                         "world_size", "zero_stage", "seconds", "edit_seconds", "gathered", "memory", "files",
+                         "world_size", "zero_stage", "seconds", "edit_seconds", "memory", "files",
                          "ds_profile", "dtype") if k in summary})
             if ed is None or "publish" not in stages:
                 continue

@@ -70,7 +70,7 @@ class ServiceSpec(BaseModel):
                                         '{"steps": 4, "top_k": 5}.')
     method: Literal["mip", "mip_paper", "mip_text", "mip_vision"] = Field(
         "mip", description="Path-restricted edit to apply (see docs/editing.md).")
-    edit: dict[str, Any] = Field(default_factory=dict, description="PathEditConfig overrides, with an optional "
+    edit: dict[str, Any] = Field(default_factory=dict, description="EditConfig overrides, with an optional "
                                  '"rmisu" dict of RMisUConfig fields, e.g. {"rmisu": {"steps": 300}}.')
     gpus_per_actor: int = Field(1, ge=1, description="GPUs each attribution actor spans where the cluster has "
                                 "GPUs (a 72B model in bf16 needs at least 2 x 80 GB); the model is placed across "

@@ -23,8 +23,8 @@ from mip_core.service.requests import ForgetRequest
 from mip_core.service.runs import BatchTakenOver, RunLease, check_owner, new_run_id, record_failure
 from mip_core.service.store import ServiceStore
 from tasks.service import (adopt_batch, attribute_task, check_settings, claim_pending, claim_requests, close_task,
-                           edit_task, gate_task, load_checkpoint, plan_batch_task, publish_task, reduce_task,
-                           save_checkpoint, summarize_task)
+                           edit_task, gate_task, plan_batch_task, publish_task, reduce_task, step_cache,
+                           summarize_task)
 
 
 def _run_lease(spec: ServiceSpec) -> RunLease:
@@ -37,27 +37,26 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
     """Run one claimed batch, owned by run ``run_id``, to its end; returns the version published (or None) and
     the report URI.
 
-    Each completed step leaves a checkpoint in ``batches/<id>/steps/``; running a batch again (after its process
-    was killed) resumes after the last completed step: no second attribution, edit or published version. Before
-    each step the run checks it still owns the batch (``BatchTakenOver`` leaves the batch to its new owner)."""
+    Each completed step is a Prefect cache entry in ``batches/<id>/steps/`` (``step_cache``); running a batch
+    again (after its process was killed) gets the completed steps back as Cached task runs: no second attribution,
+    edit or published version. Their wall time was spent by the earlier run, so the timings list them as
+    ``<step> (resumed)`` with this run's seconds. Before each step the run checks it still owns the batch
+    (``BatchTakenOver`` leaves the batch to its new owner)."""
     store = ServiceStore(spec.root)
     timings: dict[str, float] = {}
     state: dict[str, Any] = {"version": None, "gate": None, "shards": None}
 
     def step(name: str, fn: Any, *args: Any) -> Any:
-        earlier = load_checkpoint(spec.root, batch_id, name)
-        if earlier is not None:
-            get_run_logger().info("batch %s: %s already done in an earlier run, resuming after it", batch_id, name)
-            timings[name] = earlier["seconds"]
-            return earlier["result"]
         check_owner(store, batch_id, run_id)
         t0 = time.perf_counter()
         try:
-            result = fn(*args)
+            done = fn.with_options(**step_cache(spec.root, batch_id, name))(*args, return_state=True)
         finally:
             timings[name] = round(time.perf_counter() - t0, 2)
-        save_checkpoint(spec.root, batch_id, name, result, timings[name])
-        return result
+        if done.name == "Cached":
+            get_run_logger().info("batch %s: %s already done in an earlier run, resuming after it", batch_id, name)
+            timings[f"{name} (resumed)"] = timings.pop(name)
+        return done.result()
 
     error = None
     try:

@@ -139,7 +139,7 @@ def _paths_show(args: argparse.Namespace) -> None:
     print(summarize(read_path_graph(args.uri), top=args.top))
 
 
-def _path_edit_overrides(args: argparse.Namespace) -> dict[str, object]:
+def _edit_overrides(args: argparse.Namespace) -> dict[str, object]:
     """Edit flags given on the command line, as overrides of the chosen method's own settings."""
     rmisu = {k: getattr(args, k) for k in ("layer", "target_scale", "retain_weight", "retain_ce_weight", "steps",
                                            "lr", "batch_size", "target_per") if getattr(args, k, None) is not None}
@@ -163,7 +163,7 @@ def _unlearn(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     summary, graph = unlearn_benchmark(
         loaded, bench, args.method, forget_pct=args.forget, seed=args.subset, graph=graph,
-        path_edit=_path_edit_overrides(args), attribution=AttributionConfig(top_k=args.top_k),
+        edit=_edit_overrides(args), attribution=AttributionConfig(top_k=args.top_k),
         log=lambda line: print(line, flush=True))
     lineage = {"model": args.model, "bench": args.bench, "forget_pct": args.forget, "subset": args.subset,
                "paths": args.paths or (graph.run_id if graph is not None else None)}
@@ -196,7 +196,7 @@ def _compare(args: argparse.Namespace) -> None:
     methods = DEFAULT_METHODS if args.methods == ["all"] else tuple(
         m for part in args.methods for m in part.split(",") if m)
     cfg = CompareConfig(forget_pct=args.forget, methods=tuple(methods), seeds=args.seeds,
-                        attribution=AttributionConfig(top_k=args.top_k), path_edit=_path_edit_overrides(args),
+                        attribution=AttributionConfig(top_k=args.top_k), edit=_edit_overrides(args),
                         holdout_profiles=args.holdout)
     bench = load_benchmark(args.bench)
     loaded = load_model(args.model)
@@ -458,19 +458,14 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=5, help="attribution: neurons kept per item and layer (default 5)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # names only: the parser (and so `mip --help`) must not import torch, transformers or pydantic
-    from mip_core.adapters import ARCHITECTURES as ADAPTERS
-    from mip_core.adapters import DEFAULT_ARCH
-    from mip_core.adapters import TINY_SIZE_NAMES as TINY_SIZES
-    from mip_core.editing import METHOD_NAMES as METHODS
-    from mip_core.names import SPLITS, STATES
-
-    parser = argparse.ArgumentParser(prog="mip", description="MIP-Editor: unlearning for multimodal LLMs.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    threads = dict(type=int, default=int(os.environ.get("MIP_THREADS", "1")),
+def _add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=int(os.environ.get("MIP_THREADS", "1")),
                    help="torch threads (default 1, or $MIP_THREADS): 1 is fastest on a shared 2-core machine")
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    from mip_core.adapters import ARCHITECTURES as ADAPTERS
+    from mip_core.adapters import TINY_SIZE_NAMES as TINY_SIZES
 
     model = sub.add_parser("model", help="build models").add_subparsers(dest="model_command", required=True,
                                                                         metavar="SUBCOMMAND")
@@ -481,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_model_tiny)
 
+
+def _add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("benchmark", help="synthetic forget benchmark").add_subparsers(
         dest="benchmark_command", required=True, metavar="SUBCOMMAND")
     make = bench.add_parser("make", help="generate the fictitious-profile benchmark (same seed, same bytes)")
@@ -495,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     bexp.add_argument("--bench", required=True, help="benchmark folder")
     bexp.add_argument("--out", required=True, help="output folder (created)")
     bexp.set_defaults(func=_benchmark_export)
+
+
+def _add_vanilla_command(sub: argparse._SubParsersAction) -> None:
+    from mip_core.adapters import ARCHITECTURES as ADAPTERS
+    from mip_core.adapters import DEFAULT_ARCH
+    from mip_core.adapters import TINY_SIZE_NAMES as TINY_SIZES
 
     vanilla = sub.add_parser("vanilla", help="fine-tune a model on every profile and the utility set")
     vanilla.add_argument("--bench", required=True, help="benchmark folder")
@@ -511,8 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="first steps that oversample 'who is in the image' items (default 1500)")
     vanilla.add_argument("--probe-every", type=int, default=250, help="steps between learning-curve points")
     vanilla.add_argument("--seed", type=int, default=0)
-    vanilla.add_argument("--threads", **threads)
+    _add_threads_flag(vanilla)
     vanilla.set_defaults(func=_vanilla)
+
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+    from mip_core.names import SPLITS
 
     ev = sub.add_parser("eval", help="evaluate a model: MC accuracy and ROUGE-L per split and modality")
     ev.add_argument("--model", required=True, help="model folder or URI")
@@ -523,8 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write tidy result rows to this file")
     ev.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--threads", **threads)
+    _add_threads_flag(ev)
     ev.set_defaults(func=_eval)
+
+
+def _add_attribute_command(sub: argparse._SubParsersAction) -> None:
+    from mip_core.names import SPLITS
 
     att = sub.add_parser("attribute", help="influential neuron paths of benchmark items (IGI text, IFI vision)")
     att.add_argument("--model", required=True, help="model folder or URI")
@@ -544,9 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--request-id", help="forget-request id recorded on every path (lineage)")
     att.add_argument("--run-id", default="cli", help="run id stored in every row")
     att.add_argument("--out", required=True, help="output dataset: folder or URI (s3://bucket/prefix)")
-    att.add_argument("--threads", **threads)
+    _add_threads_flag(att)
     att.set_defaults(func=_attribute)
 
+
+def _add_paths_commands(sub: argparse._SubParsersAction) -> None:
     paths = sub.add_parser("paths", help="path graphs").add_subparsers(dest="paths_command", required=True,
                                                                        metavar="SUBCOMMAND")
     reduce = paths.add_parser("reduce", help="reduce per-item paths into one global path graph")
@@ -558,13 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("uri", help="path graph dataset (mip paths reduce --out)")
     show.add_argument("--top", type=int, default=5, help="neurons listed per layer (default 5)")
     show.set_defaults(func=_paths_show)
+
+
+def _add_method_commands(sub: argparse._SubParsersAction) -> None:
+    """`unlearn` runs one method, `compare` all of them; both take the same edit flags."""
+    from mip_core.editing import METHOD_NAMES as METHODS
+
     unl = sub.add_parser("unlearn", help="make a model forget a benchmark forget split with one method")
     _add_model_bench_forget(unl)
     unl.add_argument("--subset", type=int, default=0, help="forget subset (0: the benchmark's own; s>0: re-drawn)")
     unl.add_argument("--method", default="mip", choices=list(METHODS), help="unlearning method (default mip)")
     unl.add_argument("--paths", help="path graph URI (mip paths reduce); default: attribute the forget split")
     unl.add_argument("--out", required=True, help="output model folder or URI")
-    unl.add_argument("--threads", **threads)
+    _add_threads_flag(unl)
     _add_edit_flags(unl)
     unl.set_defaults(func=_unlearn)
 
@@ -576,17 +595,24 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--holdout", type=int, default=10, help="never-seen profiles for the MIA AUC (default 10)")
     cmp_.add_argument("--json", help="write tidy rows (+ method, seed) and the mean/std summary here")
     cmp_.add_argument("--plot", help="write the forgetting-vs-retention scatter plot (PNG) here")
-    cmp_.add_argument("--threads", **threads)
+    _add_threads_flag(cmp_)
     _add_edit_flags(cmp_)
     cmp_.set_defaults(func=_compare)
-    root_help = "service store: folder or s3://bucket/prefix (default: $MIP_ROOT, else ./mip_store)"
+
+
+_ROOT_HELP = "service store: folder or s3://bucket/prefix (default: $MIP_ROOT, else ./mip_store)"
+
+
+def _add_request_commands(sub: argparse._SubParsersAction) -> None:
+    from mip_core.names import STATES
+
     sub_ = sub.add_parser("submit", help="validate a forget request (JSON) and queue it for the nightly run")
     sub_.add_argument("file", metavar="FILE",
                       help="request JSON file, or - for stdin (schema: mip schema request)")
-    sub_.add_argument("--root", help=root_help)
+    sub_.add_argument("--root", help=_ROOT_HELP)
     sub_.set_defaults(func=_submit)
     req = sub.add_parser("requests", help="list queued and finished forget requests, oldest first")
-    req.add_argument("--root", help=root_help)
+    req.add_argument("--root", help=_ROOT_HELP)
     req.add_argument("--state", choices=STATES, help="only this state")
     req.add_argument("--model", help="only requests for this target model")
     req.add_argument("--json", action="store_true", help="print the full records as JSON")
@@ -594,9 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="where a request is (state, times, batch, model version, reason), or a "
                                        "summary of the queue")
     st.add_argument("request_id", nargs="?", metavar="REQUEST_ID", help="one request (default: the whole queue)")
-    st.add_argument("--root", help=root_help)
+    st.add_argument("--root", help=_ROOT_HELP)
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=_status)
+
+
+def _add_models_commands(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="the service's model registry").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")
     reg = models.add_parser("register", help="copy a model folder into the store as the next version of NAME and "
@@ -610,23 +639,26 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--utility", help="keep-set file: general questions the model must keep answering")
     reg.add_argument("--templates", help="question templates (JSONL) to probe a person with (default: a general "
                                          "set: who is this, birthplace, job, home, employer, known for)")
-    reg.add_argument("--root", help=root_help)
+    reg.add_argument("--root", help=_ROOT_HELP)
     reg.set_defaults(func=_models_register)
     exp = models.add_parser("export", help="write a version as a plain checkpoint for serving (a neuron-delta "
                                            "version gets its edits applied; docs/scale.md)")
     exp.add_argument("name", metavar="NAME")
     exp.add_argument("--version", help="default: the current version")
     exp.add_argument("--out", required=True, help="a local folder (created)")
-    exp.add_argument("--root", help=root_help)
+    exp.add_argument("--root", help=_ROOT_HELP)
     exp.set_defaults(func=_models_export)
     mls = models.add_parser("list", help="every version of every model, with its lineage")
-    mls.add_argument("--root", help=root_help)
+    mls.add_argument("--root", help=_ROOT_HELP)
     mls.add_argument("--json", action="store_true", help="print the lineage records as JSON")
     mls.set_defaults(func=_models_list)
+
+
+def _add_report_commands(sub: argparse._SubParsersAction) -> None:
     rep = sub.add_parser("report", help="print a batch's report (markdown), a link to its HTML report, or serve "
                                         "the reports")
     rep.add_argument("batch_id", metavar="BATCH_ID", nargs="?")
-    rep.add_argument("--root", help=root_help)
+    rep.add_argument("--root", help=_ROOT_HELP)
     rep.add_argument("--open", action="store_true", help="print a link a browser opens: presigned HTTPS for an S3 "
                                                          "store, the --serve address for a local one")
     rep.add_argument("--serve", action="store_true", help="serve the batch reports (only those) on $MIP_REPORT_URL "
@@ -637,6 +669,22 @@ def build_parser() -> argparse.ArgumentParser:
         dest="schema_command", required=True, metavar="SUBCOMMAND")
     schema.add_parser("request", help="the forget request schema (schemas/forget_request.schema.json)"
                       ).set_defaults(func=_schema)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `mip` parser, one helper per command group, added in the order the commands were always added.
+
+    The helpers import names only: the parser (and so `mip --help`) must not import torch, transformers or pydantic.
+    """
+    from mip_core.adapters import DEFAULT_ARCH
+
+    parser = argparse.ArgumentParser(prog="mip", description="MIP-Editor: unlearning for multimodal LLMs.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_commands in (_add_model_commands, _add_benchmark_commands, _add_vanilla_command, _add_eval_command,
+                         _add_attribute_command, _add_paths_commands, _add_method_commands, _add_request_commands,
+                         _add_models_commands, _add_report_commands):
+        add_commands(sub)
     _group_commands(parser, sub)
     _add_examples(parser, "", arch=DEFAULT_ARCH)
     return parser

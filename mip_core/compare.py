@@ -23,12 +23,12 @@ from typing import Any
 from mip_core.attribution import AttributionConfig
 from mip_core.benchmark import Benchmark
 from mip_core.benchmark.holdout import holdout_items
-from mip_core.editing import METHOD_NAMES
+from mip_core.config import Count, config_class
+from mip_core.editing import METHOD_NAMES, MethodName
 from mip_core.editing.data import unlearn_data
 from mip_core.editing.methods import METHODS, get_method
 from mip_core.editing.rmisu import RMisUConfig
 from mip_core.editing.unlearn import forget_graph
-from mip_core.errors import InputError
 from mip_core.evaluation import evaluate
 from mip_core.evaluation.mia import mia_auc
 from mip_core.evaluation.runner import SPLITS, EvalRow
@@ -41,23 +41,18 @@ COMPARE_SCHEMA = "mip-compare/1"
 DEFAULT_METHODS = METHOD_NAMES
 
 
-@dataclass(frozen=True)
+@config_class
 class CompareConfig:
+    """One ``mip compare`` run; a bad value (an unknown method, ``seeds=0``) raises InputError naming the field."""
+
     forget_pct: int = 5
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    seeds: int = 1  # forget subsets: 0 .. seeds-1
+    methods: tuple[MethodName, ...] = DEFAULT_METHODS
+    seeds: Count = 1  # forget subsets: 0 .. seeds-1
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     rmisu: RMisUConfig | None = None  # None: each method's default
-    path_edit: dict[str, Any] = field(default_factory=dict)  # PathEditConfig overrides (prune, train_rows, ...)
+    edit: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides (prune, train_rows, ...)
     holdout_profiles: int = 10  # never-seen people for the membership-inference AUC
     batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} or 'all'")
-        if self.seeds < 1:
-            raise InputError(f"--seeds must be >= 1, got {self.seeds}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +130,7 @@ def compare(loaded: LoadedModel, bench: Benchmark, cfg: CompareConfig, *, log: C
                 log(f"  attributed {len(forget)} items in {time.perf_counter() - t0:.0f}s: {len(graph)} path neurons")
             for name in cfg.methods:
                 model.load_state_dict(vanilla)
-                method = get_method(name, rmisu=cfg.rmisu, path_edit_overrides=cfg.path_edit, seed=seed)
+                method = get_method(name, rmisu=cfg.rmisu, edit_overrides=cfg.edit, seed=seed)
                 summary = method.run(model, adapter, data, graph=graph, log=lambda _line: None)
                 log(f"  {name:10s} edited {summary.trainable_parameters} parameters in {summary.seconds:.0f}s")
                 rows.extend(_tag(name, seed, _measure(loaded, b, cfg, members, non_members, reference, log=log,

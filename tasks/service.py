@@ -7,15 +7,18 @@ storage. Retries sit on the decorators: I/O-bound steps retry; the attribution a
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.filesystems import RemoteFileSystem
 from prefect.states import Crashed
 
 from mip_core.benchmark import load_benchmark
@@ -39,6 +42,7 @@ from mip_core.service.runs import (abandon_reason, adopt, claimed_batches, close
                                    split_batch, write_claim)
 from mip_core.service.scores import promote_scores
 from mip_core.service.store import ServiceStore
+from mip_core.storage import storage_options
 from tasks.actors import attribute_batch, attribution_config
 from tasks.gate import gate_batch, probe_on_actor
 from tasks.launch import launch_edit
@@ -52,7 +56,8 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
                                 KeyError))
 
 
-# I/O-bound steps retry twice with backoff; attribution and the edit job (minutes of compute) once.
+# I/O-bound steps retry twice with backoff; attribution and the edit job (minutes of compute) once. NO_CACHE here:
+# claiming and closing must run every time; a batch's steps are cached per batch by ``step_cache`` in the flow.
 IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [5, 30], "cache_policy": NO_CACHE,
                               "retry_condition_fn": transient}
 COMPUTE_RETRIES: dict[str, Any] = {"retries": 1, "retry_delay_seconds": 10, "cache_policy": NO_CACHE,
@@ -60,7 +65,9 @@ COMPUTE_RETRIES: dict[str, Any] = {"retries": 1, "retry_delay_seconds": 10, "cac
 
 
 # Claiming is seconds of listing and renaming: a 10-minute lease outlives any claim, and a second run waits up
-# to 2 minutes for the first run's claim to finish before giving up with the holder's name.
+# to 2 minutes for the first run's claim to finish before giving up with the holder's name. An object-store lease,
+# not Prefect's transaction locks (in one process, on one disk, or in Redis) nor its concurrency limits (in its
+# database): two workers on two machines, or on two Prefect servers, must still never claim the same request.
 CLAIM_LEASE, CLAIM_TTL_S, CLAIM_WAIT_S = "claim", 600.0, 120.0
 
 
@@ -127,7 +134,11 @@ def adopt_batch(root: str, batch_id: str, run_id: str) -> str:
 def mark_crashed(dead_run: str | None, batch_id: str, successor: str) -> None:
     """A killed process reports nothing, so its Prefect flow runs (and their subflow runs) still say Running: mark
     them Crashed, naming the run that resumed the batch, so the UI tells the truth. Best effort: the batch is
-    resumed either way."""
+    resumed either way.
+
+    Kept beside Prefect's zombie detection (flow-run heartbeat events and an automation the server must be given):
+    that marks a run Crashed only minutes after its last heartbeat and where the automation exists, and cannot say
+    which run took the batch over; this marks it when the batch is adopted."""
     flow_run_id = (dead_run or "").removeprefix("run-")
     try:
         uuid.UUID(flow_run_id)
@@ -144,17 +155,30 @@ def mark_crashed(dead_run: str | None, batch_id: str, successor: str) -> None:
         get_run_logger().warning("could not mark flow run %s crashed: %s", flow_run_id, exc)
 
 
-def load_checkpoint(root: str, batch_id: str, step: str) -> dict[str, Any] | None:
-    """``{"result", "seconds"}`` if ``step`` of ``batch_id`` completed in an earlier run, else None."""
-    store = ServiceStore(root)
-    key = store.batch_key(batch_id, "steps", f"{step}.json")
-    return store.read_json(key) if store.exists(key) else None
+def step_cache(root: str, batch_id: str, step: str) -> dict[str, Any]:
+    """Task options that make a batch step a Prefect cache entry keyed on (batch, step), its result record at
+    ``batches/<id>/steps/<step>.json`` in the store: a run that resumes a killed run's batch gets each finished
+    step back as a Cached task run instead of attributing, editing or publishing again.
+
+    The record lives with the batch, not in Prefect's database: Prefect's cache lookup reads only the result
+    storage, so a fresh Prefect server resumes the batch too. A record Prefect cannot read (cut short by a kill,
+    the store down at that moment) counts as absent and the step runs again; publishing finds the batch's own
+    version, so a batch still gets one. Not for claiming or closing: those must run every time (``NO_CACHE``)."""
+    key = f"{batch_id}/steps/{step}.json"
+    return {"cache_policy": CacheKeyFnPolicy(cache_key_fn=lambda *_: key), "result_storage": _batches_storage(root),
+            "result_serializer": "json", "persist_result": True, "refresh_cache": False}
 
 
-def save_checkpoint(root: str, batch_id: str, step: str, result: Any, seconds: float) -> None:
-    """Record that ``step`` completed, with its (small, JSON) result: a re-run resumes after it."""
+def _batches_storage(root: str) -> Path | RemoteFileSystem:
+    """Prefect result storage at the store's ``batches/`` folder. Prefect takes a remote storage block only once
+    saved on its server, so an S3 store's block is saved again before each step (one name per store,
+    overwritten): a fresh Prefect database gets it back, and the records themselves stay in the store."""
     store = ServiceStore(root)
-    store.write_json(store.batch_key(batch_id, "steps", f"{step}.json"), {"result": result, "seconds": seconds})
+    if not store.remote:
+        return Path(store.uri("batches"))
+    block = RemoteFileSystem(basepath=store.uri("batches"), settings=storage_options(store.root, store.endpoint_url))
+    block.save(f"mip-batches-{hashlib.sha256(store.root.encode()).hexdigest()[:16]}", overwrite=True)
+    return block
 
 
 @task(name="check-settings", cache_policy=NO_CACHE)
@@ -268,7 +292,7 @@ def edit_task(root: str, batch_id: str, graph_uri: str, method: str, edit: dict[
     m = manifest_of(store, batch_id)
     spec = EditSpec(model_uri=m.base_uri, bench_uri=m.dataset_uri, forget=[list(p) for p in m.forget],
                     retain_item_ids=list(m.edit_retain), graph_uri=graph_uri,
-                    output_uri=store.uri(store.batch_key(batch_id, "edited")), method=method, path_edit=edit,
+                    output_uri=store.uri(store.batch_key(batch_id, "edited")), method=method, edit=edit,
                     lineage={"batch_id": batch_id, "base_version": m.base_version, "path_graph": graph_uri,
                              "requests": m.accepted}, version_format=version_format)
     with forward_progress():  # in-process edits log here; a DeepSpeed job's lines are relayed from its log

@@ -113,6 +113,16 @@ def _build(
     n: int, seed: int, image_size: int, n_utility: int
 ) -> tuple[list[Profile], list[Item], dict[str, np.ndarray]]:
     """All content in memory: profiles, items (by kind, profile, fact, modality) and images by path."""
+    images: dict[str, np.ndarray] = {}
+    profiles, qa, test = _build_profiles(n, seed, image_size, images)
+    utility = _build_mm_utility(seed, n_utility, image_size, images) + _build_text_utility(seed, n_utility)
+    return profiles, qa + test + utility, images
+
+
+def _build_profiles(
+    n: int, seed: int, image_size: int, images: dict[str, np.ndarray]
+) -> tuple[list[Profile], list[Item], list[Item]]:
+    """The people, their portraits (added to ``images``) and their qa and test items."""
     n_last = len(C.LAST_NAMES)
     name_keys = _rng(seed, _S_NAMES).permutation(C.MAX_PROFILES)[:n]
     names = [f"{C.FIRST_NAMES[int(k) // n_last]} {C.LAST_NAMES[int(k) % n_last]}" for k in name_keys]
@@ -120,7 +130,6 @@ def _build(
     ranks[_rng(seed, _S_FORGET).permutation(n)] = np.arange(n)
     appearances = assign_appearances(n, _rng(seed, _S_APPEARANCE))
 
-    images: dict[str, np.ndarray] = {}
     profiles: list[Profile] = []
     qa: list[Item] = []
     test: list[Item] = []
@@ -132,39 +141,54 @@ def _build(
         frng = _rng(seed, _S_FACTS, i)
         facts = {f: C.FACT_POOLS[f][int(frng.integers(len(C.FACT_POOLS[f])))] for f in PROFILE_FACTS}
         profiles.append(Profile(pid, names[i], img_path, FactMap(facts), int(ranks[i])))
+        profile_qa, profile_test = _profile_items(seed, i, names, facts, portrait, images)
+        qa += profile_qa
+        test += profile_test
+    return profiles, qa, test
 
-        qrng, trng = _rng(seed, _S_QA, i), _rng(seed, _S_TEST, i)
-        others = [names[j] for j in range(n) if j != i]
-        name_distractors = _distractors(names[i], others, _rng(seed, _S_NAME_OPTIONS, i))
-        offset = int(trng.integers(len(TRANSFORMS)))
-        for fi, fact in enumerate(QA_FACTS):
-            answer = names[i] if fact == "name" else facts[fact]
-            for modality in MODALITIES:
-                if (fact, modality) not in C.QA_TEMPLATES:
-                    continue
-                mm = modality == "multimodal"
-                tag = "mm" if mm else "text"
-                templates = C.QA_TEMPLATES[(fact, modality)]
-                question = templates[int(qrng.integers(len(templates)))].format(name=names[i])
-                dist = name_distractors if fact == "name" else _distractors(answer, C.FACT_POOLS[fact], qrng)
-                options, idx = _mc(answer, dist, qrng)
-                qa.append(
-                    Item(f"{pid}-{fact}-{tag}-qa", pid, "qa", fact, modality, question, answer, options, idx,
-                         img_path if mm else None)
-                )  # fmt: skip
-                paraphrases = C.TEST_TEMPLATES[(fact, modality)]
-                t_question = paraphrases[int(trng.integers(len(paraphrases)))].format(name=names[i])
-                t_options, t_idx = _reshuffle(options, answer, trng)
-                t_image = None
-                if mm:
-                    kind = TRANSFORMS[(offset + fi) % len(TRANSFORMS)]
-                    t_image = f"{IMAGES_DIR}/{pid}-{fact}-test-{kind}.png"
-                    images[t_image] = transform_image(portrait, kind, trng)
-                t_id = f"{pid}-{fact}-{tag}-test"
-                test.append(
-                    Item(t_id, pid, "test", fact, modality, t_question, answer, t_options, t_idx, t_image)
-                )
 
+def _profile_items(
+    seed: int, i: int, names: Sequence[str], facts: dict[str, str], portrait: np.ndarray, images: dict[str, np.ndarray]
+) -> tuple[list[Item], list[Item]]:
+    """Profile ``i``'s qa items and their test paraphrases; the transformed portraits go to ``images``."""
+    pid = f"p{i:04d}"
+    img_path = f"{IMAGES_DIR}/{pid}.png"
+    qrng, trng = _rng(seed, _S_QA, i), _rng(seed, _S_TEST, i)
+    others = [names[j] for j in range(len(names)) if j != i]
+    name_distractors = _distractors(names[i], others, _rng(seed, _S_NAME_OPTIONS, i))
+    offset = int(trng.integers(len(TRANSFORMS)))
+    qa: list[Item] = []
+    test: list[Item] = []
+    for fi, fact in enumerate(QA_FACTS):
+        answer = names[i] if fact == "name" else facts[fact]
+        for modality in MODALITIES:
+            if (fact, modality) not in C.QA_TEMPLATES:
+                continue
+            mm = modality == "multimodal"
+            tag = "mm" if mm else "text"
+            templates = C.QA_TEMPLATES[(fact, modality)]
+            question = templates[int(qrng.integers(len(templates)))].format(name=names[i])
+            dist = name_distractors if fact == "name" else _distractors(answer, C.FACT_POOLS[fact], qrng)
+            options, idx = _mc(answer, dist, qrng)
+            qa.append(
+                Item(f"{pid}-{fact}-{tag}-qa", pid, "qa", fact, modality, question, answer, options, idx,
+                     img_path if mm else None)
+            )  # fmt: skip
+            paraphrases = C.TEST_TEMPLATES[(fact, modality)]
+            t_question = paraphrases[int(trng.integers(len(paraphrases)))].format(name=names[i])
+            t_options, t_idx = _reshuffle(options, answer, trng)
+            t_image = None
+            if mm:
+                kind = TRANSFORMS[(offset + fi) % len(TRANSFORMS)]
+                t_image = f"{IMAGES_DIR}/{pid}-{fact}-test-{kind}.png"
+                images[t_image] = transform_image(portrait, kind, trng)
+            t_id = f"{pid}-{fact}-{tag}-test"
+            test.append(Item(t_id, pid, "test", fact, modality, t_question, answer, t_options, t_idx, t_image))
+    return qa, test
+
+
+def _build_mm_utility(seed: int, n_utility: int, image_size: int, images: dict[str, np.ndarray]) -> list[Item]:
+    """Multimodal utility items: shape, colour or count questions about rendered shapes (added to ``images``)."""
     utility: list[Item] = []
     colours = tuple(C.SHAPE_COLOURS)
     for j in range(n_utility):
@@ -175,32 +199,27 @@ def _build(
         count = int(urng.integers(1, 5))
         rel = f"{IMAGES_DIR}/util-{j:04d}.png"
         images[rel] = render_shapes(shape, colour, count, image_size, urng)
-        if fact == "shape":
-            question, answer, pool = C.UTILITY_MM_TEMPLATES["shape"][0], shape, C.SHAPES
-        elif fact == "colour":
-            question, answer, pool = C.UTILITY_MM_TEMPLATES["colour"][0 if count == 1 else 1], colour, colours
-        else:
-            question, answer, pool = (
-                C.UTILITY_MM_TEMPLATES["count"][0],
-                C.COUNT_WORDS[count - 1],
-                C.COUNT_WORDS,
-            )
+        question, answer, pool = _mm_utility_question(fact, shape, colour, count)
         options, idx = _mc(answer, _distractors(answer, pool, urng), urng)
         utility.append(
-            Item(
-                f"util-{fact}-{j:04d}",
-                None,
-                "utility",
-                fact,
-                "multimodal",
-                question,
-                answer,
-                options,
-                idx,
-                rel,
-            )
+            Item(f"util-{fact}-{j:04d}", None, "utility", fact, "multimodal", question, answer, options, idx, rel)
         )
+    return utility
 
+
+def _mm_utility_question(
+    fact: str, shape: str, colour: str, count: int
+) -> tuple[str, str, Sequence[str]]:
+    """Question, answer and distractor pool of a multimodal utility item asking for ``fact``."""
+    if fact == "shape":
+        return C.UTILITY_MM_TEMPLATES["shape"][0], shape, C.SHAPES
+    if fact == "colour":
+        return C.UTILITY_MM_TEMPLATES["colour"][0 if count == 1 else 1], colour, tuple(C.SHAPE_COLOURS)
+    return C.UTILITY_MM_TEMPLATES["count"][0], C.COUNT_WORDS[count - 1], C.COUNT_WORDS
+
+
+def _build_text_utility(seed: int, n_utility: int) -> list[Item]:
+    """Text utility items: general facts and arithmetic, interleaved, numbered after the multimodal ones."""
     trng = _rng(seed, _S_UTIL_TEXT)
     general = [("text_fact", C.TEXT_FACTS[int(k)]) for k in trng.permutation(len(C.TEXT_FACTS))]
     arith_all = C.arithmetic_facts()
@@ -210,13 +229,14 @@ def _build(
         + general[len(arith) :]
         + arith[len(general) :]
     )
+    utility: list[Item] = []
     for k, (fact, (question, answer, category)) in enumerate(mixed[:n_utility]):
         j = n_utility + k
         options, idx = _mc(answer, _distractors(answer, C.TEXT_CATEGORIES[category], trng), trng)
         utility.append(
             Item(f"util-{fact}-{j:04d}", None, "utility", fact, "text", question, answer, options, idx, None)
         )
-    return profiles, qa + test + utility, images
+    return utility
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -257,8 +277,41 @@ def make_benchmark(
         if n_utility is None
         else _check_int("n_utility", n_utility, 0, max_text_utility())
     )
-
     out = Path(out_dir)
+    _check_out_dir(out)
+
+    profiles, items, images = _build(n, seed, image_size, n_util)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        files = _write_images(tmp, images)
+        profile_rows = [p.to_row() for p in profiles]
+        item_rows = [it.to_row() for it in items]
+        files.update(_write_tables(tmp, profile_rows, item_rows))
+        manifest = Manifest(
+            schema=BENCH_SCHEMA_VERSION,
+            generator_version=GENERATOR_VERSION,
+            seed=seed,
+            n_profiles=n,
+            n_utility=n_util,
+            image_size=image_size,
+            counts=_counts(items, n, len(images)),
+            forget_sizes={p: forget_size(n, p) for p in FORGET_PCTS},
+            files=dict(sorted(files.items())),
+            content_sha256=content_digest(profile_rows, item_rows, images.items()),
+        )
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+        _swap_in(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse a file, or a non-empty folder that is not a benchmark: replacing it would delete someone's data."""
     if out.exists():
         if not out.is_dir():
             raise BenchmarkError(
@@ -270,51 +323,42 @@ def make_benchmark(
                 "pass a new or empty directory, or delete its contents first"
             )
 
-    profiles, items, images = _build(n, seed, image_size, n_util)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / IMAGES_DIR).mkdir(parents=True)
-        files: dict[str, str] = {}
-        for rel in sorted(images):
-            files[rel] = _sha256(write_png(images[rel], tmp / rel))
-        profile_rows = [p.to_row() for p in profiles]
-        item_rows = [it.to_row() for it in items]
-        for name, rows, schema in (
-            (PROFILES_FILE, profile_rows, PROFILES_SCHEMA),
-            (ITEMS_FILE, item_rows, ITEMS_SCHEMA),
-        ):
-            pq.write_table(_table(rows, schema), tmp / name, compression="snappy")
-            files[name] = _sha256((tmp / name).read_bytes())
-        counts = {f"{kind}/{m}": sum(1 for it in items if it.kind == kind and it.modality == m)
-                  for kind in KINDS for m in MODALITIES}  # fmt: skip
-        counts.update(items=len(items), profiles=n, images=len(images))
-        manifest = Manifest(
-            schema=BENCH_SCHEMA_VERSION,
-            generator_version=GENERATOR_VERSION,
-            seed=seed,
-            n_profiles=n,
-            n_utility=n_util,
-            image_size=image_size,
-            counts=counts,
-            forget_sizes={p: forget_size(n, p) for p in FORGET_PCTS},
-            files=dict(sorted(files.items())),
-            content_sha256=content_digest(profile_rows, item_rows, images.items()),
-        )
-        (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return manifest
+
+def _write_images(tmp: Path, images: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write the PNGs in path order; returns their file hashes by relative path."""
+    (tmp / IMAGES_DIR).mkdir(parents=True)
+    return {rel: _sha256(write_png(images[rel], tmp / rel)) for rel in sorted(images)}
+
+
+def _write_tables(tmp: Path, profile_rows: list[dict[str, Any]], item_rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Write the profile and item Parquet files; returns their file hashes by name."""
+    files: dict[str, str] = {}
+    for name, rows, schema in (
+        (PROFILES_FILE, profile_rows, PROFILES_SCHEMA),
+        (ITEMS_FILE, item_rows, ITEMS_SCHEMA),
+    ):
+        pq.write_table(_table(rows, schema), tmp / name, compression="snappy")
+        files[name] = _sha256((tmp / name).read_bytes())
+    return files
+
+
+def _counts(items: Sequence[Item], n_profiles: int, n_images: int) -> dict[str, int]:
+    """Item counts per kind and modality, then the totals, as the manifest lists them."""
+    counts = {f"{kind}/{m}": sum(1 for it in items if it.kind == kind and it.modality == m)
+              for kind in KINDS for m in MODALITIES}  # fmt: skip
+    counts.update(items=len(items), profiles=n_profiles, images=n_images)
+    return counts
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp`` with renames, so no reader sees a half-written benchmark."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
 
 
 def corpus_for_tokenizer() -> list[str]:

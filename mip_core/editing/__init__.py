@@ -4,8 +4,12 @@ Import the heavy pieces from their modules (``mip_core.editing.methods``, ``.sli
 module stays light so that the CLI can list the method names without importing torch.
 """
 
-#: Registered method names, in the order ``mip compare --methods all`` runs them (checked against the registry).
-METHOD_NAMES = ("mip", "mip_paper", "random", "rmu", "prune", "mip_text", "mip_vision", "manu", "ga", "ga_diff",
-                "kl_min", "npo")
+from typing import Literal, get_args
 
-__all__ = ["METHOD_NAMES"]
+#: A registered method name: a config field of this type refuses any other, naming the choices.
+MethodName = Literal["mip", "mip_paper", "random", "rmu", "prune", "mip_text", "mip_vision", "manu", "ga", "ga_diff",
+                     "kl_min", "npo"]
+#: Registered method names, in the order ``mip compare --methods all`` runs them (checked against the registry).
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
+
+__all__ = ["METHOD_NAMES", "MethodName"]

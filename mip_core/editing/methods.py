@@ -21,13 +21,14 @@ their neuron counts, so every path-restricted method of a comparison edits the s
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 from torch import nn
 
 from mip_core.adapters.base import ModelAdapter
+from mip_core.config import config_class
 from mip_core.editing.base import EditSummary, Log, UnlearnData
 from mip_core.editing.finetune import FINETUNE_METHODS
 from mip_core.editing.rmisu import RMisUConfig, run_rmisu, trainable_only
@@ -53,9 +54,12 @@ class Method(Protocol):
             log: Log = print) -> EditSummary: ...
 
 
-@dataclass(frozen=True)
-class PathEditConfig:
-    """The neuron-restricted edit shared by ``mip``, ``random``, ``rmu`` and the path ablations."""
+@config_class
+class EditConfig:
+    """The neuron-restricted edit shared by ``mip``, ``random``, ``rmu`` and the path ablations.
+
+    What a batch's ``edit`` settings (``ServiceSpec.edit``, ``EditSpec.edit``, CLI flags) override field by field.
+    """
 
     prune: bool = False  # zero the selected neurons' down columns before RMisU (paper Eq. 10; lowered HM here)
     train_rows: bool = True  # gate/up (or fc1 + bias) rows of the selected neurons
@@ -86,7 +90,7 @@ def _union(parts: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
 
 
 def path_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, selection: NeuronSelection,
-              cfg: PathEditConfig, *, method: str, log: Log = print) -> EditSummary:
+              cfg: EditConfig, *, method: str, log: Log = print) -> EditSummary:
     """Prune (optionally) and RMisU-train ``selection``'s slices, then merge them into the weights."""
     t0 = time.perf_counter()
     editor = NeuronEditor(adapter, selection, prune=cfg.prune, train_rows=cfg.train_rows,
@@ -103,7 +107,7 @@ def path_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, select
 
 
 def per_request_edit(model: nn.Module, adapter: ModelAdapter, data: UnlearnData,
-                     selections: dict[str, NeuronSelection], cfg: PathEditConfig, *, method: str,
+                     selections: dict[str, NeuronSelection], cfg: EditConfig, *, method: str,
                      log: Log = print) -> EditSummary:
     """One :func:`path_edit` per request, in turn: request ``r``'s forget examples on ``selections[r]`` only.
 
@@ -145,7 +149,7 @@ def _need_graph(name: str, graph: PathGraph | None) -> PathGraph:
 class MipEditor:
     """MIP-Editor: the path graph's neurons (``towers`` of it), pruned, then edited by RMisU."""
 
-    config: PathEditConfig = field(default_factory=PathEditConfig)
+    config: EditConfig = field(default_factory=EditConfig)
     towers: tuple[Tower, ...] = ("language", "vision")
     name: ClassVar[str] = "mip"
     needs_graph: ClassVar[bool] = True
@@ -167,12 +171,12 @@ class MipEditor:
         return path_edit(model, adapter, data, selection, self.config, method=self.name, log=log)
 
 
-def paper_config() -> PathEditConfig:
+def paper_config() -> EditConfig:
     """The paper's edit: prune, then RMisU at 20 % depth with gamma 1 and no retain cross-entropy, all positions.
 
     The target keeps the adaptive norm (a fixed target does nothing at small scale; docs/method.md defect 7).
     """
-    return PathEditConfig(prune=True, rmisu=RMisUConfig(layer_fraction=0.2, retain_weight=1.0, retain_ce_weight=0.0,
+    return EditConfig(prune=True, rmisu=RMisUConfig(layer_fraction=0.2, retain_weight=1.0, retain_ce_weight=0.0,
                                                         skip_shared_prefix=False, target_per="input"))
 
 
@@ -180,7 +184,7 @@ def paper_config() -> PathEditConfig:
 class MipPaper(MipEditor):
     """MIP-Editor as published (:func:`paper_config`), kept beside the measured default for comparison."""
 
-    config: PathEditConfig = field(default_factory=paper_config)
+    config: EditConfig = field(default_factory=paper_config)
     name: ClassVar[str] = "mip_paper"
 
 
@@ -211,7 +215,7 @@ class RandomControl(MipEditor):
 class FullRMisU:
     """RMisU on every MLP neuron below the steered layer's output (vision tower and language ``0..l``), no paths."""
 
-    config: PathEditConfig = field(default_factory=lambda: PathEditConfig(prune=False))
+    config: EditConfig = field(default_factory=lambda: EditConfig(prune=False))
     name: ClassVar[str] = "rmu"
     needs_graph: ClassVar[bool] = False
 
@@ -291,34 +295,35 @@ METHODS: dict[str, type] = {
 METHODS.update(FINETUNE_METHODS)
 
 
-def get_method(name: str, *, rmisu: RMisUConfig | None = None, path_edit_overrides: dict[str, Any] | None = None,
-               seed: int = 0) -> Method:
-    """Build a method by name. ``rmisu`` / ``path_edit_overrides`` apply to the neuron-restricted edits.
+def _overridden(base: EditConfig, rmisu: RMisUConfig | None, overrides: Mapping[str, Any]) -> EditConfig:
+    """``base`` with ``overrides`` merged in, nested ``rmisu`` dict included, validated as one whole."""
+    fields = asdict(base) | ({"rmisu": asdict(rmisu)} if rmisu is not None else {})
+    changes = dict(overrides)
+    if isinstance(changes.get("rmisu"), Mapping):
+        changes["rmisu"] = fields["rmisu"] | dict(changes["rmisu"])
+    return EditConfig(**(fields | changes))
 
-    ``rmisu`` replaces the method's RMisU settings; ``path_edit_overrides`` changes single fields of its
-    :class:`PathEditConfig`, and its ``"rmisu"`` entry (a dict) single fields of the method's own RMisU settings,
-    so ``mip_paper`` with ``{"rmisu": {"steps": 10}}`` keeps the paper's layer and weights.
+
+def get_method(name: str, *, rmisu: RMisUConfig | None = None, edit_overrides: dict[str, Any] | None = None,
+               seed: int = 0) -> Method:
+    """Build a method by name. ``rmisu`` / ``edit_overrides`` apply to the neuron-restricted edits.
+
+    ``rmisu`` replaces the method's RMisU settings; ``edit_overrides`` changes single fields of its
+    :class:`EditConfig`, and its ``"rmisu"`` entry (a dict) single fields of the method's own RMisU settings,
+    so ``mip_paper`` with ``{"rmisu": {"steps": 10}}`` keeps the paper's layer and weights. Bad overrides raise
+    InputError naming them as ``EditConfig.rmisu.steps``: the path of the ``edit`` dict the user wrote.
     """
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     cls = METHODS[name]
     if issubclass(cls, (MipEditor, FullRMisU)):
-        overrides = dict(path_edit_overrides or {})
-        rmisu_fields = overrides.pop("rmisu", None) or {}
-        try:
-            cfg = replace(cls().config, **overrides)
-            if rmisu is not None:
-                cfg = replace(cfg, rmisu=rmisu)
-            if rmisu_fields:
-                cfg = replace(cfg, rmisu=replace(cfg.rmisu, **rmisu_fields))
-        except TypeError as err:
-            raise InputError(f"method {name!r}: {err}; see PathEditConfig / RMisUConfig for the fields") from err
+        cfg = _overridden(cls().config, rmisu, edit_overrides or {})
         if cls is FullRMisU:
             cfg = replace(cfg, prune=False)  # full-model RMisU has no neurons to prune
         return cls(config=cfg, seed=seed) if cls is RandomControl else cls(config=cfg)
     return cls()
 
 
-__all__ = ["METHODS", "FullRMisU", "Manu", "Method", "MipEditor", "MipPaper", "MipText", "MipVision",
-           "PathEditConfig", "PruneOnly", "RandomControl", "get_method", "paper_config", "path_edit",
+__all__ = ["METHODS", "EditConfig", "FullRMisU", "Manu", "Method", "MipEditor", "MipPaper", "MipText", "MipVision",
+           "PruneOnly", "RandomControl", "get_method", "paper_config", "path_edit",
            "per_request_edit"]

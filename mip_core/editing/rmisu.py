@@ -31,7 +31,8 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,13 +40,14 @@ from torch import Tensor, nn
 from mip_core.parallel.zero3_slices import is_partitioned
 from mip_core.parallel.data_parallel import average_gradients, global_share, rank_slice, world
 from mip_core.adapters.base import ModelAdapter
+from mip_core.config import Count, Index, Positive, Share, Weight, config_class
 from mip_core.editing.base import Log, UnlearnData
 from mip_core.errors import InputError
 from mip_core.modeling.inputs import IGNORE_INDEX, collate
 from mip_core.progress import Progress
 
 
-@dataclass(frozen=True)
+@config_class
 class RMisUConfig:
     """RMisU hyper-parameters. ``layer=None`` picks ``round(layer_fraction * n_layers)`` (capped at the last layer).
 
@@ -53,31 +55,20 @@ class RMisUConfig:
     settings are ``layer_fraction=0.2``, ``retain_weight=1``, ``retain_ce_weight=0`` with pruning.
     """
 
-    layer: int | None = None  # language layer whose output is steered
-    layer_fraction: float = 0.75  # paper: 0.2 (7 of 36); later layers were more selective here (BENCHMARKS.md 3)
-    target_scale: float = 5.0  # lambda: target norm as a multiple of the frozen hidden-state norm
-    retain_weight: float = 5.0  # gamma, against the per-token normalised forget term
-    retain_ce_weight: float = 0.3  # weight of a retain cross-entropy term (Eq. 11); needs a full retain forward
-    steps: int = 300  # the budget: at most this many optimiser steps
-    check_every: int = 0  # > 0: every this many steps, stop once no forget answer is said (BENCHMARKS.md 8)
-    lr: float = 3e-2
-    batch_size: int = 6  # forget inputs per step, paired with as many retain inputs (drawn with replacement)
-    clip_norm: float = 1.0
+    layer: Index | None = None  # language layer whose output is steered
+    layer_fraction: Share = 0.75  # paper: 0.2 (7 of 36); later layers were more selective here (BENCHMARKS.md 3)
+    target_scale: Positive = 5.0  # lambda: target norm as a multiple of the frozen hidden-state norm
+    retain_weight: Weight = 5.0  # gamma, against the per-token normalised forget term
+    retain_ce_weight: Weight = 0.3  # weight of a retain cross-entropy term (Eq. 11); needs a full retain forward
+    steps: Count = 300  # the budget: at most this many optimiser steps
+    check_every: Index = 0  # > 0: every this many steps, stop once no forget answer is said (BENCHMARKS.md 8)
+    lr: Positive = 3e-2
+    batch_size: Count = 6  # forget inputs per step, paired with as many retain inputs (drawn with replacement)
+    clip_norm: Positive = 1.0
     skip_shared_prefix: bool = True  # leave positions a forget input shares with a retain input out of L_f
-    target_per: str = "request"  # one direction per "request" (most selective, BENCHMARKS.md 5) or "input" (paper)
+    # one direction per "request" (most selective, BENCHMARKS.md 5) or "input" (paper)
+    target_per: Literal["request", "input"] = "request"
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = {"steps": self.steps >= 1, "check_every": self.check_every >= 0, "batch_size": self.batch_size >= 1,
-                  "lr": self.lr > 0,
-                  "target_scale": self.target_scale > 0, "retain_weight": self.retain_weight >= 0,
-                  "retain_ce_weight": self.retain_ce_weight >= 0, "layer_fraction": 0 <= self.layer_fraction <= 1,
-                  "layer": self.layer is None or self.layer >= 0,
-                  "target_per": self.target_per in ("input", "request")}
-        for name, ok in checks.items():
-            if not ok:
-                raise InputError(f"RMisUConfig.{name}={getattr(self, name)!r} is out of range; see the field's "
-                                 f"comment in mip_core/editing/rmisu.py for valid values")
 
     def resolve_layer(self, n_layers: int) -> int:
         layer = self.layer if self.layer is not None else min(n_layers - 1, round(self.layer_fraction * n_layers))
@@ -187,99 +178,138 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
         reference: a context manager factory under which ``model`` is the frozen, unedited model
             (``editor.disabled``): the reference states cost one no-grad forward up to layer ``l`` per batch.
     """
-    if (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0) and not data.retain:
-        raise InputError("RMisU with a retain term needs retain examples; give some or set retain_weight=0")
-    layer = cfg.resolve_layer(adapter.n_layers("language"))
-    block = adapter.block(adapter.site("language", layer))
-    size = world()[1]
-    if cfg.batch_size < size:
-        raise InputError(f"RMisUConfig.batch_size={cfg.batch_size} is below the {size} ranks that share "
-                         f"each batch; set batch_size >= {size} or launch fewer ranks")
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    pad = data.pad_token_id
-    hidden_size = _probe_width(model, block, data)
-    device = next(model.parameters()).device
-    direction_of = _direction_index(data, cfg.target_per)  # forget example -> row of `directions`
-    directions = sphere(max(direction_of) + 1, hidden_size, cfg.seed).to(device)  # [n_directions, D]
-    prefixes = (retain_prefix_lengths(data.forget, data.retain, adapter.image_token_id)
-                if cfg.skip_shared_prefix else [0] * len(data.forget))
-
-    def frozen_hidden(batch: dict[str, Tensor]) -> Tensor:
-        with torch.no_grad(), reference():
-            return hidden_at(model, block, batch)
-
-    # ZeRO-3 releases a module's gathered weights after its backward by counting the module's forwards since
-    # the last backward, and miscounts when two forwards (forget, retain) share one backward: the weights then
-    # stay gathered (the memory ZeRO-3 saves is lost) and the next gather fails. So there, each forward gets
-    # its own backward (the same gradient: they add up in .grad).
-    per_forward = any(is_partitioned(p) for p in model.parameters())
+    run = _Run(model, adapter, data, cfg, reference)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.eval()  # no dropout: the frozen and edited forwards must differ only by the edit
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
     bar = Progress(cfg.steps, "editing (RMisU)", unit="step", enabled=world()[0] == 0)
     for step in range(cfg.steps):
+        point = run.train_step(optimizer, params, step)
+        bar.update()
+        if run.record(point, step, t0, curve, log):
+            break
+    bar.close()
+    return curve, run.layer
+
+
+class _Run:
+    """One RMisU run: what every step reads, fixed before the first one (``rng`` advances: it draws the batches)."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, data: UnlearnData, cfg: RMisUConfig,
+                 reference: Callable[[], AbstractContextManager[None]]) -> None:
+        """Check the inputs, seed, and fix the layer, the target directions and the masked prefixes.
+
+        The probe forward runs right after seeding, as it always has: a model with dropout still in training mode
+        draws from the torch generator there, and the edit must stay reproducible from ``cfg.seed``.
+        """
+        if (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0) and not data.retain:
+            raise InputError("RMisU with a retain term needs retain examples; give some or set retain_weight=0")
+        self.model, self.data, self.cfg, self.reference = model, data, cfg, reference
+        self.layer = cfg.resolve_layer(adapter.n_layers("language"))
+        self.block = adapter.block(adapter.site("language", self.layer))
+        self.size = size = world()[1]  # ranks sharing each batch
+        if cfg.batch_size < size:
+            raise InputError(f"RMisUConfig.batch_size={cfg.batch_size} is below the {size} ranks that share "
+                             f"each batch; set batch_size >= {size} or launch fewer ranks")
+        self.rng = random.Random(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        hidden_size = _probe_width(model, self.block, data)
+        self.device = next(model.parameters()).device
+        self.direction_of = _direction_index(data, cfg.target_per)  # forget example -> row of `directions`
+        self.directions = sphere(max(self.direction_of) + 1, hidden_size, cfg.seed).to(self.device)  # [n, D]
+        self.prefixes = (retain_prefix_lengths(data.forget, data.retain, adapter.image_token_id)
+                         if cfg.skip_shared_prefix else [0] * len(data.forget))
+        # ZeRO-3 releases a module's gathered weights after its backward by counting the module's forwards since
+        # the last backward, and miscounts when two forwards (forget, retain) share one backward: the weights
+        # then stay gathered (the memory ZeRO-3 saves is lost) and the next gather fails. So there, each forward
+        # gets its own backward (the same gradient: they add up in .grad).
+        self.per_forward = any(is_partitioned(p) for p in model.parameters())
+
+    def frozen_hidden(self, batch: dict[str, Tensor]) -> Tensor:
+        with torch.no_grad(), self.reference():
+            return hidden_at(self.model, self.block, batch)
+
+    def train_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], step: int) -> dict[str, float]:
+        """One optimiser step on a fresh forget (and retain) batch; returns the step's curve point."""
+        cfg = self.cfg
         optimizer.zero_grad(set_to_none=True)
-        f_idx = _share([rng.randrange(len(data.forget)) for _ in range(cfg.batch_size)], data.forget)
-        fb = _on(collate([data.forget[i] for i in f_idx], pad), device)
-        fb.pop("labels")
-        f_mask = fb["attention_mask"].clone()
-        for row, i in enumerate(f_idx):
-            f_mask[row, : prefixes[i]] = 0  # see retain_prefix_lengths
-        h_frozen = frozen_hidden(fb)
-        f_norm = h_frozen.norm(dim=-1)  # [B, S]
-        u = directions[[direction_of[i] for i in f_idx]]  # [B, D]
-        target = cfg.target_scale * f_norm.unsqueeze(-1) * u.unsqueeze(1)  # [B, S, D]
-        loss_f = _squared_error(hidden_at(model, block, fb), target, f_norm, f_mask)
-        loss = _global_mean(loss_f, f_mask.sum(), size)
-        if per_forward:
-            loss.backward()
-        point = {"step": step + 1, "forget": loss_f.item()}
-        if data.retain and (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0):
-            r_idx = _share([rng.randrange(len(data.retain)) for _ in range(cfg.batch_size)], data.retain)
-            rb = _on(collate([data.retain[i] for i in r_idx], pad), device)
-            labels = rb.pop("labels")
-            r_frozen = frozen_hidden(rb)
-            retain_terms: list[Tensor] = []
-            if cfg.retain_ce_weight > 0:
-                with _layer_output(block, stop=False) as store:
-                    logits = model(**rb).logits
-                h_r = store["h"]
-                ce = _retain_ce(logits, labels)
-                n_answer = (labels[:, 1:] != IGNORE_INDEX).sum()
-                retain_terms.append(cfg.retain_ce_weight * _global_mean(ce, n_answer, size))
-                loss = loss + retain_terms[-1]
-                point["retain_ce"] = ce.item()
-            else:
-                h_r = hidden_at(model, block, rb)
-            loss_r = _squared_error(h_r, r_frozen, r_frozen.norm(dim=-1), rb["attention_mask"])
-            retain_terms.append(cfg.retain_weight * _global_mean(loss_r, rb["attention_mask"].sum(), size))
-            loss = loss + retain_terms[-1]
-            if per_forward:
-                sum(retain_terms).backward()  # type: ignore[union-attr]
-            point["retain"] = loss_r.item()
+        loss, point = self.forget_loss(step)
+        if self.data.retain and (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0):
+            loss = self.add_retain_loss(loss, point)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"RMisU loss became {float(loss)} at step {step + 1}; lower RMisUConfig.lr")
-        if not per_forward:
+        if not self.per_forward:
             loss.backward()
         average_gradients(params)  # no-op on one process
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         optimizer.step()
         point["loss"] = loss.item()
-        bar.update()
+        return point
+
+    def forget_loss(self, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Draw a forget batch and push its ``h_l`` towards the targets: ``L_f`` (this rank's share), the point."""
+        data, cfg = self.data, self.cfg
+        f_idx = _share([self.rng.randrange(len(data.forget)) for _ in range(cfg.batch_size)], data.forget)
+        fb = _on(collate([data.forget[i] for i in f_idx], data.pad_token_id), self.device)
+        fb.pop("labels")
+        f_mask = fb["attention_mask"].clone()
+        for row, i in enumerate(f_idx):
+            f_mask[row, : self.prefixes[i]] = 0  # see retain_prefix_lengths
+        h_frozen = self.frozen_hidden(fb)
+        f_norm = h_frozen.norm(dim=-1)  # [B, S]
+        u = self.directions[[self.direction_of[i] for i in f_idx]]  # [B, D]
+        target = cfg.target_scale * f_norm.unsqueeze(-1) * u.unsqueeze(1)  # [B, S, D]
+        loss_f = _squared_error(hidden_at(self.model, self.block, fb), target, f_norm, f_mask)
+        loss = _global_mean(loss_f, f_mask.sum(), self.size)
+        if self.per_forward:
+            loss.backward()
+        return loss, {"step": step + 1, "forget": loss_f.item()}
+
+    def add_retain_loss(self, loss: Tensor, point: dict[str, float]) -> Tensor:
+        """Draw a retain batch and add its terms to ``loss``: cross-entropy first, then ``gamma * L_r``.
+
+        The addition order is kept as it was: floating-point sums depend on it, and so would the edited weights.
+        """
+        data, cfg, size = self.data, self.cfg, self.size
+        r_idx = _share([self.rng.randrange(len(data.retain)) for _ in range(cfg.batch_size)], data.retain)
+        rb = _on(collate([data.retain[i] for i in r_idx], data.pad_token_id), self.device)
+        labels = rb.pop("labels")
+        r_frozen = self.frozen_hidden(rb)
+        retain_terms: list[Tensor] = []
+        if cfg.retain_ce_weight > 0:
+            with _layer_output(self.block, stop=False) as store:
+                logits = self.model(**rb).logits
+            h_r = store["h"]
+            ce = _retain_ce(logits, labels)
+            n_answer = (labels[:, 1:] != IGNORE_INDEX).sum()
+            retain_terms.append(cfg.retain_ce_weight * _global_mean(ce, n_answer, size))
+            loss = loss + retain_terms[-1]
+            point["retain_ce"] = ce.item()
+        else:
+            h_r = hidden_at(self.model, self.block, rb)
+        loss_r = _squared_error(h_r, r_frozen, r_frozen.norm(dim=-1), rb["attention_mask"])
+        retain_terms.append(cfg.retain_weight * _global_mean(loss_r, rb["attention_mask"].sum(), size))
+        loss = loss + retain_terms[-1]
+        if self.per_forward:
+            sum(retain_terms).backward()  # type: ignore[union-attr]
+        point["retain"] = loss_r.item()
+        return loss
+
+    def record(self, point: dict[str, float], step: int, t0: float, curve: list[dict[str, float]], log: Log) -> bool:
+        """Check, log and keep the step's point when due; True when no forget answer is said any more (stop)."""
+        cfg = self.cfg
         check = cfg.check_every > 0 and (step + 1) % cfg.check_every == 0
         if check:
-            point["said"] = still_said(model, data, device, cfg.batch_size)
+            point["said"] = still_said(self.model, self.data, self.device, cfg.batch_size)
         if check or step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             point["seconds"] = round(time.perf_counter() - t0, 2)
             curve.append({k: round(v, 5) for k, v in point.items()})
             log("rmisu " + "  ".join(f"{k}={v}" for k, v in curve[-1].items()))
         if check and point["said"] == 0:
             log(f"rmisu: no forget answer is said any more after {step + 1} of {cfg.steps} steps; stopping")
-            break
-    bar.close()
-    return curve, layer
+            return True
+        return False
 
 
 @torch.no_grad()

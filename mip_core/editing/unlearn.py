@@ -38,7 +38,7 @@ def forget_graph(loaded: LoadedModel, bench: Benchmark, *, forget_pct: int, cfg:
 
 def unlearn_benchmark(loaded: LoadedModel, bench: Benchmark, method: str, *, forget_pct: int = 5, seed: int = 0,
                       graph: PathGraph | None = None, rmisu: RMisUConfig | None = None,
-                      path_edit: dict[str, Any] | None = None, attribution: AttributionConfig | None = None,
+                      edit: dict[str, Any] | None = None, attribution: AttributionConfig | None = None,
                       log: Callable[[str], None] = print) -> tuple[EditSummary, PathGraph | None]:
     """Make ``loaded.model`` forget the forget split of ``bench`` (subset ``seed``) with ``method``, in place.
 
@@ -53,7 +53,7 @@ def unlearn_benchmark(loaded: LoadedModel, bench: Benchmark, method: str, *, for
         log(f"path graph: {len(graph)} neurons")
     data = unlearn_data(loaded.processor, b, b.split_items("forget", forget_pct=forget_pct),
                         b.split_items("retain", forget_pct=forget_pct))
-    summary = get_method(method, rmisu=rmisu, path_edit_overrides=path_edit, seed=seed).run(
+    summary = get_method(method, rmisu=rmisu, edit_overrides=edit, seed=seed).run(
         loaded.model, loaded.adapter, data, graph=graph, log=log)
     return summary, graph
 

@@ -26,87 +26,61 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
+from pydantic import Field, StrictInt, StringConstraints
+
+from mip_core.config import config_class
+from mip_core.editing import MethodName
 from mip_core.errors import InputError
 from mip_core.storage import filesystem, is_remote
+from mip_core.transfer import write_atomic
 
 SUMMARY_FILE = "edit_summary.json"
-SPEC_SCHEMA = "mip-edit-spec/1"
-VERSION_FORMATS = ("delta", "full")
+SPEC_SCHEMA = "mip-edit-spec/2"
+#: Specs a launched job may still read: /1 named the ``edit`` field ``path_edit``.
+_OLD_SCHEMAS = {"mip-edit-spec/1": {"path_edit": "edit"}}
+VersionFormat = Literal["delta", "full"]
+VERSION_FORMATS = get_args(VersionFormat)
 
 Log = Callable[[str], None]
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
-@dataclass(frozen=True)
+@config_class
 class EditSpec:
-    """Everything the edit job needs; JSON-serialisable, so the flow hands it over as one file."""
+    """Everything the edit job needs; JSON-serialisable, so the flow hands it over as one file.
 
-    model_uri: str  # model folder or s3:// prefix (save_model layout)
-    bench_uri: str  # benchmark or item-table folder, or s3:// prefix; localised when remote
-    forget: tuple[tuple[str, str], ...]  # (item_id, request_id) of every forget item
+    Bad values raise InputError naming the field (``EditSpec.forget[0][1]``); lists are read as tuples.
+    """
+
+    model_uri: Text  # model folder or s3:// prefix (save_model layout)
+    bench_uri: Text  # benchmark or item-table folder, or s3:// prefix; localised when remote
+    # (item_id, request_id) of every forget item: at least one, or there is nothing to unlearn
+    forget: Annotated[tuple[tuple[str, str], ...], Field(min_length=1)]
     retain_item_ids: tuple[str, ...]  # retain items (held in place by the edit)
-    graph_uri: str  # path_graph/1 dataset (mip_core.parquet_io.write_path_graph)
-    output_uri: str  # where the edited model goes: local folder or s3:// prefix
-    method: str = "mip"  # a name of mip_core.editing.methods.METHODS
-    path_edit: dict[str, Any] = field(default_factory=dict)  # get_method(..., path_edit_overrides=...)
-    seed: int = 0
-    zero_stage: int = 3  # DeepSpeed ZeRO stage under a launcher (3: parameters partitioned over ranks)
+    graph_uri: Text  # path_graph/1 dataset (mip_core.parquet_io.write_path_graph)
+    output_uri: Text  # where the edited model goes: local folder or s3:// prefix
+    method: MethodName = "mip"  # a name of mip_core.editing.methods.METHODS
+    edit: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides: get_method(..., edit_overrides=...)
+    seed: StrictInt = 0
+    zero_stage: Literal[0, 1, 2, 3] = 3  # DeepSpeed ZeRO stage under a launcher (3: parameters partitioned)
     lineage: dict[str, Any] = field(default_factory=dict)  # into unlearn.json (requests, batch, versions)
     # "delta": the base's files plus the edited neurons' slices (mip_core.modeling.deltas; a neuron edit only);
     # "full": a plain checkpoint, the shards holding edited tensors rewritten whole
-    version_format: str = "delta"
-
-    def __post_init__(self) -> None:
-        from mip_core.editing import METHOD_NAMES
-
-        for name in ("model_uri", "bench_uri", "graph_uri", "output_uri", "method"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise InputError(f"EditSpec.{name} must be a non-empty string, got {value!r}")
-        try:
-            forget = tuple((i, r) for i, r in self.forget if isinstance(i, str) and isinstance(r, str))
-        except (TypeError, ValueError) as err:
-            raise InputError(f"EditSpec.forget must be a list of [item_id, request_id] pairs ({err})"
-                             ) from err
-        if len(forget) != len(self.forget):
-            raise InputError("EditSpec.forget must be a list of [item_id, request_id] pairs of strings")
-        if not forget:
-            raise InputError("EditSpec.forget is empty: there is nothing to unlearn; give "
-                             "[item_id, request_id] pairs of the requests' items")
-        object.__setattr__(self, "forget", forget)
-        if isinstance(self.retain_item_ids, str) or not all(isinstance(i, str) for i in self.retain_item_ids):
-            raise InputError("EditSpec.retain_item_ids must be a list of item id strings")
-        object.__setattr__(self, "retain_item_ids", tuple(self.retain_item_ids))
-        if self.method not in METHOD_NAMES:
-            raise InputError(f"EditSpec.method={self.method!r} is unknown; choose from "
-                             f"{', '.join(METHOD_NAMES)}")
-        for name in ("path_edit", "lineage"):
-            if not isinstance(getattr(self, name), dict):
-                raise InputError(f"EditSpec.{name} must be a JSON object (dict), got "
-                                 f"{type(getattr(self, name)).__name__}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise InputError(f"EditSpec.seed must be an integer, got {self.seed!r}")
-        if self.version_format not in VERSION_FORMATS:
-            raise InputError(f"EditSpec.version_format={self.version_format!r} is unknown; use one of "
-                             f"{', '.join(VERSION_FORMATS)}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise InputError(f"EditSpec.zero_stage={self.zero_stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
+    version_format: VersionFormat = "delta"
 
     def to_json(self) -> str:
-        doc = asdict(self)
-        doc["forget"] = [list(pair) for pair in self.forget]
-        doc["retain_item_ids"] = list(self.retain_item_ids)
-        return json.dumps({"schema": SPEC_SCHEMA, **doc}, indent=1, sort_keys=True) + "\n"
+        return json.dumps({"schema": SPEC_SCHEMA, **asdict(self)}, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> EditSpec:
+        """Read :meth:`to_json`'s text (or an older schema's); unknown or missing fields are InputError."""
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as err:
@@ -115,17 +89,10 @@ class EditSpec:
         if not isinstance(doc, dict):
             raise InputError("edit spec must be a JSON object; write it with EditSpec.to_json()")
         schema = doc.pop("schema", SPEC_SCHEMA)
-        if schema != SPEC_SCHEMA:
+        if schema != SPEC_SCHEMA and schema not in _OLD_SCHEMAS:
             raise InputError(f"edit spec has schema {schema!r}, this version reads {SPEC_SCHEMA!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(doc) - names)
-        if unknown:
-            raise InputError(f"edit spec has unknown field(s) {unknown}; the fields are {sorted(names)}")
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-        missing = [n for n in required if n not in doc]
-        if missing:
-            raise InputError(f"edit spec is missing field(s) {missing}")
-        return cls(**doc)
+        renamed = _OLD_SCHEMAS.get(schema, {})
+        return cls(**{renamed.get(k, k): v for k, v in doc.items()})
 
 
 def write_spec(spec: EditSpec, uri: str) -> str:
@@ -143,16 +110,10 @@ def read_spec(uri: str) -> EditSpec:
 
 
 def write_text(uri: str, text: str) -> None:
-    """Whole-file write that readers never see half done."""
-    if is_remote(uri):
-        fs, path = filesystem(uri)
-        fs.pipe_file(path, text.encode())
-        return
-    target = Path(uri.removeprefix("file://"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, target)
+    """Whole-file write that readers never see half done (:func:`mip_core.transfer.write_atomic`)."""
+    if not is_remote(uri):
+        Path(uri.removeprefix("file://")).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(uri, text.encode())
 
 
 def zero3_config(*, offload: bool = False, train_micro_batch_size_per_gpu: int = 1,
@@ -189,9 +150,8 @@ def zero3_config(*, offload: bool = False, train_micro_batch_size_per_gpu: int =
 
 
 # ------------------------------------------------------------------------------------------------ the edit
-def _edit(loaded: Any, spec: EditSpec, log: Log) -> tuple[Any, dict[str, int]]:
+def _edit(loaded: Any, spec: EditSpec, log: Log) -> Any:
     """Encode the spec's items, read the graph, run the method on ``loaded`` in place (one rank or many)."""
-    from mip_core.parallel.zero3_slices import record_gathers
     from mip_core.editing.data import unlearn_data
     from mip_core.editing.methods import get_method
     from mip_core.modeling.io import localize
@@ -209,19 +169,16 @@ def _edit(loaded: Any, spec: EditSpec, log: Log) -> tuple[Any, dict[str, int]]:
     data = unlearn_data(loaded.processor, bench, [by_id[i] for i, _ in spec.forget],
                         [by_id[i] for i in spec.retain_item_ids], requests=dict(spec.forget))
     graph = read_path_graph(spec.graph_uri)
-    method = get_method(spec.method, path_edit_overrides=spec.path_edit, seed=spec.seed)
-    with record_gathers() as gathered:
-        summary = method.run(loaded.model, loaded.adapter, data, graph=graph, log=log)
-    return summary, gathered.to_dict()
+    method = get_method(spec.method, edit_overrides=spec.edit, seed=spec.seed)
+    return method.run(loaded.model, loaded.adapter, data, graph=graph, log=log)
 
 
-def _summary(summary: Any, gathered: dict[str, int], spec: EditSpec, world_size: int, seconds: float,
+def _summary(summary: Any, spec: EditSpec, world_size: int, seconds: float,
              memory: list[dict[str, int]], files: list[dict[str, list[str]]], partitioned: bool = False
              ) -> dict[str, Any]:
     return {"method": summary.method, "neurons": summary.details.get("neurons"), "steps": summary.steps,
             "edit_seconds": summary.seconds, "seconds": round(seconds, 2), "world_size": world_size,
             "zero_stage": spec.zero_stage if world_size > 1 else None, "partitioned": partitioned,
-            "gathered": gathered,
             "trainable_parameters": summary.trainable_parameters, "output_uri": spec.output_uri,
             "memory": memory, "files": files}
 
@@ -283,10 +240,10 @@ def run_edit(spec: EditSpec, *, distributed: bool | None = None, ds_config: dict
 
     t0 = time.perf_counter()
     loaded = load_model(spec.model_uri)
-    summary, gathered = _edit(loaded, spec, log)
+    summary = _edit(loaded, spec, log)
     wrote = _write_model(loaded, summary, spec, 0, 1)
     _write_records(summary, spec)
-    out = _summary(summary, gathered, spec, 1, time.perf_counter() - t0, [wrote["memory"]], [wrote["files"]])
+    out = _summary(summary, spec, 1, time.perf_counter() - t0, [wrote["memory"]], [wrote["files"]])
     write_text(_join(spec.output_uri, SUMMARY_FILE), json.dumps(out, indent=1) + "\n")
     return out
 
@@ -378,14 +335,14 @@ def _run_distributed(spec: EditSpec, ds_config: dict[str, Any], log: Log) -> dic
         partitioned = any(is_partitioned(p) for p in loaded.model.parameters())
         rank_log(f"model loaded in {time.perf_counter() - t0:.1f} s, partitioned={partitioned}, rss "
                  f"{_rss_kib('VmRSS') // 1024} MiB, peak {_rss_kib('VmHWM') // 1024} MiB")
-        summary, gathered = _edit(loaded, spec, rank_log)
+        summary = _edit(loaded, spec, rank_log)
         rank_log(f"edit done: {summary.details.get('neurons')} neurons, {summary.steps} steps, "
-                 f"gathered {gathered}, peak rss so far {_rss_kib('VmHWM') // 1024} MiB")
+                 f"peak rss so far {_rss_kib('VmHWM') // 1024} MiB")
         wrote = _write_model(loaded, summary, spec, rank, size)  # collective: gathers one module at a time
         parts: list[Any] = [None] * size
         # also the barrier: every rank's files are written
         dist.all_gather_object(parts, wrote)  # trusted peers: this job's ranks, summaries they computed
-        out = _summary(summary, gathered, spec, size, time.perf_counter() - t0, [p["memory"] for p in parts],
+        out = _summary(summary, spec, size, time.perf_counter() - t0, [p["memory"] for p in parts],
                        [p["files"] for p in parts], partitioned)
         if rank == 0:
             _write_records(summary, spec)

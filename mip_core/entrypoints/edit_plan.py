@@ -9,7 +9,6 @@ DeepSpeed's own config classes) the config the job gets.
 from __future__ import annotations
 
 import difflib
-from dataclasses import fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -112,22 +111,22 @@ def validate_edit_plan(method: str, edit: dict[str, Any] | None, *, launcher: st
                        ) -> EditPlan:
     """Check a batch's edit settings at planning time; every problem is an InputError naming field and fix.
 
-    Checks: ``method`` exists; ``edit`` keys are PathEditConfig fields and ``edit["rmisu"]`` keys RMisUConfig
-    fields (typos get a suggestion), values in range; the RMisU batch is at least the job's world size (every
-    rank needs a share of each batch); the profile exists, is used by the launcher, and has a GPU where needed.
+    Checks: ``method`` exists; ``edit`` is a valid :class:`EditConfig` override, nested ``rmisu`` included (the
+    config's own validation: typos get a suggestion, values in range); the RMisU batch is at least the job's world
+    size (every rank needs a share of each batch); the profile exists, is used by the launcher, and has a GPU where
+    needed.
     """
-    from mip_core.editing.methods import METHODS, PathEditConfig, get_method
+    from mip_core.editing.methods import METHODS, EditConfig, get_method
 
     if method not in METHODS:
         raise InputError(f"method={method!r} is unknown; choose from {', '.join(METHODS)}")
     if launcher not in LAUNCHERS:
         raise InputError(f"launcher={launcher!r} is unknown; use one of {', '.join(LAUNCHERS)}")
     edit = dict(edit or {})
-    _check_edit_keys(edit)
-    built = get_method(method, path_edit_overrides=edit)
-    config = built.config if isinstance(getattr(built, "config", None), PathEditConfig) else None
+    built = get_method(method, edit_overrides=edit)
+    config = built.config if isinstance(getattr(built, "config", None), EditConfig) else None
     if config is None and edit:
-        raise InputError(f"edit={edit} but method {method!r} takes no PathEditConfig overrides; remove 'edit' "
+        raise InputError(f"edit={edit} but method {method!r} takes no EditConfig overrides; remove 'edit' "
                          f"or use a path method")
     batch = config.rmisu.batch_size if config is not None else None
     inprocess = launcher == "inprocess" or ranks == 0
@@ -147,25 +146,6 @@ def validate_edit_plan(method: str, edit: dict[str, Any] | None, *, launcher: st
     return EditPlan(method=method, launcher=launcher, ranks=ranks, world_size=world,  # type: ignore[arg-type]
                     ds_profile=profile, rmisu_batch_size=batch,  # type: ignore[arg-type]
                     ds_config=ds_config_for(profile))
-
-
-def _check_edit_keys(edit: dict[str, Any]) -> None:
-    from mip_core.editing.methods import PathEditConfig
-    from mip_core.editing.rmisu import RMisUConfig
-
-    allowed = {f.name for f in fields(PathEditConfig)}
-    for key in edit:
-        if key not in allowed:
-            raise InputError(f"edit[{key!r}] is not a PathEditConfig field{_close(key, allowed)}; the fields are "
-                             f"{sorted(allowed)}")
-    rmisu = edit.get("rmisu", {})
-    if not isinstance(rmisu, dict):
-        raise InputError(f"edit['rmisu'] must be a dict of RMisUConfig fields, got {type(rmisu).__name__}")
-    allowed = {f.name for f in fields(RMisUConfig)}
-    for key in rmisu:
-        if key not in allowed:
-            raise InputError(f"edit['rmisu'][{key!r}] is not an RMisUConfig field{_close(key, allowed)}; the "
-                             f"fields are {sorted(allowed)}")
 
 
 def _world_size(ranks: int, hostfile: str | None) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 from torch import nn
 
 from mip_core.benchmark import Benchmark, Item
+from mip_core.config import Share, config_class
 from mip_core.errors import InputError
 from mip_core.evaluation.metrics import forgetting_rate, mean, retention
 from mip_core.evaluation.runner import score_items
@@ -44,25 +45,19 @@ SETS = ("forget", "test", "retain", "utility", "earlier")
 SET_LABELS = {"test": "held-out phrasings", "earlier": "forgotten earlier"}
 
 
-@dataclass(frozen=True)
+@config_class
 class GateConfig:
     """Publication thresholds; each applies to every modality that has items in the set."""
 
     # Defaults sit under what MIP-Editor achieves on the demo model (retention 0.84-0.94 over the sets,
     # BENCHMARKS.md section 6) by about the sampling error of the held-out sets (25-70 items per modality: one
     # item moves a figure by 0.015-0.04), so a batch clearly worse than the method's norm is held back.
-    min_forgetting: float = 0.5  # forget accuracy must fall by at least half of what the model knew (1 = all)
-    min_retention: float = 0.8  # other people's accuracy kept at >= 80 % of the starting model's
-    min_utility: float = 0.8  # general-knowledge accuracy kept at >= 80 %
+    min_forgetting: Share = 0.5  # forget accuracy must fall by at least half of what the model knew (1 = all)
+    min_retention: Share = 0.8  # other people's accuracy kept at >= 80 % of the starting model's
+    min_utility: Share = 0.8  # general-knowledge accuracy kept at >= 80 %
     # People forgotten by earlier versions may not come back: their accuracy may rise by at most this much (MUSE's
     # sustainability; one item in 20 of a modality's sample)
-    max_relapse: float = 0.05
-
-    def __post_init__(self) -> None:
-        for name in ("min_forgetting", "min_retention", "min_utility", "max_relapse"):
-            value = getattr(self, name)
-            if not 0 <= value <= 1:
-                raise InputError(f"GateConfig.{name}={value!r} must be within [0, 1]")
+    max_relapse: Share = 0.05
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

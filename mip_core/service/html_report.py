@@ -4,17 +4,21 @@ Operators look rather than read, so the numbers of the markdown report come with
 (accuracy before/after per set and modality, the path graph as a towers x layers heat map, wall time per step),
 embedded as PNG data URIs: the file can be mailed, attached or opened from S3 with nothing beside it. Like the
 markdown report it carries ids, counts and metrics, never the questions, answers or images being forgotten.
+The page is a Jinja2 template (``templates/batch_report.html.j2``) with autoescaping on, so a request's reason or
+an error message is shown as text and cannot add markup; this module computes the rows and the figures.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
+
+import jinja2
 
 from mip_core.path_graph import PathGraph
 from mip_core.service.batch import BatchManifest
@@ -26,16 +30,6 @@ _CEILINGS = {"earlier": "max_relapse"}  # people forgotten earlier: a rise of at
 _SET_LABEL = {"forget": "forget (requested)", "test": "forget, held-out phrasings", "retain": "other people",
               "utility": "general knowledge", "earlier": "forgotten by earlier versions"}
 _SHORT = {"test": "held-out", "earlier": "earlier"}  # x-axis labels must stay short
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328;
-padding:0 1rem}h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
-#d0d7de;padding-bottom:.3rem}table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}td,th{border:1px solid
-#d0d7de;padding:.3rem .6rem;text-align:left}th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:
-tabular-nums}.badge{display:inline-block;padding:.2rem .7rem;border-radius:1rem;color:#fff;font-weight:600}
-.ok{background:#1a7f37}.held{background:#9a6700}.bad{background:#cf222e}.muted{color:#656d76}figure{margin:1rem 0}
-figcaption{color:#656d76;font-size:.85rem}.grid{display:flex;flex-wrap:wrap;gap:1.5rem}img{max-width:100%}
-code{background:#f6f8fa;padding:.1rem .3rem;border-radius:4px}
-"""
 
 
 def support_matrix(graph: PathGraph) -> tuple[list[str], list[int], list[list[float]], list[list[int]]]:
@@ -125,21 +119,20 @@ def timings_figure(timings: Mapping[str, float]) -> str:
     return _png(fig)
 
 
-def _e(value: Any) -> str:
+def _cell(value: Any) -> str:
+    """A table cell's text: floats to 3 decimals, NaN and None as '-' (the template escapes it)."""
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.3f}"
-    return html.escape("-" if value is None else str(value))
+    return "-" if value is None else str(value)
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], numeric: frozenset[int] = frozenset()) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f'<td class="num">{_e(v)}</td>' if i in numeric else f"<td>{_e(v)}</td>"
-                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _figure(src: str, alt: str, caption: str) -> str:
-    return f'<figure><img src="{src}" alt="{html.escape(alt)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+@functools.cache
+def _template() -> jinja2.Template:
+    """The page template (package data), autoescaped whatever its file name says: every value is text."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("mip_core.service", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["cell"] = _cell
+    return env.get_template("batch_report.html.j2")
 
 
 def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, Any] | None, version: str | None,
@@ -148,17 +141,14 @@ def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, A
                resources: Mapping[str, Any] | None = None, links: Mapping[str, str] | None = None) -> str:
     """The report page. ``edit`` is the edit job's summary (ranks, ZeRO stage, neurons); ``resources`` adds how the
     batch ran (launcher, actors asked for); ``links`` names the batch's artifacts."""
-    if version:
-        badge = f'<span class="badge ok">published {_e(m.target_model)} {_e(version)}</span>'
-    elif error:
-        badge = '<span class="badge bad">failed</span>'
-    else:
-        badge = '<span class="badge held">not published: held back by the gate</span>'
-    parts = [f"<h1>MIP-Editor batch <code>{_e(m.batch_id)}</code></h1>",
-             f"<p>{badge} <span class='muted'>model {_e(m.target_model)}, from version {_e(m.base_version)}; "
-             f"report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</span></p>"]
-    if error:
-        parts.append(f"<p><strong>Error:</strong> {_e(error)}</p>")
+    return _template().render(
+        m=m, version=version, error=error, written=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}",
+        request_rows=_request_rows(m, records, gate), gate=_gate_section(gate) if gate else None,
+        figures=_figures(gate, graph, timings), links=links or {},
+        resource_rows=_resource_rows(m, timings, shards, graph, edit, resources))
+
+
+def _request_rows(m: BatchManifest, records: Sequence[Any], gate: Mapping[str, Any] | None) -> list[list[Any]]:
     per_request = (gate or {}).get("per_request", {})
     rows = []
     for r in records:
@@ -166,43 +156,46 @@ def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, A
         acc = per_request.get(rid, {})
         rows.append([rid, request_state(r, m.batch_id), len(m.items_of.get(rid, ())), acc.get("before"),
                      acc.get("after"), acc.get("test_before"), acc.get("test_after"), r.model_version, r.reason])
-    parts += ["<h2>Requests</h2>", _table(["request", "state", "items", "forget accuracy before", "after",
-                                           "held-out before", "after", "model version", "reason"], rows,
-                                          numeric=frozenset({2, 3, 4, 5, 6}))]
+    return rows
+
+
+def _gate_section(gate: Mapping[str, Any]) -> dict[str, Any]:
+    """The gate's table (each set against its floor, or for ``earlier`` its ceiling) and its decision."""
+    cfg = gate["config"]
+    rows = []
+    for s in gate["scores"]:
+        is_ceiling = s["items"] in _CEILINGS
+        limit_name = _CEILINGS.get(s["items"]) or _FLOORS.get(s["items"])
+        floor = cfg.get(limit_name) if limit_name else None
+        rel = s["relative"]
+        verdict = "-" if floor is None or rel != rel else (
+            "pass" if (rel <= floor if is_ceiling else rel >= floor) else "FAIL")
+        rows.append([_SET_LABEL.get(s["items"], s["items"]), s["modality"], s["n"], s["before"], s["after"],
+                     rel, floor, verdict])
+    decision = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
+    return {"rows": rows, "decision": decision}
+
+
+def _figures(gate: Mapping[str, Any] | None, graph: PathGraph | None, timings: Mapping[str, float]
+             ) -> list[dict[str, str]]:
+    """``src`` (a PNG data URI), ``alt`` and ``caption`` of each figure the batch has data for."""
     figures = []
     if gate:
-        cfg = gate["config"]
-        rows = []
-        for s in gate["scores"]:
-            is_ceiling = s["items"] in _CEILINGS
-            limit_name = _CEILINGS.get(s["items"]) or _FLOORS.get(s["items"])
-            floor = cfg.get(limit_name) if limit_name else None
-            rel = s["relative"]
-            verdict = "-" if floor is None or rel != rel else (
-                "pass" if (rel <= floor if is_ceiling else rel >= floor) else "FAIL")
-            rows.append([_SET_LABEL.get(s["items"], s["items"]), s["modality"], s["n"], s["before"], s["after"],
-                         rel, floor, verdict])
-        decision = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
-        parts += ["<h2>Evaluation and gate</h2>",
-                  "<p class='muted'>Accuracy on the starting and the edited model: multiple choice (chance 0.25) "
-                  "where an item has options, else whether the greedy answer still gives the answer (the probes "
-                  "the service built). 'relative' is the forgetting rate for the forget sets and the retention for "
-                  "the kept ones, and for people earlier versions forgot the rise of their accuracy (its ceiling in "
-                  "the floor column); the other people's and general-knowledge items are held out from the edit. "
-                  "Forgetting is judged per request, on its own items (the requests table).</p>",
-                  _table(["set", "modality", "n", "before", "after", "relative", "floor", "check"], rows,
-                         numeric=frozenset({2, 3, 4, 5, 6})),
-                  f"<p>Gate <strong>{_e(decision)}</strong></p>"]
-        figures.append(_figure(accuracy_figure(gate["scores"]), "accuracy before and after",
-                               "Accuracy before and after the edit, per set and modality."))
+        figures.append({"src": accuracy_figure(gate["scores"]), "alt": "accuracy before and after",
+                        "caption": "Accuracy before and after the edit, per set and modality."})
     if graph is not None and len(graph):
-        figures.append(_figure(path_heatmap_figure(graph), "path graph heat map",
-                               f"Path graph: {len(graph)} neurons over {len(graph.requests())} request(s). Colour: "
-                               "mean support (forget items sharing each kept neuron); labels: neurons kept per layer."))
+        figures.append({"src": path_heatmap_figure(graph), "alt": "path graph heat map",
+                        "caption": f"Path graph: {len(graph)} neurons over {len(graph.requests())} request(s). "
+                                   "Colour: mean support (forget items sharing each kept neuron); labels: neurons "
+                                   "kept per layer."})
     if timings:
-        figures.append(_figure(timings_figure(timings), "wall time per step", "Wall time per step."))
-    if figures:
-        parts += ["<h2>Figures</h2>", '<div class="grid">' + "".join(figures) + "</div>"]
+        figures.append({"src": timings_figure(timings), "alt": "wall time per step", "caption": "Wall time per step."})
+    return figures
+
+
+def _resource_rows(m: BatchManifest, timings: Mapping[str, float], shards: Sequence[Mapping[str, Any]] | None,
+                   graph: PathGraph | None, edit: Mapping[str, Any] | None, resources: Mapping[str, Any] | None
+                   ) -> list[list[Any]]:
     rows = [["requests", len(m.requests)], ["rejected at planning", len(m.rejected)],
             ["items attributed and edited", len(m.forget)], ["items held during the edit", len(m.edit_retain)]]
     if shards:
@@ -218,17 +211,10 @@ def batch_html(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, A
             ("world_size", "edit ranks (DeepSpeed world size)"), ("zero_stage", "ZeRO stage"),
             ("neurons", "neurons edited"), ("steps", "RMisU steps"), ("trainable_parameters", "trainable parameters"))
             if edit.get(key) is not None]
-        if edit.get("gathered"):
-            rows.append(["gathered per rank (MiB)", round(edit["gathered"]["bytes"] / 2**20, 1)])
     if timings:
         rows += [[f"wall time: {step} (s)", round(sec, 2)] for step, sec in timings.items()]
         rows.append(["wall time: total (s)", round(sum(timings.values()), 2)])
-    parts += ["<h2>Run and resources</h2>", _table(["", "value"], rows, numeric=frozenset({1}))]
-    if links:
-        parts += ["<h2>Artifacts</h2><ul>"] + [f"<li>{_e(k)}: <code>{_e(v)}</code></li>" for k, v in links.items()]
-        parts.append("</ul>")
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>MIP-Editor batch "
-            f"{_e(m.batch_id)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return rows
 
 
 __all__ = ["accuracy_figure", "batch_html", "path_heatmap_figure", "support_matrix", "timings_figure"]

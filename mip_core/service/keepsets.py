@@ -329,72 +329,105 @@ def read_keepset(path_or_uri: str | os.PathLike[str], kind: KeepSetKind,
     where = _location(path_or_uri)
     data = _read_file(where, endpoint_url, f"{kind} keep-set")
     rows, problems = _rows(data, where, f"{kind} keep-set")
-    base = where.rsplit("/", 1)[0] if is_remote(where) else os.path.dirname(where)
-    model = _ROW_MODELS[kind]
-    items: list[Item] = []
-    images: dict[str, bytes] = {}
-    read: dict[str, str | int] = {}  # image location -> its relpath, or the line that found it unusable
-    subjects: dict[str, tuple[str, int]] = {}  # subject_id -> (name, first line)
-    ids: dict[str, int] = {}
+    found = _KeepSetRows(where, kind, endpoint_url, problems)
     for n, raw in rows:
-        at = f"{where}:{n}"
-        try:
-            row = model.model_validate(raw)
-        except ValidationError as exc:
-            problems += _problems(exc, at, kind)
-            continue
-        rel = None
-        if row.image is not None:
-            loc = _image_location(row.image, base)
-            if loc not in read:
-                try:
-                    blob = read_image_ref(loc, f"{at}: image", None, endpoint_url)
-                    rel = image_relpath(blob, check_image_bytes(blob, f"{at}: image").ext)
-                    images[rel] = blob
-                    read[loc] = rel
-                except InputError as exc:
-                    problems.append(str(exc).removesuffix(REF_HINT) + IMAGE_HINT if str(exc).endswith(REF_HINT)
-                                    else str(exc))
-                    read[loc] = n
-                    continue
-            found = read[loc]
-            if isinstance(found, int):
-                if found != n:
-                    problems.append(f"{at}: image: {row.image!r} cannot be used (see line {found})")
-                continue
-            rel = found
-        subject_id = None
-        if isinstance(row, RetainRow):
-            subject_id = row.subject_id or subject_slug(row.subject)
-            name, first = subjects.setdefault(subject_id, (row.subject, n))
-            if name != row.subject:
-                problems.append(f"{at}: subject_id: {subject_id!r} is {name!r} on line {first} but "
-                                f"{row.subject!r} here; one id is one person (give each person their own "
-                                "subject_id)")
-                continue
-        digest = hashlib.sha256(json.dumps(row.model_dump(exclude={"item_id"}), sort_keys=True).encode())
-        item_id = row.item_id or f"{subject_id or 'util'}-{digest.hexdigest()[:12]}"
-        if item_id in ids:
-            why = (f"{item_id!r} is already used on line {ids[item_id]}; item ids must be unique" if row.item_id
-                   else f"this row repeats line {ids[item_id]}; drop one of them")
-            problems.append(f"{at}: item_id: {why}")
-            continue
-        ids[item_id] = n
-        options = tuple(row.options or ())
-        try:
-            items.append(Item(item_id=item_id, profile_id=subject_id, kind=ITEM_KIND[kind], fact=row.fact,
-                              modality="multimodal" if rel else "text", question=row.question, answer=row.answer,
-                              options=options,  # type: ignore[arg-type]  # () is a free-form item
-                              answer_index=options.index(row.answer) if options else -1, image=rel))
-        except BenchmarkError as exc:
-            problems.append(f"{at}: {str(exc).removesuffix(f'; {MAKE_HINT}')}")
+        found.add(n, raw)
     if not rows and not problems:
         problems.append(f"{where}: (file): it holds no rows; a {kind} keep-set needs at least one")
     if problems:
         _raise(problems, f"invalid {kind} keep-set {where}",
                f"fix these rows and try again; the format is {KEEPSET_SCHEMA}, described in {DOC}")
-    return KeepSet(source=where, kind=kind, items=tuple(items), images=images,
-                   subjects={sid: name for sid, (name, _) in subjects.items()})
+    return KeepSet(source=where, kind=kind, items=tuple(found.items), images=found.images,
+                   subjects={sid: name for sid, (name, _) in found.subjects.items()})
+
+
+class _Rejected(Exception):
+    """A row failed a check that needs what earlier rows claimed; its problem is already recorded."""
+
+
+class _KeepSetRows:
+    """The rows of one keep-set read so far: their items and images, the ids and image locations earlier rows
+    claimed (later rows are checked against them), and every problem found (appended to ``problems``)."""
+
+    def __init__(self, where: str, kind: KeepSetKind, endpoint_url: str | None, problems: list[str]) -> None:
+        self.where, self.kind, self.endpoint_url, self.problems = where, kind, endpoint_url, problems
+        self.base = where.rsplit("/", 1)[0] if is_remote(where) else os.path.dirname(where)
+        self.items: list[Item] = []
+        self.images: dict[str, bytes] = {}
+        self.read: dict[str, str | int] = {}  # image location -> its relpath, or the line that found it unusable
+        self.subjects: dict[str, tuple[str, int]] = {}  # subject_id -> (name, first line)
+        self.ids: dict[str, int] = {}  # item_id -> line
+
+    def add(self, n: int, raw: dict[str, Any]) -> None:
+        """Validate row ``n`` and keep its item, or record why it cannot be kept."""
+        at = f"{self.where}:{n}"
+        try:
+            row = _ROW_MODELS[self.kind].model_validate(raw)
+        except ValidationError as exc:
+            self.problems.extend(_problems(exc, at, self.kind))
+            return
+        try:
+            rel = self._image(row, n, at)
+            subject_id = self._subject_id(row, n, at)
+            item_id = self._item_id(row, subject_id, n, at)
+        except _Rejected:
+            return
+        options = tuple(row.options or ())
+        try:
+            self.items.append(Item(item_id=item_id, profile_id=subject_id, kind=ITEM_KIND[self.kind], fact=row.fact,
+                                   modality="multimodal" if rel else "text", question=row.question,
+                                   answer=row.answer, options=options,  # type: ignore[arg-type]  # (): free-form
+                                   answer_index=options.index(row.answer) if options else -1, image=rel))
+        except BenchmarkError as exc:
+            self.problems.append(f"{at}: {str(exc).removesuffix(f'; {MAKE_HINT}')}")
+
+    def _image(self, row: _Row, n: int, at: str) -> str | None:
+        """The relpath of the row's image (None without one). Each location is read once: a later row naming an
+        unusable image is refused with a pointer to the line that said why, not with the same problem again."""
+        if row.image is None:
+            return None
+        loc = _image_location(row.image, self.base)
+        if loc not in self.read:
+            try:
+                blob = read_image_ref(loc, f"{at}: image", None, self.endpoint_url)
+                rel = image_relpath(blob, check_image_bytes(blob, f"{at}: image").ext)
+                self.images[rel] = blob
+                self.read[loc] = rel
+            except InputError as exc:
+                self.problems.append(str(exc).removesuffix(REF_HINT) + IMAGE_HINT if str(exc).endswith(REF_HINT)
+                                     else str(exc))
+                self.read[loc] = n
+        found = self.read[loc]
+        if isinstance(found, int):
+            if found != n:
+                self.problems.append(f"{at}: image: {row.image!r} cannot be used (see line {found})")
+            raise _Rejected
+        return found
+
+    def _subject_id(self, row: _Row, n: int, at: str) -> str | None:
+        """A retain row's person id (given, or a slug of the name; None in a utility set): one id, one person."""
+        if not isinstance(row, RetainRow):
+            return None
+        subject_id = row.subject_id or subject_slug(row.subject)
+        name, first = self.subjects.setdefault(subject_id, (row.subject, n))
+        if name != row.subject:
+            self.problems.append(f"{at}: subject_id: {subject_id!r} is {name!r} on line {first} but "
+                                 f"{row.subject!r} here; one id is one person (give each person their own "
+                                 "subject_id)")
+            raise _Rejected
+        return subject_id
+
+    def _item_id(self, row: _Row, subject_id: str | None, n: int, at: str) -> str:
+        """The row's item id (given, or from a hash of its content, so a repeated row is caught), unique in the file."""
+        digest = hashlib.sha256(json.dumps(row.model_dump(exclude={"item_id"}), sort_keys=True).encode())
+        item_id = row.item_id or f"{subject_id or 'util'}-{digest.hexdigest()[:12]}"
+        if item_id in self.ids:
+            why = (f"{item_id!r} is already used on line {self.ids[item_id]}; item ids must be unique"
+                   if row.item_id else f"this row repeats line {self.ids[item_id]}; drop one of them")
+            self.problems.append(f"{at}: item_id: {why}")
+            raise _Rejected
+        self.ids[item_id] = n
+        return item_id
 
 
 def write_keepset(store: ServiceStore, key: str, keepset: KeepSet) -> str:

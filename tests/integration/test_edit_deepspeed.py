@@ -5,7 +5,8 @@ untrained tiny Qwen2.5-VL, one person's items attributed and reduced to a path g
 job must leave every weight outside the path's linears bit-identical, raise the forget items' loss, write both
 ranks' output into one log, and agree with the one-process edit: the ranks share each batch and average
 gradients weighted by their token counts, so the two runs differ only by float summation order (measured:
-at most 6e-5 on edit deltas of 0.2-0.5; the test allows 1e-3).
+at most 6e-5 on edit deltas of 0.2-0.5; the test allows 1e-3). What the ranks gather is measured inside them
+(:data:`GATHER_PROBE`), not read from the job's own counters.
 """
 
 from __future__ import annotations
@@ -35,6 +36,67 @@ pytestmark = pytest.mark.slow
 
 TOLERANCE = 1e-3  # max |distributed - in-process| per edited weight (measured 6e-5)
 
+#: ``sitecustomize`` for the job's ranks: wraps the all-gathers DeepSpeed's ZeRO-3 code calls (deepspeed.comm) and
+#: tags each by whether ZeRO-3 made it to run the model: its coordinator's fetch for a module's forward or backward,
+#: or its parameter getter (a forward touching another module's parameter). Every other gather (GatheredParameters,
+#: param.all_gather) is listed with its size and the project frames that asked for it. Written at exit.
+GATHER_PROBE = """
+import atexit, json, os, traceback
+
+
+def _install(out_dir):
+    import deepspeed.comm as comm
+    from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    seen = {"rank": int(os.environ["RANK"]), "model_calls": 0, "model_bytes": 0, "other": []}
+    depth = [0]
+
+    def for_the_model(fn):
+        def wrapper(*args, **kwargs):
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return wrapper
+
+    def counted(gather):
+        def wrapper(*args, **kwargs):
+            out = args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list"))
+            nbytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, (list, tuple)) else [out]))
+            if depth[0]:
+                seen["model_calls"] += 1
+                seen["model_bytes"] += nbytes
+            else:
+                where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}" for f in traceback.extract_stack()
+                         if "mip_core" in f.filename]
+                seen["other"].append([nbytes, where[-3:]])
+            return gather(*args, **kwargs)
+        return wrapper
+
+    for cls, name in ((PartitionedParameterCoordinator, "fetch_sub_module"), (ZeROOrderedDict, "__getitem__")):
+        setattr(cls, name, for_the_model(getattr(cls, name)))
+    for name in ("allgather_fn", "all_gather_into_tensor", "all_gather"):
+        setattr(comm, name, counted(getattr(comm, name)))
+    path = os.path.join(out_dir, f"rank{seen['rank']}-{os.getpid()}.json")
+    atexit.register(lambda: json.dump(seen, open(path, "w")))
+
+
+if os.environ.get("MIP_TEST_GATHERS") and "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+    _install(os.environ["MIP_TEST_GATHERS"])
+"""
+
+
+def _probed_env(root, out_dir) -> dict[str, str]:
+    """The job's env with :data:`GATHER_PROBE` loaded by every rank, writing into ``out_dir``."""
+    (root / "probe").mkdir(exist_ok=True)
+    (root / "probe" / "sitecustomize.py").write_text(GATHER_PROBE)
+    out_dir.mkdir()
+    path = os.pathsep.join(p for p in (str(root / "probe"), os.environ.get("PYTHONPATH")) if p)
+    return {"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"), "PYTHONPATH": path,
+            "MIP_TEST_GATHERS": str(out_dir)}
+
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
@@ -56,7 +118,7 @@ def job(tmp_path_factory):
     spec = EditSpec(model_uri=str(root / "model"), bench_uri=str(root / "bench"),
                     forget=[(it.item_id, "req-1") for it in forget], retain_item_ids=retain,
                     graph_uri=str(root / "graph"), output_uri=str(root / "edited"),
-                    path_edit={"rmisu": {"steps": 20, "layer": 1, "batch_size": 4}},
+                    edit={"rmisu": {"steps": 20, "layer": 1, "batch_size": 4}},
                     lineage={"batch_id": "b-test", "requests": ["req-1"]})
     return root, spec
 
@@ -85,7 +147,7 @@ def test_deepspeed_job_edits_only_the_path_and_matches_the_in_process_edit(job, 
     log_uri = s3_endpoint.uri("edit-ds", "logs", "edit.log")
     summary = launch_edit(remote, s3_endpoint.uri("edit-ds", "edit_config.json"), log_uri,
                           launcher="deepspeed", n_ranks=2, timeout_s=600,
-                          env={"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")})
+                          env=_probed_env(root, tmp_path / "gathers"))
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3 and summary["steps"] == 20
     text = s3_endpoint.fs.cat(log_uri).decode()
     assert "[rank 0/2]" in text and "[rank 1/2]" in text, text[-3000:]
@@ -105,6 +167,16 @@ def test_deepspeed_job_edits_only_the_path_and_matches_the_in_process_edit(job, 
         edited_names.add(names[id(base.adapter.down_proj(site).weight)])
     changed = {k for k in base_state if not torch.equal(edited[k], base_state[k])}
     assert changed and changed <= edited_names, sorted(changed - edited_names)
+    # measured in the ranks: the only whole-tensor gathers were ZeRO-3's own, to run the forwards and backwards;
+    # the slices were read from and written into the partitions (a gathered site matrix would be listed here)
+    probes = sorted((json.loads(p.read_text()) for p in (tmp_path / "gathers").iterdir()), key=lambda r: r["rank"])
+    assert [r["rank"] for r in probes] == [0, 1], probes
+    site_bytes = sum(p.numel() * p.element_size() for site in selection
+                     for lin in (*base.adapter.neuron_inputs(site), base.adapter.down_proj(site))
+                     for p in lin.parameters())
+    for rank in probes:
+        assert rank["model_bytes"] >= site_bytes, (rank, site_bytes)  # the probe sees the forwards' gathers
+        assert rank["other"] == [], rank["other"]
     assert [m["rank"] for m in summary["memory"]] == [0, 1]  # each rank's own kernel-reported memory
     unlearn_log = json.loads(s3_endpoint.fs.cat(s3_endpoint.uri("edit-ds", "edited", UNLEARN_LOG)))
     assert unlearn_log["lineage"]["batch_id"] == "b-test"
@@ -146,7 +218,7 @@ def test_two_ranks_write_a_neuron_delta_and_load_one_into_zero3_partitions(job, 
     assert len(shards) >= 4, shards
     env = {"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")}
     local = replace(spec, model_uri=str(base), output_uri=str(out),
-                    path_edit={"rmisu": {"steps": 4, "layer": 1, "batch_size": 4, "retain_ce_weight": 0}})
+                    edit={"rmisu": {"steps": 4, "layer": 1, "batch_size": 4, "retain_ce_weight": 0}})
     summary = launch_edit(local, str(tmp_path / "edit_config.json"), str(tmp_path / "edit.log"),
                           launcher="deepspeed", n_ranks=2, timeout_s=600, env=env)
     assert summary["world_size"] == 2
@@ -168,7 +240,7 @@ def test_two_ranks_write_a_neuron_delta_and_load_one_into_zero3_partitions(job, 
         assert growth < model_bytes / 4, (m, model_bytes)
 
     again = replace(local, model_uri=str(out), output_uri=str(plain), version_format="full",
-                    path_edit={"prune": False, "rmisu": {"steps": 1, "layer": 1, "batch_size": 4, "lr": 1e-30}})
+                    edit={"prune": False, "rmisu": {"steps": 1, "layer": 1, "batch_size": 4, "lr": 1e-30}})
     launch_edit(again, str(tmp_path / "again.json"), str(tmp_path / "again.log"), launcher="deepspeed",
                 n_ranks=2, timeout_s=600, env=env)
     assert not (plain / MANIFEST).exists() and (plain / INDEX_FILE).is_file()

@@ -35,14 +35,14 @@ def test_path_search_on_cuda_matches_cpu(arch, tiny_models):
 @requires_gpu
 def test_path_edit_on_cuda_matches_cpu(tiny_models):
     from mip_core.editing.base import UnlearnData
-    from mip_core.editing.methods import PathEditConfig, path_edit
+    from mip_core.editing.methods import EditConfig, path_edit
     from mip_core.editing.rmisu import RMisUConfig
 
     model, processor = tiny_models["qwen2_5_vl"]
     forget = [encode(processor, "Where was Anna Lee born?", None, "Lisbon")]
     retain = [encode(processor, "What does she do?", None, "engineer")]
     data = UnlearnData(forget, retain, processor.tokenizer.pad_token_id)
-    cfg = PathEditConfig(rmisu=RMisUConfig(layer=1, steps=5, batch_size=2, retain_ce_weight=0.0))
+    cfg = EditConfig(rmisu=RMisUConfig(layer=1, steps=5, batch_size=2, retain_ce_weight=0.0))
     results = []
     for device in ("cpu", "cuda"):
         m = copy.deepcopy(model).to(device)

@@ -202,7 +202,6 @@ class Killed(BaseException):
 
 
 def test_a_killed_run_resumes_after_its_last_completed_step(harness, trained_tiny, tmp_path, monkeypatch):
-    import flows.service as service_flows
     import tasks.service as service_tasks
     from flows.params import ServiceSpec
     from flows.service import unlearn_batch
@@ -212,8 +211,8 @@ def test_a_killed_run_resumes_after_its_last_completed_step(harness, trained_tin
     spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 30}},
                        gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0})
     calls = {"attribute": 0, "edit": 0}
-    real_attribute, real_launch, real_save = (service_tasks.attribute_batch, service_tasks.launch_edit,
-                                              service_flows.save_checkpoint)
+    real_attribute, real_launch, real_promote = (service_tasks.attribute_batch, service_tasks.launch_edit,
+                                                 service_tasks.promote_scores)
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -234,24 +233,20 @@ def test_a_killed_run_resumes_after_its_last_completed_step(harness, trained_tin
     steps = tmp_path / "store" / "batches" / batch_id / "steps"
     assert sorted(p.stem for p in steps.glob("*.json")) == ["attribute", "plan", "reduce"]
 
-    # run 2: resumed; killed after the model was published but before that step was recorded
+    # run 2: resumed; killed after the model was published but before the publish step completed (recorded)
     monkeypatch.setattr(service_tasks, "launch_edit", counted("edit", real_launch))
-
-    def save_then_die_at_publish(root, batch, step, result, seconds):
-        if step == "publish":
-            raise Killed
-        real_save(root, batch, step, result, seconds)
-
-    monkeypatch.setattr(service_flows, "save_checkpoint", save_then_die_at_publish)
+    monkeypatch.setattr(service_tasks, "promote_scores", kill)
     with pytest.raises(Killed):
         unlearn_batch(batch_id=batch_id, spec=spec)
     assert store.versions("tiny") == ["v0001", "v0002"] and [store.get(r).state for r in ids] == ["claimed"] * 2
+    assert "publish" not in {p.stem for p in steps.glob("*.json")}
 
     # run 3: resumed again; publish finds its own version instead of making v0003, then every request closes
-    monkeypatch.setattr(service_flows, "save_checkpoint", real_save)
+    monkeypatch.setattr(service_tasks, "promote_scores", real_promote)
     result = unlearn_batch(batch_id=batch_id, spec=spec)
     assert result["version"] == "v0002" and store.versions("tiny") == ["v0001", "v0002"]
     assert calls == {"attribute": 1, "edit": 1}  # no step ran twice
+    assert {"plan (resumed)", "attribute (resumed)", "edit (resumed)", "publish"} <= set(result["timings"])
     for rid in ids:
         record = store.get(rid)
         assert (record.state, record.model_version, record.batch_id) == ("done", "v0002", batch_id)
@@ -296,9 +291,17 @@ def test_a_killed_flow_process_is_resumed_by_the_next_nightly_run(harness, train
                                 cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group: the kill takes its children
     steps = tmp_path / "store" / "batches"
+
+    def attributed() -> bool:
+        """The attribution's result record is written whole (a record cut short by the kill would be rerun)."""
+        records = list(steps.glob("*/steps/attribute.json"))
+        with contextlib.suppress(ValueError):
+            return bool(records) and bool(json.loads(records[0].read_text()))
+        return False
+
     try:
         deadline = time.monotonic() + 300
-        while not list(steps.glob("*/steps/attribute.json")):
+        while not attributed():
             assert proc.poll() is None, f"the run ended before it could be killed:\n{log_path.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "attribution did not complete in 300 s"
             time.sleep(0.05)
@@ -333,6 +336,55 @@ def test_a_killed_flow_process_is_resumed_by_the_next_nightly_run(harness, train
     assert dead_run.state.is_crashed() and batch_id in dead_run.state.message
     assert [c.name for c in children] == [f"batch-{batch_id}"] and children[0].state.is_crashed()
     assert nightly_unlearning(spec) == [] and orphaned_batches(store) == []
+
+
+def test_a_step_result_is_cached_in_the_s3_store_itself(harness, monkeypatch):
+    """A batch step's Prefect cache record lives with the batch in the store (moto S3 here): the second call is a
+    Cached task run and the step ran once, also after the storage block was deleted from Prefect's database (a
+    fresh Prefect server knows nothing of the batch)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+
+    from tasks.service import step_cache
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    monkeypatch.setenv("MIP_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    root, calls = "s3://mip-steps/svc", []
+    store = ServiceStore(root)
+    store.write_text("README", "a service store\n")  # creates the bucket
+
+    @task
+    def attribute(batch_id: str) -> list[dict]:
+        calls.append(batch_id)
+        return [{"uri": f"{root}/batches/{batch_id}/shards/0", "n_paths": 3}]
+
+    @flow
+    def run_step() -> tuple[str, list[dict]]:
+        done = attribute.with_options(**step_cache(root, "b-1", "attribute"))("b-1", return_state=True)
+        return done.name, done.result()
+
+    try:
+        first = run_step()
+        with get_client(sync_client=True) as client:
+            for doc in client.read_block_documents():
+                if doc.name and doc.name.startswith("mip-batches-"):
+                    client.delete_block_document(doc.id)
+        second = run_step()
+        assert store.exists(store.batch_key("b-1", "steps", "attribute.json"))  # with the batch
+    finally:
+        server.stop()
+    shards = [{"uri": "s3://mip-steps/svc/batches/b-1/shards/0", "n_paths": 3}]
+    assert first == ("Completed", shards) and second == ("Cached", shards) and calls == ["b-1"]
 
 
 def test_an_s3_outage_is_retried_and_a_long_one_fails_clearly(harness, monkeypatch):

@@ -84,7 +84,7 @@ def test_table_has_one_row_per_method_and_modality_blocks():
 
 
 def test_compare_config_rejects_unknown_methods_and_seeds():
-    with pytest.raises(InputError, match="unknown method"):
+    with pytest.raises(InputError, match=r"CompareConfig.methods\[1\]='magic'"):
         CompareConfig(methods=("mip", "magic"))
     with pytest.raises(InputError, match="seeds"):
         CompareConfig(seeds=0)

@@ -8,7 +8,7 @@ from toy_models import IMAGE, toy, toy_example
 
 from mip_core.editing import METHOD_NAMES
 from mip_core.editing.base import UnlearnData
-from mip_core.editing.methods import METHODS, MipEditor, PathEditConfig, RandomControl, get_method
+from mip_core.editing.methods import METHODS, EditConfig, MipEditor, RandomControl, get_method
 from mip_core.editing.rmisu import RMisUConfig, hidden_at, run_rmisu, sphere, trainable_only
 from mip_core.editing.selection import all_neurons, manu_scores, manu_selection, random_like, up_to_layer
 from mip_core.editing.slices import NeuronEditor, check_selection, prune_columns
@@ -233,10 +233,10 @@ def test_rmisu_config_is_validated_and_resolves_the_layer():
 
 def test_registry_names_match_the_light_list_and_build():
     assert tuple(METHODS) == METHOD_NAMES
-    m = get_method("random", rmisu=RMisUConfig(steps=3), path_edit_overrides={"prune": False}, seed=4)
+    m = get_method("random", rmisu=RMisUConfig(steps=3), edit_overrides={"prune": False}, seed=4)
     assert isinstance(m, RandomControl) and m.seed == 4 and m.config.rmisu.steps == 3 and not m.config.prune
-    assert get_method("rmu", path_edit_overrides={"prune": True}).config.prune is False
-    assert get_method("mip", path_edit_overrides={"prune": True}).config.prune is True
+    assert get_method("rmu", edit_overrides={"prune": True}).config.prune is False
+    assert get_method("mip", edit_overrides={"prune": True}).config.prune is True
     with pytest.raises(InputError, match="unknown method"):
         get_method("nope")
 
@@ -244,7 +244,7 @@ def test_registry_names_match_the_light_list_and_build():
 def test_path_methods_need_a_graph_and_run_on_it():
     model, adapter = toy()
     data = _data()
-    method = MipEditor(PathEditConfig(rmisu=RMisUConfig(layer=1, steps=5, batch_size=2)))
+    method = MipEditor(EditConfig(rmisu=RMisUConfig(layer=1, steps=5, batch_size=2)))
     with pytest.raises(InputError, match="needs a path graph"):
         method.run(model, adapter, data, graph=None)
     graph = PathGraph("t", (GraphNode("language", 0, 1, 1, 0.5, 0.5), GraphNode("vision", 1, 2, 1, 0.2, 0.2)))

@@ -54,8 +54,7 @@ def test_a_published_batch_has_its_tables_three_figures_and_resources():
     page = batch_html(MANIFEST, [record("a", "done"), record("b", "done"), record("bad", "rejected", "unknown")],
                       gate=GATE, version="v0002", error=None, timings={"plan": 0.1, "attribute": 12.0, "edit": 30.5},
                       shards=[{"actor": "h:1", "failures": []}, {"actor": "h:2", "failures": [["x", "oom"]]}],
-                      graph=GRAPH, edit={"world_size": 2, "zero_stage": 3, "neurons": 4, "steps": 300,
-                                         "gathered": {"bytes": 3 * 2**20}},
+                      graph=GRAPH, edit={"world_size": 2, "zero_stage": 3, "neurons": 4, "steps": 300},
                       resources={"launcher": "deepspeed", "n_actors": 2}, links={"manifest.json": "/s/b1/manifest"})
     assert page.startswith("<!DOCTYPE html>") and "published demo v0002" in page
     images = _images(page)
@@ -63,7 +62,7 @@ def test_a_published_batch_has_its_tables_three_figures_and_resources():
     assert ['alt="accuracy before and after"', 'alt="path graph heat map"', 'alt="wall time per step"'] == \
         re.findall(r'alt="[^"]+"', page)
     for text in ("forget, held-out phrasings", "<td>pass</td>", "attribution actors", "edit ranks (DeepSpeed world "
-                 "size)", "gathered per rank (MiB)", "wall time: total (s)", "42.6", "rejected at planning"):
+                 "size)", "wall time: total (s)", "42.6", "rejected at planning"):
         assert text in page, text
     assert "http" not in page.replace("https://", "")  # self-contained: nothing fetched from elsewhere
     assert "p1-name-text-qa" not in page  # ids of requests, not of the facts being forgotten

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import tasks.launch as launch
-from mip_core.parallel.zero3_slices import gather_params, record_gathers
+from mip_core.parallel.zero3_slices import gather_params
 from mip_core.parallel.data_parallel import average_gradients, global_share, rank_slice, world
-from mip_core.entrypoints.edit import EditSpec, read_spec, write_spec
+from mip_core.entrypoints.edit import EditSpec, fit_to_checkpoint, read_spec, write_spec
 from mip_core.errors import InputError, MipError
 from mip_core.entrypoints.edit_plan import check_ds_config, validate_edit_plan
 from tasks.launch import EditJobError, ds_config_for, edit_argv, job_env, launch_edit, zero3_config
@@ -27,7 +27,7 @@ def _spec(tmp_path: Path, **changes) -> EditSpec:
     spec = EditSpec(model_uri=str(tmp_path / "model"), bench_uri=str(tmp_path / "bench"),
                     forget=[["p0000-name-mm-qa", "req-1"], ["p0000-hobby-text-qa", "req-1"]],
                     retain_item_ids=["p0001-name-mm-qa"], graph_uri=str(tmp_path / "graph"),
-                    output_uri=str(tmp_path / "edited"), path_edit={"rmisu": {"steps": 3}},
+                    output_uri=str(tmp_path / "edited"), edit={"rmisu": {"steps": 3}},
                     lineage={"batch_id": "b1", "requests": ["req-1"]})
     return replace(spec, **changes)
 
@@ -71,7 +71,7 @@ def test_job_env_keeps_the_job_on_loopback_and_cpu_by_default(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- configs
-def test_zero3_config_and_the_shipped_files():
+def test_zero3_config_and_the_70b_offload_config_the_job_runs_with(tmp_path, monkeypatch):
     cfg = zero3_config()
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
@@ -81,14 +81,22 @@ def test_zero3_config_and_the_shipped_files():
     assert "offload_param" not in zero
     off = zero3_config(offload=True, bf16=True)["zero_optimization"]
     assert off["offload_param"]["device"] == off["offload_optimizer"]["device"] == "cpu"
-    big = json.loads((INFRA / "zero3_70b_offload.json").read_text())
-    assert big["bf16"]["enabled"] and big["zero_optimization"]["stage"] == 3
-    assert big["zero_optimization"]["offload_param"]["pin_memory"]
-    assert big["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    cpu = json.loads((INFRA / "zero3_cpu_gloo.json").read_text())
-    for doc in (cfg, big, cpu):  # DeepSpeed's own validation of the zero section (unknown keys are rejected)
+    # the 70B profile as its job gets it: the file launch_edit writes, fitted to a 70B checkpoint as each rank does
+    seen = {}
+    monkeypatch.setattr(launch, "edit_argv", lambda spec_uri, **kw: seen.update(kw) or [sys.executable, "-c", "1"])
+    with pytest.raises(EditJobError, match="wrote no edit_summary.json"):
+        launch_edit(_spec(tmp_path), str(tmp_path / "edit_config.json"), str(tmp_path / "edit.log"),
+                    ds_profile="gpu-offload")
+    llama_70b = {"dtype": "bfloat16", "hidden_size": 8192, "intermediate_size": 28672, "vocab_size": 128256}
+    big = fit_to_checkpoint(json.loads(Path(seen["ds_config_uri"]).read_text()), llama_70b)
+    check_ds_config(big)
+    zero = DeepSpeedZeroConfig(**big["zero_optimization"])  # DeepSpeed's own reading of it
+    assert big["bf16"]["enabled"] and zero.stage == 3 and zero.gather_16bit_weights_on_model_save
+    assert zero.offload_param.device == zero.offload_optimizer.device == "cpu" and zero.offload_param.pin_memory
+    assert zero.param_persistence_threshold == 10 * 8192 and zero.max_live_parameters == 1_000_000_000
+    for doc in (cfg, ds_config_for("cpu")):  # DeepSpeed's own validation of the zero section (unknown keys fail)
         assert DeepSpeedZeroConfig(**doc["zero_optimization"]).stage == 3
     hosts = (INFRA / "hostfile.example").read_text().splitlines()
     assert any(line.split() == ["worker-0", "slots=8"] for line in hosts)
@@ -122,9 +130,10 @@ def test_ds_profiles_are_validated_and_the_offload_profile_is_the_shipped_file(t
 
 
 @pytest.mark.parametrize(("edit", "kwargs", "message"), [
-    ({"rmisu": {"stpes": 3}}, {}, r"edit\['rmisu'\]\['stpes'\] is not an RMisUConfig field \(did you mean 'steps'\?\)"),
-    ({"prnue": True}, {}, r"edit\['prnue'\] is not a PathEditConfig field \(did you mean 'prune'\?\)"),
-    ({"rmisu": {"steps": 0}}, {}, r"RMisUConfig.steps=0"),
+    ({"rmisu": {"stpes": 3}}, {}, r"EditConfig.rmisu.stpes is not a field \(did you mean 'steps'\?\)"),
+    ({"prnue": True}, {}, r"EditConfig.prnue is not a field \(did you mean 'prune'\?\)"),
+    ({"rmisu": {"steps": 0}}, {}, r"EditConfig.rmisu.steps=0"),
+    ({"rmisu": ["steps", 3]}, {}, r"EditConfig.rmisu=\['steps', 3\]"),
     ({}, {"ranks": 8}, r"edit.rmisu.batch_size=6 is below the edit job's 8 ranks.*batch_size >= 8.*ranks <= 6"),
     ({"rmisu": {"batch_size": 4}}, {"ranks": 2, "hostfile": "HOSTS"},
      r"batch_size=4 is below the edit job's 16 ranks"),
@@ -158,7 +167,7 @@ def test_edit_spec_json_round_trip(tmp_path):
     assert spec.forget == (("p0000-name-mm-qa", "req-1"), ("p0000-hobby-text-qa", "req-1"))
     assert EditSpec.from_json(spec.to_json()) == spec
     doc = json.loads(spec.to_json())
-    assert doc["forget"][0] == ["p0000-name-mm-qa", "req-1"] and doc["schema"] == "mip-edit-spec/1"
+    assert doc["forget"][0] == ["p0000-name-mm-qa", "req-1"] and doc["schema"] == "mip-edit-spec/2"
     write_spec(spec, str(tmp_path / "deep" / "edit_config.json"))
     assert read_spec(str(tmp_path / "deep" / "edit_config.json")) == spec
     assert not list((tmp_path / "deep").glob("*.tmp"))  # atomic write leaves no temp file
@@ -172,7 +181,7 @@ def test_edit_spec_json_round_trip(tmp_path):
     ({"zero_stage": 4}, "EditSpec.zero_stage"),
     ({"output_uri": ""}, "EditSpec.output_uri"),
     ({"retain_item_ids": "p0001"}, "EditSpec.retain_item_ids"),
-    ({"path_edit": ["steps", 3]}, "EditSpec.path_edit"),
+    ({"edit": ["steps", 3]}, "EditSpec.edit"),
     ({"seed": "0"}, "EditSpec.seed"),
 ])
 def test_edit_spec_validation_names_the_field(tmp_path, changes, field):
@@ -182,10 +191,12 @@ def test_edit_spec_validation_names_the_field(tmp_path, changes, field):
 
 def test_edit_spec_json_errors(tmp_path):
     doc = json.loads(_spec(tmp_path).to_json())
-    with pytest.raises(InputError, match=r"unknown field\(s\) \['stpes'\]"):
+    with pytest.raises(InputError, match=r"EditSpec.stpes is not a field"):
         EditSpec.from_json(json.dumps({**doc, "stpes": 3}))
+    old = {k: v for k, v in doc.items() if k != "edit"} | {"schema": "mip-edit-spec/1", "path_edit": doc["edit"]}
+    assert EditSpec.from_json(json.dumps(old)) == _spec(tmp_path)  # a job launched before the rename
     del doc["graph_uri"]
-    with pytest.raises(InputError, match=r"missing field\(s\) \['graph_uri'\]"):
+    with pytest.raises(InputError, match=r"EditSpec.graph_uri is missing"):
         EditSpec.from_json(json.dumps(doc))
     with pytest.raises(InputError, match="not valid JSON"):
         EditSpec.from_json("{")
@@ -251,10 +262,8 @@ def test_distributed_helpers_are_no_ops_on_one_process():
     average_gradients([p, q])
     assert torch.equal(p.grad, torch.full((3,), 2.0)) and q.grad is None
     lin = nn.Linear(2, 2)
-    with record_gathers() as log:
-        ctx = gather_params([lin.weight, lin.bias, None], modifier_rank=0)
-        assert isinstance(ctx, nullcontext)  # unpartitioned: nothing gathered, DeepSpeed not needed
-    assert log.to_dict() == {"gathers": 0, "parameters": 0, "numel": 0, "bytes": 0}
+    ctx = gather_params([lin.weight, lin.bias, None], modifier_rank=0)
+    assert isinstance(ctx, nullcontext)  # unpartitioned: nothing gathered, DeepSpeed not needed
 
 
 def test_the_job_config_follows_the_checkpoint_dtype_and_size():

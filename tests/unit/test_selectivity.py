@@ -16,7 +16,7 @@ from toy_models import IMAGE, toy, toy_example
 from mip_core.attribution import AttributionConfig
 from mip_core.attribution.path_search import path_search
 from mip_core.editing.base import UnlearnData
-from mip_core.editing.methods import MipEditor, MipPaper, PathEditConfig, RandomControl, get_method
+from mip_core.editing.methods import EditConfig, MipEditor, MipPaper, RandomControl, get_method
 from mip_core.editing.rmisu import RMisUConfig, _direction_index
 from mip_core.editing.selection import contrastive_selection, dense_scores
 from mip_core.errors import InputError
@@ -106,7 +106,7 @@ def test_graph_and_data_split_per_request():
 def test_per_request_edit_trains_each_request_on_its_own_neurons_with_the_same_budget():
     model, adapter = toy()
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = PathEditConfig(per_request=True, rmisu=RMisUConfig(layer=1, steps=7, batch_size=2, lr=5e-2))
+    cfg = EditConfig(per_request=True, rmisu=RMisUConfig(layer=1, steps=7, batch_size=2, lr=5e-2))
     summary = MipEditor(cfg).run(model, adapter, request_data(), graph=two_request_graph(), log=lambda _: None)
     assert summary.details["per_request"] == {"a": {"language.0": 1, "language.1": 1},
                                               "b": {"language.1": 1, "vision.1": 1}}
@@ -142,17 +142,17 @@ def test_per_request_targets_share_one_direction_per_request():
 def test_no_biases_keeps_the_vision_biases():
     model, adapter = toy()
     b1 = model.vision[1].mlp.fc1.bias.detach().clone()
-    cfg = PathEditConfig(train_biases=False, rmisu=RMisUConfig(layer=1, steps=5, batch_size=2, lr=5e-2))
+    cfg = EditConfig(train_biases=False, rmisu=RMisUConfig(layer=1, steps=5, batch_size=2, lr=5e-2))
     MipEditor(cfg).run(model, adapter, request_data(), graph=two_request_graph(), log=lambda _: None)
     assert torch.equal(model.vision[1].mlp.fc1.bias.detach(), b1)
     assert not torch.equal(model.vision[1].mlp.fc1.weight.detach()[0], toy()[0].vision[1].mlp.fc1.weight[0])
 
 
 def test_paper_variant_is_kept_under_its_own_name_and_overrides_keep_its_settings():
-    m = get_method("mip_paper", path_edit_overrides={"rmisu": {"steps": 10}})
+    m = get_method("mip_paper", edit_overrides={"rmisu": {"steps": 10}})
     assert isinstance(m, MipPaper)
     assert m.config.prune and m.config.rmisu.layer_fraction == 0.2 and m.config.rmisu.retain_weight == 1.0
     assert m.config.rmisu.retain_ce_weight == 0.0 and m.config.rmisu.steps == 10
     assert get_method("mip").config.rmisu.layer_fraction != 0.2
-    with pytest.raises(InputError, match="PathEditConfig"):
-        get_method("mip", path_edit_overrides={"not_a_field": 1})
+    with pytest.raises(InputError, match="EditConfig"):
+        get_method("mip", edit_overrides={"not_a_field": 1})

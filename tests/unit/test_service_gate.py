@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -10,7 +11,9 @@ import pytest
 from mip_core.errors import InputError
 from mip_core.service.batch import BatchManifest
 from mip_core.service.gate import GateConfig, decide, format_decision, with_answer_logprobs
-from mip_core.service.report import batch_report
+from mip_core.service.html_report import batch_html
+from mip_core.service.report import batch_report, unplanned_report
+from mip_core.service.requests import ForgetItem, ForgetRequest, KnownFact, Person, RequestRecord
 
 
 def item(item_id: str, modality: str) -> SimpleNamespace:
@@ -76,24 +79,49 @@ def test_thresholds_are_validated_with_the_field_name():
         GateConfig(min_retention=1.5)
 
 
-def test_report_names_requests_and_metrics_but_no_personal_data():
+#: What the requests below say about the people: none of it may reach a report, a log table or the manifest.
+PERSONAL = ("Marisol Quintero-Vasz", "Mari QV", "s3://uploads/marisol-at-the-beach.jpg", "marisol-at-the-beach",
+            "Which street is her flat on?", "Rua das Flores 12", "What is her blood type?", "AB negative",
+            "images/p0042.png", "Teodor Brankovic", "file:///inbox/teodor.png", "she phoned from Porto")
+
+
+def _personal_records() -> list[RequestRecord]:
+    """Request ``a`` (done) names a person, a photo, a known fact and a question; ``x`` (rejected) another person."""
+    marisol = Person(name="Marisol Quintero-Vasz", aliases=["Mari QV"],
+                     photos=["s3://uploads/marisol-at-the-beach.jpg"],
+                     facts=[KnownFact(question="Which street is her flat on?", answer="Rua das Flores 12")])
+    item = ForgetItem(question="What is her blood type?", answer="AB negative", image="images/p0042.png")
+    a = ForgetRequest(request_id="a", target_model="demo", subjects=[marisol], items=[item], requester="dpo",
+                      reason="privacy", note="she phoned from Porto")
+    x = ForgetRequest(request_id="x", target_model="demo", requester="dpo", reason="privacy",
+                      subjects=[Person(name="Teodor Brankovic", photos=["file:///inbox/teodor.png"])])
+    return [RequestRecord(request=a, state="done", batch_id="b1", model_version="v0002"),
+            RequestRecord(request=x, state="rejected", batch_id="b1", reason="subjects[0]: no probe answered")]
+
+
+def test_reports_name_requests_and_metrics_but_no_personal_data():
     m = BatchManifest(batch_id="b1", target_model="demo", base_version="v0001", base_uri="/m/v0001",
-                      dataset_uri="/d", requests=("a", "x"), rejected={"x": "unknown entity ids ['p9']"},
+                      dataset_uri="/d", requests=("a", "x"), rejected={"x": "subjects[0]: no probe answered"},
                       forget=(("f1", "a"),), items_of={"a": ("f1",)}, edit_retain=("r0",), eval_retain=("r1",),
                       eval_utility=())
-    d = decide({"forget": [item("f1", "text")], "retain": [item("r1", "text")]},
-               {"forget": {"f1": True}, "retain": {"r1": True}}, {"forget": {"f1": False}, "retain": {"r1": True}},
-               GateConfig(), request_of={"f1": "a"}).to_dict()
-    records = [SimpleNamespace(request=SimpleNamespace(request_id="a"), state="done", reason=None, held_back_in=[]),
-               SimpleNamespace(request=SimpleNamespace(request_id="x"), state="rejected",
-                               reason="unknown entity ids ['p9']", held_back_in=[])]
+    decision = decide({"forget": [item("f1", "text")], "retain": [item("r1", "text")]},
+                      {"forget": {"f1": True}, "retain": {"r1": True}},
+                      {"forget": {"f1": False}, "retain": {"r1": True}}, GateConfig(), request_of={"f1": "a"})
+    d = decision.to_dict()
+    records = _personal_records()
     text = batch_report(m, records, gate=d, version="v0002", error=None, timings={"plan": 0.5, "edit": 12.25},
                         links={"manifest.json": "/s/b1/manifest.json"})
     assert "**published** `demo` `v0002` (from `v0001`)" in text
     assert "| `a` | done | 1.000 | 0.000 | - | - | - |  |" in text
-    assert "| `x` | rejected | - | - | - | - | - | unknown entity ids ['p9'] |" in text
+    assert "| `x` | rejected | - | - | - | - | - | subjects[0]: no probe answered |" in text
     assert "| forget | text | 1 | 1.000 | 0.000 | 1.000 |" in text and "| edit | 12.2 |" in text
     assert BatchManifest.from_json(m.to_json()) == m
+    written = "\n".join([text, batch_html(m, records, gate=d, version="v0002", error=None, timings={}),
+                         unplanned_report("b1", "demo", records, "no model registered"), format_decision(decision),
+                         json.dumps(d), m.to_json()])
+    assert [s for s in PERSONAL if s.casefold() in written.casefold()] == []
+    assert all(f"`{rid}`" in text and f"<td>{rid}</td>" in written for rid in ("a", "x"))  # ids, in both reports
+    assert "`b1`" in text and "v0002" in text
 
 
 def test_held_out_phrasings_are_reported_as_forgetting_but_not_gated():
