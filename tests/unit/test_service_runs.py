@@ -5,14 +5,37 @@ nightly run resumes its batch) is tests/integration/test_service_faults.py."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 
+from mip_core.service import lease as lease_module
 from mip_core.service.lease import LeaseHeld, acquire, alive, current, renew
 from mip_core.service.requests import ForgetRequest
 from mip_core.service.runs import (BatchTakenOver, RunLease, abandon_reason, adopt, batch_owner_state, check_owner,
                                    close_unplanned, orphaned_batches, record_failure, write_claim)
 from mip_core.service.store import ServiceStore
+
+
+class Clock:
+    """The leases' clock, moved by the test: expiry is decided by what the test did, never by how long a loaded
+    machine took to do it."""
+
+    def __init__(self) -> None:
+        self.now = lease_module.utc_now()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(lease_module, "utc_now", fake)
+    return fake
 
 
 def _claimed_batch(store: ServiceStore, batch_id: str, owner: str, rid: str) -> None:
@@ -21,43 +44,54 @@ def _claimed_batch(store: ServiceStore, batch_id: str, owner: str, rid: str) -> 
     write_claim(store, batch_id, "m", [rid], owner)
 
 
-def test_renew_extends_a_held_lease_and_refuses_a_lost_one(tmp_path):
+def test_renew_extends_a_held_lease_and_refuses_a_lost_one(tmp_path, clock):
     store = ServiceStore(str(tmp_path))
-    lease = acquire(store, "run-x", ttl_s=0.3, owner="a")
+    lease = acquire(store, "run-x", ttl_s=10, owner="a")
     renewed = renew(store, lease, 60)
     assert renewed is not None and renewed.expires_at > lease.expires_at
-    time.sleep(0.4)
+    clock.advance(30)
     assert alive(store, "run-x") is not None  # the renewal, not the first ttl, counts
-    short = acquire(store, "run-y", ttl_s=0.2, owner="a")
-    time.sleep(0.3)
+    short = acquire(store, "run-y", ttl_s=10, owner="a")
+    clock.advance(11)
     assert alive(store, "run-y") is None and renew(store, short, 60) is None  # expired: lost, not revived
     taken = acquire(store, "run-y", ttl_s=60, owner="b")
     assert renew(store, short, 60) is None and current(store, "run-y") == taken
 
 
-def test_a_run_lease_heartbeats_while_alive_and_is_released_on_exit(tmp_path):
+def _wait_for_renewal(store: ServiceStore, name: str, after: str) -> str:
+    """The lease's next expiry once the heartbeat thread (real time, every ttl/4) has renewed it past ``after``."""
+    deadline = time.monotonic() + 60
+    while (expires := current(store, name).expires_at) <= after:
+        assert time.monotonic() < deadline, "the heartbeat did not renew the lease within 60 s"
+        time.sleep(0.05)
+    return expires
+
+
+def test_a_run_lease_heartbeats_while_alive_and_is_released_on_exit(tmp_path, clock):
     store = ServiceStore(str(tmp_path))
-    with RunLease(store, ttl_s=0.4) as run:
-        first = current(store, run.run_id)
-        time.sleep(1.0)  # 2.5 ttls: without the heartbeat it would have expired
+    with RunLease(store, ttl_s=0.4) as run:  # beats every 0.1 s of real time
+        first = expires = current(store, run.run_id).expires_at
+        for _ in range(4):  # 4 x 0.3 s = 3 ttls of lease time: without the heartbeat it would have expired
+            clock.advance(0.3)
+            expires = _wait_for_renewal(store, run.run_id, expires)
         live = alive(store, run.run_id)
-        assert live is not None and live.expires_at > first.expires_at
+        assert live is not None and live.expires_at > first
     assert alive(store, run.run_id) is None and current(store, run.run_id).released_at is not None
 
 
-def test_only_batches_of_dead_runs_are_orphaned_and_adoptable(tmp_path):
+def test_only_batches_of_dead_runs_are_orphaned_and_adoptable(tmp_path, clock):
     store = ServiceStore(str(tmp_path))
-    with RunLease(store, ttl_s=60) as live:
+    with RunLease(store, ttl_s=600) as live:
         _claimed_batch(store, "b-live", live.run_id, "r1")
-        dead = acquire(store, "run-dead", ttl_s=0.2)  # a run killed without releasing: its lease just expires
+        dead = acquire(store, "run-dead", ttl_s=60)  # a run killed without releasing: its lease just expires
         _claimed_batch(store, "b-dead", dead.name, "r2")
-        with RunLease(store, ttl_s=60) as ended:
+        with RunLease(store, ttl_s=600) as ended:
             _claimed_batch(store, "b-ended", ended.run_id, "r3")
-        time.sleep(0.3)
+        clock.advance(61)
         assert orphaned_batches(store) == ["b-dead", "b-ended"]
         assert batch_owner_state(store, "b-live")["alive"]
 
-        with RunLease(store, ttl_s=60) as successor:
+        with RunLease(store, ttl_s=600) as successor:
             with pytest.raises(LeaseHeld, match=f"batch b-live is being processed by run {live.run_id}"):
                 adopt(store, "b-live", successor.run_id)
             claim = adopt(store, "b-dead", successor.run_id)
@@ -69,12 +103,12 @@ def test_only_batches_of_dead_runs_are_orphaned_and_adoptable(tmp_path):
         check_owner(store, "b-live", live.run_id)
 
 
-def test_a_run_whose_own_lease_expired_stops(tmp_path):
+def test_a_run_whose_own_lease_expired_stops(tmp_path, clock):
     store = ServiceStore(str(tmp_path))
-    stalled = acquire(store, "run-stalled", ttl_s=0.2)
+    stalled = acquire(store, "run-stalled", ttl_s=60)
     _claimed_batch(store, "b1", stalled.name, "r1")
     check_owner(store, "b1", "run-stalled")
-    time.sleep(0.3)
+    clock.advance(61)
     with pytest.raises(BatchTakenOver, match="lost its lease"):
         check_owner(store, "b1", "run-stalled")
 
