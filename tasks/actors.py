@@ -21,7 +21,6 @@ import os
 import re
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -30,15 +29,17 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util import ActorPool
 
 from mip_core.attribution import AttributionConfig, attribute_items
 from mip_core.service.items import load_items
-from mip_core.errors import AttributionOOM, InputError, ModelLoadError
+from mip_core.errors import AttributionOOM, InputError
 from mip_core.modeling import LoadedModel, load_model
 from mip_core.modeling.io import DTYPES, localize
 from mip_core.parquet_io import write_item_paths
 from mip_core.service.shards import (
     ActorStartError,
+    ShardAttemptError,
     ShardError,
     ShardOOM,
     ShardResult,
@@ -71,14 +72,8 @@ def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def attribution_config(cfg: Mapping[str, Any] | None) -> AttributionConfig:
-    """``AttributionConfig(**cfg)``; unknown keys or bad values raise InputError naming them."""
-    try:
-        return AttributionConfig(**dict(cfg or {}))
-    except TypeError:
-        known = sorted(AttributionConfig.__dataclass_fields__)
-        raise InputError(f"attribution_cfg keys must be among {known}; got {sorted(cfg or {})}") from None
-    except ValueError as exc:
-        raise InputError(f"attribution_cfg: {exc}") from None
+    """``AttributionConfig(**cfg)``: unknown keys or bad values raise the config's own InputError naming them."""
+    return AttributionConfig(**dict(cfg or {}))
 
 
 WEIGHT_SHARE = 0.9
@@ -110,12 +105,17 @@ def _fitting_batch_items(loaded: LoadedModel, cfg: AttributionConfig) -> int:
                           bytes_per_value=next(model.parameters()).element_size())
 
 
-@ray.remote
+@ray.remote(max_restarts=1, max_task_retries=1)
 class AttributionActor:
     """Holds one model and benchmark in memory and attributes shards of items with them, a call at a time.
 
     On GPUs the model is spread over all of the actor's GPUs (``gpus_per_actor``) and ``batch_items`` is
     lowered to what fits in the memory left after the weights; on CPU both stay as configured.
+
+    Faults are Ray's to handle: an actor whose process dies is restarted once (a new process that loads the model
+    again, ``max_restarts``) and the call it was running is retried once (``max_task_retries``, a budget shared
+    with the retry of a raised error, see :meth:`score`). A constructor that raises is never restarted (Ray's
+    rule), so a model or benchmark that cannot load fails the first ``ping`` at once.
     """
 
     def __init__(self, model_uri: str, bench_uri: str, attribution_cfg: Mapping[str, Any],
@@ -139,18 +139,42 @@ class AttributionActor:
         self.load_seconds = time.perf_counter() - start
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.calls = 0
+        self.first_errors: dict[int, str] = {}  # shard -> its first try's error in this process
 
     def ping(self) -> dict[str, Any]:
-        """Who and where this actor is, what its weights measure up to, how often it loaded a model."""
+        """Who and where this actor is, what its weights measure up to, how often it loaded a model, whether Ray
+        restarted it and which shards' first tries failed in it (``retried``: shard -> error)."""
         params = list(self.loaded.model.parameters())
+        context = ray.get_runtime_context()
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.device,
+                "actor_id": context.get_actor_id(), "restarted": context.was_current_actor_reconstructed,
+                "retried": dict(self.first_errors),
                 "model_loads": _MODEL_LOADS, "load_seconds": self.load_seconds, "calls": self.calls,
                 "threads": torch.get_num_threads(), "batch_items": self.cfg.batch_items,
                 "param_devices": sorted({str(p.device) for p in params}),
                 "param_dtypes": sorted({str(p.dtype) for p in params})}
 
-    def score(self, shard: int, items: Sequence[tuple[str, str]], out_uri: str, run_id: str
-              ) -> dict[str, Any]:
+    @ray.method(retry_exceptions=[ShardAttemptError])
+    def score(self, shard: int, items: Sequence[tuple[str, str]], out_uri: str, run_id: str) -> dict[str, Any]:
+        """:meth:`_score`, its errors naming the shard (a Ray error names only the actor).
+
+        ``AttributionOOM`` becomes ``ShardOOM``, which is not in ``retry_exceptions``: another try has the same
+        memory. Any other error becomes ``ShardAttemptError``, which Ray retries once, on this actor; the retry's
+        error carries the first try's, kept in this process since Ray keeps no trail of the tries it retried.
+        """
+        self.calls += 1
+        try:
+            return self._score(shard, items, out_uri, run_id)
+        except AttributionOOM as exc:
+            raise ShardOOM(f"attribution shard {shard} (output {out_uri}) ran out of memory on actor {self.name}, "
+                           f"not retried: {exc}") from exc
+        except Exception as exc:
+            error = describe_error(exc)
+            first = self.first_errors.get(shard, "")
+            self.first_errors.setdefault(shard, error)
+            raise ShardAttemptError(shard, error, first) from exc
+
+    def _score(self, shard: int, items: Sequence[tuple[str, str]], out_uri: str, run_id: str) -> dict[str, Any]:
         """Attribute ``items`` ((item_id, request_id) pairs), write their paths to ``out_uri``, report.
 
         An item asked for by several requests is attributed once and written once per request. Items that
@@ -158,7 +182,6 @@ class AttributionActor:
         the shard still completes. The dataset is written even when empty. Running out of memory is not an
         item's failure: ``AttributionOOM`` propagates and nothing is written.
         """
-        self.calls += 1
         start = time.perf_counter()
         requests: dict[str, list[str]] = {}
         for item_id, request_id in items:
@@ -189,13 +212,23 @@ class AttributionActor:
                            actor=self.name).to_dict()
 
 
-@dataclass
-class _Call:
-    shard: int
-    attempt: int  # 0 = first try, 1 = the retry
-    slot: int  # index in the pool
-    actor: Any  # the ActorHandle the call went to
-    first_error: str = ""
+@dataclass(frozen=True)
+class _Plan:
+    """The batch's shards: the (item, request) pairs each one scores and how errors name it."""
+
+    ids: list[str]  # distinct item ids, in order
+    groups: dict[str, list[tuple[str, str]]]  # item id -> its (item, request) pairs
+    shards: list[range]  # ranges of ``ids``
+    out_prefix: str
+    run_id: str
+
+    def pairs(self, k: int) -> list[tuple[str, str]]:
+        return [pair for i in self.ids[self.shards[k].start:self.shards[k].stop] for pair in self.groups[i]]
+
+    def where(self, k: int) -> str:
+        r = self.shards[k]
+        return (f"shard {k} (items {r.start}..{r.stop - 1} of {len(self.ids)}, first {self.ids[r.start]!r}; "
+                f"output {shard_uri(self.out_prefix, k)})")
 
 
 def ensure_ray(n_actors: int) -> None:
@@ -215,56 +248,20 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def describe_error(exc: BaseException) -> str:
     """One line for logs and errors: the original exception of a failed call, not Ray's full traceback."""
-    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
-    if cause is not None:
-        text = f"{type(cause).__name__}: {cause}"
-    else:  # an actor death: Ray's first line says why, the last one holds the error raised in __init__
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    if isinstance(exc, (RayActorError, RayTaskError)):  # Ray's first line says why, the last one the init error
         lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
         ends = dict.fromkeys([lines[0], lines[-1]]) if lines else {}
         text = f"{type(exc).__name__}: " + " ... ".join(ends)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
-def attribute_batch(
-    model_uri: str,
-    bench_uri: str,
-    items: Sequence[tuple[str, str]],
-    out_prefix: str,
-    *,
-    run_id: str,
-    n_actors: int,
-    attribution_cfg: Mapping[str, Any] | None = None,
-    max_shard: int | None = None,
-    max_in_flight: int | None = None,
-    endpoint_url: str | None = None,
-    forward_env: bool = True,
-    log: Callable[[str], Any] = print,
-    gpus_per_actor: int = 1,
-    dtype: str = "auto",
-) -> list[ShardResult]:
-    """Attribute ``items`` ((item_id, request_id) pairs) on a pool of Ray actors, one dataset per shard.
-
-    Distinct item ids are sharded with :func:`shard_items` (all requests of one item share its shard); shard
-    ``k`` goes to :func:`shard_uri` ``(out_prefix, k)``. At most ``min(n_actors, #shards)`` actors are
-    created, each loading the model once; at most ``max_in_flight`` calls (default: one per actor) are
-    queued, each on the least-busy actor. A shard whose call fails (the actor died or the call raised) is
-    retried once, on a replacement actor or another one; the actors are always killed at the end.
-
-    Ray: uses the connected cluster, else ``RAY_ADDRESS``, else starts a local one (left running for later
-    calls). Actors get ``gpus_per_actor`` GPUs of one node each when the cluster has them for every actor
-    (fewer actors are started when multi-GPU actors would not all fit, :func:`actors_that_fit`), else a CPU
-    share (:func:`actor_options`). Each actor loads the model once, in ``dtype`` ("auto": the checkpoint's),
-    spread over its GPUs. With ``forward_env``, the driver's ``AWS_*``/``MIP_S3_*`` variables reach the
-    actors through ``runtime_env`` (visible in the Ray dashboard: turn it off where workers have their own
-    credentials).
-
-    Returns:
-        one :class:`ShardResult` per shard, in shard order ([] for no items, without touching Ray).
-    Raises:
-        InputError: bad arguments (named). ActorStartError: the first actors cannot load the model or the
-        benchmark (not retried). ShardOOM: a shard ran out of memory even one item per pass (not retried:
-        raise ``gpus_per_actor`` or lower ``batch_items``). ShardError: a shard failed on its retry too.
-    """
+def _check_args(run_id: str, items: Sequence[tuple[str, str]], attribution_cfg: Mapping[str, Any] | None,
+                dtype: str) -> dict[str, list[tuple[str, str]]]:
+    """The pairs grouped by item id, each once; bad arguments raise InputError here, before Ray or any actor."""
     if not isinstance(run_id, str) or not run_id:
         raise InputError(f"run_id must be a non-empty string, got {run_id!r}")
     groups: dict[str, list[tuple[str, str]]] = {}
@@ -278,17 +275,12 @@ def attribute_batch(
     attribution_config(attribution_cfg)  # fail here, not in every actor
     if dtype != "auto" and dtype not in DTYPES:
         raise InputError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}; got {dtype!r}")
-    ids = list(groups)
-    shards = shard_items(len(ids), n_actors, max_shard=max_shard)
-    if not shards:
-        log("attribution: no items, nothing to do")
-        return []
-    in_flight = n_actors if max_in_flight is None else max_in_flight
-    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
-        raise InputError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
-    n_pool = min(n_actors, len(shards))
-    shard_pairs = [[pair for i in ids[r.start:r.stop] for pair in groups[i]] for r in shards]
+    return groups
 
+
+def _pool_options(n_pool: int, gpus_per_actor: int, forward_env: bool) -> tuple[int, dict[str, Any]]:
+    """How many actors fit on the cluster (started if need be) and each one's Ray options: resources as
+    :func:`actor_options`, the driver's storage variables as ``runtime_env``."""
     ensure_ray(n_pool)
     resources = ray.cluster_resources()
     n_pool = actors_that_fit(resources.get("GPU", 0), n_pool, gpus_per_actor)
@@ -297,84 +289,134 @@ def attribute_batch(
     env = forwarded_env() if forward_env else {}
     if env:
         options["runtime_env"] = {"env_vars": env}
-    cfg = dict(attribution_cfg or {})
+    return n_pool, options
 
-    def new_actor() -> Any:
-        return AttributionActor.options(**options).remote(model_uri, bench_uri, cfg, endpoint_url, dtype)
 
-    log(f"attribution: {len(ids)} items in {len(shards)} shards on {n_pool} actors "
-        f"({options.get('num_gpus', 0)} GPU, {options['num_cpus']} CPU each), at most {in_flight} in flight")
-    pool: list[Any] = []
-    spawned: list[Any] = []
-    results: dict[int, ShardResult] = {}
-    queue: deque[_Call] = deque(_Call(k, 0, -1, None) for k in range(len(shards)))
-    pending: dict[Any, _Call] = {}
-
-    def pick(avoid: int) -> int:
-        busy = [sum(1 for c in pending.values() if c.actor is a) for a in pool]
-        slots = [s for s in range(len(pool)) if s != avoid] or list(range(len(pool)))
-        return min(slots, key=lambda s: (busy[s], s))
-
+def _await_ready(actors: list[Any], model_uri: str, bench_uri: str, log: Callable[[str], Any]) -> dict[Any, str]:
+    """Each actor's Ray id, once all have loaded the model and benchmark; one that cannot load them fails the batch
+    here with one clear ActorStartError, instead of once per shard."""
     try:
-        for _ in range(n_pool):
-            spawned.append(new_actor())
-            pool.append(spawned[-1])
-        try:  # fail fast and clearly when the model or benchmark cannot be loaded, instead of once per shard
-            pings = ray.get([a.ping.remote() for a in pool])
-        except RayActorError as exc:
-            raise ActorStartError(f"attribution actors could not start (model {model_uri}, benchmark "
-                                  f"{bench_uri}): {describe_error(exc)}") from exc
-        log(f"attribution: {n_pool} actors ready, model loaded in "
-            f"{max(p['load_seconds'] for p in pings):.1f} s at most")
-        while queue or pending:
-            while queue and len(pending) < in_flight:
-                call = queue.popleft()
-                call.slot = pick(call.slot)
-                call.actor = pool[call.slot]
-                k = call.shard
-                pending[call.actor.score.remote(k, shard_pairs[k], shard_uri(out_prefix, k), run_id)] = call
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            call = pending.pop(ref)
-            try:
-                result = ShardResult.from_dict(ray.get(ref))
-            except (RayActorError, RayTaskError) as exc:
-                k, r = call.shard, shards[call.shard]
-                error = describe_error(exc)
-                if isinstance(getattr(exc, "cause", None), AttributionOOM):  # the same memory everywhere
-                    raise ShardOOM(f"attribution shard {k} (items {r.start}..{r.stop - 1} of {len(ids)}; output "
-                                   f"{shard_uri(out_prefix, k)}) ran out of memory on actor slot {call.slot}: "
-                                   f"{exc.cause}") from exc
-                if call.attempt >= 1:
-                    raise ShardError(
-                        f"attribution shard {k} (items {r.start}..{r.stop - 1} of {len(ids)}, first "
-                        f"{ids[r.start]!r}; output {shard_uri(out_prefix, k)}) failed twice: "
-                        f"{call.first_error}; retry: {error}. Check the actor logs (ray logs), then rerun "
-                        "the batch"
-                    ) from exc
-                log(f"attribution: shard {k} failed on actor slot {call.slot} ({error}); retrying once")
-                if isinstance(exc, RayActorError):  # the actor is gone: replace it (once per dead actor)
-                    if pool[call.slot] is call.actor:
-                        pool[call.slot] = new_actor()
-                        spawned.append(pool[call.slot])
-                    avoid = -1
-                elif len(pool) == 1:  # the call raised and there is no other actor: add a fresh one
-                    pool.append(new_actor())
-                    spawned.append(pool[-1])
-                    avoid = call.slot
-                else:
-                    avoid = call.slot
-                queue.appendleft(_Call(k, 1, avoid, None, first_error=error))
-                continue
-            results[call.shard] = result
-            log(f"attribution: shard {result.shard} done on {result.actor}: {result.n_items} items, "
-                f"{result.n_paths} paths, {len(result.failures)} failures, {result.seconds:.1f} s")
-        with suppress(Exception):  # a closing summary per actor; diagnostics only, never fails the batch
-            for p in ray.get([a.ping.remote() for a in pool], timeout=30):
-                log(f"attribution: actor {p['host']}:{p['pid']} on {p['device']} ({p['threads']} threads): "
-                    f"{p['calls']} shards, {p['model_loads']} model load(s); weights {'+'.join(p['param_dtypes'])} "
-                    f"on {'+'.join(p['param_devices'])}, {p['batch_items']} items per pass")
+        pings = ray.get([a.ping.remote() for a in actors])
+    except RayActorError as exc:
+        raise ActorStartError(f"attribution actors could not start (model {model_uri}, benchmark "
+                              f"{bench_uri}): {describe_error(exc)}") from exc
+    log(f"attribution: {len(actors)} actors ready, model loaded in "
+        f"{max(p['load_seconds'] for p in pings):.1f} s at most")
+    return {a: p["actor_id"] for a, p in zip(actors, pings)}
+
+
+def _run_shards(actors: dict[Any, str], plan: _Plan, log: Callable[[str], Any]) -> list[ShardResult]:
+    """Every shard through an ActorPool (one call per actor at a time, the next shard to the first actor free).
+
+    Ray has retried whatever it retries (see :class:`AttributionActor`) before an error reaches here, so any error
+    fails the batch (:func:`_final_error`).
+    """
+    pool = ActorPool(list(actors))
+    running: dict[str, int] = {}  # actor id -> the shard it is scoring: a dead actor's error names only the actor
+
+    def call(actor: Any, k: int) -> Any:
+        running[actors[actor]] = k
+        return actor.score.remote(k, plan.pairs(k), shard_uri(plan.out_prefix, k), plan.run_id)
+
+    for k in range(len(plan.shards)):
+        pool.submit(call, k)
+    results: dict[int, ShardResult] = {}
+    while pool.has_next():
+        try:
+            result = ShardResult.from_dict(pool.get_next_unordered())
+        except (RayActorError, RayTaskError) as exc:
+            raise _final_error(exc, plan, running) from exc
+        results[result.shard] = result
+        log(f"attribution: shard {result.shard} done on {result.actor}: {result.n_items} items, "
+            f"{result.n_paths} paths, {len(result.failures)} failures, {result.seconds:.1f} s")
+    return [results[k] for k in range(len(plan.shards))]
+
+
+def _final_error(exc: RayActorError | RayTaskError, plan: _Plan, running: dict[str, int]) -> ShardError:
+    """The batch's error for a shard that failed for good: ShardOOM as the actor raised it, else a ShardError
+    naming the shard, its first and second error, and what to do."""
+    cause = exc.cause if isinstance(exc, RayTaskError) else None
+    if isinstance(cause, ShardOOM):
+        return cause
+    if isinstance(cause, ShardAttemptError):  # no first error: the first try never raised in this actor process
+        k, retry = cause.shard, cause.error
+        first = cause.first or "lost with its actor (it died or was unreachable; Ray retried the shard)"
+    else:  # the retry died with its actor; the first try's error, if it raised one, was in that process
+        k, retry = running.get(getattr(exc, "actor_id", None)), describe_error(exc)
+        first = "not known here (it was in the dead actor's process; Ray retried the shard)"
+    where = plan.where(k) if k is not None else f"shard (one of {sorted(set(running.values()))})"
+    return ShardError(f"attribution {where} failed twice: {first}; retry: {retry}. Check the actor logs "
+                      "(ray logs), then rerun the batch")
+
+
+def _log_summary(actors: list[Any], log: Callable[[str], Any]) -> None:
+    """One line per actor: its shards and model loads, what Ray restarted or retried; diagnostics only, never
+    fails the batch."""
+    with suppress(Exception):
+        for p in ray.get([a.ping.remote() for a in actors], timeout=30):
+            faults = ", restarted by Ray (its process died)" if p["restarted"] else ""
+            faults += "".join(f"; Ray retried shard {k} after {error}" for k, error in p["retried"].items())
+            log(f"attribution: actor {p['host']}:{p['pid']} on {p['device']} ({p['threads']} threads): "
+                f"{p['calls']} shards, {p['model_loads']} model load(s); weights {'+'.join(p['param_dtypes'])} "
+                f"on {'+'.join(p['param_devices'])}, {p['batch_items']} items per pass{faults}")
+
+
+def attribute_batch(
+    model_uri: str,
+    bench_uri: str,
+    items: Sequence[tuple[str, str]],
+    out_prefix: str,
+    *,
+    run_id: str,
+    n_actors: int,
+    attribution_cfg: Mapping[str, Any] | None = None,
+    max_shard: int | None = None,
+    endpoint_url: str | None = None,
+    forward_env: bool = True,
+    log: Callable[[str], Any] = print,
+    gpus_per_actor: int = 1,
+    dtype: str = "auto",
+) -> list[ShardResult]:
+    """Attribute ``items`` ((item_id, request_id) pairs) on a pool of Ray actors, one dataset per shard.
+
+    Distinct item ids are sharded with :func:`shard_items` (all requests of one item share its shard); shard
+    ``k`` goes to :func:`shard_uri` ``(out_prefix, k)``. At most ``min(n_actors, #shards)`` actors are
+    created, each loading the model once; a ``ray.util.ActorPool`` gives each one shard at a time. Ray retries a
+    failed shard once: on the same actor after a raised error, on its restarted process after a death (see
+    :class:`AttributionActor`). The actors are always killed at the end.
+
+    Ray: uses the connected cluster, else ``RAY_ADDRESS``, else starts a local one (left running for later
+    calls). Actors get ``gpus_per_actor`` GPUs of one node each when the cluster has them for every actor
+    (fewer actors are started when multi-GPU actors would not all fit, :func:`actors_that_fit`), else a CPU
+    share (:func:`actor_options`). Each actor loads the model once, in ``dtype`` ("auto": the checkpoint's),
+    spread over its GPUs. With ``forward_env``, the driver's ``AWS_*``/``MIP_S3_*`` variables reach the
+    actors through ``runtime_env`` (visible in the Ray dashboard: turn it off where workers have their own
+    credentials).
+
+    Returns:
+        one :class:`ShardResult` per shard, in shard order ([] for no items, without touching Ray).
+    Raises:
+        InputError: bad arguments (named). ActorStartError: the actors cannot load the model or the benchmark
+        (not retried). ShardOOM: a shard ran out of memory even one item per pass (not retried: raise
+        ``gpus_per_actor`` or lower ``batch_items``). ShardError: a shard failed on its retry too.
+    """
+    groups = _check_args(run_id, items, attribution_cfg, dtype)
+    plan = _Plan(list(groups), groups, shard_items(len(groups), n_actors, max_shard=max_shard), out_prefix, run_id)
+    if not plan.shards:
+        log("attribution: no items, nothing to do")
+        return []
+    n_pool, options = _pool_options(min(n_actors, len(plan.shards)), gpus_per_actor, forward_env)
+    log(f"attribution: {len(plan.ids)} items in {len(plan.shards)} shards on {n_pool} actors "
+        f"({options.get('num_gpus', 0)} GPU, {options['num_cpus']} CPU each), one shard per actor at a time")
+    args = (model_uri, bench_uri, dict(attribution_cfg or {}), endpoint_url, dtype)
+    actors: list[Any] = []
+    try:
+        for _ in range(n_pool):  # one at a time: those created before a failure are still killed
+            actors.append(AttributionActor.options(**options).remote(*args))
+        results = _run_shards(_await_ready(actors, model_uri, bench_uri, log), plan, log)
+        _log_summary(actors, log)
     finally:
-        for actor in spawned:
+        for actor in actors:
             with suppress(Exception):
                 ray.kill(actor, no_restart=True)
-    return [results[k] for k in range(len(shards))]
+    return results

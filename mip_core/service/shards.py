@@ -3,7 +3,7 @@
 A shard is a contiguous range of the batch's distinct forget items. Its size follows from the item and actor
 counts (``ceil(n_items / n_actors)``, so every actor gets one shard), capped by ``max_shard`` so that a big
 batch becomes more, smaller shards than actors: a failed shard then costs less to redo and a slow actor holds
-up less. The driver (``tasks.actors.attribute_batch``) keeps a bounded number of shards in flight.
+up less. The driver (``tasks.actors.attribute_batch``) gives each actor one shard at a time (``ray.util.ActorPool``).
 
 Memory (docs/scale.md, "Attribution actors"): an actor spans ``gpus_per_actor`` GPUs of one node and holds the
 model once over them; its items per pass follow from the memory left after the weights (:func:`items_per_pass`).
@@ -20,7 +20,7 @@ from mip_core.errors import InputError, MipError
 
 
 class ShardError(MipError, RuntimeError):
-    """A shard failed on two actors (first try and its retry); the message names the shard and both errors."""
+    """A shard failed twice (its first try and Ray's retry); the message names the shard and both errors."""
 
 
 class ActorStartError(ShardError):
@@ -31,7 +31,24 @@ class ShardOOM(ShardError):
     """A shard ran out of memory even one item per pass (``mip_core.errors.AttributionOOM`` in the actor).
 
     Not retried: another actor has the same memory. Its items were not scored, so no request may close on it.
+    Raised in the actor, outside Ray's ``retry_exceptions``, and re-raised by the driver.
     """
+
+
+class ShardAttemptError(MipError, RuntimeError):
+    """One try of shard ``shard`` failed in its actor with ``error``; ``first`` is the first try's error on a retry
+    in the same actor process, else "".
+
+    The only error Ray retries (the actor's ``retry_exceptions``). It names the shard because Ray's errors name
+    only the actor, and it carries the first try's error because Ray keeps no trail of the tries it retried.
+    """
+
+    def __init__(self, shard: int, error: str, first: str = "") -> None:
+        super().__init__(shard, error, first)  # the arguments rebuild it when Ray unpickles it in the driver
+        self.shard, self.error, self.first = shard, error, first
+
+    def __str__(self) -> str:
+        return f"shard {self.shard}: {self.error}" + (f" (first try: {self.first})" if self.first else "")
 
 
 def _positive_int(name: str, value: Any) -> int:
