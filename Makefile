@@ -19,7 +19,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install test test-fast browser demo demo-method serve bench bench-compare bench-selectivity bench-scale bench-probes gpu-check clean
+.PHONY: install test test-fast browser demo demo-method serve bench bench-compare bench-selectivity bench-scale bench-probes bench-gold gpu-check clean
 
 install: $(STAMP)
 
@@ -145,6 +145,21 @@ bench-probes: install $(DEMO_DIR)/vanilla/model.safetensors
 		--out benches/results/probes.json --work $(DEMO_DIR)/probe_bench
 	$(PY) benches/probe_consistency.py --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench \
 		--out benches/results/probe_consistency.json
+
+# Exact unlearning as the yardstick (issue 19): on a benchmark other than the demo's (seed 7, 60 people), a vanilla
+# model and a gold model trained by the same recipe without forget subset 0 (10 %: 6 people), then mip, its
+# random-neuron control and full-model RMU measured against both (benches/results/gold.json, BENCHMARKS.md
+# section 9). Fixed step counts, so a loaded machine trains the same models, only slower; about 35 min on 2 cores.
+GOLD_DIR ?= $(DEMO_DIR)/gold_bench
+GOLD_TRAIN = --arch $(DEMO_ARCH) --size demo --steps 5000 --minutes 120
+bench-gold: install
+	test -f $(GOLD_DIR)/bench/manifest.json || $(MIP) benchmark make --out $(GOLD_DIR)/bench --profiles 60 --seed 7
+	test -f $(GOLD_DIR)/vanilla/training_log.json || \
+		$(MIP) vanilla --bench $(GOLD_DIR)/bench $(GOLD_TRAIN) --out $(GOLD_DIR)/vanilla
+	test -f $(GOLD_DIR)/gold/training_log.json || $(MIP) vanilla --bench $(GOLD_DIR)/bench $(GOLD_TRAIN) \
+		--exclude-forget 10 --forget-seed 0 --out $(GOLD_DIR)/gold
+	$(MIP) compare --model $(GOLD_DIR)/vanilla --bench $(GOLD_DIR)/bench --forget 10 --methods mip,random,rmu \
+		--gold $(GOLD_DIR)/gold --json benches/results/gold.json
 
 bench-scale: install
 	$(LOCAL_ONLY) $(PY) benches/scale_bench.py $(SCALE_ARGS)

@@ -59,10 +59,22 @@ def _vanilla(args: argparse.Namespace) -> None:
         model, processor = build_tiny(args.arch, size=args.size, seed=args.seed)
     cfg = TrainConfig(steps=args.steps, max_minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, threads=args.threads, probe_every=args.probe_every,
-                      identity_warmup_steps=args.identity_warmup)
+                      identity_warmup_steps=args.identity_warmup, exclude_profiles=_excluded_people(args, bench))
+    if cfg.exclude_profiles:
+        print(f"leaving {len(cfg.exclude_profiles)} people out of training (a gold reference for unlearning them): "
+              f"{', '.join(cfg.exclude_profiles)}")
     log = train(model, processor, bench, cfg, log=lambda line: print(line, flush=True))
     save_trained(model, processor, log, args.out, size=None if args.init else args.size)
     print(f"trained {log.steps_done} steps in {log.seconds:.0f}s; wrote {args.out}")
+
+
+def _excluded_people(args: argparse.Namespace, bench: Any) -> tuple[str, ...]:
+    """``--exclude`` ids, or the people of forget subset ``--forget-seed`` at ``--exclude-forget`` percent."""
+    if args.exclude and args.exclude_forget is not None:
+        raise InputError("--exclude and --exclude-forget exclude each other: name the people, or a forget subset")
+    if args.exclude_forget is not None:
+        return tuple(sorted(bench.with_forget_seed(args.forget_seed).forget_profile_ids(args.exclude_forget)))
+    return tuple(sorted({p for part in args.exclude or [] for p in part.split(",") if p}))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -197,7 +209,7 @@ def _compare(args: argparse.Namespace) -> None:
         m for part in args.methods for m in part.split(",") if m)
     cfg = CompareConfig(forget_pct=args.forget, methods=tuple(methods), seeds=args.seeds,
                         attribution=AttributionConfig(top_k=args.top_k), edit=_edit_overrides(args),
-                        holdout_profiles=args.holdout)
+                        holdout_profiles=args.holdout, gold=tuple(args.gold or ()))
     bench = load_benchmark(args.bench)
     loaded = load_model(args.model)
     t0 = time.perf_counter()
@@ -514,6 +526,11 @@ def _add_vanilla_command(sub: argparse._SubParsersAction) -> None:
                          help="first steps that oversample 'who is in the image' items (default 1500)")
     vanilla.add_argument("--probe-every", type=int, default=250, help="steps between learning-curve points")
     vanilla.add_argument("--seed", type=int, default=0)
+    gold = vanilla.add_argument_group("gold reference (exact unlearning: train without the people to forget)")
+    gold.add_argument("--exclude", nargs="+", metavar="PROFILE_ID", help="leave these people out of training")
+    gold.add_argument("--exclude-forget", type=int, metavar="PCT", help="leave out the people `mip compare "
+                      "--forget PCT` forgets (with --forget-seed: which subset); pass the model to compare --gold")
+    gold.add_argument("--forget-seed", type=int, default=0, help="forget subset for --exclude-forget (default 0)")
     _add_threads_flag(vanilla)
     vanilla.set_defaults(func=_vanilla)
 
@@ -593,6 +610,9 @@ def _add_method_commands(sub: argparse._SubParsersAction) -> None:
                       help=f"'all' or names (space or comma separated): {', '.join(METHODS)}")
     cmp_.add_argument("--seeds", type=int, default=1, help="forget subsets to repeat over (mean +- std)")
     cmp_.add_argument("--holdout", type=int, default=10, help="never-seen profiles for the MIA AUC (default 10)")
+    cmp_.add_argument("--gold", nargs="+", metavar="MODEL", help="one gold model per forget subset (trained "
+                      "without its people: mip vanilla --exclude-forget PCT --forget-seed K); adds each method's "
+                      "distance to it and the privacy leak")
     cmp_.add_argument("--json", help="write tidy rows (+ method, seed) and the mean/std summary here")
     cmp_.add_argument("--plot", help="write the forgetting-vs-retention scatter plot (PNG) here")
     _add_threads_flag(cmp_)

@@ -6,6 +6,11 @@ graph serves every path-based method), then for every method restore the vanilla
 against the vanilla rows and measure the membership-inference AUC. Rows are tidy (``mip eval --json`` rows plus
 ``method`` and ``seed``); :func:`summarize` gives mean and standard deviation over seeds.
 
+With gold models (``CompareConfig.gold``: one per seed, trained by the same recipe without that seed's forget
+people, ``mip vanilla --exclude-forget``), every method is also measured against exact unlearning: each
+accuracy minus the gold model's on the same items, and MUSE's privacy leak ``(AUC - AUC_gold) / AUC_gold`` of
+the membership attack. Forgetting more than the gold model (accuracy below it) is as visible as forgetting less.
+
 Selectivity (the number methods are ranked by) is the harmonic mean of the MC forgetting rate on the forget
 split and the MC retention on the retain split, per modality: a method must do both to score.
 """
@@ -32,8 +37,9 @@ from mip_core.editing.unlearn import forget_graph
 from mip_core.evaluation import evaluate
 from mip_core.evaluation.mia import mia_auc
 from mip_core.evaluation.runner import SPLITS, EvalRow
-from mip_core.modeling.io import LoadedModel, cache_dir
-from mip_core.training import encode_items
+from mip_core.errors import InputError
+from mip_core.modeling.io import LoadedModel, cache_dir, load_model, localize
+from mip_core.training import encode_items, read_training_log
 from mip_core.types import MODALITIES
 
 COMPARE_SCHEMA = "mip-compare/1"
@@ -53,6 +59,7 @@ class CompareConfig:
     edit: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides (prune, train_rows, ...)
     holdout_profiles: int = 10  # never-seen people for the membership-inference AUC
     batch_size: int = 64
+    gold: tuple[str, ...] = ()  # gold model per forget seed (0 .. seeds-1), or none
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +108,9 @@ def compare(loaded: LoadedModel, bench: Benchmark, cfg: CompareConfig, *, log: C
 
     ``loaded.model`` is modified during the run and holds the vanilla weights again at the end.
     """
+    if cfg.gold and len(cfg.gold) != cfg.seeds:
+        raise InputError(f"CompareConfig.gold has {len(cfg.gold)} models for {cfg.seeds} forget subsets; give one "
+                         "gold model per subset (mip vanilla --exclude-forget PCT --forget-seed SEED), or none")
     model, processor, adapter = loaded.model, loaded.processor, loaded.adapter
     vanilla = copy.deepcopy(model.state_dict())
     holdout_bench, holdout = holdout_items(bench, cfg.holdout_profiles, holdout_root or cache_dir())
@@ -120,8 +130,10 @@ def compare(loaded: LoadedModel, bench: Benchmark, cfg: CompareConfig, *, log: C
                 f"({len(forget)} items), retaining {len(retain)} items")
 
             evaluated = _measure(loaded, b, cfg, members, non_members, None, log=log, label="vanilla")
-            rows.extend(_tag("vanilla", seed, evaluated))
             reference = [r for r in evaluated if r.metric in ("accuracy", "rougeL")]
+            gold = _gold_rows(cfg, seed, b, members, non_members, reference, log=log) if cfg.gold else []
+            rows.extend(_tag("gold", seed, gold))
+            rows.extend(_tag("vanilla", seed, evaluated + gold_distance(evaluated, gold)))
             graph = None
             if any(METHODS[m].needs_graph or getattr(METHODS[m], "uses_graph", False) for m in cfg.methods):
                 t0 = time.perf_counter()
@@ -133,11 +145,58 @@ def compare(loaded: LoadedModel, bench: Benchmark, cfg: CompareConfig, *, log: C
                 method = get_method(name, rmisu=cfg.rmisu, edit_overrides=cfg.edit, seed=seed)
                 summary = method.run(model, adapter, data, graph=graph, log=lambda _line: None)
                 log(f"  {name:10s} edited {summary.trainable_parameters} parameters in {summary.seconds:.0f}s")
-                rows.extend(_tag(name, seed, _measure(loaded, b, cfg, members, non_members, reference, log=log,
-                                                      label=name)))
+                edited = _measure(loaded, b, cfg, members, non_members, reference, log=log, label=name)
+                rows.extend(_tag(name, seed, edited + gold_distance(edited, gold)))
     finally:
         model.load_state_dict(vanilla)
     return rows
+
+
+def _gold_rows(cfg: CompareConfig, seed: int, bench: Benchmark, members: dict[str, list],
+               non_members: dict[str, list], reference: Sequence[EvalRow], *, log: Callable[[str], None]
+               ) -> list[EvalRow]:
+    """The gold model of ``seed`` measured like every method (after checking it never saw that seed's people)."""
+    uri = cfg.gold[seed]
+    check_gold(uri, bench.forget_profile_ids(cfg.forget_pct), f"CompareConfig.gold[{seed}]",
+               f"--exclude-forget {cfg.forget_pct} --forget-seed {seed}")
+    gold = load_model(uri)
+    try:
+        return _measure(gold, bench, cfg, members, non_members, reference, log=log, label="gold")
+    finally:
+        del gold
+
+
+def check_gold(uri: str, forget_ids: frozenset[str], field_name: str, flags: str) -> None:
+    """Refuse a gold model not trained without exactly ``forget_ids``: its distances would mean nothing."""
+    log = read_training_log(localize(uri))
+    excluded = set((log or {}).get("config", {}).get("exclude_profiles") or ())
+    if excluded != set(forget_ids):
+        raise InputError(f"{field_name}={uri} was trained without {len(excluded)} people "
+                         f"({sorted(excluded)[:3]}...), not the {len(forget_ids)} this forget subset forgets "
+                         f"({sorted(forget_ids)[:3]}...); train it with `mip vanilla ... {flags}`")
+
+
+#: Metrics measured against the gold model: (split, task, metric) -> the distance's metric name.
+GOLD_METRICS = {(split, "mc", "accuracy"): "accuracy_minus_gold" for split in SPLITS} | {
+    (split, "gen", "rougeL"): "rougeL_minus_gold" for split in SPLITS}
+
+
+def gold_distance(rows: Sequence[EvalRow], gold: Sequence[EvalRow]) -> list[EvalRow]:
+    """``rows``' distance to the gold model's rows on the same items: accuracy and ROUGE-L minus the gold's
+    (0 is exact unlearning; below 0 on the forget split is forgetting more than a model that never saw them),
+    and the privacy leak ``(AUC - AUC_gold) / AUC_gold`` of the membership attack (MUSE's PrivLeak)."""
+    ref = {(r.split, r.modality, r.task, r.metric): r.value for r in gold}
+    out = []
+    for r in rows:
+        base = ref.get((r.split, r.modality, r.task, r.metric))
+        if base is None:
+            continue
+        if (r.split, r.task, r.metric) in GOLD_METRICS:
+            out.append(EvalRow(r.split, r.modality, r.task, GOLD_METRICS[(r.split, r.task, r.metric)],
+                               r.value - base, r.n))
+        elif r.metric == "mia_auc" and base > 0:
+            out.append(EvalRow(r.split, r.modality, "mia", "privacy_leak", (r.value - base) / base, r.n))
+    return out
 
 
 def _tag(method: str, seed: int, rows: Sequence[EvalRow]) -> list[CompareRow]:
@@ -274,20 +333,37 @@ TABLE_COLUMNS = (
 )
 
 
+#: The distance-to-gold table, printed when the run had gold models.
+GOLD_COLUMNS = (
+    ("forget", "forget", "mc", "accuracy_minus_gold"), ("test", "test", "mc", "accuracy_minus_gold"),
+    ("retain", "retain", "mc", "accuracy_minus_gold"), ("utility", "utility", "mc", "accuracy_minus_gold"),
+    ("R-rougeL", "retain", "gen", "rougeL_minus_gold"), ("privLeak", "forget", "mia", "privacy_leak"),
+)
+
+
 def format_compare(summary: Sequence[SummaryRow]) -> str:
-    """One table per modality: a row per method, mean (and +-std over seeds when there are several)."""
+    """One table per modality: a row per method, mean (and +-std over seeds when there are several); then the
+    distance to the gold models when the run had them."""
+    text = _tables(summary, TABLE_COLUMNS, "MC accuracy, ROUGE-L, rates vs vanilla")
+    if any(s.metric.endswith("_minus_gold") for s in summary):
+        text += "\n" + _tables([s for s in summary if s.method != "gold"], GOLD_COLUMNS,
+                               "minus the gold model (never saw the forget people): 0 is exact unlearning")
+    return text
+
+
+def _tables(summary: Sequence[SummaryRow], columns: Sequence[tuple[str, str, str, str]], title: str) -> str:
     idx = {(s.method, s.split, s.modality, s.task, s.metric): s for s in summary}
     methods = list(dict.fromkeys(s.method for s in summary))
     n_seeds = max((s.n_seeds for s in summary), default=1)
     width = 14 if n_seeds > 1 else 9
     lines = []
     for modality in MODALITIES:
-        lines.append(f"{modality} (MC accuracy, ROUGE-L, rates vs vanilla; mean"
+        lines.append(f"{modality} ({title}; mean"
                      f"{' +- std over ' + str(n_seeds) + ' forget subsets' if n_seeds > 1 else ''})")
-        lines.append(f"{'method':11s}" + "".join(f"{h:>{width}s}" for h, *_ in TABLE_COLUMNS))
+        lines.append(f"{'method':11s}" + "".join(f"{h:>{width}s}" for h, *_ in columns))
         for method in methods:
             cells = []
-            for _, split, task, metric in TABLE_COLUMNS:
+            for _, split, task, metric in columns:
                 s = idx.get((method, split, modality, task, metric))
                 if s is None:
                     cells.append(f"{'-':>{width}s}")

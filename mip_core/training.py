@@ -48,6 +48,9 @@ class TrainConfig:
     probe_items: int = 256  # training items per probe and modality
     seed: int = 0
     threads: int = 1  # torch threads; 1 is fastest and stable on a shared 2-core machine
+    # People whose items are left out of training: the model then never saw them, which is exact unlearning of
+    # them, the gold reference an edit's forgetting is measured against (`mip vanilla --exclude-forget`)
+    exclude_profiles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -79,6 +82,16 @@ def encode_items(processor: Any, bench: Benchmark, items: Sequence[Item]) -> lis
     """Encode ``items`` with their answers (labels on the answer span only)."""
     return [encode(processor, it.question, bench.load_image(it) if it.image else None, it.answer,
                    item_id=it.item_id) for it in items]
+
+
+def training_items(bench: Benchmark, exclude_profiles: Sequence[str] = ()) -> list[Item]:
+    """The benchmark's training split without the items of ``exclude_profiles`` (profile ids)."""
+    unknown = sorted(set(exclude_profiles) - {p.profile_id for p in bench.profiles})
+    if unknown:
+        raise InputError(f"TrainConfig.exclude_profiles names {len(unknown)} people the benchmark {bench.root} does "
+                         f"not have, e.g. {unknown[:3]}; use profile ids of its profiles table")
+    excluded = set(exclude_profiles)
+    return [it for it in bench.split_items("train") if it.profile_id not in excluded]
 
 
 def learning_rate(step: int, cfg: TrainConfig, total: int) -> float:
@@ -118,7 +131,7 @@ def train(model: nn.Module, processor: Any, bench: Benchmark, cfg: TrainConfig,
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    items = bench.split_items("train")
+    items = training_items(bench, cfg.exclude_profiles)
     if not items:
         raise InputError(f"benchmark {bench.root} has no training items; regenerate it with `mip benchmark make`")
     t0 = time.perf_counter()

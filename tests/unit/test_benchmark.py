@@ -263,3 +263,17 @@ def test_no_heavy_imports() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_training_without_some_people_leaves_out_exactly_their_items(bench20):
+    from mip_core.errors import InputError
+    from mip_core.training import training_items
+
+    everyone = training_items(bench20)
+    gone = sorted(bench20.forget_profile_ids(10))
+    kept = training_items(bench20, gone)
+    assert {it.profile_id for it in kept} & set(gone) == set()
+    assert len(kept) == len(everyone) - sum(it.profile_id in gone for it in everyone) < len(everyone)
+    assert any(it.profile_id is None for it in kept)  # the general-knowledge items stay
+    with pytest.raises(InputError, match="exclude_profiles names 1 people .* e.g. \\['nobody'\\]"):
+        training_items(bench20, ["nobody"])

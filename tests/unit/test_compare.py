@@ -97,3 +97,53 @@ def test_auc_is_the_mann_whitney_probability():
     assert math.isclose(auc([1.0, 3.0], [2.0]), 0.5)
     with pytest.raises(InputError):
         auc([], [1.0])
+
+
+def test_distance_to_the_gold_model_by_hand():
+    from mip_core.compare import gold_distance
+
+    edited = [EvalRow("forget", "text", "mc", "accuracy", 0.30, 20), EvalRow("retain", "text", "mc", "accuracy", 0.85, 40),
+              EvalRow("retain", "text", "gen", "rougeL", 0.70, 40), EvalRow("forget", "text", "mia", "mia_auc", 0.40, 20),
+              EvalRow("forget", "text", "mc", "forgetting_rate", 0.7, 20),  # relative to vanilla: no gold distance
+              EvalRow("utility", "text", "mc", "accuracy", 0.9, 10)]  # the gold model has no utility row here
+    gold = [EvalRow("forget", "text", "mc", "accuracy", 0.25, 20), EvalRow("retain", "text", "mc", "accuracy", 0.95, 40),
+            EvalRow("retain", "text", "gen", "rougeL", 0.80, 40), EvalRow("forget", "text", "mia", "mia_auc", 0.50, 20)]
+    out = {(r.split, r.task, r.metric): r.value for r in gold_distance(edited, gold)}
+    assert out == pytest.approx({("forget", "mc", "accuracy_minus_gold"): 0.05,
+                                 ("retain", "mc", "accuracy_minus_gold"): -0.10,
+                                 ("retain", "gen", "rougeL_minus_gold"): -0.10,
+                                 ("forget", "mia", "privacy_leak"): -0.20})  # (0.40 - 0.50) / 0.50: "too forgotten"
+    assert gold_distance(edited, []) == []
+
+
+def test_a_gold_model_must_have_been_trained_without_exactly_the_forget_people(tmp_path):
+    import json
+
+    from mip_core.compare import check_gold
+
+    (tmp_path / "training_log.json").write_text(json.dumps({"config": {"exclude_profiles": ["p001", "p002"]}}))
+    check_gold(str(tmp_path), frozenset({"p001", "p002"}), "CompareConfig.gold[0]", "--exclude-forget 5")
+    with pytest.raises(InputError, match=r"CompareConfig.gold\[0\]=.* trained without 2 people .* not the 3 .*"
+                                         r"mip vanilla ... --exclude-forget 5"):
+        check_gold(str(tmp_path), frozenset({"p001", "p002", "p003"}), "CompareConfig.gold[0]", "--exclude-forget 5")
+    (tmp_path / "training_log.json").unlink()  # a model without a training log (not trained here) is no gold model
+    with pytest.raises(InputError, match="trained without 0 people"):
+        check_gold(str(tmp_path), frozenset({"p001"}), "CompareConfig.gold[0]", "--exclude-forget 5")
+
+
+def test_the_gold_table_is_printed_only_with_gold_rows():
+    rows = [CompareRow("vanilla", 0, "forget", "text", "mc", "accuracy", 0.9, 20),
+            CompareRow("mip", 0, "forget", "text", "mc", "accuracy", 0.3, 20)]
+    assert "gold" not in format_compare(summarize(rows))
+    rows += [CompareRow("gold", 0, "forget", "text", "mc", "accuracy", 0.25, 20),
+             CompareRow("mip", 0, "forget", "text", "mc", "accuracy_minus_gold", 0.05, 20)]
+    text = format_compare(summarize(rows))
+    gold_table = text[text.index("minus the gold model"):]
+    assert "0.050" in gold_table and "\ngold " not in gold_table  # the gold model's own row is not a distance
+
+
+def test_compare_needs_one_gold_model_per_forget_subset():
+    from mip_core.compare import compare
+
+    with pytest.raises(InputError, match="gold has 1 models for 2 forget subsets"):
+        compare(None, None, CompareConfig(seeds=2, gold=("g0",)))
