@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mip_core.benchmark import Benchmark, Item
+from mip_core.config import Count, Positive, Share, config_class
 from mip_core.errors import InputError
 from mip_core.modeling.inputs import IGNORE_INDEX, collate, encode
 from mip_core.modeling.io import save_model
@@ -28,18 +29,18 @@ from mip_core.progress import Progress
 TRAINING_LOG = "training_log.json"
 
 
-@dataclass(frozen=True, slots=True)
+@config_class
 class TrainConfig:
     """Vanilla fine-tuning schedule. Defaults memorise 100 profiles with the ``demo`` model on one CPU thread."""
 
-    steps: int = 7000  # optimiser steps (upper bound; ``max_minutes`` may stop earlier)
-    max_minutes: float = 15.0  # wall-clock budget for the optimisation loop
-    batch_size: int = 16  # examples per step
-    lr: float = 3e-3  # peak AdamW learning rate
+    steps: Count = 7000  # optimiser steps (upper bound; ``max_minutes`` may stop earlier)
+    max_minutes: Positive = 15.0  # wall-clock budget for the optimisation loop
+    batch_size: Count = 16  # examples per step
+    lr: Positive = 3e-3  # peak AdamW learning rate
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear warm-up from 0
-    decay_fraction: float = 0.25  # final fraction of steps with linear decay to 10% of ``lr``
+    decay_fraction: Share = 0.25  # final fraction of steps with linear decay to 10% of ``lr``
     clip_norm: float = 1.0  # gradient-norm clipping
     multimodal_weight: float = 1.0  # sampling weight of multimodal items relative to text items
     identity_warmup_steps: int = 1500  # first steps oversampling "who is in the image" items (at most steps/4)
@@ -51,17 +52,6 @@ class TrainConfig:
     # People whose items are left out of training: the model then never saw them, which is exact unlearning of
     # them, the gold reference an edit's forgetting is measured against (`mip vanilla --exclude-forget`)
     exclude_profiles: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        if self.max_minutes <= 0:
-            raise ValueError(f"TrainConfig.max_minutes must be > 0, got {self.max_minutes}")
 
 
 @dataclass

@@ -33,13 +33,15 @@ import math
 import random
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from dataclasses import asdict
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from mip_core.config import Count, Index, config_class
 from mip_core.editing.base import EditSummary, Log, UnlearnData, batches
 from mip_core.errors import InputError
 from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob
@@ -60,35 +62,18 @@ Batch = Mapping[str, Tensor]  # a collated batch, ``labels`` included
 LOG_EVERY = 10  # steps between points of the loss curve (plus the first and the last step)
 
 
-@dataclass(frozen=True, slots=True)
+@config_class
 class FinetuneConfig:
     """Schedule of the gradient baselines. Fields a method does not use (``beta`` for GA) are ignored."""
 
-    steps: int = 60  # optimiser steps
-    lr: float = 5e-4  # AdamW learning rate (constant); 5e-4 is the knee on the demo model (BENCHMARKS.md, section 3)
-    batch_size: int = 8  # forget examples per step, and as many retain examples when the method uses them
-    retain_weight: float = 1.0  # weight of the retain term (GA_Diff, KL_Min)
-    beta: float = 0.1  # NPO inverse temperature
-    clip_norm: float = 1.0  # gradient-norm clipping
-    seed: int = 0  # batch order and torch RNG (dropout)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"FinetuneConfig.{name} must be an integer >= 1, got {value!r}")
-        checks = {"lr": (False, "a positive learning rate such as 1e-4"),
-                  "beta": (False, "a positive inverse temperature such as 0.1"),
-                  "clip_norm": (False, "a positive gradient norm such as 1.0"),
-                  "retain_weight": (True, "a weight >= 0 such as 1.0")}
-        for name, (zero_ok, fix) in checks.items():
-            value = getattr(self, name)
-            ok = isinstance(value, int | float) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
-            if not ok:
-                raise InputError(f"FinetuneConfig.{name} must be {'>= 0' if zero_ok else '> 0'} and finite, "
-                                 f"got {value!r}; pass {fix}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"FinetuneConfig.seed must be an integer >= 0, got {self.seed!r}")
+    steps: Count = 60  # optimiser steps
+    # AdamW learning rate (constant); 5e-4 is the knee on the demo model (BENCHMARKS.md, section 3)
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 5e-4
+    batch_size: Count = 8  # forget examples per step, and as many retain examples when the method uses them
+    retain_weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0  # the retain term's (GA_Diff, KL_Min)
+    beta: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.1  # NPO inverse temperature
+    clip_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0  # gradient-norm clipping
+    seed: Index = 0  # batch order and torch RNG (dropout)
 
 
 # --------------------------------------------------------------------------------------------- loss terms

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mip_core.benchmark import load_benchmark, make_benchmark
+from mip_core.errors import InputError
 from mip_core.evaluation import evaluate
 from mip_core.modeling import build_tiny, load_model, save_model
 from mip_core.training import TrainConfig, train
@@ -34,7 +35,7 @@ def test_vanilla_training_learns_both_modalities(tmp_path):
 
 
 def test_training_rejects_bad_config():
-    with pytest.raises(ValueError, match="TrainConfig.lr"):
+    with pytest.raises(InputError, match="TrainConfig.lr="):
         TrainConfig(lr=0)
-    with pytest.raises(ValueError, match="TrainConfig.steps"):
+    with pytest.raises(InputError, match="TrainConfig.steps="):
         TrainConfig(steps=0)
