@@ -6,10 +6,12 @@ The model is registered the way an operator without a training benchmark would: 
 that opened a benchmark would fail the batch. Requests name people by name and photo, and arrive three ways (the
 CLI, the ``submit-request`` flow, the store), one of them unprocessable. The nightly deployment is triggered
 through the API and executed by a real ``prefect worker``; then everything the issue promises is read back from
-S3: one batch, the probes it asked, the path graph through ``pyarrow.dataset``, the published model through
-``from_pretrained``, per-request verdicts, and a terminal record with a report for every request. Last, the
-published model is scored on the benchmark itself (in the test, not the service): the named people's facts are
-forgotten and other people's kept.
+S3: one batch, the probes it asked, the path graph through ``pyarrow.dataset``, the edited model through
+``from_pretrained``, per-request verdicts, and a terminal record with a report for every request. The gate runs on
+the service's own floors; the test scores the starting and edited models itself and checks the gate's verdict
+(published, or held back with the floor it missed) is the one those floors give. Last, the edited model is scored
+on the benchmark itself (in the test, not the service): the named people's facts are forgotten, and, where it was
+published, other people's kept.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gate_verdict
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -29,6 +32,7 @@ import pytest
 from mip_core.benchmark import load_benchmark
 from mip_core.cli import main
 from mip_core.modeling import load_model
+from mip_core.service.gate import GateConfig
 from mip_core.service.requests import ForgetRequest
 from mip_core.service.store import ServiceStore
 from mip_core.storage import filesystem
@@ -37,17 +41,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-# Small but real: 2 actors, 2 DeepSpeed ranks, an edit budget that fits a CI minute. The utility floor is off
-# here: on this 1.5 M-parameter test model the few general image questions share the vision neurons of every
-# person (they fall to 0.3-0.7 whatever the edit), so the test gates forgetting and other people's retention;
-# the gate's utility rule is covered by tests/unit/test_service_gate.py and measured on the demo model. The
-# held-out retain set of this 8-person benchmark has 15 text items, so one item moves retention by 0.067: the
-# retention floor sits two items under 0.8 (measured here on 2026-11-29: text 0.733, multimodal 0.944); the demo
-# model is held to the service's real floors (README, BENCHMARKS.md section 6).
+# Small but real: 2 actors, 2 DeepSpeed ranks, an edit budget that fits a CI minute, the service's own gate floors.
+# On this 1.5 M-parameter test model the verdict is not a given: its few held-out items (10 general questions and
+# 15-18 other people's items per modality) share the vision neurons of every person and move by a tenth an item
+# (measured on 2026-12-04, the named people forgotten every time: this run held back at utility 0.7 in both
+# modalities, image retention 0.83; in-process edits of 30-60 steps at image utility 0.4-0.5, retention 0.67). The
+# test does not bet on either outcome: gate_verdict scores both models itself and checks the verdict and every
+# record follow from the floors. One batch, not split when held back (test_service_faults covers the split), which
+# keeps the run's time.
 SECRET = "mip-e2e-secret-7f3a9c0d5b"
 SPEC = {"n_actors": 2, "launcher": "deepspeed", "ranks": 2, "attribution": {"steps": 2, "top_k": 8},
-        "edit": {"rmisu": {"steps": 60, "batch_size": 4}}, "retain_limit": 40,
-        "gate": {"min_forgetting": 0.4, "min_retention": 0.65, "min_utility": 0.0}}
+        "edit": {"rmisu": {"steps": 60, "batch_size": 4}}, "retain_limit": 40, "split_held_back": False}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +155,8 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
         state = client.read_flow_run(run.id).state
     assert state.is_completed(), f"{state}\n{worker.stdout[-6000:]}\n{worker.stderr[-6000:]}"
 
-    # 3. one batch holds all three; the unknown person is rejected with the reason, the others are done
+    # 3. one batch holds all three; the unknown person is rejected with the reason; the others end as the service's
+    # floors say for the scores the test measures itself: done on v0002, or failed naming the floor missed
     records = {r: store.get(r) for r in ("req-a", "req-b", "req-ghost")}
     batch_ids = {rec.batch_id for rec in records.values()}
     assert len(batch_ids) == 1 and None not in batch_ids
@@ -159,14 +164,16 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
     assert records["req-ghost"].state == "rejected" and "p0999" in records["req-ghost"].reason
     assert records["req-ghost"].report_uri.endswith("/report.md")  # rejected requests are in the report too
     gate = store.read_json(store.batch_key(batch_id, "gate.json"))
+    verdict = gate_verdict.measure(store, batch_id)
+    gate_verdict.check(store, batch_id, gate, verdict, "v0002")
     for r in ("req-a", "req-b"):
-        assert records[r].state == "done" and records[r].model_version == "v0002", (
-            f"{r}: {records[r].state} ({records[r].reason}); gate scores {gate['scores']}")
         assert records[r].report_uri.endswith(f"batches/{batch_id}/report.md")
-    assert store.current_version("tiny") == "v0002"
-    lineage = store.model_info("tiny")
-    assert lineage["batch_id"] == batch_id and sorted(lineage["requests"]) == ["req-a", "req-b"]
-    assert lineage["keepsets"] == store.model_info("tiny", "v0001")["keepsets"]  # the new version keeps them
+    if verdict.published:
+        lineage = store.model_info("tiny")
+        assert lineage["batch_id"] == batch_id and sorted(lineage["requests"]) == ["req-a", "req-b"]
+        assert lineage["keepsets"] == store.model_info("tiny", "v0001")["keepsets"]  # the new version keeps them
+    else:
+        assert store.versions("tiny") == ["v0001"]
 
     # 3b. what the service asked about each person is stored with the batch, and each verdict is the person's own
     fs, path = filesystem(store.uri(store.batch_key(batch_id, "probes.parquet")), s3_endpoint.endpoint_url)
@@ -176,7 +183,7 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
         assert {p["use"] for p in mine} == {"edit", "held_out"}, probes
         assert any(who["name"] in p["question"] for p in mine) and any(p["image"] for p in mine)
         figures = gate["per_request"][r]
-        assert figures["passed"] == 1.0 and figures["after"] < figures["before"], figures
+        assert figures["after"] < figures["before"], figures
         assert "test_after" in figures  # held-out probes reported beside the request's own
         assert figures["logprob_after"] < figures["logprob_before"]  # the answers it gave became less likely
 
@@ -187,15 +194,13 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
     shards = store.read_json(store.batch_key(batch_id, "shards.json"))
     assert len(shards) == 2 and len({s["actor"] for s in shards}) == 2  # two actors, one shard each
 
-    # 5. the edited model loads with from_pretrained, and the gate saw forgetting with retention held
-    published = load_model(store.uri(store.model_key("tiny", "v0002")))
-    assert published.adapter.n_layers("language") > 0
-    assert gate["passed"], gate
+    # 5. the edited model (the published version, else the held-back candidate) loads with from_pretrained from
+    # S3, and the gate saw forgetting (its kept sets were judged in 3)
+    edited = store.uri(store.model_key("tiny", "v0002") if verdict.published else store.batch_key(batch_id, "edited"))
+    assert load_model(edited).adapter.n_layers("language") > 0
     for s in gate["scores"]:
         if s["items"] == "forget":
             assert s["after"] < s["before"], s
-        elif s["items"] == "retain":
-            assert s["relative"] >= 0.65, s
     log = store.read_text(store.batch_key(batch_id, "logs", "edit.log"))
     assert '"world_size": 2' in log and '"zero_stage": 3' in log, log[-2000:]
 
@@ -219,11 +224,13 @@ def test_nightly_deployment_forgets_the_requested_people(vanilla, prefect_api, s
     assert not any(SECRET in (a.data or "") for a in artifacts)
     assert SECRET not in worker.stdout + worker.stderr
 
-    # 8. measured on the benchmark (here, never in the service): the named people are forgotten, others kept
+    # 8. measured on the benchmark (here, never in the service): the named people are forgotten and, where the gate
+    # published the edit, other people's facts kept at its retention floor
     named = {bench.profiles[1].profile_id, bench.profiles[5].profile_id}
     others = {p.profile_id for p in bench.profiles} - named
-    plain = store.uri(store.model_key("tiny", "v0002"))  # a delta version: load_model applies its neurons
-    before_named, after_named = mc_accuracy(model_dir, bench, named), mc_accuracy(str(plain), bench, named)
-    before_others, after_others = mc_accuracy(model_dir, bench, others), mc_accuracy(str(plain), bench, others)
+    # a delta version either way: load_model applies its neurons
+    before_named, after_named = mc_accuracy(model_dir, bench, named), mc_accuracy(edited, bench, named)
     assert after_named <= before_named - 0.3, (before_named, after_named)
-    assert after_others >= 0.8 * before_others, (before_others, after_others)
+    if verdict.published:
+        before_others, after_others = mc_accuracy(model_dir, bench, others), mc_accuracy(edited, bench, others)
+        assert after_others >= GateConfig().min_retention * before_others, (before_others, after_others)
