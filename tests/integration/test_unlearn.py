@@ -161,7 +161,7 @@ def test_bad_unlearn_and_compare_input_exits_2_with_the_fix(vanilla, tmp_path, c
     assert err.startswith("mip: error:") and "no-graph" in err, err  # fails before loading anything
     assert not (tmp_path / "out").exists()
     assert main(["compare", "--model", model_dir, "--bench", bench_dir, "--methods", "mip,magic"]) == 2
-    assert "unknown method(s) ['magic']" in capsys.readouterr().err
+    assert "CompareConfig.methods[1]='magic': Input should be 'mip'" in capsys.readouterr().err
     assert main(["unlearn", "--model", model_dir, "--bench", bench_dir, "--method", "rmu", "--lr", "-1",
                  "--out", str(tmp_path / "out")]) == 2
-    assert "RMisUConfig.lr" in capsys.readouterr().err
+    assert "EditConfig.rmisu.lr=-1.0: Input should be greater than 0" in capsys.readouterr().err

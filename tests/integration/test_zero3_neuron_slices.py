@@ -81,6 +81,11 @@ def _worker(rank: int, port: int, dtype: torch.dtype, in_place: bool, result: st
     _rank(rank, port, dtype, in_place, out)
     if rank == 0:
         torch.save(out, result)
+    # Leave without the interpreter's teardown: with the process group destroyed and the result on disk, nothing is
+    # left to do, and on this stack gloo's threads occasionally abort that teardown (std::terminate, "terminate
+    # called without an active exception"; seen once in a full suite run), which failed the test for no fault of
+    # the code under test.
+    os._exit(0)
 
 
 @pytest.mark.parametrize(("dtype", "in_place"), [(torch.bfloat16, True), (torch.float32, False)])
