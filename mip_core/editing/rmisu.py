@@ -62,6 +62,10 @@ class RMisUConfig:
     retain_ce_weight: Weight = 0.3  # weight of a retain cross-entropy term (Eq. 11); needs a full retain forward
     steps: Count = 300  # the budget: at most this many optimiser steps
     check_every: Index = 0  # > 0: every this many steps, stop once no forget answer is said (BENCHMARKS.md 8)
+    # with check_every, once no forget answer is said: "stop" ends the edit; "repair" spends the rest of the budget
+    # on the retain terms alone (back to the forget term whenever a check finds an answer said again), since the
+    # steps after forgetting are where the retain terms mend generation (BENCHMARKS.md section 9)
+    after_forgotten: Literal["stop", "repair"] = "stop"
     lr: Positive = 3e-2
     batch_size: Count = 6  # forget inputs per step, paired with as many retain inputs (drawn with replacement)
     clip_norm: Positive = 1.0
@@ -184,11 +188,18 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
     bar = Progress(cfg.steps, "editing (RMisU)", unit="step", enabled=world()[0] == 0)
+    forgetting = True
     for step in range(cfg.steps):
-        point = run.train_step(optimizer, params, step)
+        point = run.train_step(optimizer, params, step, forget=forgetting)
         bar.update()
-        if run.record(point, step, t0, curve, log):
+        said = run.record(point, step, t0, curve, log)
+        if said == 0 and cfg.after_forgotten == "stop":
+            log(f"rmisu: no forget answer is said any more after {step + 1} of {cfg.steps} steps; stopping")
             break
+        if said is not None and forgetting != (said > 0):
+            forgetting = said > 0
+            log(f"rmisu: step {step + 1}: " + ("an answer is said again, back to the forget term" if forgetting
+                                                else "no forget answer is said; retain terms alone from here"))
     bar.close()
     return curve, run.layer
 
@@ -205,6 +216,10 @@ class _Run:
         """
         if (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0) and not data.retain:
             raise InputError("RMisU with a retain term needs retain examples; give some or set retain_weight=0")
+        if cfg.after_forgotten == "repair" and not (cfg.check_every > 0 and (cfg.retain_weight > 0 or
+                                                                          cfg.retain_ce_weight > 0)):
+            raise InputError("RMisUConfig.after_forgotten='repair' needs check_every > 0 (when to switch) and a "
+                             "retain term (what repairs); set them, or after_forgotten='stop'")
         self.model, self.data, self.cfg, self.reference = model, data, cfg, reference
         self.layer = cfg.resolve_layer(adapter.n_layers("language"))
         self.block = adapter.block(adapter.site("language", self.layer))
@@ -230,11 +245,16 @@ class _Run:
         with torch.no_grad(), self.reference():
             return hidden_at(self.model, self.block, batch)
 
-    def train_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], step: int) -> dict[str, float]:
-        """One optimiser step on a fresh forget (and retain) batch; returns the step's curve point."""
+    def train_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], step: int,
+                   forget: bool = True) -> dict[str, float]:
+        """One optimiser step on a fresh forget (and retain) batch; returns the step's curve point. Without
+        ``forget`` (a repair step) only the retain terms move the weights."""
         cfg = self.cfg
         optimizer.zero_grad(set_to_none=True)
-        loss, point = self.forget_loss(step)
+        if forget:
+            loss, point = self.forget_loss(step)
+        else:
+            loss, point = torch.zeros((), device=self.device), {"step": step + 1}
         if self.data.retain and (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0):
             loss = self.add_retain_loss(loss, point)
         if not math.isfinite(loss.item()):
@@ -296,8 +316,9 @@ class _Run:
         point["retain"] = loss_r.item()
         return loss
 
-    def record(self, point: dict[str, float], step: int, t0: float, curve: list[dict[str, float]], log: Log) -> bool:
-        """Check, log and keep the step's point when due; True when no forget answer is said any more (stop)."""
+    def record(self, point: dict[str, float], step: int, t0: float, curve: list[dict[str, float]], log: Log
+               ) -> float | None:
+        """Check, log and keep the step's point when due; the share of forget answers still said when checked."""
         cfg = self.cfg
         check = cfg.check_every > 0 and (step + 1) % cfg.check_every == 0
         if check:
@@ -306,10 +327,7 @@ class _Run:
             point["seconds"] = round(time.perf_counter() - t0, 2)
             curve.append({k: round(v, 5) for k, v in point.items()})
             log("rmisu " + "  ".join(f"{k}={v}" for k, v in curve[-1].items()))
-        if check and point["said"] == 0:
-            log(f"rmisu: no forget answer is said any more after {step + 1} of {cfg.steps} steps; stopping")
-            return True
-        return False
+        return point["said"] if check else None
 
 
 @torch.no_grad()

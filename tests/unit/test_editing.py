@@ -342,3 +342,30 @@ def test_rmisu_with_check_every_stops_once_no_forget_answer_is_said():
     curve, before, after = edit(check_every=5)
     assert before == 1 and after == 0 and curve[-1]["said"] == 0 and curve[-1]["step"] < 200
     assert edit(check_every=0)[0][-1]["step"] == 200  # off: the whole budget
+
+
+def test_rmisu_repair_spends_the_rest_of_the_budget_on_the_retain_terms():
+    from mip_core.editing.rmisu import still_said
+
+    model, adapter = toy()
+    forget = [toy_example(greedy(model, prompt, 2), 2) for prompt in ([1, 2], [3, 1])]  # answers it says
+    data = UnlearnData(forget, examples()[1], 0, ["text"] * 2, ["text", "multimodal", "text"])
+    editor = NeuronEditor(adapter, selection(adapter), prune=False)
+    params = editor.trainable_parameters()
+    cfg = RMisUConfig(layer=1, steps=60, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=5,
+                      after_forgotten="repair")
+    lines: list[str] = []
+    with editor, trainable_only(model, params):
+        curve, _ = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lines.append)
+        said_at_end = still_said(model, data, torch.device("cpu"), 2)
+    checks = [p for p in curve if "said" in p]
+    first_forgotten = next(p["step"] for p in checks if p["said"] == 0)
+    assert curve[-1]["step"] == 60 and first_forgotten < 60  # the whole budget, though forgotten early
+    # after a check finds nothing said, the logged steps carry no forget term until a check finds an answer again
+    switched_off = [p for p in curve if p["step"] > first_forgotten and "forget" not in p]
+    assert switched_off and all("retain" in p for p in switched_off)
+    assert any("retain terms alone from here" in line for line in lines)
+    assert said_at_end == 0 or any("said again" in line for line in lines)  # never left said without switching back
+    with pytest.raises(InputError, match="after_forgotten='repair' needs check_every > 0"):
+        run_rmisu(model, adapter, data, params, RMisUConfig(layer=1, after_forgotten="repair"),
+                  reference=editor.disabled, log=lambda _: None)
