@@ -22,9 +22,9 @@ from mip_core.errors import InputError
 from mip_core.service.requests import ForgetRequest
 from mip_core.service.runs import BatchTakenOver, RunLease, check_owner, new_run_id, record_failure
 from mip_core.service.store import ServiceStore
-from tasks.service import (adopt_batch, attribute_task, check_settings, claim_pending, claim_requests, close_task,
-                           edit_task, gate_task, plan_batch_task, publish_task, reduce_task, step_cache,
-                           summarize_task)
+from tasks.service import (adopt_batch, attribute_task, batches_storage, check_settings, claim_pending,
+                           claim_requests, close_task, edit_task, gate_task, plan_batch_task, publish_task,
+                           reduce_task, step_cache, summarize_task)
 
 
 def _run_lease(spec: ServiceSpec) -> RunLease:
@@ -43,6 +43,7 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
     ``<step> (resumed)`` with this run's seconds. Before each step the run checks it still owns the batch
     (``BatchTakenOver`` leaves the batch to its new owner)."""
     store = ServiceStore(spec.root)
+    storage = batches_storage(spec.root)  # where the steps' results are cached: one Prefect block save per batch
     timings: dict[str, float] = {}
     state: dict[str, Any] = {"version": None, "gate": None, "shards": None}
 
@@ -50,7 +51,7 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
         check_owner(store, batch_id, run_id)
         t0 = time.perf_counter()
         try:
-            done = fn.with_options(**step_cache(spec.root, batch_id, name))(*args, return_state=True)
+            done = fn.with_options(**step_cache(storage, batch_id, name))(*args, return_state=True)
         finally:
             timings[name] = round(time.perf_counter() - t0, 2)
         if done.name == "Cached":

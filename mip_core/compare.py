@@ -38,7 +38,7 @@ from mip_core.evaluation import evaluate
 from mip_core.evaluation.mia import mia_auc
 from mip_core.evaluation.runner import SPLITS, EvalRow
 from mip_core.errors import InputError
-from mip_core.modeling.io import LoadedModel, cache_dir, load_model, localize
+from mip_core.modeling.io import LoadedModel, cache_dir, load_model
 from mip_core.training import encode_items, read_training_log
 from mip_core.types import MODALITIES
 
@@ -159,16 +159,12 @@ def _gold_rows(cfg: CompareConfig, seed: int, bench: Benchmark, members: dict[st
     uri = cfg.gold[seed]
     check_gold(uri, bench.forget_profile_ids(cfg.forget_pct), f"CompareConfig.gold[{seed}]",
                f"--exclude-forget {cfg.forget_pct} --forget-seed {seed}")
-    gold = load_model(uri)
-    try:
-        return _measure(gold, bench, cfg, members, non_members, reference, log=log, label="gold")
-    finally:
-        del gold
+    return _measure(load_model(uri), bench, cfg, members, non_members, reference, log=log, label="gold")
 
 
 def check_gold(uri: str, forget_ids: frozenset[str], field_name: str, flags: str) -> None:
     """Refuse a gold model not trained without exactly ``forget_ids``: its distances would mean nothing."""
-    log = read_training_log(localize(uri))
+    log = read_training_log(uri)  # the log alone: no need to fetch a remote model's weights for this
     excluded = set((log or {}).get("config", {}).get("exclude_profiles") or ())
     if excluded != set(forget_ids):
         raise InputError(f"{field_name}={uri} was trained without {len(excluded)} people "

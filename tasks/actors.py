@@ -216,18 +216,22 @@ class AttributionActor:
 class _Plan:
     """The batch's shards: the (item, request) pairs each one scores and how errors name it."""
 
-    ids: list[str]  # distinct item ids, in order
-    groups: dict[str, list[tuple[str, str]]]  # item id -> its (item, request) pairs
+    groups: dict[str, list[tuple[str, str]]]  # distinct item id -> its (item, request) pairs, in order
     shards: list[range]  # ranges of ``ids``
     out_prefix: str
     run_id: str
 
+    @property
+    def ids(self) -> list[str]:
+        return list(self.groups)
+
     def pairs(self, k: int) -> list[tuple[str, str]]:
-        return [pair for i in self.ids[self.shards[k].start:self.shards[k].stop] for pair in self.groups[i]]
+        ids = self.ids
+        return [pair for i in ids[self.shards[k].start:self.shards[k].stop] for pair in self.groups[i]]
 
     def where(self, k: int) -> str:
-        r = self.shards[k]
-        return (f"shard {k} (items {r.start}..{r.stop - 1} of {len(self.ids)}, first {self.ids[r.start]!r}; "
+        r, ids = self.shards[k], self.ids
+        return (f"shard {k} (items {r.start}..{r.stop - 1} of {len(ids)}, first {ids[r.start]!r}; "
                 f"output {shard_uri(self.out_prefix, k)})")
 
 
@@ -401,7 +405,7 @@ def attribute_batch(
         ``gpus_per_actor`` or lower ``batch_items``). ShardError: a shard failed on its retry too.
     """
     groups = _check_args(run_id, items, attribution_cfg, dtype)
-    plan = _Plan(list(groups), groups, shard_items(len(groups), n_actors, max_shard=max_shard), out_prefix, run_id)
+    plan = _Plan(groups, shard_items(len(groups), n_actors, max_shard=max_shard), out_prefix, run_id)
     if not plan.shards:
         log("attribution: no items, nothing to do")
         return []

@@ -155,7 +155,7 @@ def mark_crashed(dead_run: str | None, batch_id: str, successor: str) -> None:
         get_run_logger().warning("could not mark flow run %s crashed: %s", flow_run_id, exc)
 
 
-def step_cache(root: str, batch_id: str, step: str) -> dict[str, Any]:
+def step_cache(storage: Path | RemoteFileSystem, batch_id: str, step: str) -> dict[str, Any]:
     """Task options that make a batch step a Prefect cache entry keyed on (batch, step), its result record at
     ``batches/<id>/steps/<step>.json`` in the store: a run that resumes a killed run's batch gets each finished
     step back as a Cached task run instead of attributing, editing or publishing again.
@@ -163,15 +163,16 @@ def step_cache(root: str, batch_id: str, step: str) -> dict[str, Any]:
     The record lives with the batch, not in Prefect's database: Prefect's cache lookup reads only the result
     storage, so a fresh Prefect server resumes the batch too. A record Prefect cannot read (cut short by a kill,
     the store down at that moment) counts as absent and the step runs again; publishing finds the batch's own
-    version, so a batch still gets one. Not for claiming or closing: those must run every time (``NO_CACHE``)."""
+    version, so a batch still gets one. Not for claiming or closing: those must run every time (``NO_CACHE``).
+    ``storage`` is :func:`batches_storage` of the store, made once per batch."""
     key = f"{batch_id}/steps/{step}.json"
-    return {"cache_policy": CacheKeyFnPolicy(cache_key_fn=lambda *_: key), "result_storage": _batches_storage(root),
+    return {"cache_policy": CacheKeyFnPolicy(cache_key_fn=lambda *_: key), "result_storage": storage,
             "result_serializer": "json", "persist_result": True, "refresh_cache": False}
 
 
-def _batches_storage(root: str) -> Path | RemoteFileSystem:
+def batches_storage(root: str) -> Path | RemoteFileSystem:
     """Prefect result storage at the store's ``batches/`` folder. Prefect takes a remote storage block only once
-    saved on its server, so an S3 store's block is saved again before each step (one name per store,
+    saved on its server, so an S3 store's block is saved again by every batch that runs (one name per store,
     overwritten): a fresh Prefect database gets it back, and the records themselves stay in the store."""
     store = ServiceStore(root)
     if not store.remote:

@@ -35,6 +35,7 @@ from dataclasses import asdict
 from typing import Literal
 
 import torch
+from pydantic import model_validator
 from torch import Tensor, nn
 
 from mip_core.parallel.zero3_slices import is_partitioned
@@ -73,6 +74,14 @@ class RMisUConfig:
     # one direction per "request" (most selective, BENCHMARKS.md 5) or "input" (paper)
     target_per: Literal["request", "input"] = "request"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _repair_needs_a_check_and_a_retain_term(self) -> RMisUConfig:
+        if self.after_forgotten == "repair" and not (self.check_every > 0 and (self.retain_weight > 0 or
+                                                                              self.retain_ce_weight > 0)):
+            raise ValueError("RMisUConfig.after_forgotten='repair' needs check_every > 0 (when to switch) and a "
+                             "retain term (what repairs); set them, or after_forgotten='stop'")
+        return self
 
     def resolve_layer(self, n_layers: int) -> int:
         layer = self.layer if self.layer is not None else min(n_layers - 1, round(self.layer_fraction * n_layers))
@@ -216,10 +225,6 @@ class _Run:
         """
         if (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0) and not data.retain:
             raise InputError("RMisU with a retain term needs retain examples; give some or set retain_weight=0")
-        if cfg.after_forgotten == "repair" and not (cfg.check_every > 0 and (cfg.retain_weight > 0 or
-                                                                          cfg.retain_ce_weight > 0)):
-            raise InputError("RMisUConfig.after_forgotten='repair' needs check_every > 0 (when to switch) and a "
-                             "retain term (what repairs); set them, or after_forgotten='stop'")
         self.model, self.data, self.cfg, self.reference = model, data, cfg, reference
         self.layer = cfg.resolve_layer(adapter.n_layers("language"))
         self.block = adapter.block(adapter.site("language", self.layer))

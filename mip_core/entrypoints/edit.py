@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, field
-from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, StrictInt, StringConstraints
@@ -110,9 +109,8 @@ def read_spec(uri: str) -> EditSpec:
 
 
 def write_text(uri: str, text: str) -> None:
-    """Whole-file write that readers never see half done (:func:`mip_core.transfer.write_atomic`)."""
-    if not is_remote(uri):
-        Path(uri.removeprefix("file://")).parent.mkdir(parents=True, exist_ok=True)
+    """Whole-file write that readers never see half done (:func:`mip_core.transfer.write_atomic`, which also
+    makes a local file's folder)."""
     write_atomic(uri, text.encode())
 
 

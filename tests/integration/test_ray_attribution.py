@@ -197,7 +197,7 @@ def test_an_actor_killed_with_its_shard_is_replaced_and_the_shard_retried(world,
 def test_a_final_error_names_the_shard_and_a_shard_oom_passes_through():
     """What reaches the driver after Ray's retries: the actor's ShardOOM (never retried) as is; a retried error with
     both tries' errors; a retry that died with its actor, named through the actor running it."""
-    plan = _Plan(["a", "b", "c"], {i: [(i, "r1")] for i in "abc"}, [range(0, 2), range(2, 3)], "s3://x/s", "b6")
+    plan = _Plan({i: [(i, "r1")] for i in "abc"}, [range(0, 2), range(2, 3)], "s3://x/s", "b6")
     oom = ShardOOM("attribution shard 1 (output s3://x/s/shard-0001) ran out of memory on actor h:1, not retried")
     assert _final_error(RayTaskError("score", "tb", oom), plan, {}) is oom
     twice = _final_error(RayTaskError("score", "tb", ShardAttemptError(1, "OSError: b", "OSError: a")), plan, {})

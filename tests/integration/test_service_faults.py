@@ -348,7 +348,7 @@ def test_a_step_result_is_cached_in_the_s3_store_itself(harness, monkeypatch):
     from prefect import flow, task
     from prefect.client.orchestration import get_client
 
-    from tasks.service import step_cache
+    from tasks.service import batches_storage, step_cache
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -370,7 +370,8 @@ def test_a_step_result_is_cached_in_the_s3_store_itself(harness, monkeypatch):
 
     @flow
     def run_step() -> tuple[str, list[dict]]:
-        done = attribute.with_options(**step_cache(root, "b-1", "attribute"))("b-1", return_state=True)
+        storage = batches_storage(root)  # as process_batch makes it, once per run of the batch
+        done = attribute.with_options(**step_cache(storage, "b-1", "attribute"))("b-1", return_state=True)
         return done.name, done.result()
 
     try:
