@@ -62,7 +62,12 @@ class ServiceSpec(BaseModel):
                                   "from MIP_S3_ENDPOINT_URL / AWS_* on the worker). Default: $MIP_ROOT.")
     target_model: str | None = Field(None, description="Only claim requests for this model (None: every model, "
                                                        "one batch per model).")
-    max_requests: int = Field(1000, ge=1, description="At most this many requests per batch; the rest wait.")
+    max_requests: int = Field(1000, ge=1, description="At most this many requests per target model per run; "
+                              "the rest wait for the next run.")
+    requests_per_batch: int | None = Field(4, ge=1, description="A run's requests are edited in batches of this "
+                                           "many, one after another, each on the version the one before published "
+                                           "(BENCHMARKS.md sections 6 and 10: 4 one-person requests pass the gate "
+                                           "on the demo model, 16 at once do not). None: one batch per model.")
     n_actors: int = Field(2, ge=1, description="Ray attribution actors (one GPU each where the cluster has GPUs). "
                                                "RAY_ADDRESS selects an existing cluster.")
     max_shard: int | None = Field(None, ge=1, description="Cap on items per shard (default: items / actors).")

@@ -1,5 +1,7 @@
 """The unlearning service's flows: ``nightly-unlearning``, ``unlearn-batch`` and ``submit-request``.
 
+A night claims every pending request, in batches of ``ServiceSpec.requests_per_batch``, and edits them one after
+another, each on the version the batch before published.
 A batch is a recipe of storage-keyed steps: plan -> attribute (Ray) -> reduce -> edit (DeepSpeed) -> evaluate and
 gate -> publish -> close. A batch the gate holds back for its kept sets is split in two and each half retried
 the same night, on the version the one before published (``ServiceSpec.split_held_back``). Whatever happens,
@@ -111,7 +113,8 @@ def nightly_unlearning(spec: ServiceSpec | None = None) -> list[dict[str, Any]]:
     spec = spec or ServiceSpec()
     check_settings(spec)  # a bad setting fails this run before any request is claimed: the requests wait
     with _run_lease(spec) as run:
-        batches = claim_pending(spec.root, spec.target_model, spec.max_requests, run.run_id)
+        batches = claim_pending(spec.root, spec.target_model, spec.max_requests, run.run_id,
+                                spec.requests_per_batch)
         results, failed = process_all(batches, spec, run.run_id)
     summarize_task(results, failed)
     if failed:

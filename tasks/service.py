@@ -76,9 +76,12 @@ def manifest_of(store: ServiceStore, batch_id: str) -> BatchManifest:
 
 
 @task(name="claim-pending", **IO_RETRIES)
-def claim_pending(root: str, target_model: str | None, max_requests: int, run_id: str) -> list[str]:
-    """Adopt the batches whose run died (oldest first), then claim every pending request, one new batch per target
-    model; returns the batch ids, all now owned by ``run_id``."""
+def claim_pending(root: str, target_model: str | None, max_requests: int, run_id: str,
+                  requests_per_batch: int | None = None) -> list[str]:
+    """Adopt the batches whose run died (oldest first), then claim the pending requests (at most ``max_requests``
+    per target model, in submission order), in batches of ``requests_per_batch`` (None: one batch per model);
+    returns the batch ids, all now owned by ``run_id``. The run processes them in turn, each on the version the
+    one before published, so claiming them all now keeps another run from taking tonight's queue in between."""
     store = ServiceStore(root)
     batches = []
     dead_runs: dict[str, str | None] = {}  # adopted batch -> the run that died holding it
@@ -97,11 +100,14 @@ def claim_pending(root: str, target_model: str | None, max_requests: int, run_id
         for rec in store.list("pending", target_model=target_model):
             by_model.setdefault(rec.request.target_model, []).append(rec.request.request_id)
         for model, ids in sorted(by_model.items()):
-            batch_id = store.new_batch_id()
-            claimed = store.claim(ids[:max_requests], batch_id)
-            if claimed:
-                write_claim(store, batch_id, model, [r.request.request_id for r in claimed], run_id)
-                batches.append(batch_id)
+            ids = ids[:max_requests]
+            size = requests_per_batch or len(ids)
+            for start in range(0, len(ids), size):
+                batch_id = store.new_batch_id()
+                claimed = store.claim(ids[start:start + size], batch_id)
+                if claimed:
+                    write_claim(store, batch_id, model, [r.request.request_id for r in claimed], run_id)
+                    batches.append(batch_id)
     for batch_id, dead_run in dead_runs.items():  # Prefect API calls: after the claim lease, not under it
         mark_crashed(dead_run, batch_id, run_id)
     for batch_id, reason in abandoned.items():

@@ -109,6 +109,33 @@ def test_a_batch_held_back_for_other_people_is_split_until_each_request_is_judge
     assert all(f"retried in `{half}`" in report for half in halves), report
 
 
+def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, trained_tiny, tmp_path):
+    """Five requests, two per batch: three batches claimed at once, edited in submission order, each planned on
+    the version the batch before published, and the later ones re-check the people the earlier ones forgot."""
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+    from tasks.service import manifest_of
+
+    store, ids = _store_with_requests(tmp_path, trained_tiny, 5)
+    spec = ServiceSpec(root=store.root, **BASE, requests_per_batch=2, edit={"rmisu": {"steps": 40}},
+                       gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0,
+                             "max_relapse": 1.0})  # each publishes
+    results = nightly_unlearning(spec)
+
+    assert [manifest_of(store, r["batch_id"]).requests for r in results] == [tuple(ids[:2]), tuple(ids[2:4]),
+                                                                               (ids[4],)]
+    assert [r["version"] for r in results] == ["v0002", "v0003", "v0004"]
+    assert [manifest_of(store, r["batch_id"]).base_version for r in results] == ["v0001", "v0002", "v0003"]
+    for rid, version in zip(ids, ["v0002", "v0002", "v0003", "v0003", "v0004"], strict=True):
+        record = store.get(rid)  # a request its batch's edit did not make forgotten fails with its own figures
+        assert (record.state, record.model_version) in (("done", version), ("failed", None)), record
+        assert record.state == "done" or (record.reason.startswith("gate: ") and record.metrics), record
+    assert store.model_info("tiny", "v0004")["parent_version"] == "v0003"
+    last_gate = store.read_json(store.batch_key(results[-1]["batch_id"], "gate.json"))
+    assert {s["items"] for s in last_gate["scores"]} >= {"earlier"}, last_gate["scores"]  # v0002/3's people
+    assert store.list("pending") == [] and store.list("claimed") == []
+
+
 def test_a_crashing_step_fails_every_request_and_publishes_nothing(harness, trained_tiny, tmp_path):
     from flows.params import ServiceSpec
     from flows.service import unlearn_batch
