@@ -19,7 +19,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install test test-fast browser demo demo-method serve bench bench-compare bench-selectivity bench-scale bench-probes bench-gold gpu-check clean
+.PHONY: install test test-fast browser demo demo-method serve bench bench-compare bench-selectivity bench-scale bench-probes bench-gold bench-nightly gpu-check clean
 
 install: $(STAMP)
 
@@ -162,6 +162,21 @@ bench-gold: install
 	$(MIP) compare --model $(GOLD_DIR)/vanilla --bench $(GOLD_DIR)/bench --forget 10 --methods mip,random,rmu \
 		--seeds 3 --gold $(GOLD_DIR)/gold0 $(GOLD_DIR)/gold1 $(GOLD_DIR)/gold2 --json benches/results/gold.json \
 		--plot benches/results/gold.png
+
+# Nights of one-person requests through the service on the demo model, against a gold model trained by the same
+# recipe without every person the scenarios name (issue 19; BENCHMARKS.md section 10, benches/results/nightly.json):
+# one night of 16 and of 32 requests, the same work as one batch, random neurons instead of paths, and five
+# consecutive nights of 4. In-process edits; about 60 min on 2 cores with the gold model cached (+12 min to train it).
+NIGHTLY_PEOPLE_SEED ?= 1
+$(DEMO_DIR)/nightly_gold/model.safetensors: $(DEMO_DIR)/vanilla/model.safetensors
+	$(MIP) vanilla --bench $(DEMO_DIR)/bench --arch $(DEMO_ARCH) --size demo --steps 7000 --minutes 120 \
+		--exclude $$($(PY) benches/nightly_bench.py --print-people --bench $(DEMO_DIR)/bench \
+		--people-seed $(NIGHTLY_PEOPLE_SEED)) --out $(DEMO_DIR)/nightly_gold
+
+bench-nightly: install $(DEMO_DIR)/vanilla/model.safetensors $(DEMO_DIR)/nightly_gold/model.safetensors
+	$(DEMO_PREFECT) $(PY) benches/nightly_bench.py --model $(DEMO_DIR)/vanilla --bench $(DEMO_DIR)/bench \
+		--gold $(DEMO_DIR)/nightly_gold --people-seed $(NIGHTLY_PEOPLE_SEED) --work $(DEMO_DIR)/nightly_bench \
+		--out benches/results/nightly.json
 
 bench-scale: install
 	$(LOCAL_ONLY) $(PY) benches/scale_bench.py $(SCALE_ARGS)

@@ -50,6 +50,10 @@ class GateSpec(BaseModel):
                                "fraction of the starting model's.")
     max_relapse: float = Field(0.05, ge=0, le=1, description="People earlier versions forgot: their accuracy may "
                                "rise by at most this much (a sample of their items is re-checked every batch).")
+    # 0.6: under what path-restricted MIP keeps (0.83-0.93), above whole-model RMU's 0.18-0.33 (BENCHMARKS.md s. 9)
+    min_generation: float = Field(0.6, ge=0, le=1, description="Other people's and general-knowledge items: the "
+                                  "edited model's greedy answers must keep at least this mean ROUGE-L against the "
+                                  "starting model's (multiple choice alone misses broken generation); 0 disables.")
 
 
 class ServiceSpec(BaseModel):
@@ -73,8 +77,9 @@ class ServiceSpec(BaseModel):
     max_shard: int | None = Field(None, ge=1, description="Cap on items per shard (default: items / actors).")
     attribution: dict[str, Any] = Field(default_factory=dict, description="AttributionConfig overrides, e.g. "
                                         '{"steps": 4, "top_k": 5}.')
-    method: Literal["mip", "mip_paper", "mip_text", "mip_vision"] = Field(
-        "mip", description="Path-restricted edit to apply (see docs/editing.md).")
+    method: Literal["mip", "mip_paper", "mip_text", "mip_vision", "random"] = Field(
+        "mip", description="Path-restricted edit to apply (see docs/editing.md); 'random' edits as many random "
+                           "neurons per layer as the paths hold, the control benchmarks compare against.")
     edit: dict[str, Any] = Field(default_factory=dict, description="EditConfig overrides, with an optional "
                                  '"rmisu" dict of RMisUConfig fields, e.g. {"rmisu": {"steps": 300}}.')
     gpus_per_actor: int = Field(1, ge=1, description="GPUs each attribution actor spans where the cluster has "

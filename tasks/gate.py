@@ -4,7 +4,8 @@ Why: at 70B no flow process can hold a model. :func:`score_on_actor` starts one 
 actors' resource rule (``gpus_per_actor`` GPUs where the cluster has them, else a CPU share), loads the model
 there, returns ``{item_id: correct}`` (plain data, no tensors) and kills the actor, so one model is in memory at a
 time. :func:`gate_batch` scores only what the store does not know yet (``mip_core.service.scores``): the
-starting version's missing items, and the edited model once. No Prefect here, so tests and CLIs can call it.
+starting version's missing items, and the edited model once; on the same actor load it takes the greedy answers
+of the kept sets' items that the generation check compares. No Prefect here, so tests and CLIs can call it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -26,7 +27,8 @@ from mip_core.modeling import load_model
 from mip_core.modeling.inputs import inputs_follow_model
 from mip_core.modeling.io import localize
 from mip_core.service.batch import BatchManifest
-from mip_core.service.gate import GateConfig, GateDecision, by_set, correct_by_id, decide, with_answer_logprobs
+from mip_core.service.gate import (KEPT, GateConfig, GateDecision, answer_rouge, by_set, correct_by_id, decide,
+                                   greedy_by_id, with_answer_logprobs)
 from mip_core.service.items import load_items
 from mip_core.service.probes import answers_by_id, probe_logprobs
 from mip_core.service.scores import gate_scores
@@ -34,7 +36,7 @@ from mip_core.service.shards import ActorStartError
 from mip_core.service.store import ServiceStore
 from tasks.actors import actor_options, describe_error, ensure_ray, forwarded_env, load_on_gpus
 
-__all__ = ["ScoringActor", "ScoringError", "gate_batch", "probe_on_actor", "score_on_actor"]
+__all__ = ["ScoringActor", "ScoringError", "gate_batch", "probe_on_actor", "run_on_actor", "score_on_actor"]
 
 
 class ScoringError(MipError, RuntimeError):
@@ -75,6 +77,10 @@ class ScoringActor:
                                                                self.bench, [self.by_id[i] for i in free]),
                                     strict=True))}
 
+    def greedy_answers(self, item_ids: Sequence[str]) -> dict[str, str]:
+        """``{item_id: greedy answer}``: what the gate's generation check compares across the edit."""
+        return greedy_by_id(self.loaded.model, self.loaded.processor, self.bench, item_ids)
+
     def answer(self, item_ids: Sequence[str]) -> dict[str, tuple[str, float]]:
         """``{item_id: (answer, confidence)}``: the greedy answer where the item has none yet (a candidate probe),
         else the confidence of the given answer."""
@@ -94,16 +100,30 @@ def _options(gpus_per_actor: int, forward_env: bool) -> dict[str, Any]:
 def score_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *, gpus_per_actor: int = 1,
                    dtype: str = "auto", endpoint_url: str | None = None, forward_env: bool = True,
                    log: Callable[[str], Any] = print, method: str = "score") -> dict[str, Any]:
-    """``{item_id: correct}`` of ``model_uri`` on ``dataset_uri``'s items, computed on one fresh Ray actor.
+    """``{item_id: correct}`` of ``model_uri`` on ``dataset_uri``'s items (or what the actor's ``method`` returns),
+    computed on one fresh Ray actor (see :func:`run_on_actor`)."""
+    ids = list(dict.fromkeys(item_ids))
+    if not ids:
+        return {}
+    return run_on_actor(model_uri, dataset_uri, {method: ids}, gpus_per_actor=gpus_per_actor, dtype=dtype,
+                        endpoint_url=endpoint_url, forward_env=forward_env, log=log)[method]
+
+
+def run_on_actor(model_uri: str, dataset_uri: str, calls: Mapping[str, Sequence[str]], *, gpus_per_actor: int = 1,
+                 dtype: str = "auto", endpoint_url: str | None = None, forward_env: bool = True,
+                 log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """``{method: what ScoringActor.<method>(item_ids) returned}`` for each of ``calls`` (method -> item ids), on
+    one fresh Ray actor: one model load for all of them. Nothing to do (no calls): ``{}``, no actor.
 
     Ray: the connected cluster, else ``RAY_ADDRESS``, else a local one (as ``tasks.actors``). The actor is
     killed when done, whatever happens. Raises ActorStartError when the model or benchmark cannot be loaded,
     ScoringError when the actor dies while scoring; an error raised while scoring (e.g. an unknown item id)
     comes back as Ray's error, an instance of the original type.
     """
-    ids = list(dict.fromkeys(item_ids))
-    if not ids:
+    todo = {method: list(dict.fromkeys(ids)) for method, ids in calls.items()}
+    if not todo:
         return {}
+    n = sum(len(ids) for ids in todo.values())
     ensure_ray(1)
     options = _options(gpus_per_actor, forward_env)
     actor = ScoringActor.options(**options).remote(model_uri, dataset_uri, dtype, endpoint_url)
@@ -115,15 +135,15 @@ def score_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *,
                                   f"{dtype}): {describe_error(exc)}") from exc
         start = time.perf_counter()
         try:
-            correct = ray.get(getattr(actor, method).remote(ids))
+            got = {method: ray.get(getattr(actor, method).remote(ids)) for method, ids in todo.items()}
         except RayActorError as exc:
-            raise ScoringError(f"the scoring actor {info['host']}:{info['pid']} died scoring {len(ids)} items of "
+            raise ScoringError(f"the scoring actor {info['host']}:{info['pid']} died scoring {n} items of "
                                f"{model_uri}: {describe_error(exc)}; check `ray logs`, then rerun") from exc
-        log(f"{'probes' if method == 'answer' else 'gate'}: {len(ids)} items of {model_uri} scored on actor "
+        log(f"{'probes' if 'answer' in todo else 'gate'}: {n} items of {model_uri} scored on actor "
             f"{info['host']}:{info['pid']} ({info['device']}, {options.get('num_gpus', 0)} GPU, "
-            f"{options['num_cpus']} CPU) in {time.perf_counter() - start:.1f} s, model loaded in "
-            f"{info['load_seconds']:.1f} s")
-        return correct
+            f"{options['num_cpus']} CPU) in {time.perf_counter() - start:.1f} s ({', '.join(todo)}), model "
+            f"loaded in {info['load_seconds']:.1f} s")
+        return got
     finally:
         with suppress(Exception):
             ray.kill(actor, no_restart=True)
@@ -131,28 +151,35 @@ def score_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *,
 
 def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateConfig, *, gpus_per_actor: int = 1,
                dtype: str = "auto", log: Callable[[str], Any] = print) -> GateDecision:
-    """Score batch ``batch_id``'s gate items (cached starting-version scores, the edited model on an actor) and
-    apply the gate. The edited model's scores land in ``batches/<id>/scores/`` for ``promote_scores``."""
+    """Score batch ``batch_id``'s gate items and answer its kept sets' (cached starting-version scores and
+    answers, the edited model on an actor) and apply the gate. The edited model's scores and answers land in
+    ``batches/<id>/scores/`` for ``promote_scores``."""
     m = BatchManifest.from_json(store.read_text(store.batch_key(batch_id, "manifest.json")))
     bench = load_items(localize(m.dataset_uri, store.endpoint_url))
     item_sets = m.item_sets(bench)
     ids = [it.item_id for items in item_sets.values() for it in items]
+    kept = [it.item_id for name in KEPT for it in item_sets.get(name, ())]  # answered: the generation check's
     log(f"gate: {', '.join(f'{len(v)} {k}' for k, v in item_sets.items())} items")
 
     moved: dict[str, float] = {}  # free-form item -> the edited model's mean log p of the answer given before
 
-    def score(model_uri: str, wanted: Sequence[str]) -> dict[str, bool]:
+    def score(model_uri: str, wanted: Sequence[str], answer_ids: Sequence[str]
+              ) -> tuple[dict[str, bool], dict[str, str]]:
         edited = model_uri == edited_uri  # the starting model's log p was recorded at probing: not scored again
-        got = score_on_actor(model_uri, m.dataset_uri, wanted, gpus_per_actor=gpus_per_actor, dtype=dtype,
-                             endpoint_url=store.endpoint_url, log=log,
-                             method="score_and_logprob" if edited else "score")
-        if not edited:
-            return got
-        moved.update(got["logprob"])
-        return got["correct"]
+        method = "score_and_logprob" if edited else "score"
+        calls = {name: list(got_ids) for name, got_ids in ((method, wanted), ("greedy_answers", answer_ids))
+                 if got_ids}
+        got = run_on_actor(model_uri, m.dataset_uri, calls, gpus_per_actor=gpus_per_actor, dtype=dtype,
+                           endpoint_url=store.endpoint_url, log=log)
+        scored = got.get(method, {})
+        if edited and scored:
+            moved.update(scored["logprob"])
+            scored = scored["correct"]
+        return scored, got.get("greedy_answers", {})
 
-    before, after = gate_scores(store, m, ids, edited_uri, dtype=dtype, score=score, log=log)
-    decision = decide(item_sets, by_set(item_sets, before), by_set(item_sets, after), cfg, request_of=m.request_of())
+    before, after = gate_scores(store, m, ids, edited_uri, dtype=dtype, score=score, answer_ids=kept, log=log)
+    decision = decide(item_sets, by_set(item_sets, before.correct), by_set(item_sets, after.correct), cfg,
+                      request_of=m.request_of(), rouge=answer_rouge(before.answers, after.answers))
     return with_answer_logprobs(decision, item_sets, probe_logprobs(store, batch_id), moved, m.request_of())
 
 

@@ -2,8 +2,9 @@
 
 The service scores each model on a Ray actor (the starting version from its score cache) and applies
 ``mip_core.service.gate.decide``. Here the test loads the starting model and the batch's candidate (the edited
-model, published or not) in its own process, scores the batch's item sets with the evaluation runner and applies
-the floors with its own arithmetic, so a wrong score, a wrong floor or a wrong verdict in the service shows up as a
+model, published or not) in its own process, scores the batch's item sets with the evaluation runner, generates
+both models' greedy answers on the kept sets (retain, utility) and takes their ROUGE-L itself, and applies the
+floors with its own arithmetic, so a wrong score, a wrong floor or a wrong verdict in the service shows up as a
 difference, whichever way the gate went.
 """
 
@@ -12,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mip_core.evaluation.runner import score_items
+from mip_core.evaluation.metrics import rouge_l
+from mip_core.evaluation.runner import generate_answers, score_items
 from mip_core.modeling import load_model
 from mip_core.modeling.io import localize
 from mip_core.service.batch import BatchManifest
@@ -29,6 +31,8 @@ class Verdict:
     below: list[str] = field(default_factory=list)  # "retain text", ...: kept sets under their floor
     not_forgotten: dict[str, list[str]] = field(default_factory=dict)  # request -> its modalities under the floor
     published: bool = False
+    generation: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)  # -> (n, mean ROUGE-L)
+    low_generation: list[str] = field(default_factory=list)  # "retain text", ...: under min_generation
 
 
 def _mean(xs: list[bool]) -> float:
@@ -43,13 +47,18 @@ def measure(store: ServiceStore, batch_id: str, cfg: GateConfig | None = None) -
     items = load_items(localize(m.dataset_uri, store.endpoint_url))
     sets = m.item_sets(items)
     correct: dict[str, dict[str, bool]] = {}
+    said: dict[str, dict[str, str]] = {}  # greedy answers on the kept sets, in the order the service asks them
+    kept = list({it.item_id: it for name in ("retain", "utility") for it in sets.get(name, ())}.values())
     for which, uri in (("before", m.base_uri), ("after", store.uri(store.batch_key(batch_id, "edited")))):
         loaded = load_model(uri, device="cpu", endpoint_url=store.endpoint_url)
         loaded.model.eval()
         flat = list({it.item_id: it for its in sets.values() for it in its}.values())
         correct[which] = dict(zip((it.item_id for it in flat),
                                   score_items(loaded.model, loaded.processor, items, flat), strict=True))
+        said[which] = dict(zip((it.item_id for it in kept),
+                               generate_answers(loaded.model, loaded.processor, items, kept), strict=True))
     v = Verdict(scores={})
+    _generation(v, sets, said, cfg)
     floors = {"retain": cfg.min_retention, "utility": cfg.min_utility}
     for name, its in sets.items():
         for modality in sorted({it.modality for it in its}):
@@ -68,8 +77,22 @@ def measure(store: ServiceStore, batch_id: str, cfg: GateConfig | None = None) -
             b, a = _mean([correct["before"][i] for i in ids]), _mean([correct["after"][i] for i in ids])
             if b == 0 or (b - a) / b < cfg.min_forgetting:
                 v.not_forgotten.setdefault(request, []).append(modality)
-    v.published = not v.below and len(v.not_forgotten) < len(m.accepted)
+    v.published = not v.below and not v.low_generation and len(v.not_forgotten) < len(m.accepted)
     return v
+
+
+def _generation(v: Verdict, sets: dict[str, list[Any]], said: dict[str, dict[str, str]], cfg: GateConfig) -> None:
+    """Each kept set's mean ROUGE-L per modality, the edited model's answers against the starting model's (the
+    same text scores 1, even an empty answer), and which are under ``min_generation``."""
+    for name in ("retain", "utility"):
+        its = sets.get(name, [])
+        for modality in sorted({it.modality for it in its}):
+            figures = [1.0 if said["after"][it.item_id] == said["before"][it.item_id]
+                       else rouge_l(said["after"][it.item_id], said["before"][it.item_id])
+                       for it in its if it.modality == modality]
+            v.generation[(name, modality)] = (len(figures), sum(figures) / len(figures))
+            if v.generation[(name, modality)][1] < cfg.min_generation:
+                v.low_generation.append(f"{name} {modality}")
 
 
 def check(store: ServiceStore, batch_id: str, gate: dict[str, Any], v: Verdict, version: str) -> None:
@@ -83,6 +106,10 @@ def check(store: ServiceStore, batch_id: str, gate: dict[str, Any], v: Verdict, 
     for key, (n, b, a) in v.scores.items():
         assert got[key][0] == n and abs(got[key][1] - b) < 1e-9 and abs(got[key][2] - a) < 1e-9, (key, got[key],
                                                                                                   (n, b, a))
+    gen = {(g["items"], g["modality"]): (g["n"], g["rouge_l"]) for g in gate["generation"]}
+    assert gen.keys() == v.generation.keys(), (gen, v.generation)
+    for key, (n, rouge) in v.generation.items():
+        assert gen[key][0] == n and abs(gen[key][1] - rouge) < 1e-9, (key, gen[key], (n, rouge))
     assert gate["passed"] == v.published, (gate["reasons"], v)
     m = BatchManifest.from_json(store.read_text(store.batch_key(batch_id, "manifest.json")))
     for request in m.accepted:
@@ -102,6 +129,10 @@ def check(store: ServiceStore, batch_id: str, gate: dict[str, Any], v: Verdict, 
                 limit = (f"> {cfg.max_relapse:.3f}" if name == "earlier" else
                          f"{kept}: retention {got[(name, modality)][2] / got[(name, modality)][1]:.3f} < "
                          f"{floors[name]:.3f}")
+                assert limit in record.reason, (limit, record.reason)
+            for kept in v.low_generation:
+                name, modality = kept.split()
+                limit = f"{kept}: generation ROUGE-L {gen[(name, modality)][1]:.3f} < {cfg.min_generation:.3f}"
                 assert limit in record.reason, (limit, record.reason)
     assert store.current_version(m.target_model) == (version if v.published else m.base_version)
 

@@ -21,9 +21,16 @@ at most ``max_relapse`` over the starting model's (a difference, not a ratio: it
 figures (``forgetting_rate``, ``retention``) are taken
 against the same items on the starting model, so a question the model never knew is neither credit nor blame.
 
-Everything here but :func:`correctness` is pure. The service scores each model on a Ray actor (``tasks.gate``) and
-keeps a published version's scores with it (``mip_core.service.scores``), so a gate evaluates the edited model
-only, plus any items the starting version was never scored on.
+Multiple choice alone misses a model that still picks the right option but no longer writes a sensible answer
+(whole-model RMU keeps its options while its ROUGE-L on other people's answers falls to 0.18-0.33, BENCHMARKS.md
+section 9). So the kept sets (``retain``, ``utility``) also get a **generation score** per modality: the mean
+ROUGE-L of the edited model's greedy answer against the starting model's greedy answer to the same question (1 when
+it still says what it said). The edit is held back when any is below ``min_generation``.
+
+Everything here but :func:`correctness` and :func:`greedy_by_id` is pure. The service scores and answers each
+model on a Ray actor (``tasks.gate``) and keeps a published version's scores and answers with it
+(``mip_core.service.scores``), so a gate evaluates the edited model only, plus any items the starting version was
+never scored or answered on.
 """
 
 from __future__ import annotations
@@ -37,10 +44,12 @@ from torch import nn
 from mip_core.benchmark import Benchmark, Item
 from mip_core.config import Share, config_class
 from mip_core.errors import InputError
-from mip_core.evaluation.metrics import forgetting_rate, mean, retention
-from mip_core.evaluation.runner import score_items
+from mip_core.evaluation.metrics import forgetting_rate, mean, retention, rouge_l
+from mip_core.evaluation.runner import generate_answers, score_items
 
 SETS = ("forget", "test", "retain", "utility", "earlier")
+#: The sets whose answers must survive the edit: the generation check's (only these are answered, to keep it cheap).
+KEPT = ("retain", "utility")
 #: What people read for a set name (the log's table and the reports use the same words).
 SET_LABELS = {"test": "held-out phrasings", "earlier": "forgotten earlier"}
 
@@ -58,6 +67,10 @@ class GateConfig:
     # People forgotten by earlier versions may not come back: their accuracy may rise by at most this much (MUSE's
     # sustainability; one item in 20 of a modality's sample)
     max_relapse: Share = 0.05
+    # Kept sets' mean ROUGE-L of the edited model's greedy answers against the starting model's (0 disables). 0.6
+    # sits under what path-restricted MIP keeps (0.83-0.93) and above whole-model RMU's collapse (0.18-0.33), which
+    # multiple choice does not see (BENCHMARKS.md section 9).
+    min_generation: Share = 0.6
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -85,6 +98,17 @@ class SetScore:
 
 
 @dataclass(frozen=True)
+class GenerationScore:
+    """A kept set's generation in one modality: mean ROUGE-L of the edited model's greedy answers against the
+    starting model's (1 = it still says what it said; whole-model RMU falls to 0.18-0.33)."""
+
+    items: str  # "retain" | "utility"
+    modality: str
+    n: int
+    rouge_l: float
+
+
+@dataclass(frozen=True)
 class GateDecision:
     passed: bool
     reasons: tuple[str, ...]  # one per failed check; empty when passed
@@ -92,12 +116,14 @@ class GateDecision:
     per_request: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # request -> its own figures
     config: GateConfig = field(default_factory=GateConfig)
     request_reasons: Mapping[str, str] = field(default_factory=dict)  # request -> why it is not forgotten
+    generation: tuple[GenerationScore, ...] = ()  # kept sets' ROUGE-L per modality; empty when not measured
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reasons": list(self.reasons), "config": self.config.to_dict(),
                 "scores": [asdict(s) | {"relative": s.relative} for s in self.scores],
                 "per_request": {k: dict(v) for k, v in self.per_request.items()},
-                "request_reasons": dict(self.request_reasons)}
+                "request_reasons": dict(self.request_reasons),
+                "generation": [asdict(g) for g in self.generation]}
 
     def request_passed(self, request_id: str) -> bool:
         return bool(self.per_request.get(request_id, {}).get("passed"))
@@ -115,14 +141,32 @@ def correctness(model: nn.Module, processor: Any, bench: Benchmark, item_sets: M
                            strict=True)) for name, items in item_sets.items()}
 
 
-def correct_by_id(model: nn.Module, processor: Any, bench: Benchmark, item_ids: Sequence[str]) -> dict[str, bool]:
-    """``{item_id: correct}`` for benchmark items given by id (what a scoring actor returns: plain data)."""
+def _items_by_id(bench: Benchmark, item_ids: Sequence[str]) -> list[Item]:
+    """The benchmark's items with these ids, in order; unknown ids are named."""
     by_id = {it.item_id: it for it in bench.items}
     unknown = [i for i in item_ids if i not in by_id]
     if unknown:
         raise InputError(f"item ids {unknown[:5]} ({len(unknown)} in all) are not in the benchmark; the batch "
                          "was planned against another dataset")
-    return correctness(model, processor, bench, {"items": [by_id[i] for i in item_ids]})["items"]
+    return [by_id[i] for i in item_ids]
+
+
+def correct_by_id(model: nn.Module, processor: Any, bench: Benchmark, item_ids: Sequence[str]) -> dict[str, bool]:
+    """``{item_id: correct}`` for benchmark items given by id (what a scoring actor returns: plain data)."""
+    return correctness(model, processor, bench, {"items": _items_by_id(bench, item_ids)})["items"]
+
+
+def greedy_by_id(model: nn.Module, processor: Any, bench: Benchmark, item_ids: Sequence[str]) -> dict[str, str]:
+    """``{item_id: greedy answer}`` for benchmark items given by id: what the generation check compares (the
+    starting model's answers are the reference for the edited model's; the model is only read)."""
+    model.eval()
+    return dict(zip(item_ids, generate_answers(model, processor, bench, _items_by_id(bench, item_ids)), strict=True))
+
+
+def answer_rouge(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, float]:
+    """Per item answered by both models, ROUGE-L of the edited model's answer (``after``) against the starting
+    model's (``before``); 1.0 when they are the same text, even one ROUGE cannot tokenise (an empty answer)."""
+    return {i: 1.0 if after[i] == ref else rouge_l(after[i], ref) for i, ref in before.items() if i in after}
 
 
 def by_set(item_sets: Mapping[str, Sequence[Item]], correct: Mapping[str, bool]) -> dict[str, dict[str, bool]]:
@@ -141,6 +185,25 @@ def _set_scores(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Ma
             scores.append(SetScore(name, modality, len(ids), mean([float(before[name][i]) for i in ids]),
                                    mean([float(after[name][i]) for i in ids])))
     return scores
+
+
+def generation_scores(item_sets: Mapping[str, Sequence[Item]], rouge: Mapping[str, float]
+                      ) -> list[GenerationScore]:
+    """Mean ROUGE-L of each kept set, per modality, over its items that have a figure in ``rouge``."""
+    scores = []
+    for name in KEPT:
+        items = [it for it in item_sets.get(name, ()) if it.item_id in rouge]
+        for modality in sorted({it.modality for it in items}):
+            figures = [rouge[it.item_id] for it in items if it.modality == modality]
+            scores.append(GenerationScore(name, modality, len(figures), mean(figures)))
+    return scores
+
+
+def _generation_reasons(generation: Sequence[GenerationScore], cfg: GateConfig) -> list[str]:
+    """Kept sets the edited model still answers by option but no longer in words (a floor of 0 never fails)."""
+    return [f"{g.items} {g.modality}: generation ROUGE-L {g.rouge_l:.3f} < {cfg.min_generation:.3f} (the edited "
+            f"model's greedy answers against the starting model's, n={g.n})" for g in generation
+            if g.rouge_l < cfg.min_generation]
 
 
 def _kept_set_reasons(scores: Sequence[SetScore], cfg: GateConfig) -> list[str]:
@@ -213,21 +276,24 @@ def _per_request(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, M
 
 def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping[str, bool]],
            after: Mapping[str, Mapping[str, bool]], cfg: GateConfig, *,
-           request_of: Mapping[str, str] | None = None) -> GateDecision:
+           request_of: Mapping[str, str] | None = None, rouge: Mapping[str, float] | None = None) -> GateDecision:
     """The gate over per-item correctness before and after (pure: no model, so it is tested on toy tables).
 
     Each request is judged on its own forget items, in every modality they have: it passes when their forgetting
     rate reaches ``min_forgetting``, whatever the batch average says. The edit is publishable when the kept sets
-    hold, no earlier-forgotten people come back, and at least one request passes; a request that does not pass is
-    closed failed with its own figures."""
+    hold (accuracy, and generation where ``rouge`` gives kept items' ROUGE-L, see :func:`answer_rouge`), no
+    earlier-forgotten people come back, and at least one request passes; a request that does not pass is closed
+    failed with its own figures. ``rouge`` None: generation not measured, so not checked."""
     scores = _set_scores(item_sets, before, after)
-    reasons = _kept_set_reasons(scores, cfg) + _relapse_reasons(scores, cfg)
+    generation = generation_scores(item_sets, rouge or {})
+    reasons = _kept_set_reasons(scores, cfg) + _generation_reasons(generation, cfg) + _relapse_reasons(scores, cfg)
     per_request, request_reasons = _per_request(item_sets, before, after, request_of or {}, cfg)
     if not per_request:
         reasons.append("no forget items were evaluated")
     elif len(request_reasons) == len(per_request):
         reasons += [f"forget{f' ({r})' if r else ''} {why}" for r, why in sorted(request_reasons.items())]
-    return GateDecision(not reasons, tuple(reasons), tuple(scores), per_request, cfg, request_reasons)
+    return GateDecision(not reasons, tuple(reasons), tuple(scores), per_request, cfg, request_reasons,
+                        tuple(generation))
 
 
 def with_answer_logprobs(decision: GateDecision, item_sets: Mapping[str, Sequence[Item]],
@@ -252,12 +318,13 @@ def evaluate_and_gate(base: nn.Module, edited: nn.Module, processor: Any, bench:
                       item_sets: Mapping[str, Sequence[Item]], cfg: GateConfig, *,
                       request_of: Mapping[str, str] | None = None,
                       log: Callable[[str], None] = print) -> GateDecision:
-    """Score ``item_sets`` on both models and apply the gate."""
+    """Score ``item_sets`` on both models (and answer the kept sets, for the generation check); apply the gate."""
+    kept = [it.item_id for name in KEPT for it in item_sets.get(name, ())]
     log(f"evaluating {', '.join(f'{len(v)} {k}' for k, v in item_sets.items())} items on the starting model")
-    before = correctness(base, processor, bench, item_sets)
+    before, said = correctness(base, processor, bench, item_sets), greedy_by_id(base, processor, bench, kept)
     log("evaluating the edited model")
-    after = correctness(edited, processor, bench, item_sets)
-    return decide(item_sets, before, after, cfg, request_of=request_of)
+    after, says = correctness(edited, processor, bench, item_sets), greedy_by_id(edited, processor, bench, kept)
+    return decide(item_sets, before, after, cfg, request_of=request_of, rouge=answer_rouge(said, says))
 
 
 def format_decision(decision: GateDecision) -> str:
@@ -266,9 +333,13 @@ def format_decision(decision: GateDecision) -> str:
     for s in decision.scores:
         name = SET_LABELS.get(s.items, s.items)
         lines.append(f"{name:18s} {s.modality:11s} {s.n:4d} {s.before:7.3f} {s.after:7.3f} {s.relative:9.3f}")
+    if decision.generation:  # ROUGE-L of the edited model's answers against the starting model's
+        lines.append(f"{'generation':18s} {'modality':11s} {'n':>4s} {'ROUGE-L':>7s}")
+        lines += [f"{g.items:18s} {g.modality:11s} {g.n:4d} {g.rouge_l:7.3f}" for g in decision.generation]
     verdict = "PASSED" if decision.passed else "FAILED: " + "; ".join(decision.reasons)
     return "\n".join([*lines, f"gate {verdict}"])
 
 
-__all__ = ["SETS", "GateConfig", "GateDecision", "SetScore", "by_set", "correct_by_id", "correctness", "decide",
-           "evaluate_and_gate", "format_decision", "with_answer_logprobs"]
+__all__ = ["KEPT", "SETS", "GateConfig", "GateDecision", "GenerationScore", "SetScore", "answer_rouge", "by_set",
+           "correct_by_id", "correctness", "decide", "evaluate_and_gate", "format_decision", "generation_scores",
+           "greedy_by_id", "with_answer_logprobs"]

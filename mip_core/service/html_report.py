@@ -173,7 +173,15 @@ def _gate_section(gate: Mapping[str, Any]) -> dict[str, Any]:
         rows.append([_SET_LABEL.get(s["items"], s["items"]), s["modality"], s["n"], s["before"], s["after"],
                      rel, floor, verdict])
     decision = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
-    return {"rows": rows, "decision": decision}
+    return {"rows": rows, "generation": _generation_rows(gate), "decision": decision}
+
+
+def _generation_rows(gate: Mapping[str, Any]) -> list[list[Any]]:
+    """The kept sets' ROUGE-L against ``min_generation`` (none for a gate.json written before it was measured)."""
+    floor = gate["config"].get("min_generation")
+    return [[_SET_LABEL.get(g["items"], g["items"]), g["modality"], g["n"], g["rouge_l"], floor,
+             "-" if floor is None else ("pass" if g["rouge_l"] >= floor else "FAIL")]
+            for g in gate.get("generation", [])]
 
 
 def _figures(gate: Mapping[str, Any] | None, graph: PathGraph | None, timings: Mapping[str, float]

@@ -36,6 +36,16 @@ def request_state(record: Any, batch_id: str) -> str:
     return record.state
 
 
+def _generation_lines(generation: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The kept sets' generation table (none for a gate that did not measure it)."""
+    if not generation:
+        return []
+    lines = ["", "Generation: mean ROUGE-L of the edited model's greedy answers against the starting model's (multiple "
+                 "choice alone misses a model that no longer writes sensible answers)", "",
+             "| set | modality | n | ROUGE-L |", "|---|---|---|---|"]
+    return lines + [f"| {g['items']} | {g['modality']} | {g['n']} | {_f(g['rouge_l'])} |" for g in generation]
+
+
 def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, Any] | None, version: str | None,
                  error: str | None, timings: Mapping[str, float], shards: Sequence[Mapping[str, Any]] | None = None,
                  links: Mapping[str, str] | None = None) -> str:
@@ -70,9 +80,11 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
         for s in gate["scores"]:
             lines.append(f"| {_SET_NAMES.get(s['items'], s['items'])} | {s['modality']} | {s['n']} | "
                          f"{_f(s['before'])} | {_f(s['after'])} | {_f(s['relative'])} |")
+        lines += _generation_lines(gate.get("generation", []))
         cfg = gate["config"]
         lines += ["", f"Gate: each request's own forgetting >= {cfg['min_forgetting']}; retention >= "
-                      f"{cfg['min_retention']} and utility >= {cfg['min_utility']} per modality; people forgotten "
+                      f"{cfg['min_retention']} and utility >= {cfg['min_utility']} per modality; generation "
+                      f"(ROUGE-L) >= {cfg.get('min_generation', '-')}; people forgotten "
                       f"earlier rise by <= {cfg.get('max_relapse', '-')}: "
                       f"**{'passed' if gate['passed'] else 'failed'}**"]
     if shards:

@@ -119,7 +119,7 @@ def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, 
     store, ids = _store_with_requests(tmp_path, trained_tiny, 5)
     spec = ServiceSpec(root=store.root, **BASE, requests_per_batch=2, edit={"rmisu": {"steps": 40}},
                        gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0,
-                             "max_relapse": 1.0})  # each publishes
+                             "min_generation": 0.0, "max_relapse": 1.0})  # each publishes
     results = nightly_unlearning(spec)
 
     assert [manifest_of(store, r["batch_id"]).requests for r in results] == [tuple(ids[:2]), tuple(ids[2:4]),
@@ -236,7 +236,8 @@ def test_a_killed_run_resumes_after_its_last_completed_step(harness, trained_tin
 
     store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
     spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 30}},
-                       gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0})
+                       gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0,
+                             "min_generation": 0.0})
     calls = {"attribute": 0, "edit": 0}
     real_attribute, real_launch, real_promote = (service_tasks.attribute_batch, service_tasks.launch_edit,
                                                  service_tasks.promote_scores)
@@ -307,7 +308,8 @@ def test_a_killed_flow_process_is_resumed_by_the_next_nightly_run(harness, train
 
     store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
     spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 30}}, run_lease_ttl_s=4,
-                       gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0})
+                       gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0,
+                             "min_generation": 0.0})
     code = ("import json, sys\nfrom flows.params import ServiceSpec\nfrom flows.service import unlearn_batch\n"
             "unlearn_batch(json.loads(sys.argv[1]), ServiceSpec.model_validate_json(sys.argv[2]))\n")
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(tmp_path / "home"),

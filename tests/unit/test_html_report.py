@@ -107,3 +107,17 @@ def test_people_forgotten_earlier_are_checked_against_a_ceiling():
     held = page(0.1)
     assert "forgotten by earlier versions" in held and held.count("<td>FAIL</td>") == 1
     assert page(0.05).count("<td>FAIL</td>") == 0
+
+
+def test_kept_sets_generation_is_checked_against_its_floor():
+    """``generation`` (mean ROUGE-L against the starting model's answers) gets its own table against
+    ``min_generation``; a gate.json written before it was measured has no such table."""
+    gate = GATE | {"config": GATE["config"] | {"min_generation": 0.6},
+                   "generation": [{"items": "retain", "modality": "text", "n": 2, "rouge_l": 0.5},
+                                  {"items": "utility", "modality": "text", "n": 1, "rouge_l": 0.7}]}
+    page = batch_html(MANIFEST, [record("a", "done")], gate=gate, version="v0002", error=None, timings={})
+    assert "<th>ROUGE-L</th>" in page and page.count("<td>FAIL</td>") == 1
+    assert ('<td>other people</td><td>text</td><td class="num">2</td><td class="num">0.500</td><td class="num">0.600'
+            '</td><td>FAIL</td>') in page.replace("\n", "")
+    old = batch_html(MANIFEST, [record("a", "done")], gate=GATE, version="v0002", error=None, timings={})
+    assert "ROUGE-L" not in old

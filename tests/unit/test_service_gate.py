@@ -10,7 +10,7 @@ import pytest
 
 from mip_core.errors import InputError
 from mip_core.service.batch import BatchManifest
-from mip_core.service.gate import GateConfig, decide, format_decision, with_answer_logprobs
+from mip_core.service.gate import GateConfig, answer_rouge, decide, format_decision, with_answer_logprobs
 from mip_core.service.html_report import batch_html
 from mip_core.service.report import batch_report, unplanned_report
 from mip_core.service.requests import ForgetItem, ForgetRequest, KnownFact, Person, RequestRecord
@@ -203,3 +203,50 @@ def test_people_forgotten_earlier_who_come_back_hold_the_version_back():
     assert not image_back.passed and image_back.reasons[0].startswith("forgotten earlier multimodal")
     assert "forgotten earlier" in format_decision(two_back)
     assert decide(sets, before, edited("e0", "e1"), GateConfig(max_relapse=0.1)).passed
+
+
+#: Per-item ROUGE-L of the edited model's answers against the starting model's: retain text (0.4 + 0.6) / 2 = 0.5,
+#: retain multimodal 1.0, utility text 0.7.
+ROUGE = {"r1": 0.4, "r2": 0.6, "r3": 1.0, "r4": 1.0, "u1": 0.7}
+FORGOT = after(f1=False, f2=False, f3=False, f4=False)
+
+
+def test_a_kept_set_that_no_longer_writes_sensible_answers_holds_the_batch_back():
+    """Multiple choice all kept (retention 1.0 everywhere), but other people's text answers drifted: 0.5 < 0.6."""
+    d = decide(SETS, ALL_RIGHT, FORGOT, GateConfig(min_generation=0.6), rouge=ROUGE)
+    assert not d.passed and d.metric("retain", "text").relative == 1.0
+    assert d.reasons == ("retain text: generation ROUGE-L 0.500 < 0.600 (the edited model's greedy answers "
+                         "against the starting model's, n=2)",)
+    assert [(g.items, g.modality, g.n, g.rouge_l) for g in d.generation] == [
+        ("retain", "multimodal", 2, 1.0), ("retain", "text", 2, 0.5), ("utility", "text", 1, 0.7)]
+    assert d.to_dict()["generation"][1] == {"items": "retain", "modality": "text", "n": 2, "rouge_l": 0.5}
+    table = format_decision(d)
+    assert "retain             text           2   0.500" in table and "generation ROUGE-L 0.500" in table
+
+
+def test_a_kept_set_at_0_7_passes_and_a_floor_of_0_disables_the_check():
+    assert decide(SETS, ALL_RIGHT, FORGOT, GateConfig(min_generation=0.6), rouge=ROUGE | {"r1": 0.8}).passed  # 0.7
+    off = decide(SETS, ALL_RIGHT, FORGOT, GateConfig(min_generation=0.0), rouge={i: 0.0 for i in ROUGE})
+    assert off.passed and [g.rouge_l for g in off.generation] == [0.0, 0.0, 0.0]  # measured, reported, not gated
+    unmeasured = decide(SETS, ALL_RIGHT, FORGOT, GateConfig())  # no answers given: nothing to check
+    assert unmeasured.passed and unmeasured.generation == () and unmeasured.to_dict()["generation"] == []
+
+
+def test_answer_rouge_compares_the_edited_answer_with_the_starting_models():
+    before = {"a": "born in Paris", "b": "", "c": "blue eyes", "only-before": "x"}
+    got = answer_rouge(before, {"a": "Paris", "b": "", "c": "blue eyes", "only-after": "y"})
+    # a: the one word is the reference's third: precision 1, recall 1/3, F = 2 * 1 * 1/3 / (1 + 1/3) = 0.5
+    assert got == {"a": pytest.approx(0.5), "b": 1.0, "c": 1.0}  # the same text is 1.0, even an empty answer
+    assert answer_rouge({"a": "blue eyes"}, {"a": "green"}) == {"a": 0.0}
+
+
+def test_the_reports_show_the_generation_figures_and_their_floor():
+    m = BatchManifest(batch_id="b1", target_model="demo", base_version="v0001", base_uri="/m/v0001",
+                      dataset_uri="/d", requests=("a",), rejected={}, forget=(("f1", "a"),), items_of={"a": ("f1",)},
+                      edit_retain=(), eval_retain=("r1", "r2"), eval_utility=("u1",))
+    d = decide(SETS, ALL_RIGHT, FORGOT, GateConfig(), rouge=ROUGE).to_dict()
+    text = batch_report(m, [], gate=d, version=None, error=None, timings={})
+    assert "| retain | text | 2 | 0.500 |" in text and "| utility | text | 1 | 0.700 |" in text
+    assert "generation (ROUGE-L) >= 0.6" in text and "**not published**: retain text: generation ROUGE-L" in text
+    page = batch_html(m, [], gate=d, version=None, error=None, timings={})
+    assert page.count("<td>FAIL</td>") == 1 and "ROUGE-L" in page

@@ -1,6 +1,7 @@
 """A version's per-item scores, stored with it: the Parquet cache round-trips and refuses other schemas, and the
 gate computes only what the cache lacks (shown by planted values surviving and by a starting model that is not
-there at all), scores the edited model once, and publishing promotes its scores to the new version."""
+there at all), scores the edited model once, and publishing promotes its scores to the new version. The kept sets'
+greedy answers (the generation check's reference) are cached beside the scores the same way."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from mip_core.errors import InputError, ModelLoadError, SchemaMismatchError
 from mip_core.modeling import load_model, save_model
 from mip_core.parquet_io import SCHEMA_KEY
 from mip_core.service.batch import BatchManifest
-from mip_core.service.gate import by_set, correct_by_id
-from mip_core.service.scores import (ITEM_SCORES, SCORES_FILE, ItemScores, batch_scores_key, gate_scores,
-                                     promote_scores, read_scores, version_scores_key, write_scores)
+from mip_core.service.gate import by_set, correct_by_id, greedy_by_id
+from mip_core.service.scores import (ANSWERS_FILE, ITEM_ANSWERS, ITEM_SCORES, SCORES_FILE, ItemScores,
+                                     batch_scores_key, gate_scores, promote_scores, read_scores, version_scores_key,
+                                     write_scores)
 from mip_core.service.store import ServiceStore
 
 
@@ -34,7 +36,7 @@ def world(tiny_models, tmp_path_factory):
     ids = [it.item_id for it in bench.items if it.kind != "test"][:8]
     world = {"root": root, "store": store, "bench": bench, "bench_uri": str(root / "bench"), "ids": ids,
              "base": store.uri(store.model_key("tiny", "v0001")), "edited": str(root / "edited"), "loaded": {}}
-    world["truth"] = {uri: dict(in_process(world)(uri, ids)) for uri in (world["base"], world["edited"])}
+    world["truth"] = {uri: dict(in_process(world)(uri, ids, ())[0]) for uri in (world["base"], world["edited"])}
     return world
 
 
@@ -47,12 +49,13 @@ def manifest(world, batch_id: str, base_uri: str | None = None) -> BatchManifest
 
 def in_process(world):
     """The scorer the actor runs, here in this process: load the model by URI (once per URI: loads are the slow
-    part), score the items."""
-    def score(uri: str, ids):
+    part), score the items and answer ``answer_ids``."""
+    def score(uri: str, ids, answer_ids):
         if uri not in world["loaded"]:
             world["loaded"][uri] = load_model(uri)
         loaded = world["loaded"][uri]
-        return correct_by_id(loaded.model, loaded.processor, world["bench"], ids)
+        return (correct_by_id(loaded.model, loaded.processor, world["bench"], ids),
+                greedy_by_id(loaded.model, loaded.processor, world["bench"], answer_ids))
     return score
 
 
@@ -104,8 +107,8 @@ def test_the_gate_computes_only_what_the_cache_lacks(world, tmp_path):
     write_scores(store, version_scores_key(store, "tiny", "v0001"), ItemScores(world["bench_uri"], "auto", planted))
     before, after = gate_scores(store, manifest(world, "b1"), ids, world["edited"], dtype="auto",
                                 score=in_process(world), log=lambda _: None)
-    assert before == {**base_truth, **planted}  # cached items as stored, the missing ones computed on the base
-    assert after == edited_truth
+    assert before.correct == {**base_truth, **planted}  # cached items as stored, the missing ones computed
+    assert after.correct == edited_truth
     cache = read_scores(store, version_scores_key(store, "tiny", "v0001"))
     assert dict(cache.correct) == {**base_truth, **planted}  # the computed items were appended
     assert dict(read_scores(store, batch_scores_key(store, "b1")).correct) == edited_truth
@@ -115,7 +118,7 @@ def test_the_gate_computes_only_what_the_cache_lacks(world, tmp_path):
     cache_file = os.path.join(store.uri(version_scores_key(store, "tiny", "v0001")), SCORES_FILE)
     stat, content = os.stat(cache_file).st_mtime_ns, open(cache_file, "rb").read()
     with pytest.raises(ModelLoadError):
-        in_process(world)(str(tmp_path / "no-model"), ids[:1])
+        in_process(world)(str(tmp_path / "no-model"), ids[:1], ())
     before2, after2 = gate_scores(store, manifest(world, "b2", base_uri=str(tmp_path / "no-model")), ids,
                                   world["edited"], dtype="auto", score=in_process(world), log=lambda _: None)
     assert (before2, after2) == (before, after)
@@ -130,7 +133,7 @@ def test_a_cache_for_another_dataset_or_dtype_is_recomputed(world, tmp_path):
         write_scores(store, version_scores_key(store, "tiny", "v0001"), stale)
         before, _ = gate_scores(store, manifest(world, "b1"), ids, world["edited"], dtype="auto",
                                 score=in_process(world), log=lambda _: None)
-        assert before == {i: base_truth[i] for i in ids}
+        assert before.correct == {i: base_truth[i] for i in ids}
         cache = read_scores(store, version_scores_key(store, "tiny", "v0001"))
         assert (cache.dataset_uri, cache.dtype) == (world["bench_uri"], "auto")
 
@@ -152,7 +155,7 @@ def test_publishing_promotes_the_edited_scores_to_the_new_version(world, tmp_pat
     m = BatchManifest(**{**m.__dict__, "base_version": version})
     before, _ = gate_scores(store, m, ids, world["edited"], dtype="auto", score=in_process(world),
                             log=lambda _: None)
-    assert before == edited_truth
+    assert before.correct == edited_truth
 
 
 def test_scores_regroup_per_set_and_unknown_ids_are_named(world):
@@ -160,7 +163,59 @@ def test_scores_regroup_per_set_and_unknown_ids_are_named(world):
     flat = {world["bench"].items[0].item_id: True, world["bench"].items[1].item_id: False}
     assert by_set(sets, flat) == {"forget": {world["bench"].items[0].item_id: True},
                                   "retain": {world["bench"].items[1].item_id: False}}
-    in_process(world)(world["base"], world["ids"][:1])
+    in_process(world)(world["base"], world["ids"][:1], ())
     loaded = world["loaded"][world["base"]]
     with pytest.raises(InputError, match=r"item ids \['nope'\]"):
         correct_by_id(loaded.model, loaded.processor, world["bench"], ["nope"])
+    with pytest.raises(InputError, match=r"item ids \['nope'\]"):
+        greedy_by_id(loaded.model, loaded.processor, world["bench"], ["nope"])
+
+
+def test_the_kept_sets_answers_are_cached_and_promoted_beside_the_scores(world, tmp_path):
+    """A cache written before answers were kept (no answers file) still reads; the starting model answers only
+    what is missing, on the same load as its missing scores; the edited model's answers are promoted with its
+    scores, so the next gate answers nothing on the starting model."""
+    store = fresh(world, tmp_path)
+    ids, kept = world["ids"], world["ids"][1:5]
+    base_truth = truth(world, world["base"])
+    write_scores(store, version_scores_key(store, "tiny", "v0001"), ItemScores(world["bench_uri"], "auto", base_truth))
+    (tmp_path / "store" / "models" / "tiny" / "v0001" / "scores" / ANSWERS_FILE).unlink()  # an older cache
+    asked: list[tuple[str, list[str], list[str]]] = []
+
+    def recorded(uri, wanted, answer_ids):
+        asked.append((uri, list(wanted), list(answer_ids)))
+        return in_process(world)(uri, wanted, answer_ids)
+
+    before, after = gate_scores(store, manifest(world, "b1"), ids, world["edited"], dtype="auto", score=recorded,
+                                answer_ids=kept, log=lambda _: None)
+    assert asked == [(world["base"], [], kept), (world["edited"], ids, kept)]  # one call (one load) per model
+    assert before.correct == base_truth and list(before.answers) == kept and list(after.answers) == kept
+    cache = read_scores(store, version_scores_key(store, "tiny", "v0001"))
+    assert cache.answers == before.answers and all(isinstance(a, str) for a in cache.answers.values())
+    table = pq.read_table(tmp_path / "store" / "models" / "tiny" / "v0001" / "scores" / ANSWERS_FILE)
+    assert table.schema.metadata[SCHEMA_KEY.encode()] == ITEM_ANSWERS.encode()
+    assert table.column_names == ["item_id", "answer"]
+
+    version = store.register_model("tiny", world["edited"], dataset_uri=world["bench_uri"])
+    promote_scores(store, "b1", "tiny", version)
+    asked.clear()
+    m = BatchManifest(**{**manifest(world, "b2", base_uri=str(tmp_path / "no-model")).__dict__,
+                         "base_version": version})
+    before2, _ = gate_scores(store, m, ids, world["edited"], dtype="auto", score=recorded, answer_ids=kept,
+                             log=lambda _: None)
+    assert [uri for uri, _, _ in asked] == [world["edited"]] and before2.answers == after.answers
+
+
+def test_answers_for_another_dataset_are_ignored_and_another_answers_schema_is_refused(tmp_path):
+    store = ServiceStore(str(tmp_path))
+    write_scores(store, "scores", ItemScores("/d", "auto", {"a": True}, {"a": "Paris"}))
+    assert read_scores(store, "scores").answers == {"a": "Paris"}
+    answers = pq.read_table(tmp_path / "scores" / ANSWERS_FILE)
+    meta = {k.decode(): v.decode() for k, v in answers.schema.metadata.items()}
+    pq.write_table(answers.replace_schema_metadata({**meta, "mip.dataset_uri": "/elsewhere"}),
+                   tmp_path / "scores" / ANSWERS_FILE)
+    assert read_scores(store, "scores") == ItemScores("/d", "auto", {"a": True})  # its answers are computed again
+    pq.write_table(answers.replace_schema_metadata({**meta, SCHEMA_KEY: "item_answers/2"}),
+                   tmp_path / "scores" / ANSWERS_FILE)
+    with pytest.raises(SchemaMismatchError, match=r"schema 'item_answers/2' but this reader expects 'item_answers/1'"):
+        read_scores(store, "scores")

@@ -1,0 +1,291 @@
+"""Nights of forget requests through the service, measured against a model trained without those people
+(BENCHMARKS.md section 10; ``make bench-nightly``).
+
+Each scenario is a fresh store with the demo model registered with its benchmark, and nights of one-person
+requests naming benchmark profile ids (the people of forget subset ``--people-seed``, in its order, so every
+scenario's people are a prefix of the same list). A night submits its requests and runs the
+``nightly-unlearning`` flow in-process (Prefect ephemeral server, local Ray) with the service's defaults plus the
+scenario's settings:
+
+- ``night16``, ``night32``: one night, the default batching (``requests_per_batch``, splits of held-back batches);
+- ``one_batch16``, ``one_batch32``: the same work as one batch, not split (``requests_per_batch: null``,
+  ``split_held_back: false``): what the scheduling changes;
+- ``random16``: ``night16`` editing random neurons instead of paths (the same counts): what the method changes;
+- ``five_nights``: five consecutive nights of 4 requests on one store (the lineage grows);
+- ``smoke``: two nights of one request and a short edit, to check the bench runs.
+
+Rows (``--out``): one per batch the service ran (``batch`` >= 0: the gate's own figures, on its samples), and one
+per night (``batch: "night"``), measured here on the whole benchmark on the version current after the night, by
+multiple choice: forget accuracy of tonight's people and of earlier nights' people (and how much the latter rose
+since their own night), the gold model's on the same people, retention on people never requested (outside the
+whole list) and utility relative to the vanilla model, ROUGE-L of greedy answers on those kept sets against the
+vanilla model's answers, and the privacy leak ``(AUC - AUC_gold) / AUC_gold`` of the loss-based membership attack
+(forget items against never-seen people).
+
+    python benches/nightly_bench.py --model demo_out/vanilla --bench demo_out/bench --gold demo_out/nightly_gold
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "night16": {"nights": [16], "spec": {}},
+    "night32": {"nights": [32], "spec": {}},
+    "one_batch16": {"nights": [16], "spec": {"requests_per_batch": None, "split_held_back": False}},
+    "one_batch32": {"nights": [32], "spec": {"requests_per_batch": None, "split_held_back": False}},
+    "random16": {"nights": [16], "spec": {"method": "random"}},
+    "five_nights": {"nights": [4] * 5, "spec": {}},
+    "smoke": {"nights": [1, 1], "spec": {"edit": {"rmisu": {"steps": 20}}}},  # checks the bench runs (minutes)
+}
+DEFAULT_SCENARIOS = "five_nights,night32,night16,one_batch32,one_batch16,random16"
+BASE_SPEC = {"n_actors": 2, "launcher": "inprocess"}
+ROUGE_RETAIN_SAMPLE = 200  # retain items generated per model (utility: all); MC scores every item
+
+
+class Measure:
+    """Per-item figures of one model on the benchmark sets the rows need, so any group of people is a sum."""
+
+    def __init__(self, model_uri: str, sets: dict[str, list], holdout: tuple[Any, list], bench: Any,
+                 vanilla_answers: dict[str, str] | None = None) -> None:
+        from mip_core.evaluation.metrics import rouge_l
+        from mip_core.evaluation.mia import mean_answer_logprob
+        from mip_core.evaluation.runner import generate_answers, multiple_choice
+        from mip_core.modeling import load_model
+        from mip_core.training import encode_items
+
+        loaded = load_model(model_uri, device="cpu")
+        model, processor, pad = loaded.model, loaded.processor, int(loaded.processor.tokenizer.pad_token_id)
+        model.eval()
+        every = sets["people"] + sets["retain"] + sets["utility"]
+        self.correct = dict(zip([it.item_id for it in every], multiple_choice(model, processor, bench, every),
+                                strict=True))
+        self.member = dict(zip([it.item_id for it in sets["people"]],
+                               mean_answer_logprob(model, encode_items(processor, bench, sets["people"]), pad),
+                               strict=True))
+        hbench, hitems = holdout
+        self.non_member = mean_answer_logprob(model, encode_items(processor, hbench, hitems), pad)
+        gen_items = sets["retain_gen"] + sets["utility"]
+        self.answers = dict(zip([it.item_id for it in gen_items],
+                                generate_answers(model, processor, bench, gen_items), strict=True))
+        ref = vanilla_answers or self.answers
+        self.rouge = {i: rouge_l(a, ref[i]) for i, a in self.answers.items()}
+
+    def acc(self, items: list) -> float | None:
+        return sum(self.correct[it.item_id] for it in items) / len(items) if items else None
+
+    def auc(self, items: list) -> float:
+        from mip_core.evaluation.mia import auc
+
+        return auc([self.member[it.item_id] for it in items], self.non_member)
+
+    def rouge_mean(self, items: list) -> float:
+        return sum(self.rouge[it.item_id] for it in items) / len(items)
+
+
+def _sets(bench: Any, people: list[str], seed: int) -> dict[str, list]:
+    listed = set(people)
+    retain = [it for it in bench.items if it.kind == "qa" and it.profile_id not in listed]
+    return {"people": [it for it in bench.items if it.kind == "qa" and it.profile_id in listed],
+            "retain": retain, "retain_gen": random.Random(seed).sample(retain, min(ROUGE_RETAIN_SAMPLE, len(retain))),
+            "utility": [it for it in bench.items if it.kind == "utility"]}
+
+
+def _of(sets: dict[str, list], people: list[str]) -> list:
+    group = set(people)
+    return [it for it in sets["people"] if it.profile_id in group]
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _batch_rows(store: Any, results: list[dict], scenario: str, night: int) -> list[dict]:
+    """One row per batch the night ran: who was in it, its verdict and the gate's figures (on its samples)."""
+    rows = []
+    for k, res in enumerate(results):
+        batch_id = res["batch_id"]
+        claim = store.read_json(store.batch_key(batch_id, "claim.json"))
+        gate = store.read_json(store.batch_key(batch_id, "gate.json")) if store.exists(
+            store.batch_key(batch_id, "gate.json")) else {"scores": [], "passed": False, "reasons": []}
+        records = [store.get(r) for r in claim["requests"]]
+        mine = [r for r in records if r.batch_id == batch_id]  # not moved on to a split half
+
+        def pooled(name: str, relative: bool) -> float | None:
+            """Accuracy after the edit over the set's modalities, or relative to the starting model's."""
+            got = [s for s in gate["scores"] if s["items"] == name]
+            after = sum(s["n"] * s["after"] for s in got)
+            below = sum(s["n"] * (s["before"] if relative else 1) for s in got)
+            return after / below if below else None
+
+        rows.append({"scenario": scenario, "night": night, "batch": k, "batch_id": batch_id,
+                     "requests": len(claim["requests"]), "version": res["version"],
+                     "published": sum(r.state == "done" for r in mine),
+                     "failed": sum(r.state == "failed" for r in mine),
+                     "held_back": not res["version"], "split_into": res["retry"],
+                     "gate_forget_acc": _r(pooled("forget", False)), "gate_retention": _r(pooled("retain", True)),
+                     "gate_utility": _r(pooled("utility", True)), "gate_reasons": gate.get("reasons", []),
+                     "wall_s": round(sum(res["timings"].values()), 1), "timings": res["timings"],
+                     "measured_by": "the gate, on its samples"})
+    return rows
+
+
+def _night_row(scenario: str, night: int, tonight: list[str], earlier: list[list[str]], store: Any,
+               sets: dict, m: Measure, gold: Measure, vanilla: Measure, after_own: dict[int, float],
+               wall_s: float) -> dict:
+    records = [r for r in store.list() if r.request.request_id.startswith(f"n{night}-")]
+    earlier_people = [p for group in earlier for p in group]
+    rise = [m.acc(_of(sets, group)) - after_own[j] for j, group in enumerate(earlier)]
+    everyone = earlier_people + tonight
+    return {
+        "scenario": scenario, "night": night, "batch": "night", "requests": len(tonight),
+        "version": store.current_version("demo"),
+        "published": sum(r.state == "done" for r in records), "failed": sum(r.state == "failed" for r in records),
+        "forget_acc_tonight": _r(m.acc(_of(sets, tonight))),
+        "forget_acc_earlier": _r(m.acc(_of(sets, earlier_people))),
+        "earlier_max_rise": _r(max(rise) if rise else None),
+        "gold_forget_acc": _r(gold.acc(_of(sets, tonight))),
+        "gold_forget_acc_earlier": _r(gold.acc(_of(sets, earlier_people))),
+        "forget_minus_gold_all": _r(m.acc(_of(sets, everyone)) - gold.acc(_of(sets, everyone))),
+        "vanilla_forget_acc": _r(vanilla.acc(_of(sets, everyone))),
+        "retention": _r(m.acc(sets["retain"]) / vanilla.acc(sets["retain"])),
+        "utility": _r(m.acc(sets["utility"]) / vanilla.acc(sets["utility"])),
+        "retain_rougeL": _r(m.rouge_mean(sets["retain_gen"])), "utility_rougeL": _r(m.rouge_mean(sets["utility"])),
+        "mia_auc": _r(m.auc(_of(sets, everyone))), "gold_mia_auc": _r(gold.auc(_of(sets, everyone))),
+        "privacy_leak": _r((m.auc(_of(sets, everyone)) - gold.auc(_of(sets, everyone)))
+                           / gold.auc(_of(sets, everyone))),
+        "wall_s": round(wall_s, 1), "measured_by": "the whole benchmark, on the version current after the night"}
+
+
+def run_scenario(name: str, args: argparse.Namespace, people: list[str], bench: Any, sets: dict, gold: Measure,
+                 vanilla: Measure, holdout: tuple, spec_overrides: dict) -> list[dict]:
+    """Fresh store, register, then each night: submit, run the nightly flow, measure."""
+    import ray
+
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+    from mip_core.service.requests import ForgetRequest
+    from mip_core.service.store import ServiceStore
+
+    root = Path(args.work) / name
+    shutil.rmtree(root, ignore_errors=True)
+    store = ServiceStore(str(root / "store"))
+    store.register_model("demo", args.model, dataset_uri=args.bench)
+    scenario = SCENARIOS[name]
+    spec = ServiceSpec(root=store.root, **{**BASE_SPEC, **scenario["spec"], **spec_overrides})
+    rows, groups, after_own, start = [], [], {}, 0
+    for night, size in enumerate(scenario["nights"], start=1):
+        tonight = people[start:start + size]
+        start += size
+        for j, pid in enumerate(tonight):
+            store.submit(ForgetRequest(request_id=f"n{night}-{j:02d}", target_model="demo", subjects=[pid],
+                                       requester="bench", reason="privacy"))
+        t0 = time.perf_counter()
+        try:
+            results = nightly_unlearning(spec)
+        finally:
+            ray.shutdown()
+        wall = time.perf_counter() - t0
+        version = store.current_version("demo")
+        m = Measure(store.uri(store.model_key("demo", version)), sets, holdout, bench, vanilla.answers)
+        rows += _batch_rows(store, results, name, night)
+        rows.append(_night_row(name, night, tonight, groups, store, sets, m, gold, vanilla, after_own, wall))
+        after_own[len(groups)] = m.acc(_of(sets, tonight))
+        groups.append(tonight)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "measured_by"}), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The night rows as the markdown table of BENCHMARKS.md section 10."""
+    def f(x: Any) -> str:
+        return "-" if x is None else f"{x:+.3f}" if isinstance(x, float) and x < 0 else (
+            f"{x:.3f}" if isinstance(x, float) else str(x))
+
+    cols = ("scenario", "night", "requests", "published", "failed", "batches", "forget_acc_tonight",
+            "forget_acc_earlier", "earlier_max_rise", "gold_forget_acc", "forget_minus_gold_all", "retention",
+            "utility", "retain_rougeL", "utility_rougeL", "privacy_leak", "wall_s")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        if r["batch"] != "night":
+            continue
+        batches = sum(1 for b in rows if b["scenario"] == r["scenario"] and b["night"] == r["night"]
+                      and b["batch"] != "night")
+        lines.append("| " + " | ".join(f({**r, "batches": batches}[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo_out/vanilla")
+    ap.add_argument("--bench", default="demo_out/bench")
+    ap.add_argument("--gold", default="demo_out/nightly_gold", help="trained without every person of the "
+                    "scenarios: mip vanilla ... --exclude $(python benches/nightly_bench.py --print-people)")
+    ap.add_argument("--people-seed", type=int, default=1, help="forget subset whose order names the people")
+    ap.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help=f"any of {', '.join(SCENARIOS)}")
+    ap.add_argument("--spec", default="{}", help="ServiceSpec overrides as JSON for every scenario")
+    ap.add_argument("--out", default="benches/results/nightly.json")
+    ap.add_argument("--work", default="demo_out/nightly_bench")
+    ap.add_argument("--table", action="store_true", help="print --out's night rows as a markdown table and exit")
+    ap.add_argument("--print-people", action="store_true", help="print the people every scenario draws from "
+                    "(comma-separated, for the gold model's --exclude) and exit")
+    args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())["rows"]))
+        return
+    from mip_core.benchmark import load_benchmark
+    from mip_core.benchmark.holdout import holdout_items
+    from mip_core.errors import InputError
+    from mip_core.modeling.io import cache_dir
+    from mip_core.training import read_training_log
+
+    bench = load_benchmark(args.bench)
+    names = args.scenarios.split(",")
+    need = max(sum(SCENARIOS[n]["nights"]) for n in SCENARIOS if n in names or args.print_people)
+    ordered = sorted(bench.with_forget_seed(args.people_seed).profiles, key=lambda p: p.forget_rank)
+    people = [p.profile_id for p in ordered][:need]
+    if args.print_people:
+        print(",".join(people))
+        return
+    excluded = set((read_training_log(args.gold) or {}).get("config", {}).get("exclude_profiles") or ())
+    if not set(people) <= excluded:
+        raise InputError(f"--gold {args.gold} saw {sorted(set(people) - excluded)[:5]}...; train it with `mip "
+                         f"vanilla ... --exclude {','.join(people)}`")
+    sets = _sets(bench, sorted(excluded), args.people_seed)  # never requested: outside the gold's whole list
+    holdout = holdout_items(bench, 10, cache_dir())
+    t0 = time.perf_counter()
+    vanilla = Measure(args.model, sets, holdout, bench)
+    gold = Measure(args.gold, sets, holdout, bench, vanilla.answers)
+    print(f"vanilla and gold measured in {time.perf_counter() - t0:.0f}s", flush=True)
+    out = Path(args.out)
+    meta = {"command": "python benches/nightly_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}"
+                                                                      for k, v in vars(args).items()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "date": time.strftime("%Y-%m-%d"), "people": people, "base_spec": BASE_SPEC,
+            "vanilla": {"people_acc": vanilla.acc(sets["people"]), "retain_acc": vanilla.acc(sets["retain"]),
+                        "utility_acc": vanilla.acc(sets["utility"]), "mia_auc": vanilla.auc(sets["people"])},
+            "gold": {"people_acc": gold.acc(sets["people"]), "retain": gold.acc(sets["retain"]) / vanilla.acc(
+                sets["retain"]), "utility": gold.acc(sets["utility"]) / vanilla.acc(sets["utility"]),
+                     "retain_rougeL": gold.rouge_mean(sets["retain_gen"]), "mia_auc": gold.auc(sets["people"])},
+            "rows": []}
+    if out.exists():  # keep other scenarios' rows of an earlier run on the same people
+        earlier = json.loads(out.read_text())
+        if earlier.get("people", [])[:need] == people:
+            meta["rows"] = [r for r in earlier["rows"] if r["scenario"] not in names]
+    for name in names:
+        meta["rows"] += run_scenario(name, args, people, bench, sets, gold, vanilla, holdout, json.loads(args.spec))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"wrote {out}\n{table(meta['rows'])}")
+
+
+if __name__ == "__main__":
+    main()
