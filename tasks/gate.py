@@ -158,7 +158,8 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
     bench = load_items(localize(m.dataset_uri, store.endpoint_url))
     item_sets = m.item_sets(bench)
     ids = [it.item_id for items in item_sets.values() for it in items]
-    kept = [it.item_id for name in KEPT for it in item_sets.get(name, ())]  # answered: the generation check's
+    kept_items = [it for name in KEPT for it in item_sets.get(name, ())]  # answered: the generation check's
+    kept = [it.item_id for it in kept_items]
     log(f"gate: {', '.join(f'{len(v)} {k}' for k, v in item_sets.items())} items")
 
     moved: dict[str, float] = {}  # free-form item -> the edited model's mean log p of the answer given before
@@ -179,7 +180,8 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
 
     before, after = gate_scores(store, m, ids, edited_uri, dtype=dtype, score=score, answer_ids=kept, log=log)
     decision = decide(item_sets, by_set(item_sets, before.correct), by_set(item_sets, after.correct), cfg,
-                      request_of=m.request_of(), rouge=answer_rouge(before.answers, after.answers))
+                      request_of=m.request_of(),
+                      rouge=answer_rouge(before.answers, after.answers, {it.item_id: it.answer for it in kept_items}))
     return with_answer_logprobs(decision, item_sets, probe_logprobs(store, batch_id), moved, m.request_of())
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mip_core.evaluation.metrics import rouge_l
+from mip_core.evaluation.metrics import generation_match, rouge_l
 from mip_core.evaluation.runner import generate_answers, score_items
 from mip_core.modeling import load_model
 from mip_core.modeling.io import localize
@@ -67,7 +67,8 @@ def measure(store: ServiceStore, batch_id: str, cfg: GateConfig | None = None) -
             v.scores[(name, modality)] = (len(ids), b, a)
             if name in floors and b > 0 and a / b < floors[name]:
                 v.below.append(f"{name} {modality}")
-            if name == "earlier" and a - b > cfg.max_relapse:
+            chance = _mean([1 / len(it.options) if it.options else 0.0 for it in its if it.modality == modality])
+            if name == "earlier" and a - max(b, chance) > cfg.max_relapse:  # back to chance is not coming back
                 v.below.append(f"earlier {modality}")
     request_of = m.request_of()
     for request in m.accepted:
@@ -89,7 +90,10 @@ def _generation(v: Verdict, sets: dict[str, list[Any]], said: dict[str, dict[str
         for modality in sorted({it.modality for it in its}):
             figures = [1.0 if said["after"][it.item_id] == said["before"][it.item_id]
                        else rouge_l(said["after"][it.item_id], said["before"][it.item_id])
-                       for it in its if it.modality == modality]
+                       for it in its if it.modality == modality
+                       and generation_match(it.answer, said["before"][it.item_id])]  # what it said right
+            if not figures:
+                continue
             v.generation[(name, modality)] = (len(figures), sum(figures) / len(figures))
             if v.generation[(name, modality)][1] < cfg.min_generation:
                 v.low_generation.append(f"{name} {modality}")

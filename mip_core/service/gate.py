@@ -17,7 +17,8 @@ Each request is judged on its own items: it is ``done`` only if the forgetting r
 ``min_forgetting`` (its held-out probes reported beside them), whatever the batch average says. The edit is
 published only if, in every modality that has items, the retention of both kept sets reaches its floor, and at
 least one request passed, and no earlier-forgotten people come back: their accuracy, in every modality, rises by
-at most ``max_relapse`` over the starting model's (a difference, not a ratio: it starts near zero). Relative
+at most ``max_relapse`` over the starting model's, or over chance where that is higher (a difference, not a
+ratio: it starts near zero). Relative
 figures (``forgetting_rate``, ``retention``) are taken
 against the same items on the starting model, so a question the model never knew is neither credit nor blame.
 
@@ -25,7 +26,8 @@ Multiple choice alone misses a model that still picks the right option but no lo
 (whole-model RMU keeps its options while its ROUGE-L on other people's answers falls to 0.18-0.33, BENCHMARKS.md
 section 9). So the kept sets (``retain``, ``utility``) also get a **generation score** per modality: the mean
 ROUGE-L of the edited model's greedy answer against the starting model's greedy answer to the same question (1 when
-it still says what it said). The edit is held back when any is below ``min_generation``.
+it still says what it said), over the items the starting model answered right. The edit is held back when any is
+below ``min_generation``.
 
 Everything here but :func:`correctness` and :func:`greedy_by_id` is pure. The service scores and answers each
 model on a Ray actor (``tasks.gate``) and keeps a published version's scores and answers with it
@@ -44,7 +46,7 @@ from torch import nn
 from mip_core.benchmark import Benchmark, Item
 from mip_core.config import Share, config_class
 from mip_core.errors import InputError
-from mip_core.evaluation.metrics import forgetting_rate, mean, retention, rouge_l
+from mip_core.evaluation.metrics import forgetting_rate, generation_match, mean, retention, rouge_l
 from mip_core.evaluation.runner import generate_answers, score_items
 
 SETS = ("forget", "test", "retain", "utility", "earlier")
@@ -85,15 +87,18 @@ class SetScore:
     n: int
     before: float
     after: float
+    chance: float = 0.0  # accuracy of guessing among the options (free-form items: 0)
 
     @property
     def relative(self) -> float:
         """Forgetting rate for the forget sets, retention for the kept sets (NaN when ``before`` is 0); for the
-        earlier-forgotten people, the rise of their accuracy (``after - before``)."""
+        earlier-forgotten people, the rise of their accuracy over ``max(before, chance)``: an edit drives them
+        below chance (a tell of its own), and the next edit's noise moving them back to chance is not them
+        coming back (a model that never saw them scores about chance, BENCHMARKS.md section 10)."""
         if self.items in ("forget", "test"):
             return forgetting_rate(self.before, self.after)
         if self.items == "earlier":
-            return self.after - self.before
+            return self.after - max(self.before, self.chance)
         return retention(self.before, self.after)
 
 
@@ -163,10 +168,16 @@ def greedy_by_id(model: nn.Module, processor: Any, bench: Benchmark, item_ids: S
     return dict(zip(item_ids, generate_answers(model, processor, bench, _items_by_id(bench, item_ids)), strict=True))
 
 
-def answer_rouge(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, float]:
+def answer_rouge(before: Mapping[str, str], after: Mapping[str, str], truth: Mapping[str, str] | None = None
+                 ) -> dict[str, float]:
     """Per item answered by both models, ROUGE-L of the edited model's answer (``after``) against the starting
-    model's (``before``); 1.0 when they are the same text, even one ROUGE cannot tokenise (an empty answer)."""
-    return {i: 1.0 if after[i] == ref else rouge_l(after[i], ref) for i, ref in before.items() if i in after}
+    model's (``before``); 1.0 when they are the same text, even one ROUGE cannot tokenise (an empty answer).
+
+    With ``truth`` (item -> its answer), only items whose starting answer gives the right answer count: what must
+    survive the edit is what the model said right; a wrong answer was never knowledge, and it is the first to
+    drift under any edit (on an edited version the kept sets hold a few), so it would be blame without loss."""
+    return {i: 1.0 if after[i] == ref else rouge_l(after[i], ref) for i, ref in before.items()
+            if i in after and (truth is None or (i in truth and generation_match(truth[i], ref)))}
 
 
 def by_set(item_sets: Mapping[str, Sequence[Item]], correct: Mapping[str, bool]) -> dict[str, dict[str, bool]]:
@@ -181,10 +192,15 @@ def _set_scores(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Ma
     for name in SETS:
         items = item_sets.get(name, ())
         for modality in sorted({it.modality for it in items}):
-            ids = [it.item_id for it in items if it.modality == modality]
-            scores.append(SetScore(name, modality, len(ids), mean([float(before[name][i]) for i in ids]),
-                                   mean([float(after[name][i]) for i in ids])))
+            mine = [it for it in items if it.modality == modality]
+            scores.append(SetScore(name, modality, len(mine), mean([float(before[name][it.item_id]) for it in mine]),
+                                   mean([float(after[name][it.item_id]) for it in mine]), chance_level(mine)))
     return scores
+
+
+def chance_level(items: Sequence[Item]) -> float:
+    """Expected accuracy of picking an option at random (a free-form item counts 0: nothing to pick)."""
+    return mean([1 / len(it.options) if it.options else 0.0 for it in items]) if items else 0.0
 
 
 def generation_scores(item_sets: Mapping[str, Sequence[Item]], rouge: Mapping[str, float]
@@ -216,9 +232,9 @@ def _kept_set_reasons(scores: Sequence[SetScore], cfg: GateConfig) -> list[str]:
 
 def _relapse_reasons(scores: Sequence[SetScore], cfg: GateConfig) -> list[str]:
     """People earlier versions forgot, answered again: the check that keeps a lineage's forgetting forgotten."""
-    return [f"forgotten earlier {s.modality}: accuracy rose {s.before:.3f} -> {s.after:.3f} (+{s.relative:.3f} > "
-            f"{cfg.max_relapse:.3f}, n={s.n}): people earlier versions forgot come back" for s in scores
-            if s.items == "earlier" and s.relative > cfg.max_relapse]
+    return [f"forgotten earlier {s.modality}: accuracy rose {s.before:.3f} -> {s.after:.3f} (+{s.relative:.3f} over "
+            f"the higher of before and chance {s.chance:.3f}, > {cfg.max_relapse:.3f}, n={s.n}): people earlier "
+            "versions forgot come back" for s in scores if s.items == "earlier" and s.relative > cfg.max_relapse]
 
 
 def _rates(items: Sequence[Item], before: Mapping[str, bool], after: Mapping[str, bool],
@@ -324,7 +340,8 @@ def evaluate_and_gate(base: nn.Module, edited: nn.Module, processor: Any, bench:
     before, said = correctness(base, processor, bench, item_sets), greedy_by_id(base, processor, bench, kept)
     log("evaluating the edited model")
     after, says = correctness(edited, processor, bench, item_sets), greedy_by_id(edited, processor, bench, kept)
-    return decide(item_sets, before, after, cfg, request_of=request_of, rouge=answer_rouge(said, says))
+    truth = {it.item_id: it.answer for name in KEPT for it in item_sets.get(name, ())}
+    return decide(item_sets, before, after, cfg, request_of=request_of, rouge=answer_rouge(said, says, truth))
 
 
 def format_decision(decision: GateDecision) -> str:

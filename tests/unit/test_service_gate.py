@@ -16,8 +16,8 @@ from mip_core.service.report import batch_report, unplanned_report
 from mip_core.service.requests import ForgetItem, ForgetRequest, KnownFact, Person, RequestRecord
 
 
-def item(item_id: str, modality: str) -> SimpleNamespace:
-    return SimpleNamespace(item_id=item_id, modality=modality)
+def item(item_id: str, modality: str, options: tuple[str, ...] = ()) -> SimpleNamespace:
+    return SimpleNamespace(item_id=item_id, modality=modality, options=options)
 
 
 SETS = {"forget": [item("f1", "text"), item("f2", "text"), item("f3", "multimodal"), item("f4", "multimodal")],
@@ -197,12 +197,32 @@ def test_people_forgotten_earlier_who_come_back_hold_the_version_back():
     assert one_back.passed and one_back.metric("earlier", "text").relative == pytest.approx(0.05)
     two_back = decide(sets, before, edited("e0", "e1"), GateConfig())
     assert not two_back.passed
-    assert two_back.reasons == ("forgotten earlier text: accuracy rose 0.000 -> 0.100 (+0.100 > 0.050, n=20): "
-                                "people earlier versions forgot come back",)
+    assert two_back.reasons == ("forgotten earlier text: accuracy rose 0.000 -> 0.100 (+0.100 over the higher of "
+                                "before and chance 0.000, > 0.050, n=20): people earlier versions forgot come back",)
     image_back = decide(sets, before, edited("e-img"), GateConfig(max_relapse=0.5))
     assert not image_back.passed and image_back.reasons[0].startswith("forgotten earlier multimodal")
     assert "forgotten earlier" in format_decision(two_back)
     assert decide(sets, before, edited("e0", "e1"), GateConfig(max_relapse=0.1)).passed
+
+
+def test_forgotten_people_moving_back_up_to_chance_are_not_coming_back():
+    """Four options each: chance is 0.25. People an edit drove to 0 of 8 that the next edit leaves at 2 of 8 are
+    answered like strangers (a model that never saw them guesses as well); 3 of 8 is 0.125 over chance."""
+    four = ("a", "b", "c", "d")
+    sets = SETS | {"earlier": [item(f"e{k}", "text", four) for k in range(8)]}
+    before = ALL_RIGHT | {"earlier": {it.item_id: False for it in sets["earlier"]}}
+
+    def edited(n_right: int) -> dict[str, dict[str, bool]]:
+        return after(f1=False, f2=False, f3=False, f4=False) | {
+            "earlier": {it.item_id: k < n_right for k, it in enumerate(sets["earlier"])}}
+
+    at_chance = decide(sets, before, edited(2), GateConfig())
+    assert at_chance.passed and at_chance.metric("earlier", "text").relative == 0.0
+    above = decide(sets, before, edited(3), GateConfig())
+    assert not above.passed and above.metric("earlier", "text").relative == pytest.approx(0.125)
+    assert "over the higher of before and chance 0.250" in above.reasons[0]
+    known = ALL_RIGHT | {"earlier": {it.item_id: k < 4 for k, it in enumerate(sets["earlier"])}}  # 0.5 before
+    assert decide(sets, known, edited(5), GateConfig()).metric("earlier", "text").relative == pytest.approx(0.125)
 
 
 #: Per-item ROUGE-L of the edited model's answers against the starting model's: retain text (0.4 + 0.6) / 2 = 0.5,
@@ -238,6 +258,14 @@ def test_answer_rouge_compares_the_edited_answer_with_the_starting_models():
     # a: the one word is the reference's third: precision 1, recall 1/3, F = 2 * 1 * 1/3 / (1 + 1/3) = 0.5
     assert got == {"a": pytest.approx(0.5), "b": 1.0, "c": 1.0}  # the same text is 1.0, even an empty answer
     assert answer_rouge({"a": "blue eyes"}, {"a": "green"}) == {"a": 0.0}
+
+
+def test_only_what_the_starting_model_said_right_is_held_to_the_generation_floor():
+    """A wrong starting answer was never knowledge: its drift is neither loss nor kept (the relative figures'
+    rule); an item with no known answer is not counted either."""
+    before = {"a": "born in Paris", "b": "Rome", "c": "x"}
+    got = answer_rouge(before, {"a": "Lyon", "b": "Milan", "c": "y"}, truth={"a": "Paris", "b": "Oslo"})
+    assert got == {"a": 0.0}  # b answered wrong before the edit; c has no truth
 
 
 def test_the_reports_show_the_generation_figures_and_their_floor():
