@@ -46,7 +46,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "five_nights": {"nights": [4] * 5, "spec": {}},
     "smoke": {"nights": [1, 1], "spec": {"edit": {"rmisu": {"steps": 20}}}},  # checks the bench runs (minutes)
 }
-DEFAULT_SCENARIOS = "five_nights,night32,night16,one_batch32,one_batch16,random16"
+DEFAULT_SCENARIOS = "five_nights,night32,one_batch32,night16,random16,one_batch16"
 BASE_SPEC = {"n_actors": 2, "launcher": "inprocess"}
 ROUGE_RETAIN_SAMPLE = 200  # retain items generated per model (utility: all); MC scores every item
 

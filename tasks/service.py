@@ -356,10 +356,10 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
     """Give every claimed request its terminal record, write the reports (markdown and HTML), attach them to the
     run; returns ``{"report": the markdown report's URI, "retry": new batch ids}``.
 
-    With ``split_for`` (the run id), a batch the gate held back for its kept sets, whose requests each forgot
-    their own people, is not closed failed: those requests move into two smaller batches owned by that run
-    (``retry``), so none fails only because it shared a batch. A request held back alone fails with its own
-    figures."""
+    With ``split_for`` (the run id), no request fails only because it shared a batch: a held-back batch of
+    several requests moves them into two smaller batches owned by that run (``retry``), and a published one moves
+    the requests it did not make forgotten into one (``_retry_batches``). A request judged alone that does not
+    pass fails with its own figures."""
     store = ServiceStore(root)
     if not store.exists(store.batch_key(batch_id, "manifest.json")):  # the plan step failed: no items, no gate
         report_key = close_unplanned(store, batch_id, error or "the batch was closed before it was planned")
@@ -414,17 +414,25 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
 
 def _retry_batches(store: ServiceStore, m: BatchManifest, gate: dict[str, Any] | None, version: str | None,
                    error: str | None, attributed: list[str], split_for: str | None) -> tuple[list[str], set[str]]:
-    """``(the smaller batches a held-back batch's requests move to, the requests moved)`` (see ``close_task``);
-    nothing when the batch is not split. ``attributed``: its open requests with at least one attributed item."""
-    if not split_for or version or error or not gate or gate.get("passed"):
+    """``(the smaller batches requests of this batch move to, the requests moved)`` (see ``close_task``).
+
+    A request fails only once it was judged alone. With ``split_for``, a batch of several requests that the gate
+    held back moves all of them into two halves (the requests that did not forget too: with fewer people the same
+    edit budget may be enough); a published batch moves those whose own items were not forgotten into one smaller
+    batch on the new version. Each retry is smaller than its batch, so a night ends with every request done or
+    judged alone. ``attributed``: the batch's open requests with at least one attributed item."""
+    if not split_for or error or not gate or len(attributed) < 2:
         return [], set()
-    movable = [r for r in attributed if r not in gate.get("request_reasons", {})]  # forgot their own people
-    if len(movable) < 2:
+    if version:  # published: the requests that did not forget theirs, retried without the others
+        movable = [r for r in attributed if r in gate.get("request_reasons", {})]
+        why, parts = f"published as {version}, but not their own people", 1
+    else:
+        movable, why, parts = attributed, "held back (" + "; ".join(gate.get("reasons", [])) + ")", 2
+    if not movable:
         return [], set()
-    retry = split_batch(store, movable, m.target_model, split_for)
-    get_run_logger().warning("batch %s: held back (%s); its %d requests that forgot their own people are retried "
-                             "in smaller batches %s", m.batch_id, "; ".join(gate.get("reasons", [])), len(movable),
-                             retry)
+    retry = split_batch(store, movable, m.target_model, split_for, parts)
+    get_run_logger().warning("batch %s: %s; %d of its requests are retried in smaller batches %s", m.batch_id, why,
+                             len(movable), retry)
     return retry, set(movable)
 
 

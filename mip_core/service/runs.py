@@ -84,16 +84,17 @@ def write_claim(store: ServiceStore, batch_id: str, target_model: str, requests:
                                                    "owner": owner, "claimed_at": iso_utc(utc_now())})
 
 
-def split_batch(store: ServiceStore, request_ids: list[str], target_model: str, owner: str) -> list[str]:
-    """Move ``request_ids`` (claimed by one batch, whose gate held them back together) into two new batches
-    owned by ``owner``, halves in submission order; returns the new batch ids. They are claimed at once, not put
-    back in the queue, so no other run takes them in between, and a run that dies before processing them leaves
-    claimed batches the next run resumes (``claimed_batches``)."""
-    if len(request_ids) < 2:
-        raise ValueError(f"split_batch: {request_ids} cannot be split")
-    half = (len(request_ids) + 1) // 2
+def split_batch(store: ServiceStore, request_ids: list[str], target_model: str, owner: str, parts: int = 2
+                ) -> list[str]:
+    """Move ``request_ids`` (claimed by one batch that did not finish them) into ``parts`` new batches owned by
+    ``owner`` (halves by default, in submission order; 1: one smaller batch); returns the new batch ids. They are
+    claimed at once, not put back in the queue, so no other run takes them in between, and a run that dies before
+    processing them leaves claimed batches the next run resumes (``claimed_batches``)."""
+    if parts < 1 or len(request_ids) < parts:
+        raise ValueError(f"split_batch: {request_ids} cannot be split in {parts}")
+    size = -(-len(request_ids) // parts)  # ceil: the first parts take the remainder
     new_ids = []
-    for part in (request_ids[:half], request_ids[half:]):
+    for part in (request_ids[k:k + size] for k in range(0, len(request_ids), size)):
         new_id = store.new_batch_id()
         write_claim(store, new_id, target_model, part, owner)
         for request_id in part:

@@ -59,20 +59,22 @@ def test_a_batch_below_the_gate_is_not_published(harness, trained_tiny, tmp_path
     from flows.service import unlearn_batch
 
     store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
-    # one RMisU step cannot make the model forget: the forgetting floor of 0.9 must stop the batch
+    # one RMisU step cannot make the model forget: the forgetting floor of 0.9 must stop the batch, and each
+    # request, retried alone before it fails, again
     spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 1}},
                        gate={"min_forgetting": 0.9, "min_retention": 0.0, "min_utility": 0.0})
     result = unlearn_batch(ids, spec)
 
-    assert result["version"] is None
+    assert result["version"] is None and [r["version"] for r in result["retried"]] == [None, None]
     assert store.versions("tiny") == ["v0001"] and store.current_version("tiny") == "v0001"
-    for rid in ids:
+    for rid, alone in zip(ids, result["retried"], strict=True):
         record = store.get(rid)
         assert record.state == "failed" and record.reason.startswith("gate: "), record
         assert "forgetting rate" in record.reason and "the model still knows them" in record.reason, record
-        assert record.model_version is None and record.batch_id == result["batch_id"]
+        assert record.model_version is None and record.batch_id == alone["batch_id"], record
+        assert record.held_back_in == [result["batch_id"]] and alone["retry"] == []  # alone: not split again
         assert record.metrics is not None and record.metrics["before"] > 0  # the gate's numbers travel along
-        assert record.report_uri == result["report"]
+        assert record.report_uri == alone["report"]
     report = store.read_text(store.batch_key(result["batch_id"], "report.md"))
     assert "**not published**: forget" in report and "publish" not in result["timings"]
 
@@ -111,28 +113,37 @@ def test_a_batch_held_back_for_other_people_is_split_until_each_request_is_judge
 
 def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, trained_tiny, tmp_path):
     """Five requests, two per batch: three batches claimed at once, edited in submission order, each planned on
-    the version the batch before published, and the later ones re-check the people the earlier ones forgot."""
+    the version the batch before published; the later ones re-check the people the earlier ones forgot; and no
+    request fails unless it was judged alone (a request its batch did not make forgotten is retried alone)."""
     from flows.params import ServiceSpec
     from flows.service import nightly_unlearning
     from tasks.service import manifest_of
 
     store, ids = _store_with_requests(tmp_path, trained_tiny, 5)
     spec = ServiceSpec(root=store.root, **BASE, requests_per_batch=2, edit={"rmisu": {"steps": 40}},
-                       gate={"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0,
-                             "min_generation": 0.0, "max_relapse": 1.0})  # each publishes
+                       gate={"min_retention": 0.0, "min_utility": 0.0, "min_generation": 0.0,
+                             "max_relapse": 1.0})  # kept sets never hold back: each batch publishes if any forgot
     results = nightly_unlearning(spec)
+    batches = {r["batch_id"]: manifest_of(store, r["batch_id"]) for r in results}
+    retried = {b for r in results for b in r["retry"]}
 
-    assert [manifest_of(store, r["batch_id"]).requests for r in results] == [tuple(ids[:2]), tuple(ids[2:4]),
-                                                                               (ids[4],)]
-    assert [r["version"] for r in results] == ["v0002", "v0003", "v0004"]
-    assert [manifest_of(store, r["batch_id"]).base_version for r in results] == ["v0001", "v0002", "v0003"]
-    for rid, version in zip(ids, ["v0002", "v0002", "v0003", "v0003", "v0004"], strict=True):
-        record = store.get(rid)  # a request its batch's edit did not make forgotten fails with its own figures
-        assert (record.state, record.model_version) in (("done", version), ("failed", None)), record
-        assert record.state == "done" or (record.reason.startswith("gate: ") and record.metrics), record
-    assert store.model_info("tiny", "v0004")["parent_version"] == "v0003"
-    last_gate = store.read_json(store.batch_key(results[-1]["batch_id"], "gate.json"))
-    assert {s["items"] for s in last_gate["scores"]} >= {"earlier"}, last_gate["scores"]  # v0002/3's people
+    assert [batches[r["batch_id"]].requests for r in results if r["batch_id"] not in retried] == [
+        tuple(ids[:2]), tuple(ids[2:4]), (ids[4],)]
+    published = ["v0001"]
+    for r in results:  # each batch starts from the version the one before it published
+        assert batches[r["batch_id"]].base_version == published[-1], (r, published)
+        published += [r["version"]] if r["version"] else []
+    assert store.versions("tiny") == published and len(published) >= 2
+    for rid in ids:
+        record = store.get(rid)
+        if record.state == "done":
+            assert record.model_version == next(r["version"] for r in results if r["batch_id"] == record.batch_id)
+        else:  # judged alone: its last batch held it only, and the figures are its own
+            assert record.state == "failed" and batches[record.batch_id].requests == (rid,), record
+            assert record.reason.startswith("gate: ") and record.metrics, record
+    later = [r["batch_id"] for r in results if batches[r["batch_id"]].base_version != "v0001"]
+    gate = store.read_json(store.batch_key(later[-1], "gate.json"))
+    assert {s["items"] for s in gate["scores"]} >= {"earlier"}, gate["scores"]  # earlier versions' people
     assert store.list("pending") == [] and store.list("claimed") == []
 
 

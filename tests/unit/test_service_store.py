@@ -362,3 +362,5 @@ def test_a_held_back_batch_splits_into_two_claimed_batches_that_remember_it(tmp_
         store.move_to_batch("r3", "b-other")
     with pytest.raises(ValueError, match="cannot be split"):
         split_batch(store, ["r1"], "demo", owner="run-1")
+    [alone] = split_batch(store, ["r1"], "demo", owner="run-1", parts=1)  # published without it: retried alone
+    assert claimed_batches(store)[alone] == ["r1"] and store.get("r1").held_back_in == ["b-all", first]
