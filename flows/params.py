@@ -110,9 +110,10 @@ class ServiceSpec(BaseModel):
                                         "(a registered question template answered by the model) is kept when the "
                                         "model's answer has at least this geometric-mean token probability.")
     gate: GateSpec = Field(default_factory=GateSpec)
-    split_held_back: bool = Field(True, description="A batch the gate holds back for other people's or general "
-                                  "knowledge, whose requests each forgot their own people, is split in two and each "
-                                  "half retried the same night (down to one request, which then fails with its own "
+    split_held_back: bool = Field(True, description="No request fails only because it shared a batch: a batch "
+                                  "of several requests the gate holds back is split in two and each half retried "
+                                  "the same night, and a published batch retries alone the requests it did not make "
+                                  "forgotten (a request judged alone that does not pass fails with its own "
                                   "figures); off: its requests fail with the batch.")
     run_lease_ttl_s: float = Field(600, ge=1, description="A run renews its lease every ttl/4 seconds; a batch "
                                    "whose run stopped renewing for this long (killed process, lost node) is "
