@@ -27,11 +27,12 @@ from mip_core.modeling import load_model
 from mip_core.modeling.inputs import inputs_follow_model
 from mip_core.modeling.io import localize
 from mip_core.service.batch import BatchManifest
+from mip_core.service.forgotten import forgotten_before
 from mip_core.service.gate import (KEPT, GateConfig, GateDecision, answer_rouge, by_set, correct_by_id, decide,
                                    greedy_by_id, with_answer_logprobs)
 from mip_core.service.items import load_items
 from mip_core.service.probes import answers_by_id, probe_logprobs
-from mip_core.service.scores import gate_scores
+from mip_core.service.scores import forgotten_level, gate_scores
 from mip_core.service.shards import ActorStartError
 from mip_core.service.store import ServiceStore
 from tasks.actors import actor_options, describe_error, ensure_ray, forwarded_env, load_on_gpus
@@ -179,10 +180,25 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
         return scored, got.get("greedy_answers", {})
 
     before, after = gate_scores(store, m, ids, edited_uri, dtype=dtype, score=score, answer_ids=kept, log=log)
-    decision = decide(item_sets, by_set(item_sets, before.correct), by_set(item_sets, after.correct), cfg,
+    decision = decide(item_sets, _with_forgotten_level(store, m, by_set(item_sets, before.correct)),
+                      by_set(item_sets, after.correct), cfg,
                       request_of=m.request_of(),
                       rouge=answer_rouge(before.answers, after.answers, {it.item_id: it.answer for it in kept_items}))
     return with_answer_logprobs(decision, item_sets, probe_logprobs(store, batch_id), moved, m.request_of())
+
+
+def _with_forgotten_level(store: ServiceStore, m: BatchManifest, before: dict[str, dict[str, bool]]
+                          ) -> dict[str, dict[str, bool]]:
+    """``before`` with the earlier-forgotten items at their level right after the edit that forgot them (where
+    that batch kept its scores): relapse is measured from there, so small rises cannot add up over nights."""
+    if not before.get("earlier"):
+        return before
+    newest_first = forgotten_before(store, m.target_model, m.base_version).items
+    batch_of: dict[str, str] = {}
+    for item_id, _, batch in newest_first:
+        batch_of.setdefault(item_id, batch)  # forgotten again later: the later edit's level
+    level = forgotten_level(store, {i: batch_of[i] for i in before["earlier"] if i in batch_of})
+    return before | {"earlier": {i: level.get(i, was) for i, was in before["earlier"].items()}}
 
 
 def probe_on_actor(model_uri: str, dataset_uri: str, item_ids: Sequence[str], *, gpus_per_actor: int = 1,

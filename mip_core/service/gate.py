@@ -17,8 +17,9 @@ Each request is judged on its own items: it is ``done`` only if the forgetting r
 ``min_forgetting`` (its held-out probes reported beside them), whatever the batch average says. The edit is
 published only if, in every modality that has items, the retention of both kept sets reaches its floor, and at
 least one request passed, and no earlier-forgotten people come back: their accuracy, in every modality, rises by
-at most ``max_relapse`` over the starting model's, or over chance where that is higher (a difference, not a
-ratio: it starts near zero). Relative
+at most ``max_relapse`` over their level right after the edit that forgot them (the service passes that level as
+the set's ``before``; ``tasks.gate``), or over chance where that is higher (a difference, not a ratio: it starts
+near zero). Relative
 figures (``forgetting_rate``, ``retention``) are taken
 against the same items on the starting model, so a question the model never knew is neither credit nor blame.
 

@@ -216,6 +216,22 @@ def gate_scores(store: ServiceStore, m: BatchManifest, item_ids: Sequence[str], 
     return base.only(ids, said), after
 
 
+def forgotten_level(store: ServiceStore, batch_of: Mapping[str, str]) -> dict[str, bool]:
+    """Each item's correctness right after the edit that forgot it (``batch_of``: item id -> that batch), read
+    from the batch's scores of its edited model (the published version's); items whose batch kept no scores are
+    left out.
+
+    Why: the gate's relapse check compares earlier-forgotten people with this level, not with the version the edit
+    starts from. Against the starting version, each edit may let them rise a little, every rise under the
+    tolerance, and over nights they come back in steps none of which was held back."""
+    out: dict[str, bool] = {}
+    for batch in dict.fromkeys(batch_of.values()):
+        scores = read_scores(store, batch_scores_key(store, batch))
+        if scores is not None:
+            out.update({i: scores.correct[i] for i, b in batch_of.items() if b == batch and i in scores.correct})
+    return out
+
+
 def _checked(got: tuple[Mapping[str, bool], Mapping[str, str]], wanted: Sequence[str], answer_ids: Sequence[str],
              model_uri: str) -> tuple[dict[str, bool], dict[str, str]]:
     """A scorer's result, refused unless it scores and answers exactly the items asked for."""
@@ -228,5 +244,5 @@ def _checked(got: tuple[Mapping[str, bool], Mapping[str, str]], wanted: Sequence
 
 
 __all__ = ["ANSWERS_FILE", "ITEM_ANSWERS", "ITEM_ANSWERS_V1", "ITEM_SCORES", "ITEM_SCORES_V1", "ItemScores", "Scorer",
-           "answers_from_table", "answers_table", "batch_scores_key", "gate_scores", "promote_scores", "read_scores",
-           "scores_from_table", "scores_table", "version_scores_key", "write_scores"]
+           "answers_from_table", "answers_table", "batch_scores_key", "forgotten_level", "gate_scores", "promote_scores",
+           "read_scores", "scores_from_table", "scores_table", "version_scores_key", "write_scores"]

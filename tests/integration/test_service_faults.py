@@ -11,6 +11,7 @@ import contextlib
 import shutil
 import tempfile
 
+import pyarrow.parquet as pq
 import pytest
 
 from mip_core.benchmark import load_benchmark
@@ -143,7 +144,20 @@ def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, 
             assert record.reason.startswith("gate: ") and record.metrics, record
     later = [r["batch_id"] for r in results if batches[r["batch_id"]].base_version != "v0001"]
     gate = store.read_json(store.batch_key(later[-1], "gate.json"))
-    assert {s["items"] for s in gate["scores"]} >= {"earlier"}, gate["scores"]  # earlier versions' people
+    # earlier versions' people are re-checked against their accuracy right after the edit that forgot them, read
+    # here from those batches' own scores of their edited models, not against the version this edit started from
+    earlier = dict(batches[later[-1]].eval_earlier)  # item id -> request id
+    assert earlier and all(store.get(rid).state == "done" for rid in earlier.values())
+
+    def scored(batch_id: str) -> dict[str, bool]:
+        table = pq.read_table(tmp_path / "store" / "batches" / batch_id / "scores" / "item_scores.parquet")
+        return dict(zip(table.column("item_id").to_pylist(), table.column("correct").to_pylist(), strict=True))
+
+    level = {i: scored(store.get(rid).batch_id)[i] for i, rid in earlier.items()}  # the batch that forgot it
+    modality = {it.item_id: it.modality for it in load_benchmark(trained_tiny[1]).items}
+    for s in (s for s in gate["scores"] if s["items"] == "earlier"):
+        mine = [level[i] for i in earlier if modality[i] == s["modality"]]
+        assert s["n"] == len(mine) and s["before"] == pytest.approx(sum(mine) / len(mine)), (s, mine)
     assert store.list("pending") == [] and store.list("claimed") == []
 
 
