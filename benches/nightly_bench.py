@@ -46,7 +46,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "five_nights": {"nights": [4] * 5, "spec": {}},
     "smoke": {"nights": [1, 1], "spec": {"edit": {"rmisu": {"steps": 20}}}},  # checks the bench runs (minutes)
 }
-DEFAULT_SCENARIOS = "five_nights,night32,one_batch32,night16,random16,one_batch16"
+DEFAULT_SCENARIOS = "five_nights,night32,one_batch32,one_batch16,night16,random16"
 BASE_SPEC = {"n_actors": 2, "launcher": "inprocess"}
 ROUGE_RETAIN_SAMPLE = 200  # retain items generated per model (utility: all); MC scores every item
 
@@ -145,6 +145,7 @@ def _night_row(scenario: str, night: int, tonight: list[str], earlier: list[list
     earlier_people = [p for group in earlier for p in group]
     rise = [m.acc(_of(sets, group)) - after_own[j] for j, group in enumerate(earlier)]
     everyone = earlier_people + tonight
+    done = [str(r.request.subjects[0]) for r in store.list() if r.state == "done"]  # forgotten, so far
     return {
         "scenario": scenario, "night": night, "batch": "night", "requests": len(tonight),
         "version": store.current_version("demo"),
@@ -156,6 +157,10 @@ def _night_row(scenario: str, night: int, tonight: list[str], earlier: list[list
         "gold_forget_acc_earlier": _r(gold.acc(_of(sets, earlier_people))),
         "forget_minus_gold_all": _r(m.acc(_of(sets, everyone)) - gold.acc(_of(sets, everyone))),
         "vanilla_forget_acc": _r(vanilla.acc(_of(sets, everyone))),
+        "done_people": len(done), "forget_acc_done": _r(m.acc(_of(sets, done))),
+        "gold_forget_acc_done": _r(gold.acc(_of(sets, done))),
+        "privacy_leak_done": _r((m.auc(_of(sets, done)) - gold.auc(_of(sets, done))) / gold.auc(_of(sets, done))
+                                if done else None),
         "retention": _r(m.acc(sets["retain"]) / vanilla.acc(sets["retain"])),
         "utility": _r(m.acc(sets["utility"]) / vanilla.acc(sets["utility"])),
         "retain_rougeL": _r(m.rouge_mean(sets["retain_gen"])), "utility_rougeL": _r(m.rouge_mean(sets["utility"])),
@@ -211,8 +216,9 @@ def table(rows: list[dict]) -> str:
             f"{x:.3f}" if isinstance(x, float) else str(x))
 
     cols = ("scenario", "night", "requests", "published", "failed", "batches", "forget_acc_tonight",
-            "forget_acc_earlier", "earlier_max_rise", "gold_forget_acc", "forget_minus_gold_all", "retention",
-            "utility", "retain_rougeL", "utility_rougeL", "privacy_leak", "wall_s")
+            "forget_acc_earlier", "earlier_max_rise", "gold_forget_acc", "forget_minus_gold_all", "forget_acc_done",
+            "gold_forget_acc_done", "retention", "utility", "retain_rougeL", "utility_rougeL", "privacy_leak",
+            "privacy_leak_done", "wall_s")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if r["batch"] != "night":
