@@ -209,6 +209,29 @@ def run_scenario(name: str, args: argparse.Namespace, people: list[str], bench: 
     return rows
 
 
+def person_rise(store_root: str, bench: Any) -> dict[str, Any]:
+    """Each forgotten person's multiple-choice accuracy on the version that forgot them and on the store's current
+    version: whether anyone came back after later edits (the gate checks a pooled sample, not each person)."""
+    from mip_core.evaluation.runner import multiple_choice
+    from mip_core.modeling import load_model
+    from mip_core.service.store import ServiceStore
+
+    store = ServiceStore(store_root)
+    done = {str(r.request.subjects[0]): str(r.model_version) for r in store.list() if r.state == "done"}
+    final = store.current_version("demo")
+    items = {p: [it for it in bench.items if it.kind == "qa" and it.profile_id == p] for p in done}
+    acc: dict[tuple[str, str], float] = {}
+    for version in sorted(set(done.values()) | {final}):
+        loaded = load_model(store.uri(store.model_key("demo", version)), device="cpu")
+        for p in done:
+            acc[(p, version)] = sum(multiple_choice(loaded.model, loaded.processor, bench, items[p])) / len(items[p])
+    rise = {p: acc[(p, final)] - acc[(p, v)] for p, v in done.items()}
+    return {"final": final, "people": len(done), "pooled_rise": _r(sum(rise.values()) / len(rise)),
+            "max_person_rise": _r(max(rise.values())),
+            "per_person": {p: {"forgotten_by": v, "then": _r(acc[(p, v)]), "now": _r(acc[(p, final)])}
+                           for p, v in done.items()}}
+
+
 def table(rows: list[dict]) -> str:
     """The night rows as the markdown table of BENCHMARKS.md section 10."""
     def f(x: Any) -> str:
@@ -240,12 +263,19 @@ def main() -> None:
     ap.add_argument("--spec", default="{}", help="ServiceSpec overrides as JSON for every scenario")
     ap.add_argument("--out", default="benches/results/nightly.json")
     ap.add_argument("--work", default="demo_out/nightly_bench")
+    ap.add_argument("--person-rise", metavar="STORE", help="print each forgotten person's accuracy then and now "
+                    "in a scenario's store (e.g. demo_out/nightly_bench/five_nights/store) and exit")
     ap.add_argument("--table", action="store_true", help="print --out's night rows as a markdown table and exit")
     ap.add_argument("--print-people", action="store_true", help="print the people every scenario draws from "
                     "(comma-separated, for the gold model's --exclude) and exit")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(Path(args.out).read_text())["rows"]))
+        return
+    if args.person_rise:  # for a scenario run before this measure was added to the run itself
+        from mip_core.benchmark import load_benchmark
+
+        print(json.dumps(person_rise(args.person_rise, load_benchmark(args.bench))))
         return
     from mip_core.benchmark import load_benchmark
     from mip_core.benchmark.holdout import holdout_items
@@ -288,6 +318,8 @@ def main() -> None:
             meta["rows"] = [r for r in earlier["rows"] if r["scenario"] not in names]
     for name in names:
         meta["rows"] += run_scenario(name, args, people, bench, sets, gold, vanilla, holdout, json.loads(args.spec))
+        if len(SCENARIOS[name]["nights"]) > 1:
+            meta.setdefault("person_rise", {})[name] = person_rise(str(Path(args.work) / name / "store"), bench)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {out}\n{table(meta['rows'])}")
