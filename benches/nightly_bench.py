@@ -144,8 +144,13 @@ def _night_row(scenario: str, night: int, tonight: list[str], earlier: list[list
     records = [r for r in store.list() if r.request.request_id.startswith(f"n{night}-")]
     earlier_people = [p for group in earlier for p in group]
     rise = [m.acc(_of(sets, group)) - after_own[j] for j, group in enumerate(earlier)]
-    everyone = earlier_people + tonight
-    done = [str(r.request.subjects[0]) for r in store.list() if r.state == "done"]  # forgotten, so far
+    everyone, done = earlier_people + tonight, [str(r.request.subjects[0]) for r in store.list() if r.state == "done"]
+
+    def leak(people: list[str]) -> float | None:
+        """MUSE's privacy leak of ``people``'s items: (AUC - AUC_gold) / AUC_gold."""
+        items = _of(sets, people)
+        return (m.auc(items) - gold.auc(items)) / gold.auc(items) if items else None
+
     return {
         "scenario": scenario, "night": night, "batch": "night", "requests": len(tonight),
         "version": store.current_version("demo"),
@@ -159,14 +164,12 @@ def _night_row(scenario: str, night: int, tonight: list[str], earlier: list[list
         "vanilla_forget_acc": _r(vanilla.acc(_of(sets, everyone))),
         "done_people": len(done), "forget_acc_done": _r(m.acc(_of(sets, done))),
         "gold_forget_acc_done": _r(gold.acc(_of(sets, done))),
-        "privacy_leak_done": _r((m.auc(_of(sets, done)) - gold.auc(_of(sets, done))) / gold.auc(_of(sets, done))
-                                if done else None),
+        "privacy_leak_done": _r(leak(done)),
         "retention": _r(m.acc(sets["retain"]) / vanilla.acc(sets["retain"])),
         "utility": _r(m.acc(sets["utility"]) / vanilla.acc(sets["utility"])),
         "retain_rougeL": _r(m.rouge_mean(sets["retain_gen"])), "utility_rougeL": _r(m.rouge_mean(sets["utility"])),
         "mia_auc": _r(m.auc(_of(sets, everyone))), "gold_mia_auc": _r(gold.auc(_of(sets, everyone))),
-        "privacy_leak": _r((m.auc(_of(sets, everyone)) - gold.auc(_of(sets, everyone)))
-                           / gold.auc(_of(sets, everyone))),
+        "privacy_leak": _r(leak(everyone)),
         "wall_s": round(wall_s, 1), "measured_by": "the whole benchmark, on the version current after the night"}
 
 

@@ -27,7 +27,6 @@ from mip_core.modeling import load_model
 from mip_core.modeling.inputs import inputs_follow_model
 from mip_core.modeling.io import localize
 from mip_core.service.batch import BatchManifest
-from mip_core.service.forgotten import forgotten_before
 from mip_core.service.gate import (KEPT, GateConfig, GateDecision, answer_rouge, by_set, correct_by_id, decide,
                                    greedy_by_id, with_answer_logprobs)
 from mip_core.service.items import load_items
@@ -193,10 +192,9 @@ def _with_forgotten_level(store: ServiceStore, m: BatchManifest, before: dict[st
     that batch kept its scores): relapse is measured from there, so small rises cannot add up over nights."""
     if not before.get("earlier"):
         return before
-    newest_first = forgotten_before(store, m.target_model, m.base_version).items
-    batch_of: dict[str, str] = {}
-    for item_id, _, batch in newest_first:
-        batch_of.setdefault(item_id, batch)  # forgotten again later: the later edit's level
+    # the batch that forgot an item is the one its request was closed done in: its record names it, so the
+    # lineage planning already walked is not walked again
+    batch_of = {item_id: str(store.get(request_id).batch_id) for item_id, request_id in m.eval_earlier}
     level = forgotten_level(store, {i: batch_of[i] for i in before["earlier"] if i in batch_of})
     return before | {"earlier": {i: level.get(i, was) for i, was in before["earlier"].items()}}
 
