@@ -154,7 +154,8 @@ def _paths_show(args: argparse.Namespace) -> None:
 def _edit_overrides(args: argparse.Namespace) -> dict[str, object]:
     """Edit flags given on the command line, as overrides of the chosen method's own settings."""
     rmisu = {k: getattr(args, k) for k in ("layer", "target_scale", "retain_weight", "retain_ce_weight", "steps",
-                                           "lr", "batch_size", "target_per", "check_every", "after_forgotten")
+                                           "lr", "batch_size", "target_per", "check_every", "check",
+                                           "after_forgotten")
              if getattr(args, k, None) is not None}
     edit = {k: getattr(args, k) for k in ("prune", "per_request") if getattr(args, k, None) is not None}
     return {**edit, "rmisu": rmisu} if rmisu else edit
@@ -462,10 +463,12 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="RMisU optimiser steps")
     g.add_argument("--lr", type=float, help="RMisU learning rate")
     g.add_argument("--batch-size", type=int, help="forget (and retain) inputs per RMisU step")
-    g.add_argument("--check-every", type=int, metavar="N", help="every N RMisU steps, stop once no forget answer "
-                   "is said any more (greedy decoding; default 0: the whole budget)")
-    g.add_argument("--after-forgotten", choices=("stop", "repair"), help="with --check-every, once no forget "
-                   "answer is said: stop, or spend the rest of the budget on the retain terms (default stop)")
+    g.add_argument("--check-every", type=int, metavar="N", help="every N RMisU steps, check whether the forget "
+                   "items are forgotten (see --check; 0: the whole budget)")
+    g.add_argument("--check", choices=("said", "choice"), help="what a check measures: 'said', no forget answer "
+                   "is said by greedy decoding; 'choice', multiple choice no better than chance, per modality")
+    g.add_argument("--after-forgotten", choices=("stop", "repair"), help="with --check-every, once forgotten: "
+                   "stop, or spend the rest of the budget on the retain terms")
     g.add_argument("--target-per", choices=("input", "request"),
                    help="one RMisU target direction per forget input or per request (default: the method's)")
     g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,

@@ -29,6 +29,9 @@ class UnlearnData:
     the same order, for methods that treat modalities apart (MANU) and for per-modality logs.
     ``forget_requests`` gives each forget example's request id (per-request paths and targets); in the benchmark
     each forget person is one request.
+    ``forget_options`` gives each forget example's multiple-choice options, encoded like the example (each with
+    its option as the answer), and the index of the right one; ``((), -1)`` for a free-form item. RMisU's
+    ``check="choice"`` measures forgetting by them against chance (``rmisu.still_known``).
     """
 
     forget: Sequence[dict[str, Tensor]]
@@ -37,12 +40,13 @@ class UnlearnData:
     forget_modality: Sequence[str] = ()
     retain_modality: Sequence[str] = ()
     forget_requests: Sequence[str] = ()
+    forget_options: Sequence[tuple[Sequence[dict[str, Tensor]], int]] = ()
 
     def __post_init__(self) -> None:
         if not self.forget:
             raise InputError("nothing to forget: the forget set is empty; pick a forget split or request items")
         for name, examples in (("forget_modality", self.forget), ("retain_modality", self.retain),
-                               ("forget_requests", self.forget)):
+                               ("forget_requests", self.forget), ("forget_options", self.forget)):
             values = getattr(self, name)
             if values and len(values) != len(examples):
                 raise InputError(f"UnlearnData.{name} has {len(values)} entries for {len(examples)} examples")
@@ -62,7 +66,7 @@ class UnlearnData:
             return [seq[i] for i in keep] if seq else ()
 
         return replace(self, forget=pick(self.forget), forget_modality=pick(self.forget_modality),
-                       forget_requests=pick(self.forget_requests))
+                       forget_requests=pick(self.forget_requests), forget_options=pick(self.forget_options))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mip_core.benchmark import Benchmark, Item
+from torch import Tensor
+
 from mip_core.editing.base import UnlearnData
+from mip_core.modeling.inputs import SEQUENCE_KEYS, encode
 from mip_core.training import encode_items
 
 
@@ -21,7 +24,23 @@ def unlearn_data(processor: Any, bench: Benchmark, forget: Sequence[Item], retai
                        pad_token_id=int(processor.tokenizer.pad_token_id),
                        forget_modality=[it.modality for it in forget],
                        retain_modality=[it.modality for it in retain],
-                       forget_requests=[(requests or {}).get(it.item_id) or request_of(it) for it in forget])
+                       forget_requests=[(requests or {}).get(it.item_id) or request_of(it) for it in forget],
+                       forget_options=[encode_options(processor, bench, it) for it in forget])
+
+
+def encode_options(processor: Any, bench: Benchmark, item: Item) -> tuple[list[dict[str, Tensor]], int]:
+    """``item``'s options, each encoded as its answer, and the right one's index; ``([], -1)`` when free-form.
+
+    The options share one image: the image tensors of the first encoding are reused by the others (same pixels),
+    so a multimodal item holds its pixels once, not once per option.
+    """
+    if item.free_form:
+        return [], -1
+    image = bench.load_image(item) if item.image else None
+    encoded = [encode(processor, item.question, image, option, item_id=item.item_id) for option in item.options]
+    for other in encoded[1:]:
+        other.update({k: v for k, v in encoded[0].items() if k not in SEQUENCE_KEYS})  # image tensors: same pixels
+    return encoded, item.answer_index
 
 
 def request_of(item: Item) -> str:
@@ -29,4 +48,4 @@ def request_of(item: Item) -> str:
     return item.profile_id or item.item_id
 
 
-__all__ = ["request_of", "unlearn_data"]
+__all__ = ["encode_options", "request_of", "unlearn_data"]

@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Literal
 
 import torch
@@ -44,7 +44,8 @@ from mip_core.adapters.base import ModelAdapter
 from mip_core.config import Count, Index, Positive, Share, Weight, config_class
 from mip_core.editing.base import Log, UnlearnData
 from mip_core.errors import InputError
-from mip_core.modeling.inputs import IGNORE_INDEX, collate
+from mip_core.evaluation.metrics import mc_correct
+from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob, collate
 from mip_core.progress import Progress
 
 
@@ -52,8 +53,10 @@ from mip_core.progress import Progress
 class RMisUConfig:
     """RMisU hyper-parameters. ``layer=None`` picks ``round(layer_fraction * n_layers)`` (capped at the last layer).
 
-    Defaults are the most selective setting measured on the demo model (BENCHMARKS.md, section 3); the paper's
-    settings are ``layer_fraction=0.2``, ``retain_weight=1``, ``retain_ce_weight=0`` with pruning.
+    Defaults are the most selective setting measured on the demo model (BENCHMARKS.md, section 3), made adaptive
+    against exact unlearning (section 9): small steps (``lr`` 1e-2), checked every 10 by multiple choice, the forget
+    term on only while the forget items score above chance, the rest of the budget spent on the retain terms. The
+    paper's settings are ``layer_fraction=0.2``, ``retain_weight=1``, ``retain_ce_weight=0`` with pruning.
     """
 
     layer: Index | None = None  # language layer whose output is steered
@@ -61,13 +64,18 @@ class RMisUConfig:
     target_scale: Positive = 5.0  # lambda: target norm as a multiple of the frozen hidden-state norm
     retain_weight: Weight = 5.0  # gamma, against the per-token normalised forget term
     retain_ce_weight: Weight = 0.3  # weight of a retain cross-entropy term (Eq. 11); needs a full retain forward
-    steps: Count = 300  # the budget: at most this many optimiser steps
-    check_every: Index = 0  # > 0: every this many steps, stop once no forget answer is said (BENCHMARKS.md 8)
-    # with check_every, once no forget answer is said: "stop" ends the edit; "repair" spends the rest of the budget
-    # on the retain terms alone (back to the forget term whenever a check finds an answer said again), since the
-    # steps after forgetting are where the retain terms mend generation (BENCHMARKS.md section 9)
-    after_forgotten: Literal["stop", "repair"] = "stop"
-    lr: Positive = 3e-2
+    steps: Count = 900  # the budget: at most this many optimiser steps
+    check_every: Index = 10  # > 0: every this many steps, check whether the forget items are forgotten yet (0: no
+    # check, the forget term on for the whole budget)
+    # what a check measures: "said", greedy decoding writes no forget answer any more (still_said); "choice", the
+    # forget items' multiple-choice accuracy, per modality, is no better than guessing among their options, the
+    # level of a model that never saw the people (still_known; free-form items fall back to "said")
+    check: Literal["said", "choice"] = "choice"
+    # with check_every, once forgotten: "stop" ends the edit; "repair" spends the rest of the budget on the retain
+    # terms alone (back to the forget term whenever a check finds them known again), since the steps after
+    # forgetting are where the retain terms mend generation (BENCHMARKS.md section 9)
+    after_forgotten: Literal["stop", "repair"] = "repair"
+    lr: Positive = 1e-2  # 3e-2 over 300 steps forgot as much and kept generation worse (BENCHMARKS.md 9)
     batch_size: Count = 6  # forget inputs per step, paired with as many retain inputs (drawn with replacement)
     clip_norm: Positive = 1.0
     skip_shared_prefix: bool = True  # leave positions a forget input shares with a retain input out of L_f
@@ -76,11 +84,11 @@ class RMisUConfig:
     seed: int = 0
 
     @model_validator(mode="after")
-    def _repair_needs_a_check_and_a_retain_term(self) -> RMisUConfig:
-        if self.after_forgotten == "repair" and not (self.check_every > 0 and (self.retain_weight > 0 or
-                                                                              self.retain_ce_weight > 0)):
-            raise ValueError("RMisUConfig.after_forgotten='repair' needs check_every > 0 (when to switch) and a "
-                             "retain term (what repairs); set them, or after_forgotten='stop'")
+    def _repair_needs_a_retain_term(self) -> RMisUConfig:
+        if self.after_forgotten == "repair" and self.check_every > 0 and not (self.retain_weight > 0 or
+                                                                             self.retain_ce_weight > 0):
+            raise ValueError("RMisUConfig.after_forgotten='repair' needs a retain term (what repairs): set "
+                             "retain_weight or retain_ce_weight > 0, or after_forgotten='stop'")
         return self
 
     def resolve_layer(self, n_layers: int) -> int:
@@ -198,17 +206,20 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     t0 = time.perf_counter()
     bar = Progress(cfg.steps, "editing (RMisU)", unit="step", enabled=world()[0] == 0)
     forgetting = True
+    what = "no forget answer is said" if cfg.check == "said" else "the forget items are at chance"
     for step in range(cfg.steps):
         point = run.train_step(optimizer, params, step, forget=forgetting)
         bar.update()
-        said = run.record(point, step, t0, curve, log)
-        if said == 0 and cfg.after_forgotten == "stop":
-            log(f"rmisu: no forget answer is said any more after {step + 1} of {cfg.steps} steps; stopping")
+        known = run.record(point, step, t0, curve, log)
+        if known == 0 and cfg.after_forgotten == "stop":
+            log(f"rmisu: {what} after {step + 1} of {cfg.steps} steps; stopping")
             break
-        if said is not None and forgetting != (said > 0):
-            forgetting = said > 0
-            log(f"rmisu: step {step + 1}: " + ("an answer is said again, back to the forget term" if forgetting
-                                                else "no forget answer is said; retain terms alone from here"))
+        if known is not None and forgetting != (known > 0):
+            forgetting = known > 0
+            # AdamW's moments are kept across the switch: clearing them made the first steps after it full-size
+            # (Adam's bias correction) and cost retain ROUGE-L 0.78 -> 0.66 on the gold benchmark (BENCHMARKS.md 9)
+            log(f"rmisu: step {step + 1}: " + ("known again, back to the forget term" if forgetting
+                                                else f"{what}; retain terms alone from here"))
     bar.close()
     return curve, run.layer
 
@@ -323,16 +334,19 @@ class _Run:
 
     def record(self, point: dict[str, float], step: int, t0: float, curve: list[dict[str, float]], log: Log
                ) -> float | None:
-        """Check, log and keep the step's point when due; the share of forget answers still said when checked."""
+        """Check, log and keep the step's point when due; when checked, the share of forget items still known
+        (``said`` or ``known``, by ``cfg.check``), 0 once forgotten."""
         cfg = self.cfg
         check = cfg.check_every > 0 and (step + 1) % cfg.check_every == 0
+        key = "said" if cfg.check == "said" else "known"
         if check:
-            point["said"] = still_said(self.model, self.data, self.device, cfg.batch_size)
+            measure = still_said if cfg.check == "said" else still_known
+            point[key] = measure(self.model, self.data, self.device, cfg.batch_size)
         if check or step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             point["seconds"] = round(time.perf_counter() - t0, 2)
             curve.append({k: round(v, 5) for k, v in point.items()})
             log("rmisu " + "  ".join(f"{k}={v}" for k, v in curve[-1].items()))
-        return point["said"] if check else None
+        return point[key] if check else None
 
 
 @torch.no_grad()
@@ -341,11 +355,11 @@ def still_said(model: nn.Module, data: UnlearnData, device: torch.device, batch_
     most likely next token given the ones before (teacher forcing, so greedy decoding writes the answer; the end
     token is not required). One forward per batch, no generation.
 
-    With ``RMisUConfig.check_every`` the edit stops once this reaches 0: the budget then follows from the model
-    and the batch rather than a fixed count. On the demo model it stopped after 50-100 of 300 steps, 3-5x
-    sooner, forgetting as much on benchmark items but less on the service's own probes (BENCHMARKS.md section
-    8), so it is off by default. Every rank scores every input in the same order (ZeRO-3 gathers weights
-    collectively), so all ranks reach the same decision."""
+    ``RMisUConfig.check="said"`` checks by this; ``"choice"`` (the default) by :func:`still_known`, which uses
+    it for items without options. Alone, it ended edits on the demo model after 50-100 of 300 steps, forgetting
+    as much on benchmark items but less on the service's own probes (BENCHMARKS.md section 8), and with repair it
+    let multiple choice slip above the gold model's (section 9). Every rank scores every input in the same order
+    (ZeRO-3 gathers weights collectively), so all ranks reach the same decision."""
     said = 0
     for start in range(0, len(data.forget), batch_size):
         batch = _on(collate(list(data.forget[start : start + batch_size]), data.pad_token_id), device)
@@ -357,6 +371,48 @@ def still_said(model: nn.Module, data: UnlearnData, device: torch.device, batch_
         scored = torch.where(scored.any(-1, keepdim=True), scored, answer)  # a one-token answer: score the end
         said += int(((predicted == labels) | ~scored).all(-1).sum())
     return said / max(len(data.forget), 1)
+
+
+@torch.no_grad()
+def still_known(model: nn.Module, data: UnlearnData, device: torch.device, batch_size: int) -> float:
+    """Share of forget items the model still knows beyond a stranger's level; 0 once it knows them no better.
+
+    An item with options counts as right when its right option is the most likely (``mc_correct``). Per
+    modality, the items right beyond what guessing among the options gets (``sum(1 / n_options)``) are still
+    known; a model that never saw the people scores about that much (BENCHMARKS.md section 9: the gold models
+    answer their forget people at 0.20 / 0.31 with 4 options). Free-form items count when still said
+    (``still_said``). So an edit checked this way stops at a stranger's level rather than driving the forget
+    items below chance, which is the trace a membership attack sees (section 9: MIA AUC 0.10-0.22 against the
+    gold model's 0.45). Every rank scores every option in the same order, so all ranks decide alike.
+    """
+    options = list(data.forget_options) or [((), -1)] * len(data.forget)
+    with_options = [i for i, (opts, _) in enumerate(options) if opts]
+    flat = [ex for i in with_options for ex in options[i][0]]
+    scores = _sequence_logprobs(model, flat, data.pad_token_id, device, batch_size)
+    right: dict[str, float] = {}  # modality -> right answers minus what guessing gets
+    start = 0
+    for i in with_options:
+        opts, answer = options[i]
+        modality = data.forget_modality[i] if data.forget_modality else "all"
+        right[modality] = right.get(modality, 0.0) + mc_correct(scores[start : start + len(opts)], answer) \
+            - 1 / len(opts)
+        start += len(opts)
+    free = [i for i, (opts, _) in enumerate(options) if not opts]
+    said = still_said(model, replace(data, forget=[data.forget[i] for i in free], forget_modality=(),
+                                     forget_requests=(), forget_options=()), device, batch_size) if free else 0.0
+    beyond = sum(max(0.0, r) for r in right.values())
+    return (beyond + said * len(free)) / max(len(data.forget), 1)
+
+
+def _sequence_logprobs(model: nn.Module, examples: Sequence[dict[str, Tensor]], pad_token_id: int,
+                       device: torch.device, batch_size: int) -> list[float]:
+    """``log p(answer | prompt)`` of each example (``answer_logprob``), in batches."""
+    out: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = _on(collate(list(examples[start : start + batch_size]), pad_token_id), device)
+        labels = batch.pop("labels")
+        out.extend(answer_logprob(model(**batch).logits, labels).tolist())
+    return out
 
 
 def _global_mean(loss: Tensor, count: Tensor, size: int) -> Tensor:
@@ -424,4 +480,4 @@ def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
             p.requires_grad_(flag)
 
 
-__all__ = ["RMisUConfig", "hidden_at", "run_rmisu", "sphere", "trainable_only"]
+__all__ = ["RMisUConfig", "hidden_at", "run_rmisu", "sphere", "still_known", "still_said", "trainable_only"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -248,3 +249,37 @@ def test_two_ranks_write_a_neuron_delta_and_load_one_into_zero3_partitions(job, 
     assert rewritten and set(rewritten) < set(shards), rewritten  # only the shards holding edited matrices
     reloaded = type(edited.model).from_pretrained(plain).state_dict()  # plain transformers
     assert [k for k in edited_state if not torch.equal(edited_state[k], reloaded[k])] == []
+
+
+def _checks(log_text: str) -> dict[str, dict[int, str]]:
+    """``{rank: {step: known}}`` from an edit log's RMisU check lines (``[rank r/n]``, or ``""`` for one process);
+    matched from the line start, since two ranks writing one file can run their lines together."""
+    out: dict[str, dict[int, str]] = {}
+    for m in re.finditer(r"^[^\[\n]*?(?:\[rank (\d+)/\d+\] )?rmisu step=(\d+) [^\n]*?known=(\S+)", log_text, re.M):
+        out.setdefault(m.group(1) or "", {})[int(m.group(2))] = m.group(3)
+    return out
+
+
+def test_two_ranks_checking_forgetting_by_multiple_choice_run_the_one_process_edit(job, tmp_path):
+    """``check="choice"`` scores every forget item's options on every rank under ZeRO-3, where each forward
+    gathers weights collectively: a rank that scored other options, or switched the forget term alone, would
+    hang the job. The 2-rank edit measures what one process measures at each check and ends with its weights."""
+    root, spec = job
+    edit = {"rmisu": {"steps": 6, "layer": 1, "batch_size": 4, "check_every": 2, "check": "choice",
+                      "after_forgotten": "repair"}}
+    env = {"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")}
+    two = replace(spec, output_uri=str(tmp_path / "two"), edit=edit)
+    summary = launch_edit(two, str(tmp_path / "two.json"), str(tmp_path / "two.log"), launcher="deepspeed",
+                          n_ranks=2, timeout_s=600, env=env)
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
+    one = replace(spec, output_uri=str(tmp_path / "one"), edit=edit)
+    launch_edit(one, str(tmp_path / "one.json"), str(tmp_path / "one.log"), launcher="inprocess")
+    ranks, single_checks = _checks((tmp_path / "two.log").read_text()), _checks((tmp_path / "one.log").read_text())
+    assert set(single_checks[""]) == {2, 4, 6}, single_checks
+    for rank in ("0", "1"):
+        assert ranks[rank] and all(single_checks[""][step] == known for step, known in ranks[rank].items()), ranks
+    base = load_model(spec.model_uri).model.state_dict()
+    single, edited = load_model(one.output_uri).model.state_dict(), load_model(two.output_uri).model.state_dict()
+    changed = {k for k in base if not torch.equal(single[k], base[k])}
+    assert changed and changed == {k for k in base if not torch.equal(edited[k], base[k])}
+    assert max((single[k] - edited[k]).abs().max().item() for k in changed) < TOLERANCE

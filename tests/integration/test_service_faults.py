@@ -88,8 +88,9 @@ def test_a_batch_held_back_for_other_people_is_split_until_each_request_is_judge
 
     store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
     # every request forgets enough (floor 0), but nobody else's answer may change (floor 1.0): the edit of two
-    # people together is held back for the kept sets, not for either request's own figures
-    spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 40}},
+    # people together is held back for the kept sets, not for either request's own figures. The fixed-budget edit
+    # (40 steps at 3e-2, no check) disturbs others' answers; 40 small steps of the adaptive default may not.
+    spec = ServiceSpec(root=store.root, **BASE, edit={"rmisu": {"steps": 40, "lr": 3e-2, "check_every": 0}},
                        gate={"min_forgetting": 0.0, "min_retention": 1.0, "min_utility": 1.0})
     result = unlearn_batch(ids, spec)
     combined = result["batch_id"]

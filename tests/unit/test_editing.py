@@ -209,7 +209,7 @@ def test_rmisu_moves_forget_representations_and_only_the_selected_slices():
     sel = selection(adapter)
     editor = NeuronEditor(adapter, sel, prune=False)
     params = editor.trainable_parameters()
-    cfg = RMisUConfig(layer=1, steps=60, lr=5e-2, batch_size=2, retain_weight=1.0, target_scale=3.0)
+    cfg = RMisUConfig(layer=1, steps=60, lr=5e-2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=0)
     with editor, trainable_only(model, params):
         curve, layer = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lambda _: None)
         editor.merge()
@@ -333,7 +333,7 @@ def test_rmisu_with_check_every_stops_once_no_forget_answer_is_said():
         editor = NeuronEditor(adapter, selection(adapter), prune=False)
         params = editor.trainable_parameters()
         cfg = RMisUConfig(layer=1, steps=200, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0,
-                          check_every=check_every)
+                          check_every=check_every, check="said", after_forgotten="stop")
         with editor, trainable_only(model, params):
             before = still_said(model, data, torch.device("cpu"), 2)
             curve, _ = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lambda _: None)
@@ -342,6 +342,57 @@ def test_rmisu_with_check_every_stops_once_no_forget_answer_is_said():
     curve, before, after = edit(check_every=5)
     assert before == 1 and after == 0 and curve[-1]["said"] == 0 and curve[-1]["step"] < 200
     assert edit(check_every=0)[0][-1]["step"] == 200  # off: the whole budget
+
+
+def with_options(model, prompt: list[int], right: bool, image=None) -> tuple[dict, tuple[list[dict], int]]:
+    """A one-token-answer forget item on ``prompt`` with options 1-4: the right option is the one the toy ranks
+    first (``right``) or last, so its multiple-choice verdict is known by construction."""
+    tokens = [1, 2, 3, 4]
+    last = logits(model, [toy_example(prompt, 0, image=image)])[0, -1]
+    ranked = sorted(tokens, key=lambda t: -float(last[t]))
+    answer = ranked[0] if right else ranked[-1]
+    options = [toy_example([*prompt, t], 1, image=image) for t in tokens]
+    return toy_example([*prompt, answer], 1, image=image), (options, tokens.index(answer))
+
+
+def test_still_known_counts_right_choices_beyond_chance_per_modality_and_free_form_answers_said():
+    from mip_core.editing.rmisu import still_known
+
+    model, _ = toy()
+    text = [with_options(model, p, right=False) for p in ([1, 2], [3, 1], [2, 2], [4, 1])]  # 0 of 4: chance is 1
+    image = [with_options(model, [IMAGE, 2], right=True, image=IMG)]  # 1 of 1: 0.75 beyond chance
+    free = toy_example(greedy(model, [2, 3], 2), 2)  # free-form, said
+    forget = [ex for ex, _ in text + image] + [free]
+    options = [o for _, o in text + image] + [((), -1)]
+    data = UnlearnData(forget, [], 0, ["text"] * 4 + ["multimodal", "text"], [], forget_options=options)
+    # per modality: text max(0, 0 - 4/4) = 0, multimodal 1 - 1/4 = 0.75; the free-form answer said: 1
+    assert still_known(model, data, torch.device("cpu"), batch_size=3) == pytest.approx((0.75 + 1) / 6)
+    # pooled, text below chance would have hidden the multimodal item: 1 - 5/4 < 0
+    two_right = [with_options(model, p, right=True) for p in ([1, 2], [3, 1])]
+    data = UnlearnData([ex for ex, _ in two_right + text], [], 0, ["text"] * 6, [],
+                       forget_options=[o for _, o in two_right + text])
+    assert still_known(model, data, torch.device("cpu"), batch_size=4) == pytest.approx((2 - 6 / 4) / 6)
+
+
+def test_rmisu_checked_by_choice_stops_at_chance_not_below_it():
+    from mip_core.editing.rmisu import still_known
+
+    model, adapter = toy()
+    items = [with_options(model, p, right=True) for p in ([1, 2], [3, 1], [2, 2], [4, 1])]
+    data = UnlearnData([ex for ex, _ in items], examples()[1], 0, ["text"] * 4, ["text", "multimodal", "text"],
+                       forget_options=[o for _, o in items])
+    editor = NeuronEditor(adapter, selection(adapter), prune=False)
+    params = editor.trainable_parameters()
+    cfg = RMisUConfig(layer=1, steps=200, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=5,
+                      check="choice", after_forgotten="stop")
+    with editor, trainable_only(model, params):
+        before = still_known(model, data, torch.device("cpu"), 2)
+        curve, _ = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lambda _: None)
+        after = still_known(model, data, torch.device("cpu"), 2)
+    assert before == pytest.approx(3 / 4)  # 4 right of 4, 1 by chance
+    checks = [p for p in curve if "known" in p]
+    assert after == 0 and checks[-1]["known"] == 0 and all(p["known"] > 0 for p in checks[:-1])
+    assert curve[-1]["step"] < 200  # stopped at the first check that found them at chance
 
 
 def test_rmisu_repair_spends_the_rest_of_the_budget_on_the_retain_terms():
@@ -353,7 +404,7 @@ def test_rmisu_repair_spends_the_rest_of_the_budget_on_the_retain_terms():
     editor = NeuronEditor(adapter, selection(adapter), prune=False)
     params = editor.trainable_parameters()
     cfg = RMisUConfig(layer=1, steps=60, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=5,
-                      after_forgotten="repair")
+                      check="said", after_forgotten="repair")
     lines: list[str] = []
     with editor, trainable_only(model, params):
         curve, _ = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lines.append)
@@ -365,7 +416,7 @@ def test_rmisu_repair_spends_the_rest_of_the_budget_on_the_retain_terms():
     switched_off = [p for p in curve if p["step"] > first_forgotten and "forget" not in p]
     assert switched_off and all("retain" in p for p in switched_off)
     assert any("retain terms alone from here" in line for line in lines)
-    assert said_at_end == 0 or any("said again" in line for line in lines)  # never left said without switching back
-    with pytest.raises(InputError, match="after_forgotten='repair' needs check_every > 0"):
-        run_rmisu(model, adapter, data, params, RMisUConfig(layer=1, after_forgotten="repair"),
-                  reference=editor.disabled, log=lambda _: None)
+    assert said_at_end == 0 or any("known again" in line for line in lines)  # never left said without switching back
+    with pytest.raises(InputError, match="after_forgotten='repair' needs a retain term"):
+        RMisUConfig(layer=1, after_forgotten="repair", retain_weight=0, retain_ce_weight=0)
+    assert RMisUConfig(check_every=0, retain_weight=0, retain_ce_weight=0).after_forgotten == "repair"  # no check
