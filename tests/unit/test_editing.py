@@ -395,6 +395,39 @@ def test_rmisu_checked_by_choice_stops_at_chance_not_below_it():
     assert curve[-1]["step"] < 200  # stopped at the first check that found them at chance
 
 
+def test_rmisu_default_check_holds_the_forget_items_at_chance_and_repairs_with_the_rest_of_the_budget():
+    """The default: checked by multiple choice, the forget term off once the items score at chance, on again when a
+    check finds them known; the whole budget is spent and the edit ends with them at chance."""
+    from mip_core.editing.rmisu import still_known
+
+    model, adapter = toy()
+    items = [with_options(model, p, right=True) for p in ([1, 2], [3, 1], [2, 2], [4, 1])]
+    data = UnlearnData([ex for ex, _ in items], examples()[1], 0, ["text"] * 4, ["text", "multimodal", "text"],
+                       forget_options=[o for _, o in items])
+    editor = NeuronEditor(adapter, selection(adapter), prune=False)
+    params = editor.trainable_parameters()
+    defaults = RMisUConfig()
+    assert (defaults.check, defaults.after_forgotten, defaults.check_every) == ("choice", "repair", 10)
+    cfg = RMisUConfig(layer=1, steps=120, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=5)
+    lines: list[str] = []
+    with editor, trainable_only(model, params):
+        curve, _ = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lines.append)
+        at_end = still_known(model, data, torch.device("cpu"), 2)
+    checks = [p for p in curve if "known" in p]
+    first_at_chance = next(p["step"] for p in checks if p["known"] == 0)
+    assert curve[-1]["step"] == 120 and first_at_chance < 120
+    repaired = [p for p in curve if p["step"] > first_at_chance and "forget" not in p]
+    assert repaired and all("retain" in p for p in repaired)  # retain terms alone once at chance
+    # on the toy the repair lets the items come back (measured: at steps 25 and 105); each time the check turns
+    # the forget term back on, and the next point pushes again
+    relapses = [b["step"] for a, b in zip(checks, checks[1:]) if a["known"] == 0 < b["known"] and b["step"] < 120]
+    assert relapses
+    for step in relapses:
+        assert "forget" in next(p for p in curve if p["step"] > step)
+    assert sum("known again" in line for line in lines) >= len(relapses)
+    assert at_end == checks[-1]["known"]  # the last check is the state the edit ends in (step 120 is a check)
+
+
 def test_rmisu_repair_spends_the_rest_of_the_budget_on_the_retain_terms():
     from mip_core.editing.rmisu import still_said
 
