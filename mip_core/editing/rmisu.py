@@ -235,7 +235,8 @@ class _Run:
         draws from the torch generator there, and the edit must stay reproducible from ``cfg.seed``.
         """
         if (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0) and not data.retain:
-            raise InputError("RMisU with a retain term needs retain examples; give some or set retain_weight=0")
+            raise InputError("RMisU with a retain term needs retain examples; give some, or set retain_weight=0 "
+                             "and retain_ce_weight=0 (with after_forgotten='stop', since repair is done by them)")
         self.model, self.data, self.cfg, self.reference = model, data, cfg, reference
         self.layer = cfg.resolve_layer(adapter.n_layers("language"))
         self.block = adapter.block(adapter.site("language", self.layer))
