@@ -401,7 +401,7 @@ def still_known(model: nn.Module, data: UnlearnData, device: torch.device, batch
     free = [i for i, (opts, _) in enumerate(options) if not opts]
     said = still_said(model, replace(data, forget=[data.forget[i] for i in free], forget_modality=(),
                                      forget_requests=(), forget_options=()), device, batch_size) if free else 0.0
-    beyond = sum(max(0.0, r) for r in right.values())
+    beyond = sum(r for r in right.values() if r > 1e-9)  # at chance exactly, e.g. sums of 1/3, reads as 0
     return (beyond + said * len(free)) / max(len(data.forget), 1)
 
 

@@ -344,10 +344,11 @@ def test_rmisu_with_check_every_stops_once_no_forget_answer_is_said():
     assert edit(check_every=0)[0][-1]["step"] == 200  # off: the whole budget
 
 
-def with_options(model, prompt: list[int], right: bool, image=None) -> tuple[dict, tuple[list[dict], int]]:
-    """A one-token-answer forget item on ``prompt`` with options 1-4: the right option is the one the toy ranks
-    first (``right``) or last, so its multiple-choice verdict is known by construction."""
-    tokens = [1, 2, 3, 4]
+def with_options(model, prompt: list[int], right: bool, image=None, tokens=(1, 2, 3, 4)
+                 ) -> tuple[dict, tuple[list[dict], int]]:
+    """A one-token-answer forget item on ``prompt`` with options ``tokens``: the right option is the one the toy
+    ranks first (``right``) or last, so its multiple-choice verdict is known by construction."""
+    tokens = list(tokens)
     last = logits(model, [toy_example(prompt, 0, image=image)])[0, -1]
     ranked = sorted(tokens, key=lambda t: -float(last[t]))
     answer = ranked[0] if right else ranked[-1]
@@ -372,6 +373,17 @@ def test_still_known_counts_right_choices_beyond_chance_per_modality_and_free_fo
     data = UnlearnData([ex for ex, _ in two_right + text], [], 0, ["text"] * 6, [],
                        forget_options=[o for _, o in two_right + text])
     assert still_known(model, data, torch.device("cpu"), batch_size=4) == pytest.approx((2 - 6 / 4) / 6)
+
+
+def test_still_known_reads_exactly_chance_as_forgotten_with_any_number_of_options():
+    from mip_core.editing.rmisu import still_known
+
+    model, _ = toy()
+    # 1 of 3 right with 3 options each is exactly chance; in floats (1 - 1/3) - 1/3 - 1/3 is 1.1e-16, not 0
+    items = [with_options(model, p, right=r, tokens=(1, 2, 3)) for p, r in (([1, 2], True), ([3, 1], False),
+                                                                           ([2, 2], False))]
+    data = UnlearnData([ex for ex, _ in items], [], 0, ["text"] * 3, [], forget_options=[o for _, o in items])
+    assert still_known(model, data, torch.device("cpu"), batch_size=2) == 0
 
 
 def test_rmisu_checked_by_choice_stops_at_chance_not_below_it():
