@@ -45,7 +45,8 @@ from mip_core.config import Count, Index, Positive, Share, Weight, config_class
 from mip_core.editing.base import Log, UnlearnData
 from mip_core.errors import InputError
 from mip_core.evaluation.metrics import mc_correct
-from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob, collate
+from mip_core.evaluation.runner import sequence_logprobs
+from mip_core.modeling.inputs import IGNORE_INDEX, collate
 from mip_core.progress import Progress
 
 
@@ -389,7 +390,7 @@ def still_known(model: nn.Module, data: UnlearnData, device: torch.device, batch
     options = list(data.forget_options) or [((), -1)] * len(data.forget)
     with_options = [i for i, (opts, _) in enumerate(options) if opts]
     flat = [ex for i in with_options for ex in options[i][0]]
-    scores = _sequence_logprobs(model, flat, data.pad_token_id, device, batch_size)
+    scores = sequence_logprobs(model, flat, data.pad_token_id, batch_size, device=device)
     right: dict[str, float] = {}  # modality -> right answers minus what guessing gets
     start = 0
     for i in with_options:
@@ -403,17 +404,6 @@ def still_known(model: nn.Module, data: UnlearnData, device: torch.device, batch
                                      forget_requests=(), forget_options=()), device, batch_size) if free else 0.0
     beyond = sum(r for r in right.values() if r > 1e-9)  # at chance exactly, e.g. sums of 1/3, reads as 0
     return (beyond + said * len(free)) / max(len(data.forget), 1)
-
-
-def _sequence_logprobs(model: nn.Module, examples: Sequence[dict[str, Tensor]], pad_token_id: int,
-                       device: torch.device, batch_size: int) -> list[float]:
-    """``log p(answer | prompt)`` of each example (``answer_logprob``), in batches."""
-    out: list[float] = []
-    for start in range(0, len(examples), batch_size):
-        batch = _on(collate(list(examples[start : start + batch_size]), pad_token_id), device)
-        labels = batch.pop("labels")
-        out.extend(answer_logprob(model(**batch).logits, labels).tolist())
-    return out
 
 
 def _global_mean(loss: Tensor, count: Tensor, size: int) -> Tensor:

@@ -40,11 +40,16 @@ class EvalRow:
 
 @torch.no_grad()
 def sequence_logprobs(model: nn.Module, examples: Sequence[dict[str, Tensor]], pad_id: int,
-                      batch_size: int) -> list[float]:
-    """Summed log-probability of each example's labelled tokens (the answer and its end token)."""
+                      batch_size: int, device: torch.device | None = None) -> list[float]:
+    """Summed log-probability of each example's labelled tokens (the answer and its end token).
+
+    ``device``: where each batch goes (a model whose forward does not place its inputs, e.g. under ZeRO-3).
+    """
     out: list[float] = []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id)
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         out.extend(answer_logprob(model(**batch).logits, labels).tolist())
     return out

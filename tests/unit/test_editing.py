@@ -386,15 +386,21 @@ def test_still_known_reads_exactly_chance_as_forgotten_with_any_number_of_option
     assert still_known(model, data, torch.device("cpu"), batch_size=2) == 0
 
 
-def test_rmisu_checked_by_choice_stops_at_chance_not_below_it():
-    from mip_core.editing.rmisu import still_known
-
+def known_choices_edit():
+    """The toy, 4 text forget items whose right options it ranks first (all known), the retain examples, and an
+    editor on ``selection``: what an edit checked by multiple choice starts from."""
     model, adapter = toy()
     items = [with_options(model, p, right=True) for p in ([1, 2], [3, 1], [2, 2], [4, 1])]
     data = UnlearnData([ex for ex, _ in items], examples()[1], 0, ["text"] * 4, ["text", "multimodal", "text"],
                        forget_options=[o for _, o in items])
     editor = NeuronEditor(adapter, selection(adapter), prune=False)
-    params = editor.trainable_parameters()
+    return model, adapter, data, editor, editor.trainable_parameters()
+
+
+def test_rmisu_checked_by_choice_stops_at_chance_not_below_it():
+    from mip_core.editing.rmisu import still_known
+
+    model, adapter, data, editor, params = known_choices_edit()
     cfg = RMisUConfig(layer=1, steps=200, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=5,
                       check="choice", after_forgotten="stop")
     with editor, trainable_only(model, params):
@@ -412,12 +418,7 @@ def test_rmisu_default_check_holds_the_forget_items_at_chance_and_repairs_with_t
     check finds them known; the whole budget is spent and the edit ends with them at chance."""
     from mip_core.editing.rmisu import still_known
 
-    model, adapter = toy()
-    items = [with_options(model, p, right=True) for p in ([1, 2], [3, 1], [2, 2], [4, 1])]
-    data = UnlearnData([ex for ex, _ in items], examples()[1], 0, ["text"] * 4, ["text", "multimodal", "text"],
-                       forget_options=[o for _, o in items])
-    editor = NeuronEditor(adapter, selection(adapter), prune=False)
-    params = editor.trainable_parameters()
+    model, adapter, data, editor, params = known_choices_edit()
     defaults = RMisUConfig()
     assert (defaults.check, defaults.after_forgotten, defaults.check_every) == ("choice", "repair", 10)
     cfg = RMisUConfig(layer=1, steps=120, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=5)
