@@ -44,7 +44,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "one_batch32": {"nights": [32], "spec": {"requests_per_batch": None, "split_held_back": False}},
     "random16": {"nights": [16], "spec": {"method": "random"}},
     "five_nights": {"nights": [4] * 5, "spec": {}},
-    "smoke": {"nights": [1, 1], "spec": {"edit": {"rmisu": {"steps": 20}}}},  # checks the bench runs (minutes)
+    # checks the bench runs (minutes): a short fixed edit strong enough to publish, so night 2 has an earlier person
+    "smoke": {"nights": [1, 1], "spec": {"edit": {"rmisu": {"steps": 60, "lr": 0.03}}}},
 }
 DEFAULT_SCENARIOS = "five_nights,night32,one_batch32,one_batch16,night16,random16"
 BASE_SPEC = {"n_actors": 2, "launcher": "inprocess"}
@@ -229,8 +230,8 @@ def person_rise(store_root: str, bench: Any) -> dict[str, Any]:
         for p in done:
             acc[(p, version)] = sum(multiple_choice(loaded.model, loaded.processor, bench, items[p])) / len(items[p])
     rise = {p: acc[(p, final)] - acc[(p, v)] for p, v in done.items()}
-    return {"final": final, "people": len(done), "pooled_rise": _r(sum(rise.values()) / len(rise)),
-            "max_person_rise": _r(max(rise.values())),
+    return {"final": final, "people": len(done), "pooled_rise": _r(sum(rise.values()) / len(rise) if rise else None),
+            "max_person_rise": _r(max(rise.values(), default=None)),
             "per_person": {p: {"forgotten_by": v, "then": _r(acc[(p, v)]), "now": _r(acc[(p, final)])}
                            for p, v in done.items()}}
 

@@ -298,7 +298,8 @@ def edit_task(root: str, batch_id: str, graph_uri: str, method: str, edit: dict[
     store = ServiceStore(root)
     m = manifest_of(store, batch_id)
     spec = EditSpec(model_uri=m.base_uri, bench_uri=m.dataset_uri, forget=[list(p) for p in m.forget],
-                    retain_item_ids=list(m.edit_retain), graph_uri=graph_uri,
+                    retain_item_ids=list(m.edit_retain), earlier=[list(p) for p in m.eval_earlier],
+                    graph_uri=graph_uri,
                     output_uri=store.uri(store.batch_key(batch_id, "edited")), method=method, edit=edit,
                     lineage={"batch_id": batch_id, "base_version": m.base_version, "path_graph": graph_uri,
                              "requests": m.accepted}, version_format=version_format)

@@ -32,6 +32,10 @@ class UnlearnData:
     ``forget_options`` gives each forget example's multiple-choice options, encoded like the example (each with
     its option as the answer), and the index of the right one; ``((), -1)`` for a free-form item. RMisU's
     ``check="choice"`` measures forgetting by them against chance (``rmisu.still_known``).
+    ``forget_earlier`` marks the forget examples of people an earlier edit already forgot (the service's earlier
+    versions of a lineage). They are not forgotten again by default: RMisU's check watches them apart, and its
+    forget term takes them only while a check finds them known again (``run_rmisu``). Methods without a check
+    forget them along with the rest.
     """
 
     forget: Sequence[dict[str, Tensor]]
@@ -41,12 +45,14 @@ class UnlearnData:
     retain_modality: Sequence[str] = ()
     forget_requests: Sequence[str] = ()
     forget_options: Sequence[tuple[Sequence[dict[str, Tensor]], int]] = ()
+    forget_earlier: Sequence[bool] = ()
 
     def __post_init__(self) -> None:
         if not self.forget:
             raise InputError("nothing to forget: the forget set is empty; pick a forget split or request items")
         for name, examples in (("forget_modality", self.forget), ("retain_modality", self.retain),
-                               ("forget_requests", self.forget), ("forget_options", self.forget)):
+                               ("forget_requests", self.forget), ("forget_options", self.forget),
+                               ("forget_earlier", self.forget)):
             values = getattr(self, name)
             if values and len(values) != len(examples):
                 raise InputError(f"UnlearnData.{name} has {len(values)} entries for {len(examples)} examples")
@@ -60,13 +66,17 @@ class UnlearnData:
 
     def only_request(self, request_id: str) -> UnlearnData:
         """The same data with only ``request_id``'s forget examples (the retain set unchanged)."""
-        keep = [i for i, r in enumerate(self.forget_requests) if r == request_id]
+        return self.only_forget([i for i, r in enumerate(self.forget_requests) if r == request_id])
+
+    def only_forget(self, keep: Sequence[int]) -> UnlearnData:
+        """The same data with only the forget examples at positions ``keep`` (the retain set unchanged)."""
 
         def pick(seq: Sequence[Any]) -> Sequence[Any]:
             return [seq[i] for i in keep] if seq else ()
 
         return replace(self, forget=pick(self.forget), forget_modality=pick(self.forget_modality),
-                       forget_requests=pick(self.forget_requests), forget_options=pick(self.forget_options))
+                       forget_requests=pick(self.forget_requests), forget_options=pick(self.forget_options),
+                       forget_earlier=pick(self.forget_earlier))
 
 
 @dataclass(frozen=True)

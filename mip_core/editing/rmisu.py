@@ -199,6 +199,11 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
         params: the only tensors that move (an editor's slices; all neurons of the sites for full-model RMisU).
         reference: a context manager factory under which ``model`` is the frozen, unedited model
             (``editor.disabled``): the reference states cost one no-grad forward up to layer ``l`` per batch.
+
+    People an earlier edit forgot (``data.forget_earlier``) are kept forgotten, not forgotten again: each check
+    measures them apart, and their items join the forget term only while a check finds them known (the gate
+    would not publish a version under which they come back). Without a check (``check_every=0``) they are left
+    alone.
     """
     run = _Run(model, adapter, data, cfg, reference)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -206,23 +211,38 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
     bar = Progress(cfg.steps, "editing (RMisU)", unit="step", enabled=world()[0] == 0)
-    forgetting = True
-    what = "no forget answer is said" if cfg.check == "said" else "the forget items are at chance"
+    forgetting = {TONIGHT}  # the groups the forget term draws from; people forgotten earlier join when known
     for step in range(cfg.steps):
-        point = run.train_step(optimizer, params, step, forget=forgetting)
+        point = run.train_step(optimizer, params, step, forget=run.pool(forgetting))
         bar.update()
         known = run.record(point, step, t0, curve, log)
-        if known == 0 and cfg.after_forgotten == "stop":
-            log(f"rmisu: {what} after {step + 1} of {cfg.steps} steps; stopping")
+        if known is None:
+            continue
+        if not any(known.values()) and cfg.after_forgotten == "stop":
+            log(f"rmisu: {_WHAT[cfg.check]} after {step + 1} of {cfg.steps} steps; stopping")
             break
-        if known is not None and forgetting != (known > 0):
-            forgetting = known > 0
+        now = {group for group, share in known.items() if share > 0}
+        for group in sorted(now ^ forgetting):
             # AdamW's moments are kept across the switch: clearing them made the first steps after it full-size
             # (Adam's bias correction) and cost retain ROUGE-L 0.78 -> 0.66 on the gold benchmark (BENCHMARKS.md 9)
-            log(f"rmisu: step {step + 1}: " + ("known again, back to the forget term" if forgetting
-                                                else f"{what}; retain terms alone from here"))
+            log(f"rmisu: step {step + 1}: " + _switch(group, now, cfg.check))
+        forgetting = now
     bar.close()
     return curve, run.layer
+
+
+TONIGHT, EARLIER = "forget", "earlier"  # the check's groups: this edit's forget items, people forgotten before
+_WHAT = {"said": "no forget answer is said", "choice": "the forget items are at chance"}
+
+
+def _switch(group: str, now: set[str], check: str) -> str:
+    """The log line of a check that turned ``group``'s items in the forget term on or off (``now``: the groups
+    on after it)."""
+    if group == TONIGHT:
+        return ("known again, back to the forget term" if group in now else
+                f"{_WHAT[check]}; " + ("retain terms alone from here" if not now else "they leave the forget term"))
+    return ("people forgotten earlier are known again: their items join the forget term" if group in now else
+            "people forgotten earlier are forgotten again: their items leave the forget term")
 
 
 class _Run:
@@ -250,7 +270,8 @@ class _Run:
         hidden_size = _probe_width(model, self.block, data)
         self.device = next(model.parameters()).device
         self.direction_of = _direction_index(data, cfg.target_per)  # forget example -> row of `directions`
-        self.directions = sphere(max(self.direction_of) + 1, hidden_size, cfg.seed).to(self.device)  # [n, D]
+        self.directions = _directions(self.direction_of, data.forget_earlier, hidden_size, cfg.seed
+                                      ).to(self.device)  # [n, D]
         self.prefixes = (retain_prefix_lengths(data.forget, data.retain, adapter.image_token_id)
                          if cfg.skip_shared_prefix else [0] * len(data.forget))
         # ZeRO-3 releases a module's gathered weights after its backward by counting the module's forwards since
@@ -258,19 +279,30 @@ class _Run:
         # then stay gathered (the memory ZeRO-3 saves is lost) and the next gather fails. So there, each forward
         # gets its own backward (the same gradient: they add up in .grad).
         self.per_forward = any(is_partitioned(p) for p in model.parameters())
+        # each forget example's check group; a check measures each group apart, so people forgotten earlier
+        # coming back are seen even while this edit's items sit below chance (pooled, they would cancel out)
+        self.group_of = [EARLIER if earlier else TONIGHT
+                         for earlier in data.forget_earlier or [False] * len(data.forget)]
+        self.parts = {group: data.only_forget(self.pool({group})) if len(set(self.group_of)) > 1 else data
+                      for group in dict.fromkeys(self.group_of)}
 
     def frozen_hidden(self, batch: dict[str, Tensor]) -> Tensor:
         with torch.no_grad(), self.reference():
             return hidden_at(self.model, self.block, batch)
 
+    def pool(self, groups: set[str]) -> list[int]:
+        """The forget examples of ``groups``, in order: what the forget term draws from."""
+        return [i for i, group in enumerate(self.group_of) if group in groups]
+
     def train_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], step: int,
-                   forget: bool = True) -> dict[str, float]:
-        """One optimiser step on a fresh forget (and retain) batch; returns the step's curve point. Without
-        ``forget`` (a repair step) only the retain terms move the weights."""
+                   forget: Sequence[int]) -> dict[str, float]:
+        """One optimiser step on a fresh forget batch drawn from ``forget`` (forget example positions) and a
+        retain batch; returns the step's curve point. With ``forget`` empty (a repair step) only the retain terms
+        move the weights."""
         cfg = self.cfg
         optimizer.zero_grad(set_to_none=True)
         if forget:
-            loss, point = self.forget_loss(step)
+            loss, point = self.forget_loss(step, forget)
         else:
             loss, point = torch.zeros((), device=self.device), {"step": step + 1}
         if self.data.retain and (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0):
@@ -285,10 +317,11 @@ class _Run:
         point["loss"] = loss.item()
         return point
 
-    def forget_loss(self, step: int) -> tuple[Tensor, dict[str, float]]:
-        """Draw a forget batch and push its ``h_l`` towards the targets: ``L_f`` (this rank's share), the point."""
+    def forget_loss(self, step: int, pool: Sequence[int]) -> tuple[Tensor, dict[str, float]]:
+        """Draw a forget batch from ``pool`` and push its ``h_l`` towards the targets: ``L_f`` (this rank's share),
+        the point. (With the whole forget set as the pool, the draws are those of an edit without groups.)"""
         data, cfg = self.data, self.cfg
-        f_idx = _share([self.rng.randrange(len(data.forget)) for _ in range(cfg.batch_size)], data.forget)
+        f_idx = _share([pool[self.rng.randrange(len(pool))] for _ in range(cfg.batch_size)], data.forget)
         fb = _on(collate([data.forget[i] for i in f_idx], data.pad_token_id), self.device)
         fb.pop("labels")
         f_mask = fb["attention_mask"].clone()
@@ -335,20 +368,24 @@ class _Run:
         return loss
 
     def record(self, point: dict[str, float], step: int, t0: float, curve: list[dict[str, float]], log: Log
-               ) -> float | None:
-        """Check, log and keep the step's point when due; when checked, the share of forget items still known
-        (``said`` or ``known``, by ``cfg.check``), 0 once forgotten."""
+               ) -> dict[str, float] | None:
+        """Check, log and keep the step's point when due; when checked, per group (this edit's forget items and,
+        where there are any, people forgotten earlier), the share of its items still known (``said`` or
+        ``known``, by ``cfg.check``), 0 once forgotten. The curve logs the earlier group as ``known_earlier``."""
         cfg = self.cfg
         check = cfg.check_every > 0 and (step + 1) % cfg.check_every == 0
         key = "said" if cfg.check == "said" else "known"
+        known: dict[str, float] = {}
         if check:
             measure = still_said if cfg.check == "said" else still_known
-            point[key] = measure(self.model, self.data, self.device, cfg.batch_size)
+            for group, part in self.parts.items():
+                known[group] = measure(self.model, part, self.device, cfg.batch_size)
+                point[key if group == TONIGHT else f"{key}_{group}"] = known[group]
         if check or step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             point["seconds"] = round(time.perf_counter() - t0, 2)
             curve.append({k: round(v, 5) for k, v in point.items()})
             log("rmisu " + "  ".join(f"{k}={v}" for k, v in curve[-1].items()))
-        return point[key] if check else None
+        return known if check else None
 
 
 @torch.no_grad()
@@ -443,6 +480,16 @@ def _direction_index(data: UnlearnData, target_per: str) -> list[int]:
         return list(range(len(data.forget)))
     order = {r: k for k, r in enumerate(data.request_ids())}
     return [order[r] for r in data.forget_requests]
+
+
+def _directions(direction_of: list[int], earlier: Sequence[bool], dim: int, seed: int) -> Tensor:
+    """The target directions ``[n, D]``: this edit's rows first, then those of people forgotten earlier, drawn apart
+    (``seed + 1``) so that adding them leaves this edit's directions (and so its weights) as they were without them.
+    """
+    n = max(direction_of) + 1
+    mine = max((row for row, old in zip(direction_of, earlier or [False] * n, strict=False) if not old),
+               default=-1) + 1  # earlier examples follow this edit's, so their rows do too
+    return torch.cat([sphere(mine, dim, seed), sphere(n - mine, dim, seed + 1)]) if n > mine else sphere(n, dim, seed)
 
 
 def _on(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

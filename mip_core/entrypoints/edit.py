@@ -73,6 +73,9 @@ class EditSpec:
     # "delta": the base's files plus the edited neurons' slices (mip_core.modeling.deltas; a neuron edit only);
     # "full": a plain checkpoint, the shards holding edited tensors rewritten whole
     version_format: VersionFormat = "delta"
+    # (item_id, request_id) of people earlier versions forgot: the edit keeps them forgotten, forgetting them
+    # again only while its check finds them known (UnlearnData.forget_earlier); the gate's "earlier" sample
+    earlier: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({"schema": SPEC_SCHEMA, **asdict(self)}, indent=1, sort_keys=True) + "\n"
@@ -159,13 +162,14 @@ def _edit(loaded: Any, spec: EditSpec, log: Log) -> Any:
 
     bench = load_items(localize(spec.bench_uri))  # a benchmark, or a service batch's item table
     by_id = {it.item_id: it for it in bench.items}
-    wanted = [i for i, _ in spec.forget] + list(spec.retain_item_ids)
+    wanted = [i for i, _ in (*spec.forget, *spec.earlier)] + list(spec.retain_item_ids)
     missing = [i for i in wanted if i not in by_id]
     if missing:
         raise InputError(f"EditSpec names {len(missing)} item(s) the benchmark {spec.bench_uri} does not "
                          f"have, e.g. {missing[:5]}; was the spec made for another benchmark?")
     data = unlearn_data(loaded.processor, bench, [by_id[i] for i, _ in spec.forget],
-                        [by_id[i] for i in spec.retain_item_ids], requests=dict(spec.forget))
+                        [by_id[i] for i in spec.retain_item_ids], requests=dict((*spec.forget, *spec.earlier)),
+                        earlier=[by_id[i] for i, _ in spec.earlier])
     graph = read_path_graph(spec.graph_uri)
     method = get_method(spec.method, edit_overrides=spec.edit, seed=spec.seed)
     return method.run(loaded.model, loaded.adapter, data, graph=graph, log=log)

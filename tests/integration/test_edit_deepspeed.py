@@ -255,19 +255,27 @@ def _checks(log_text: str) -> dict[str, dict[int, str]]:
     """``{rank: {step: known}}`` from an edit log's RMisU check lines (``[rank r/n]``, or ``""`` for one process);
     matched from the line start, since two ranks writing one file can run their lines together."""
     out: dict[str, dict[int, str]] = {}
-    for m in re.finditer(r"^[^\[\n]*?(?:\[rank (\d+)/\d+\] )?rmisu step=(\d+) [^\n]*?known=(\S+)", log_text, re.M):
-        out.setdefault(m.group(1) or "", {})[int(m.group(2))] = m.group(3)
+    for m in re.finditer(r"^[^\[\n]*?(?:\[rank (\d+)/\d+\] )?rmisu step=(\d+) [^\n]*?known=(\S+)"
+                         r"(?:  known_earlier=(\S+))?", log_text, re.M):
+        out.setdefault(m.group(1) or "", {})[int(m.group(2))] = f"{m.group(3)}/{m.group(4)}"
     return out
 
 
 def test_two_ranks_checking_forgetting_by_multiple_choice_run_the_one_process_edit(job, tmp_path):
     """``check="choice"`` scores every forget item's options on every rank under ZeRO-3, where each forward
     gathers weights collectively: a rank that scored other options, or switched the forget term alone, would
-    hang the job. The 2-rank edit measures what one process measures at each check and ends with its weights."""
+    hang the job. The 2-rank edit measures what one process measures at each check, for its own items and for
+    people an earlier edit forgot (checked apart), and ends with its weights."""
     root, spec = job
     edit = {"rmisu": {"steps": 6, "layer": 1, "batch_size": 4, "check_every": 2, "check": "choice",
                       "after_forgotten": "repair"}}
     env = {"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")}
+    bench = load_benchmark(spec.bench_uri)
+    person = next(it.profile_id for it in bench.items if it.item_id == spec.forget[0][0])
+    kept = {it.profile_id for it in bench.items if it.item_id in spec.retain_item_ids}
+    other = next(it.profile_id for it in bench.items if it.profile_id not in (None, person, *kept))
+    earlier = [(it.item_id, "req-0") for it in bench.items if it.profile_id == other and it.kind == "qa"][:3]
+    spec = replace(spec, earlier=earlier)
     two = replace(spec, output_uri=str(tmp_path / "two"), edit=edit)
     summary = launch_edit(two, str(tmp_path / "two.json"), str(tmp_path / "two.log"), launcher="deepspeed",
                           n_ranks=2, timeout_s=600, env=env)
@@ -275,7 +283,8 @@ def test_two_ranks_checking_forgetting_by_multiple_choice_run_the_one_process_ed
     one = replace(spec, output_uri=str(tmp_path / "one"), edit=edit)
     launch_edit(one, str(tmp_path / "one.json"), str(tmp_path / "one.log"), launcher="inprocess")
     ranks, single_checks = _checks((tmp_path / "two.log").read_text()), _checks((tmp_path / "one.log").read_text())
-    assert set(single_checks[""]) == {2, 4, 6}, single_checks
+    assert set(single_checks[""]) == {2, 4, 6} and all(not v.endswith("/None") for v in single_checks[""].values()), \
+        single_checks
     for rank in ("0", "1"):
         assert ranks[rank] and all(single_checks[""][step] == known for step, known in ranks[rank].items()), ranks
     base = load_model(spec.model_uri).model.state_dict()

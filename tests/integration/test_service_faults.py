@@ -159,6 +159,12 @@ def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, 
     for s in (s for s in gate["scores"] if s["items"] == "earlier"):
         mine = [level[i] for i in earlier if modality[i] == s["modality"]]
         assert s["n"] == len(mine) and s["before"] == pytest.approx(sum(mine) / len(mine)), (s, mine)
+    # the edit keeps them forgotten: it was given the same sample, and each of its checks measured them apart
+    edit = store.read_json(store.batch_key(later[-1], "edited", "unlearn.json"))
+    assert [tuple(p) for p in store.read_json(store.batch_key(later[-1], "edit_config.json"))["earlier"]] == list(
+        batches[later[-1]].eval_earlier)
+    checks = [p for p in edit["curve"] if "known" in p]
+    assert len(checks) == 4 and all("known_earlier" in p for p in checks), checks  # 40 steps, checked every 10
     assert store.list("pending") == [] and store.list("claimed") == []
 
 

@@ -441,6 +441,72 @@ def test_rmisu_default_check_holds_the_forget_items_at_chance_and_repairs_with_t
     assert at_end == checks[-1]["known"]  # the last check is the state the edit ends in (step 120 is a check)
 
 
+def with_earlier(model, adapter, tonight, earlier):
+    """UnlearnData of ``tonight``'s and then ``earlier``'s ``with_options`` items (all text), the earlier ones
+    flagged as people an earlier edit forgot, and an editor on ``selection``."""
+    items = [*tonight, *earlier]
+    data = UnlearnData([ex for ex, _ in items], examples()[1], 0, ["text"] * len(items),
+                       ["text", "multimodal", "text"], forget_options=[o for _, o in items],
+                       forget_earlier=[False] * len(tonight) + [True] * len(earlier))
+    editor = NeuronEditor(adapter, selection(adapter), prune=False)
+    return data, editor, editor.trainable_parameters()
+
+
+def test_rmisu_leaves_people_forgotten_earlier_alone_while_every_check_finds_them_forgotten():
+    """Items an earlier edit forgot join the forget term only when a check finds them known: while they stay at
+    chance, the edit is the one it would be without them, to the bit (the same draws and target directions)."""
+    cfg = RMisUConfig(layer=1, steps=60, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=5)
+    weights, curves = [], []
+    for guarded in (True, False):
+        model, adapter = toy()
+        tonight = [with_options(model, p, right=True) for p in ([1, 2], [3, 1], [2, 2], [4, 1])]
+        # four identical options and the right one second: the scores tie and the first wins (mc_correct), so
+        # these are answered wrong at every check, whatever the edit does
+        same = [toy_example([*p, 3], 1) for p in ([2, 3], [4, 4])]
+        earlier = [(ex, ([ex] * 4, 1)) for ex in same]
+        data, editor, params = with_earlier(model, adapter, tonight, earlier)
+        with editor, trainable_only(model, params):
+            curve, _ = run_rmisu(model, adapter, data if guarded else data.only_forget(range(4)), params, cfg,
+                                 reference=editor.disabled, log=lambda _: None)
+            editor.merge()
+        weights.append([p.detach().clone() for p in model.parameters()])
+        curves.append(curve)
+    checked = [p for p in curves[0] if "known" in p]
+    assert len(checked) == 12 and all(p["known_earlier"] == 0 for p in checked)
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+    assert [p["forget"] for p in curves[0] if "forget" in p] == [p["forget"] for p in curves[1] if "forget" in p]
+
+
+def test_rmisu_forgets_again_people_forgotten_earlier_that_a_check_finds_known():
+    """Tonight's items already at chance, people forgotten earlier known again: checked apart, the earlier group
+    turns the forget term on for its items, and an edit that stops once forgotten stops only when both groups are
+    at chance. Without them in the data the same edit stops at once and leaves them known."""
+    from mip_core.editing.rmisu import still_known
+
+    cfg = RMisUConfig(layer=1, steps=120, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=5,
+                      after_forgotten="stop")
+    ends = {}
+    for guarded in (True, False):
+        model, adapter = toy()
+        tonight = [with_options(model, p, right=False) for p in ([1, 2], [3, 1], [2, 2], [4, 1])]
+        earlier = [with_options(model, p, right=True) for p in ([2, 3], [4, 4], [1, 4], [3, 3])]
+        data, editor, params = with_earlier(model, adapter, tonight, earlier)
+        them = data.only_forget(range(4, 8))
+        lines: list[str] = []
+        with editor, trainable_only(model, params):
+            assert still_known(model, them, torch.device("cpu"), 2) == pytest.approx(3 / 4)  # 4 of 4 right
+            curve, _ = run_rmisu(model, adapter, data if guarded else data.only_forget(range(4)), params, cfg,
+                                 reference=editor.disabled, log=lines.append)
+            ends[guarded] = (curve, still_known(model, them, torch.device("cpu"), 2), lines)
+    curve, at_end, lines = ends[True]
+    checks = [p for p in curve if "known" in p]
+    assert checks[-1]["known"] == checks[-1]["known_earlier"] == at_end == 0
+    assert all(p["known"] > 0 or p["known_earlier"] > 0 for p in checks[:-1])
+    assert any("their items join the forget term" in line for line in lines)
+    unguarded_curve, unguarded_end, _ = ends[False]
+    assert unguarded_curve[-1]["step"] < curve[-1]["step"] and unguarded_end > 0  # measured: step 15, 0.25 known
+
+
 def test_rmisu_repair_spends_the_rest_of_the_budget_on_the_retain_terms():
     from mip_core.editing.rmisu import still_said
 
