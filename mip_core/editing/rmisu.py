@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Literal
 
 import torch
@@ -283,16 +283,42 @@ class _Run:
         # coming back are seen even while this edit's items sit below chance (pooled, they would cancel out)
         self.group_of = [EARLIER if earlier else TONIGHT
                          for earlier in data.forget_earlier or [False] * len(data.forget)]
-        self.parts = {group: data.only_forget(self.pool({group})) if len(set(self.group_of)) > 1 else data
+        self.parts = {group: data.only_forget(self.members(group)) if len(set(self.group_of)) > 1 else data
                       for group in dict.fromkeys(self.group_of)}
+        # people forgotten earlier whom the last check found known again on their own items (request ids): only
+        # their items join the forget term, so those still at chance are not pushed below it
+        self.person_of = list(data.forget_requests) or [f"#{i}" for i in range(len(data.forget))]
+        self.relapsed: set[str] = set()
 
     def frozen_hidden(self, batch: dict[str, Tensor]) -> Tensor:
         with torch.no_grad(), self.reference():
             return hidden_at(self.model, self.block, batch)
 
+    def members(self, group: str) -> list[int]:
+        """Positions of ``group``'s forget examples, in order."""
+        return [i for i, g in enumerate(self.group_of) if g == group]
+
     def pool(self, groups: set[str]) -> list[int]:
-        """The forget examples of ``groups``, in order: what the forget term draws from."""
-        return [i for i, group in enumerate(self.group_of) if group in groups]
+        """What the forget term draws from: this edit's examples (when ``groups`` holds them) and those of the
+        people forgotten earlier that the last check found known again (when it holds ``EARLIER``), in order."""
+        return [i for i, g in enumerate(self.group_of)
+                if g in groups and (g == TONIGHT or self.person_of[i] in self.relapsed)]
+
+    def earlier_known(self) -> float:
+        """Check the people forgotten earlier: returns the share of their items known again, per modality as for
+        this edit's items (what the gate would see), and keeps in ``relapsed`` who is known again on their own
+        items. The forget term then pushes those people only: pushing the whole group drove it far below chance
+        (BENCHMARKS.md section 10), a trace of its own."""
+        part, mine, cfg = self.parts[EARLIER], self.members(EARLIER), self.cfg
+        item_credits = (credits(self.model, part, self.device, cfg.batch_size) if cfg.check == "choice" else
+                        [(_FREE, float(said)) for said in said_each(self.model, part.forget, part.pad_token_id,
+                                                                     self.device, cfg.batch_size)])
+        per_person: dict[str, list[tuple[str, float]]] = {}
+        for i, credit in zip(mine, item_credits, strict=True):
+            per_person.setdefault(self.person_of[i], []).append(credit)
+        share = known_share(item_credits)
+        self.relapsed = {person for person, own in per_person.items() if known_share(own) > 0} if share else set()
+        return share
 
     def train_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], step: int,
                    forget: Sequence[int]) -> dict[str, float]:
@@ -369,9 +395,9 @@ class _Run:
 
     def record(self, point: dict[str, float], step: int, t0: float, curve: list[dict[str, float]], log: Log
                ) -> dict[str, float] | None:
-        """Check, log and keep the step's point when due; when checked, per group (this edit's forget items and,
-        where there are any, people forgotten earlier), the share of its items still known (``said`` or
-        ``known``, by ``cfg.check``), 0 once forgotten. The curve logs the earlier group as ``known_earlier``."""
+        """Check, log and keep the step's point when due; when checked, per group, 0 once forgotten: for this
+        edit's forget items and for those of people forgotten earlier (where there are any; the curve's
+        ``known_earlier``), the share still known (``said`` or ``known``, by ``cfg.check``)."""
         cfg = self.cfg
         check = cfg.check_every > 0 and (step + 1) % cfg.check_every == 0
         key = "said" if cfg.check == "said" else "known"
@@ -379,7 +405,8 @@ class _Run:
         if check:
             measure = still_said if cfg.check == "said" else still_known
             for group, part in self.parts.items():
-                known[group] = measure(self.model, part, self.device, cfg.batch_size)
+                known[group] = (measure(self.model, part, self.device, cfg.batch_size) if group == TONIGHT else
+                                self.earlier_known())
                 point[key if group == TONIGHT else f"{key}_{group}"] = known[group]
         if check or step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             point["seconds"] = round(time.perf_counter() - t0, 2)
@@ -399,20 +426,26 @@ def still_said(model: nn.Module, data: UnlearnData, device: torch.device, batch_
     as much on benchmark items but less on the service's own probes (BENCHMARKS.md section 8), and with repair it
     let multiple choice slip above the gold model's (section 9). Every rank scores every input in the same order
     (ZeRO-3 gathers weights collectively), so all ranks reach the same decision."""
-    said = 0
-    for start in range(0, len(data.forget), batch_size):
-        batch = _on(collate(list(data.forget[start : start + batch_size]), data.pad_token_id), device)
+    return sum(said_each(model, data.forget, data.pad_token_id, device, batch_size)) / max(len(data.forget), 1)
+
+
+@torch.no_grad()
+def said_each(model: nn.Module, examples: Sequence[dict[str, Tensor]], pad_token_id: int, device: torch.device,
+              batch_size: int) -> list[bool]:
+    """Per example, whether its answer is still what the model says (see :func:`still_said`)."""
+    said: list[bool] = []
+    for start in range(0, len(examples), batch_size):
+        batch = _on(collate(list(examples[start : start + batch_size]), pad_token_id), device)
         labels = batch.pop("labels")[:, 1:]  # [B, S-1]: token t+1 is predicted at position t
         predicted = model(**batch).logits[:, :-1].argmax(-1)  # [B, S-1]
         answer = labels != IGNORE_INDEX
         end = answer & (answer.cumsum(-1) == answer.sum(-1, keepdim=True))  # the answer's last token: the end
         scored = answer & ~end
         scored = torch.where(scored.any(-1, keepdim=True), scored, answer)  # a one-token answer: score the end
-        said += int(((predicted == labels) | ~scored).all(-1).sum())
-    return said / max(len(data.forget), 1)
+        said += ((predicted == labels) | ~scored).all(-1).tolist()
+    return said
 
 
-@torch.no_grad()
 def still_known(model: nn.Module, data: UnlearnData, device: torch.device, batch_size: int) -> float:
     """Share of forget items the model still knows beyond a stranger's level; 0 once it knows them no better.
 
@@ -424,23 +457,45 @@ def still_known(model: nn.Module, data: UnlearnData, device: torch.device, batch
     items below chance, which is the trace a membership attack sees (section 9: MIA AUC 0.10-0.22 against the
     gold model's 0.45). Every rank scores every option in the same order, so all ranks decide alike.
     """
+    return known_share(credits(model, data, device, batch_size))
+
+
+def known_share(item_credits: Sequence[tuple[str, float]]) -> float:
+    """:func:`still_known` from :func:`credits`: per modality, the credits beyond 0 (a free-form item's whole
+    credit), over the number of items."""
+    beyond: dict[str, float] = {}
+    for modality, credit in item_credits:
+        beyond[modality] = beyond.get(modality, 0.0) + credit
+    free = beyond.pop(_FREE, 0.0)
+    # at chance exactly, e.g. sums of 1/3, reads as 0
+    return (sum(b for b in beyond.values() if b > 1e-9) + free) / max(len(item_credits), 1)
+
+
+_FREE = "\0free"  # the credits of free-form items: counted whole, not against chance
+
+
+@torch.no_grad()
+def credits(model: nn.Module, data: UnlearnData, device: torch.device, batch_size: int
+            ) -> list[tuple[str, float]]:
+    """Per forget item, in order, ``(modality, credit)``: with options, 1 if the right option is the most likely
+    minus ``1 / n_options`` (what guessing gets); free-form, ``(_FREE, 1.0)`` while its answer is still said,
+    else 0."""
     options = list(data.forget_options) or [((), -1)] * len(data.forget)
     with_options = [i for i, (opts, _) in enumerate(options) if opts]
     flat = [ex for i in with_options for ex in options[i][0]]
     scores = sequence_logprobs(model, flat, data.pad_token_id, batch_size, device=device)
-    right: dict[str, float] = {}  # modality -> right answers minus what guessing gets
+    out: list[tuple[str, float]] = [(_FREE, 0.0)] * len(data.forget)
     start = 0
     for i in with_options:
         opts, answer = options[i]
         modality = data.forget_modality[i] if data.forget_modality else "all"
-        right[modality] = right.get(modality, 0.0) + mc_correct(scores[start : start + len(opts)], answer) \
-            - 1 / len(opts)
+        out[i] = (modality, mc_correct(scores[start : start + len(opts)], answer) - 1 / len(opts))
         start += len(opts)
     free = [i for i, (opts, _) in enumerate(options) if not opts]
-    said = still_said(model, replace(data, forget=[data.forget[i] for i in free], forget_modality=(),
-                                     forget_requests=(), forget_options=()), device, batch_size) if free else 0.0
-    beyond = sum(r for r in right.values() if r > 1e-9)  # at chance exactly, e.g. sums of 1/3, reads as 0
-    return (beyond + said * len(free)) / max(len(data.forget), 1)
+    for i, said in zip(free, said_each(model, [data.forget[i] for i in free], data.pad_token_id, device,
+                                       batch_size), strict=True):
+        out[i] = (_FREE, float(said))
+    return out
 
 
 def _global_mean(loss: Tensor, count: Tensor, size: int) -> Tensor:
@@ -518,4 +573,5 @@ def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
             p.requires_grad_(flag)
 
 
-__all__ = ["RMisUConfig", "hidden_at", "run_rmisu", "sphere", "still_known", "still_said", "trainable_only"]
+__all__ = ["RMisUConfig", "credits", "hidden_at", "known_share", "run_rmisu", "said_each", "sphere", "still_known",
+           "still_said", "trainable_only"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from toy_models import IMAGE, toy, toy_example
@@ -505,6 +507,29 @@ def test_rmisu_forgets_again_people_forgotten_earlier_that_a_check_finds_known()
     assert any("their items join the forget term" in line for line in lines)
     unguarded_curve, unguarded_end, _ = ends[False]
     assert unguarded_curve[-1]["step"] < curve[-1]["step"] and unguarded_end > 0  # measured: step 15, 0.25 known
+
+
+def test_a_check_pushes_only_the_people_forgotten_earlier_who_came_back():
+    """The earlier group turns on as the gate would see it (per modality, pooled); what the forget term then draws
+    is the items of the people known again on their own items, not of those still at chance."""
+    from mip_core.editing.rmisu import EARLIER, TONIGHT, _Run
+
+    model, adapter = toy()
+    tonight = [with_options(model, p, right=True) for p in ([1, 2], [3, 1])]
+    never = [(ex, ([ex] * 4, 1)) for ex in (toy_example([*p, 3], 1) for p in ([2, 3], [4, 4]))]  # ties: wrong
+    cases = {"one came back": [with_options(model, p, right=True) for p in ([1, 4], [3, 3])],
+             "at chance pooled": [with_options(model, [1, 4], right=True), with_options(model, [3, 3], right=False)]}
+    for case, other in cases.items():
+        data, editor, _ = with_earlier(model, adapter, tonight, [*never, *other])
+        data = replace(data, forget_requests=["t", "t", "a", "a", "b", "b"])
+        run = _Run(model, adapter, data, RMisUConfig(layer=1, batch_size=2, check_every=5), editor.disabled)
+        known = run.record({"step": 5}, 4, 0.0, [], lambda _: None)
+        if case == "one came back":
+            # text, pooled: a's 2 x (0 - 1/4) and b's 2 x (1 - 1/4) = 1.0 beyond chance, over 4 items
+            assert known[EARLIER] == pytest.approx(1.0 / 4) and run.relapsed == {"b"}
+            assert run.pool({TONIGHT, EARLIER}) == [0, 1, 4, 5] and run.pool({EARLIER}) == [4, 5]
+        else:  # b is 1 of 2 right: 2 x (-1/4) + (3/4 - 1/4) = 0 pooled, so the group stays off and no one is drawn
+            assert known[EARLIER] == 0 and run.relapsed == set() and run.pool({TONIGHT, EARLIER}) == [0, 1]
 
 
 def test_rmisu_repair_spends_the_rest_of_the_budget_on_the_retain_terms():
