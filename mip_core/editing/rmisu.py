@@ -542,7 +542,8 @@ def _directions(direction_of: list[int], earlier: Sequence[bool], dim: int, seed
     (``seed + 1``) so that adding them leaves this edit's directions (and so its weights) as they were without them.
     """
     n = max(direction_of) + 1
-    mine = max((row for row, old in zip(direction_of, earlier or [False] * n, strict=False) if not old),
+    flags = earlier or [False] * len(direction_of)  # one per forget example, like direction_of
+    mine = max((row for row, old in zip(direction_of, flags, strict=True) if not old),
                default=-1) + 1  # earlier examples follow this edit's, so their rows do too
     return torch.cat([sphere(mine, dim, seed), sphere(n - mine, dim, seed + 1)]) if n > mine else sphere(n, dim, seed)
 

@@ -509,6 +509,17 @@ def test_rmisu_forgets_again_people_forgotten_earlier_that_a_check_finds_known()
     assert unguarded_curve[-1]["step"] < curve[-1]["step"] and unguarded_end > 0  # measured: step 15, 0.25 known
 
 
+def test_target_directions_of_an_edit_stay_the_same_when_people_forgotten_earlier_join_it():
+    """One direction per request (several examples each): this edit's rows are ``sphere(n, D, seed)`` with or
+    without earlier people, whose rows come from ``seed + 1``."""
+    from mip_core.editing.rmisu import _directions
+
+    alone = _directions([0, 0, 0, 1, 1], (), 8, 3)
+    assert torch.equal(alone, sphere(2, 8, 3))
+    joined = _directions([0, 0, 0, 1, 1, 2, 2, 3], [False] * 5 + [True] * 3, 8, 3)
+    assert torch.equal(joined[:2], alone) and torch.equal(joined[2:], sphere(2, 8, 4))
+
+
 def test_a_check_pushes_only_the_people_forgotten_earlier_who_came_back():
     """The earlier group turns on as the gate would see it (per modality, pooled); what the forget term then draws
     is the items of the people known again on their own items, not of those still at chance."""
