@@ -34,8 +34,8 @@ class UnlearnData:
     ``check="choice"`` measures forgetting by them against chance (``rmisu.still_known``).
     ``forget_earlier`` marks the forget examples of people an earlier edit already forgot (the service's earlier
     versions of a lineage). They are not forgotten again by default: RMisU's check watches them apart, and its
-    forget term takes them only while a check finds them known again (``run_rmisu``). Methods without a check
-    forget them along with the rest.
+    forget term takes the items of those a check finds known again (``run_rmisu``). Methods without a check
+    forget them along with the rest; a per-request edit (``EditConfig.per_request``) leaves them out.
     """
 
     forget: Sequence[dict[str, Tensor]]

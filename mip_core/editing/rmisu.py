@@ -201,9 +201,9 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
             (``editor.disabled``): the reference states cost one no-grad forward up to layer ``l`` per batch.
 
     People an earlier edit forgot (``data.forget_earlier``) are kept forgotten, not forgotten again: each check
-    measures them apart, and their items join the forget term only while a check finds them known (the gate
-    would not publish a version under which they come back). Without a check (``check_every=0``) they are left
-    alone.
+    measures them apart, and while they score above chance the forget term also takes the items of those known
+    again (the gate would not publish a version under which they come back). Without a check
+    (``check_every=0``) they are left alone.
     """
     run = _Run(model, adapter, data, cfg, reference)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
