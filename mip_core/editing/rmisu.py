@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Literal
 
 import torch
@@ -304,17 +304,21 @@ class _Run:
         return [i for i, g in enumerate(self.group_of)
                 if g in groups and (g == TONIGHT or self.person_of[i] in self.relapsed)]
 
+    def credits(self, group: str) -> list[tuple[str, float]]:
+        """``group``'s per-item :func:`credits` by ``cfg.check``: with ``"said"`` every item is scored as
+        free-form (still said or not), so :func:`known_share` of them is :func:`still_said`."""
+        part = self.parts[group]
+        return credits(self.model, part if self.cfg.check == "choice" else replace(part, forget_options=()),
+                       self.device, self.cfg.batch_size)
+
     def earlier_known(self) -> float:
         """Check the people forgotten earlier: returns the share of their items known again, per modality as for
         this edit's items (what the gate would see), and keeps in ``relapsed`` who is known again on their own
         items. The forget term then pushes those people only: pushing the whole group drove it far below chance
         (BENCHMARKS.md section 10), a trace of its own."""
-        part, mine, cfg = self.parts[EARLIER], self.members(EARLIER), self.cfg
-        item_credits = (credits(self.model, part, self.device, cfg.batch_size) if cfg.check == "choice" else
-                        [(_FREE, float(said)) for said in said_each(self.model, part.forget, part.pad_token_id,
-                                                                     self.device, cfg.batch_size)])
+        item_credits = self.credits(EARLIER)
         per_person: dict[str, list[tuple[str, float]]] = {}
-        for i, credit in zip(mine, item_credits, strict=True):
+        for i, credit in zip(self.members(EARLIER), item_credits, strict=True):
             per_person.setdefault(self.person_of[i], []).append(credit)
         share = known_share(item_credits)
         self.relapsed = {person for person, own in per_person.items() if known_share(own) > 0} if share else set()
@@ -403,10 +407,8 @@ class _Run:
         key = "said" if cfg.check == "said" else "known"
         known: dict[str, float] = {}
         if check:
-            measure = still_said if cfg.check == "said" else still_known
-            for group, part in self.parts.items():
-                known[group] = (measure(self.model, part, self.device, cfg.batch_size) if group == TONIGHT else
-                                self.earlier_known())
+            for group in self.parts:
+                known[group] = known_share(self.credits(group)) if group == TONIGHT else self.earlier_known()
                 point[key if group == TONIGHT else f"{key}_{group}"] = known[group]
         if check or step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             point["seconds"] = round(time.perf_counter() - t0, 2)

@@ -73,8 +73,8 @@ class EditSpec:
     # "delta": the base's files plus the edited neurons' slices (mip_core.modeling.deltas; a neuron edit only);
     # "full": a plain checkpoint, the shards holding edited tensors rewritten whole
     version_format: VersionFormat = "delta"
-    # (item_id, request_id) of people earlier versions forgot: the edit keeps them forgotten, forgetting them
-    # again only while its check finds them known (UnlearnData.forget_earlier); the gate's "earlier" sample
+    # (item_id, request_id) of people earlier versions forgot: the edit keeps them forgotten, forgetting again
+    # those its check finds known (UnlearnData.forget_earlier); the gate's "earlier" sample
     earlier: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> str:
