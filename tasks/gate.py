@@ -27,11 +27,12 @@ from mip_core.modeling import load_model
 from mip_core.modeling.inputs import inputs_follow_model
 from mip_core.modeling.io import localize
 from mip_core.service.batch import BatchManifest
-from mip_core.service.gate import (KEPT, GateConfig, GateDecision, answer_rouge, by_set, correct_by_id, decide,
-                                   greedy_by_id, with_answer_logprobs)
+from mip_core.service.forgotten import registered_version
+from mip_core.service.gate import (KEPT, GateConfig, GateDecision, RegisteredReference, answer_rouge, by_set,
+                                   correct_by_id, decide, greedy_by_id, with_answer_logprobs)
 from mip_core.service.items import load_items
 from mip_core.service.probes import answers_by_id, probe_logprobs
-from mip_core.service.scores import forgotten_level, gate_scores
+from mip_core.service.scores import Scorer, forgotten_level, gate_scores, version_scores
 from mip_core.service.shards import ActorStartError
 from mip_core.service.store import ServiceStore
 from tasks.actors import actor_options, describe_error, ensure_ray, forwarded_env, load_on_gpus
@@ -179,11 +180,29 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
         return scored, got.get("greedy_answers", {})
 
     before, after = gate_scores(store, m, ids, edited_uri, dtype=dtype, score=score, answer_ids=kept, log=log)
+    truth = {it.item_id: it.answer for it in kept_items}
+    registered = _registered_reference(store, m, item_sets, after.answers, truth, cfg, dtype=dtype, score=score,
+                                       log=log)
     decision = decide(item_sets, _with_forgotten_level(store, m, by_set(item_sets, before.correct)),
-                      by_set(item_sets, after.correct), cfg,
-                      request_of=m.request_of(),
-                      rouge=answer_rouge(before.answers, after.answers, {it.item_id: it.answer for it in kept_items}))
+                      by_set(item_sets, after.correct), cfg, request_of=m.request_of(),
+                      rouge=answer_rouge(before.answers, after.answers, truth), registered=registered)
     return with_answer_logprobs(decision, item_sets, probe_logprobs(store, batch_id), moved, m.request_of())
+
+
+def _registered_reference(store: ServiceStore, m: BatchManifest, item_sets: Mapping[str, Sequence[Any]],
+                          says: Mapping[str, str], truth: Mapping[str, str], cfg: GateConfig, *, dtype: str,
+                          score: Scorer, log: Callable[[str], Any]) -> RegisteredReference | None:
+    """The registered model's kept-set scores and the edited model's ROUGE-L against its answers, from its cache
+    (scoring what it lacks on an actor); None when the batch starts from the registered model itself (the
+    starting-version figures are then the same) or the floors against it are off."""
+    root = registered_version(store, m.target_model, m.base_version)
+    if root == m.base_version or not cfg.floors_since_registered:
+        return None
+    kept = [it.item_id for name in KEPT for it in item_sets.get(name, ())]
+    scores = version_scores(store, m, root, store.uri(store.model_key(m.target_model, root)), kept, kept,
+                            dtype=dtype, score=score, log=log, what="the registered model")
+    return RegisteredReference(root, {name: {it.item_id: scores.correct[it.item_id] for it in item_sets.get(name, ())}
+                                      for name in KEPT}, answer_rouge(scores.answers, says, truth))
 
 
 def _with_forgotten_level(store: ServiceStore, m: BatchManifest, before: dict[str, dict[str, bool]]

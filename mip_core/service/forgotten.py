@@ -54,4 +54,19 @@ def forgotten_before(store: ServiceStore, target_model: str, base_version: str) 
     return Forgotten(tuple(requests), tuple(items))
 
 
-__all__ = ["Forgotten", "forgotten_before"]
+def registered_version(store: ServiceStore, target_model: str, version: str) -> str:
+    """The version ``version``'s edits start from: the newest one in its lineage that an operator registered
+    (no ``batch_id``), not one an edit published. The gate's kept-set floors hold against it as well as against
+    the starting version. A model re-registered under the same name (a retrained one) starts a new reference,
+    though its lineage names the version that was current before it."""
+    seen: set[str] = set()
+    while version not in seen:
+        seen.add(version)
+        info = store.model_info(target_model, version)
+        if not info.get("batch_id") or not info.get("parent_version"):
+            return version
+        version = info["parent_version"]
+    return version  # a loop in hand-edited lineage: stop where it closes rather than walk forever
+
+
+__all__ = ["Forgotten", "forgotten_before", "registered_version"]

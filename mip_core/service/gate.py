@@ -30,6 +30,12 @@ ROUGE-L of the edited model's greedy answer against the starting model's greedy 
 it still says what it said), over the items the starting model answered right. The edit is held back when any is
 below ``min_generation``.
 
+Each kept-set floor applies twice: against the starting version (what this edit did) and, on an edited version,
+against the **registered model** the lineage started from (what all its edits did together). Every edit of a night
+of 32 kept at least 0.6 of its starting version's answers, yet after 14 versions other people's answers kept 0.398
+of the registered model's (BENCHMARKS.md section 10): losses each under the floor add up, as relapse would if it
+were measured from the starting version. ``GateConfig.floors_since_registered`` turns the second check off.
+
 Everything here but :func:`correctness` and :func:`greedy_by_id` is pure. The service scores and answers each
 model on a Ray actor (``tasks.gate``) and keeps a published version's scores and answers with it
 (``mip_core.service.scores``), so a gate evaluates the edited model only, plus any items the starting version was
@@ -74,6 +80,8 @@ class GateConfig:
     # sits under what path-restricted MIP keeps (0.83-0.93) and above whole-model RMU's collapse (0.18-0.33), which
     # multiple choice does not see (BENCHMARKS.md section 9).
     min_generation: Share = 0.6
+    # the three floors above also hold against the registered model, once the lineage has edited versions
+    floors_since_registered: bool = True
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -115,6 +123,31 @@ class GenerationScore:
 
 
 @dataclass(frozen=True)
+class SinceRegistered:
+    """The kept sets of an edited model against the registered model its lineage started from (``before`` is the
+    registered model's accuracy, ``rouge_l`` against its answers): erosion across versions, which the figures
+    against the starting version do not add up."""
+
+    version: str  # the registered version
+    scores: tuple[SetScore, ...]  # retain and utility only
+    generation: tuple[GenerationScore, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "scores": [asdict(s) | {"relative": s.relative} for s in self.scores],
+                "generation": [asdict(g) for g in self.generation]}
+
+
+@dataclass(frozen=True)
+class RegisteredReference:
+    """What :func:`decide` compares the kept sets with, beside the starting version: the registered model's
+    correctness (``{set: {item_id: correct}}``, kept sets only) and the edited model's ROUGE-L against its answers."""
+
+    version: str
+    correct: Mapping[str, Mapping[str, bool]]
+    rouge: Mapping[str, float] | None = None
+
+
+@dataclass(frozen=True)
 class GateDecision:
     passed: bool
     reasons: tuple[str, ...]  # one per failed check; empty when passed
@@ -123,13 +156,15 @@ class GateDecision:
     config: GateConfig = field(default_factory=GateConfig)
     request_reasons: Mapping[str, str] = field(default_factory=dict)  # request -> why it is not forgotten
     generation: tuple[GenerationScore, ...] = ()  # kept sets' ROUGE-L per modality; empty when not measured
+    registered: SinceRegistered | None = None  # the kept sets against the registered model (edited versions only)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reasons": list(self.reasons), "config": self.config.to_dict(),
                 "scores": [asdict(s) | {"relative": s.relative} for s in self.scores],
                 "per_request": {k: dict(v) for k, v in self.per_request.items()},
                 "request_reasons": dict(self.request_reasons),
-                "generation": [asdict(g) for g in self.generation]}
+                "generation": [asdict(g) for g in self.generation],
+                "registered": self.registered.to_dict() if self.registered else None}
 
     def request_passed(self, request_id: str) -> bool:
         return bool(self.per_request.get(request_id, {}).get("passed"))
@@ -216,19 +251,36 @@ def generation_scores(item_sets: Mapping[str, Sequence[Item]], rouge: Mapping[st
     return scores
 
 
-def _generation_reasons(generation: Sequence[GenerationScore], cfg: GateConfig) -> list[str]:
+def _generation_reasons(generation: Sequence[GenerationScore], cfg: GateConfig, against: str = "the starting model"
+                        ) -> list[str]:
     """Kept sets the edited model still answers by option but no longer in words (a floor of 0 never fails)."""
     return [f"{g.items} {g.modality}: generation ROUGE-L {g.rouge_l:.3f} < {cfg.min_generation:.3f} (the edited "
-            f"model's greedy answers against the starting model's, n={g.n})" for g in generation
+            f"model's greedy answers against {against}'s, n={g.n})" for g in generation
             if g.rouge_l < cfg.min_generation]
 
 
-def _kept_set_reasons(scores: Sequence[SetScore], cfg: GateConfig) -> list[str]:
+def _kept_set_reasons(scores: Sequence[SetScore], cfg: GateConfig, since: str = "") -> list[str]:
     """The batch's checks: other people's and general items kept (they protect every request alike)."""
     floors = {"retain": cfg.min_retention, "utility": cfg.min_utility}
-    return [f"{s.items} {s.modality}: retention {s.relative:.3f} < {floors[s.items]:.3f} (accuracy {s.before:.3f} "
-            f"-> {s.after:.3f}, n={s.n})" for s in scores
+    return [f"{s.items} {s.modality}: retention{since} {s.relative:.3f} < {floors[s.items]:.3f} (accuracy "
+            f"{s.before:.3f} -> {s.after:.3f}, n={s.n})" for s in scores
             if s.items in floors and s.relative == s.relative and s.relative < floors[s.items]]
+
+
+def since_registered(item_sets: Mapping[str, Sequence[Item]], after: Mapping[str, Mapping[str, bool]],
+                     reference: RegisteredReference) -> SinceRegistered:
+    """The kept sets' accuracy and generation against the registered model instead of the starting version."""
+    kept = {name: item_sets.get(name, ()) for name in KEPT}
+    return SinceRegistered(reference.version, tuple(_set_scores(kept, reference.correct, after)),
+                           tuple(generation_scores(kept, reference.rouge or {})))
+
+
+def _since_registered_reasons(since: SinceRegistered | None, cfg: GateConfig) -> list[str]:
+    """The kept-set floors against the registered model: what the lineage's edits lost together."""
+    if since is None or not cfg.floors_since_registered:
+        return []
+    return (_kept_set_reasons(since.scores, cfg, f" since the registered model {since.version}")
+            + _generation_reasons(since.generation, cfg, f"the registered model {since.version}"))
 
 
 def _relapse_reasons(scores: Sequence[SetScore], cfg: GateConfig) -> list[str]:
@@ -293,24 +345,29 @@ def _per_request(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, M
 
 def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping[str, bool]],
            after: Mapping[str, Mapping[str, bool]], cfg: GateConfig, *,
-           request_of: Mapping[str, str] | None = None, rouge: Mapping[str, float] | None = None) -> GateDecision:
+           request_of: Mapping[str, str] | None = None, rouge: Mapping[str, float] | None = None,
+           registered: RegisteredReference | None = None) -> GateDecision:
     """The gate over per-item correctness before and after (pure: no model, so it is tested on toy tables).
 
     Each request is judged on its own forget items, in every modality they have: it passes when their forgetting
     rate reaches ``min_forgetting``, whatever the batch average says. The edit is publishable when the kept sets
     hold (accuracy, and generation where ``rouge`` gives kept items' ROUGE-L, see :func:`answer_rouge`), no
     earlier-forgotten people come back, and at least one request passes; a request that does not pass is closed
-    failed with its own figures. ``rouge`` None: generation not measured, so not checked."""
+    failed with its own figures. ``rouge`` None: generation not measured, so not checked. ``registered``: the
+    registered model's figures, when the starting version is an edited one; the kept sets' floors then hold
+    against them too."""
     scores = _set_scores(item_sets, before, after)
     generation = generation_scores(item_sets, rouge or {})
-    reasons = _kept_set_reasons(scores, cfg) + _generation_reasons(generation, cfg) + _relapse_reasons(scores, cfg)
+    since = since_registered(item_sets, after, registered) if registered else None
+    reasons = (_kept_set_reasons(scores, cfg) + _generation_reasons(generation, cfg)
+               + _since_registered_reasons(since, cfg) + _relapse_reasons(scores, cfg))
     per_request, request_reasons = _per_request(item_sets, before, after, request_of or {}, cfg)
     if not per_request:
         reasons.append("no forget items were evaluated")
     elif len(request_reasons) == len(per_request):
         reasons += [f"forget{f' ({r})' if r else ''} {why}" for r, why in sorted(request_reasons.items())]
     return GateDecision(not reasons, tuple(reasons), tuple(scores), per_request, cfg, request_reasons,
-                        tuple(generation))
+                        tuple(generation), since)
 
 
 def with_answer_logprobs(decision: GateDecision, item_sets: Mapping[str, Sequence[Item]],
@@ -354,10 +411,16 @@ def format_decision(decision: GateDecision) -> str:
     if decision.generation:  # ROUGE-L of the edited model's answers against the starting model's
         lines.append(f"{'generation':18s} {'modality':11s} {'n':>4s} {'ROUGE-L':>7s}")
         lines += [f"{g.items:18s} {g.modality:11s} {g.n:4d} {g.rouge_l:7.3f}" for g in decision.generation]
+    if decision.registered:  # the same kept sets against the registered model
+        since = decision.registered
+        lines.append(f"since the registered model {since.version}:")
+        lines += [f"{s.items:18s} {s.modality:11s} {s.n:4d} {s.before:7.3f} {s.after:7.3f} {s.relative:9.3f}"
+                  for s in since.scores]
+        lines += [f"{g.items + ' ROUGE-L':18s} {g.modality:11s} {g.n:4d} {g.rouge_l:7.3f}" for g in since.generation]
     verdict = "PASSED" if decision.passed else "FAILED: " + "; ".join(decision.reasons)
     return "\n".join([*lines, f"gate {verdict}"])
 
 
-__all__ = ["KEPT", "SETS", "GateConfig", "GateDecision", "GenerationScore", "SetScore", "answer_rouge", "by_set",
-           "correct_by_id", "correctness", "decide", "evaluate_and_gate", "format_decision", "generation_scores",
-           "greedy_by_id", "with_answer_logprobs"]
+__all__ = ["KEPT", "SETS", "GateConfig", "GateDecision", "GenerationScore", "RegisteredReference", "SetScore",
+           "SinceRegistered", "answer_rouge", "by_set", "correct_by_id", "correctness", "decide", "evaluate_and_gate",
+           "format_decision", "generation_scores", "greedy_by_id", "since_registered", "with_answer_logprobs"]

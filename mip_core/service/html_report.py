@@ -160,10 +160,19 @@ def _request_rows(m: BatchManifest, records: Sequence[Any], gate: Mapping[str, A
 
 
 def _gate_section(gate: Mapping[str, Any]) -> dict[str, Any]:
-    """The gate's table (each set against its floor, or for ``earlier`` its ceiling) and its decision."""
-    cfg = gate["config"]
+    """The gate's table (each set against its floor, or for ``earlier`` its ceiling), the same kept sets against
+    the registered model where the gate measured them, and its decision."""
+    cfg, since = gate["config"], gate.get("registered")
+    registered = ({"version": since["version"], "rows": _score_rows(since["scores"], cfg),
+                   "generation": _generation_rows(since["generation"], cfg)} if since else None)
+    decision = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
+    return {"rows": _score_rows(gate["scores"], cfg), "generation": _generation_rows(gate.get("generation", []), cfg),
+            "registered": registered, "decision": decision}
+
+
+def _score_rows(scores: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> list[list[Any]]:
     rows = []
-    for s in gate["scores"]:
+    for s in scores:
         is_ceiling = s["items"] in _CEILINGS
         limit_name = _CEILINGS.get(s["items"]) or _FLOORS.get(s["items"])
         floor = cfg.get(limit_name) if limit_name else None
@@ -172,16 +181,15 @@ def _gate_section(gate: Mapping[str, Any]) -> dict[str, Any]:
             "pass" if (rel <= floor if is_ceiling else rel >= floor) else "FAIL")
         rows.append([_SET_LABEL.get(s["items"], s["items"]), s["modality"], s["n"], s["before"], s["after"],
                      rel, floor, verdict])
-    decision = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
-    return {"rows": rows, "generation": _generation_rows(gate), "decision": decision}
+    return rows
 
 
-def _generation_rows(gate: Mapping[str, Any]) -> list[list[Any]]:
+def _generation_rows(generation: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> list[list[Any]]:
     """The kept sets' ROUGE-L against ``min_generation`` (none for a gate.json written before it was measured)."""
-    floor = gate["config"].get("min_generation")
+    floor = cfg.get("min_generation")
     return [[_SET_LABEL.get(g["items"], g["items"]), g["modality"], g["n"], g["rouge_l"], floor,
              "-" if floor is None else ("pass" if g["rouge_l"] >= floor else "FAIL")]
-            for g in gate.get("generation", [])]
+            for g in generation]
 
 
 def _figures(gate: Mapping[str, Any] | None, graph: PathGraph | None, timings: Mapping[str, float]

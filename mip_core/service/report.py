@@ -46,6 +46,23 @@ def _generation_lines(generation: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines + [f"| {g['items']} | {g['modality']} | {g['n']} | {_f(g['rouge_l'])} |" for g in generation]
 
 
+_BOTH = " (each against the starting and the registered model)"
+
+
+def _registered_lines(since: Mapping[str, Any] | None) -> list[str]:
+    """The kept sets against the registered model (none for a batch on the registered model itself)."""
+    if not since:
+        return []
+    lines = ["", f"Since the registered model `{since['version']}` (what the lineage's edits lost together; the same "
+                 "floors hold): accuracy of the registered model and the edited one, and ROUGE-L of the edited "
+                 "model's answers against the registered model's", "",
+             "| set | modality | n | registered | after | retention | ROUGE-L |", "|---|---|---|---|---|---|---|"]
+    rouge = {(g["items"], g["modality"]): g["rouge_l"] for g in since.get("generation", [])}
+    return lines + [f"| {s['items']} | {s['modality']} | {s['n']} | {_f(s['before'])} | {_f(s['after'])} | "
+                    f"{_f(s['relative'])} | {_f(rouge.get((s['items'], s['modality']), '-'))} |"
+                    for s in since["scores"]]
+
+
 def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, Any] | None, version: str | None,
                  error: str | None, timings: Mapping[str, float], shards: Sequence[Mapping[str, Any]] | None = None,
                  links: Mapping[str, str] | None = None) -> str:
@@ -81,10 +98,13 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
             lines.append(f"| {_SET_NAMES.get(s['items'], s['items'])} | {s['modality']} | {s['n']} | "
                          f"{_f(s['before'])} | {_f(s['after'])} | {_f(s['relative'])} |")
         lines += _generation_lines(gate.get("generation", []))
+        lines += _registered_lines(gate.get("registered"))
         cfg = gate["config"]
         lines += ["", f"Gate: each request's own forgetting >= {cfg['min_forgetting']}; retention >= "
                       f"{cfg['min_retention']} and utility >= {cfg['min_utility']} per modality; generation "
-                      f"(ROUGE-L) >= {cfg.get('min_generation', '-')}; people forgotten "
+                      f"(ROUGE-L) >= {cfg.get('min_generation', '-')}"
+                      f"{_BOTH if cfg.get('floors_since_registered') else ''}"
+                      "; people forgotten "
                       f"earlier rise by <= {cfg.get('max_relapse', '-')}: "
                       f"**{'passed' if gate['passed'] else 'failed'}**"]
     if shards:

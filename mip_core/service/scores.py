@@ -198,22 +198,34 @@ def gate_scores(store: ServiceStore, m: BatchManifest, item_ids: Sequence[str], 
     lacks), the edited model's are computed once (one load for both) and written to ``batches/<id>/scores/``.
     """
     ids, said = list(dict.fromkeys(item_ids)), list(dict.fromkeys(answer_ids))
-    base_key = version_scores_key(store, m.target_model, m.base_version)
-    cached = read_scores(store, base_key)
-    if cached is not None and not cached.fits(m.scores_key, dtype):
-        log(f"gate: cached scores of {m.target_model} {m.base_version} are for {cached.dataset_uri} in "
-            f"{cached.dtype}, not {m.scores_key} in {dtype}; recomputing them")
-        cached = None
-    base = ItemScores(m.scores_key, dtype) if cached is None else cached
-    missing, unsaid = base.missing(ids), base.missing_answers(said)
-    log(f"gate: {len(ids) - len(missing)} of {len(ids)} items and {len(said) - len(unsaid)} of {len(said)} answers "
-        f"of the starting model {m.base_version} are cached")
-    if missing or unsaid:
-        base = base.merged(*_checked(score(m.base_uri, missing, unsaid), missing, unsaid, m.base_uri))
-        write_scores(store, base_key, base)
+    base = version_scores(store, m, m.base_version, m.base_uri, ids, said, dtype=dtype, score=score, log=log,
+                          what="the starting model")
     after = ItemScores(m.scores_key, dtype, *_checked(score(edited_uri, ids, said), ids, said, edited_uri))
     write_scores(store, batch_scores_key(store, m.batch_id), after)
-    return base.only(ids, said), after
+    return base, after
+
+
+def version_scores(store: ServiceStore, m: BatchManifest, version: str, uri: str, item_ids: Sequence[str],
+                   answer_ids: Sequence[str], *, dtype: str, score: Scorer, log: Callable[[str], object] = print,
+                   what: str = "the model") -> ItemScores:
+    """A published ``version``'s correctness on ``item_ids`` and greedy answers on ``answer_ids``, from its cache;
+    the items it lacks are scored (one load of ``uri``) and appended to the cache. The starting version's for the
+    gate, and the registered model's for the floors that hold against it."""
+    ids, said = list(dict.fromkeys(item_ids)), list(dict.fromkeys(answer_ids))
+    key = version_scores_key(store, m.target_model, version)
+    cached = read_scores(store, key)
+    if cached is not None and not cached.fits(m.scores_key, dtype):
+        log(f"gate: cached scores of {m.target_model} {version} are for {cached.dataset_uri} in "
+            f"{cached.dtype}, not {m.scores_key} in {dtype}; recomputing them")
+        cached = None
+    scores = ItemScores(m.scores_key, dtype) if cached is None else cached
+    missing, unsaid = scores.missing(ids), scores.missing_answers(said)
+    log(f"gate: {len(ids) - len(missing)} of {len(ids)} items and {len(said) - len(unsaid)} of {len(said)} answers "
+        f"of {what} {version} are cached")
+    if missing or unsaid:
+        scores = scores.merged(*_checked(score(uri, missing, unsaid), missing, unsaid, uri))
+        write_scores(store, key, scores)
+    return scores.only(ids, said)
 
 
 def forgotten_level(store: ServiceStore, batch_of: Mapping[str, str]) -> dict[str, bool]:
@@ -244,5 +256,6 @@ def _checked(got: tuple[Mapping[str, bool], Mapping[str, str]], wanted: Sequence
 
 
 __all__ = ["ANSWERS_FILE", "ITEM_ANSWERS", "ITEM_ANSWERS_V1", "ITEM_SCORES", "ITEM_SCORES_V1", "ItemScores", "Scorer",
-           "answers_from_table", "answers_table", "batch_scores_key", "forgotten_level", "gate_scores", "promote_scores",
-           "read_scores", "scores_from_table", "scores_table", "version_scores_key", "write_scores"]
+           "answers_from_table", "answers_table", "batch_scores_key", "forgotten_level", "gate_scores",
+           "promote_scores", "read_scores", "scores_from_table", "scores_table", "version_scores",
+           "version_scores_key", "write_scores"]

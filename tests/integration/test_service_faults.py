@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -150,9 +151,12 @@ def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, 
     earlier = dict(batches[later[-1]].eval_earlier)  # item id -> request id
     assert earlier and all(store.get(rid).state == "done" for rid in earlier.values())
 
-    def scored(batch_id: str) -> dict[str, bool]:
-        table = pq.read_table(tmp_path / "store" / "batches" / batch_id / "scores" / "item_scores.parquet")
+    def scored_at(where: Path) -> dict[str, bool]:
+        table = pq.read_table(where / "scores" / "item_scores.parquet")
         return dict(zip(table.column("item_id").to_pylist(), table.column("correct").to_pylist(), strict=True))
+
+    def scored(batch_id: str) -> dict[str, bool]:
+        return scored_at(tmp_path / "store" / "batches" / batch_id)
 
     level = {i: scored(store.get(rid).batch_id)[i] for i, rid in earlier.items()}  # the batch that forgot it
     modality = {it.item_id: it.modality for it in load_benchmark(trained_tiny[1]).items}
@@ -165,6 +169,14 @@ def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, 
         batches[later[-1]].eval_earlier)
     checks = [p for p in edit["curve"] if "known" in p]
     assert len(checks) == 4 and all("known_earlier" in p for p in checks), checks  # 40 steps, checked every 10
+    # the kept sets are also held against the registered model: its own cached scores, not the starting version's
+    assert store.read_json(store.batch_key(results[0]["batch_id"], "gate.json"))["registered"] is None  # on v0001
+    registered = scored_at(tmp_path / "store" / "models" / "tiny" / "v0001")
+    assert gate["registered"]["version"] == "v0001"
+    kept = {"retain": batches[later[-1]].eval_retain, "utility": batches[later[-1]].eval_utility}
+    for s in gate["registered"]["scores"]:
+        mine = [registered[i] for i in kept[s["items"]] if modality[i] == s["modality"]]
+        assert s["n"] == len(mine) and s["before"] == pytest.approx(sum(mine) / len(mine)), (s, mine)
     assert store.list("pending") == [] and store.list("claimed") == []
 
 

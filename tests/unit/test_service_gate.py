@@ -10,7 +10,8 @@ import pytest
 
 from mip_core.errors import InputError
 from mip_core.service.batch import BatchManifest
-from mip_core.service.gate import GateConfig, answer_rouge, decide, format_decision, with_answer_logprobs
+from mip_core.service.gate import (GateConfig, RegisteredReference, answer_rouge, decide, format_decision,
+                                   with_answer_logprobs)
 from mip_core.service.html_report import batch_html
 from mip_core.service.report import batch_report, unplanned_report
 from mip_core.service.requests import ForgetItem, ForgetRequest, KnownFact, Person, RequestRecord
@@ -250,6 +251,64 @@ def test_a_kept_set_at_0_7_passes_and_a_floor_of_0_disables_the_check():
     assert off.passed and [g.rouge_l for g in off.generation] == [0.0, 0.0, 0.0]  # measured, reported, not gated
     unmeasured = decide(SETS, ALL_RIGHT, FORGOT, GateConfig())  # no answers given: nothing to check
     assert unmeasured.passed and unmeasured.generation == () and unmeasured.to_dict()["generation"] == []
+
+
+#: Retain text: the registered model knew r1..r8; the starting version (edits later) already lost r5; this edit
+#: loses r6. Against the starting version 6 of 7 are kept (0.857, over the 0.8 floor); against the registered model
+#: 6 of 8 (0.75): two losses each under the floor add up past it.
+ERODED_SETS = {"forget": SETS["forget"], "retain": [item(f"r{i}", "text") for i in range(1, 9)]}
+REGISTERED = {"retain": {f"r{i}": True for i in range(1, 9)}}
+
+
+def _eroded() -> tuple[dict[str, dict[str, bool]], dict[str, dict[str, bool]]]:
+    start = {"forget": {f"f{i}": True for i in range(1, 5)}, "retain": REGISTERED["retain"] | {"r5": False}}
+    return start, {"forget": {f"f{i}": False for i in range(1, 5)}, "retain": start["retain"] | {"r6": False}}
+
+
+def test_losses_each_under_the_floor_that_add_up_since_the_registered_model_hold_the_batch_back():
+    start, edited = _eroded()
+    alone = decide(ERODED_SETS, start, edited, GateConfig())  # against the starting version only: 0.8 passes
+    assert alone.passed and alone.metric("retain", "text").relative == pytest.approx(6 / 7)
+    d = decide(ERODED_SETS, start, edited, GateConfig(), registered=RegisteredReference("v0001", REGISTERED))
+    assert not d.passed
+    assert d.reasons == ("retain text: retention since the registered model v0001 0.750 < 0.800 (accuracy 1.000 -> "
+                         "0.750, n=8)",)
+    assert d.metric("retain", "text").relative == pytest.approx(6 / 7)  # the per-edit figure is unchanged
+    assert d.to_dict()["registered"]["version"] == "v0001"
+    assert d.to_dict()["registered"]["scores"][0]["relative"] == pytest.approx(0.75)
+    assert "since the registered model v0001:" in format_decision(d)
+    off = decide(ERODED_SETS, start, edited, GateConfig(floors_since_registered=False),
+                 registered=RegisteredReference("v0001", REGISTERED))
+    assert off.passed and off.registered is not None  # measured and reported, not gated
+
+
+def test_generation_is_held_to_its_floor_against_the_registered_models_answers_too():
+    """Per-item ROUGE-L against the registered model's answers: (0.5 + 0.6) / 2 = 0.55 < 0.6 on retain text, while
+    against the starting version's answers the same edit keeps 0.9."""
+    sets = {"forget": SETS["forget"], "retain": SETS["retain"][:2]}
+    known = {"forget": {f"f{i}": True for i in range(1, 5)}, "retain": {"r1": True, "r2": True}}
+    forgot = {"forget": {f"f{i}": False for i in range(1, 5)}, "retain": {"r1": True, "r2": True}}
+    d = decide(sets, known, forgot, GateConfig(), rouge={"r1": 0.9, "r2": 0.9},
+               registered=RegisteredReference("v0001", {"retain": known["retain"]}, {"r1": 0.5, "r2": 0.6}))
+    assert not d.passed and d.reasons == (
+        "retain text: generation ROUGE-L 0.550 < 0.600 (the edited model's greedy answers against the registered "
+        "model v0001's, n=2)",)
+    assert [(g.items, g.rouge_l) for g in d.registered.generation] == [("retain", pytest.approx(0.55))]
+
+
+def test_the_reports_show_the_kept_sets_against_the_registered_model():
+    start, edited = _eroded()
+    gate = decide(ERODED_SETS, start, edited, GateConfig(),
+                  registered=RegisteredReference("v0001", REGISTERED, {"r1": 0.5})).to_dict()
+    m = BatchManifest(batch_id="b1", target_model="tiny", base_version="v0003", base_uri="/m", dataset_uri="/d",
+                      requests=("a",), rejected={}, forget=(("f1", "a"),), items_of={"a": ("f1",)}, edit_retain=(),
+                      eval_retain=("r1",), eval_utility=())
+    text = batch_report(m, [], gate=gate, version=None, error=None, timings={})
+    assert "Since the registered model `v0001`" in text
+    assert "| retain | text | 8 | 1.000 | 0.750 | 0.750 | 0.500 |" in text  # ROUGE-L over the one answered item
+    page = batch_html(m, [], gate=gate, version=None, error=None, timings={})
+    # per edit everything passes; against v0001 retention 0.75 and ROUGE-L 0.5 fail
+    assert "registered model v0001" in page and page.count("FAIL") == 2
 
 
 def test_answer_rouge_compares_the_edited_answer_with_the_starting_models():

@@ -190,7 +190,7 @@ def test_the_next_batch_keeps_earlier_forgotten_people_out_of_its_kept_sets_and_
     version: p0001 leaves both kept samples (an edit told to keep them would train them back), p0002 stays,
     and a sample of p0001's forget items becomes the gate's ``earlier`` set."""
     from mip_core.service.batch import BatchManifest, plan_batch
-    from mip_core.service.forgotten import forgotten_before
+    from mip_core.service.forgotten import forgotten_before, registered_version
     from mip_core.service.store import ServiceStore
 
     store = ServiceStore(str(tmp_path / "store"))
@@ -211,6 +211,8 @@ def test_the_next_batch_keeps_earlier_forgotten_people_out_of_its_kept_sets_and_
                               lineage={"batch_id": "b1", "requests": ["a", "b"]})
 
     assert forgotten_before(store, "demo", v1).requests == ()
+    # the gate's floors since registration hold against v1: v2 was published by an edit, v1 registered
+    assert (registered_version(store, "demo", v1), registered_version(store, "demo", v2)) == (v1, v1)
     forgotten = forgotten_before(store, "demo", v2)
     assert [r.request_id for r in forgotten.requests] == ["a"] and forgotten.batches == ["b1"]
     first_forgotten = {i for i, rid in night1.forget if rid == "a"}
@@ -232,3 +234,7 @@ def test_the_next_batch_keeps_earlier_forgotten_people_out_of_its_kept_sets_and_
     assert [it.item_id for it in night2.item_sets(bench)["earlier"]] == [i for i, _ in night2.eval_earlier]
     assert "earlier" not in night1.item_sets(bench)
     assert BatchManifest.from_json(night2.to_json()) == night2
+    retrained = store.register_model("demo", str(source), dataset_uri=dataset)  # an operator's, not an edit's
+    edited = store.register_model("demo", str(source), dataset_uri=dataset, lineage={"batch_id": "b3"})
+    assert store.model_info("demo", retrained)["parent_version"] == v2
+    assert registered_version(store, "demo", edited) == retrained
