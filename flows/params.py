@@ -54,7 +54,10 @@ class GateSpec(BaseModel):
     min_generation: float = Field(0.6, ge=0, le=1, description="Other people's and general-knowledge items: the "
                                   "edited model's greedy answers must keep at least this mean ROUGE-L against the "
                                   "starting model's (multiple choice alone misses broken generation); 0 disables.")
-
+    against_registered: bool = Field(True, description="On an edited version, also judge against the registered "
+                                     "model the lineage started from: the three floors above hold against it too "
+                                     "(losses each under a floor cannot add up across versions), and a request "
+                                     "is forgotten when its forgetting rate reaches min_forgetting against either.")
 
 class ServiceSpec(BaseModel):
     """How a batch runs: where the queue and models live, how attribution and the edit are spread, the gate."""

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -183,10 +184,23 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
     truth = {it.item_id: it.answer for it in kept_items}
     registered = _registered_reference(store, m, item_sets, after.answers, truth, cfg, dtype=dtype, score=score,
                                        log=log)
-    decision = decide(item_sets, _with_forgotten_level(store, m, by_set(item_sets, before.correct)),
+
+    def judged(reference: RegisteredReference | None) -> GateDecision:
+        return decide(item_sets, _with_forgotten_level(store, m, by_set(item_sets, before.correct)),
                       by_set(item_sets, after.correct), cfg, request_of=m.request_of(),
-                      rouge=answer_rouge(before.answers, after.answers, truth), registered=registered)
+                      rouge=answer_rouge(before.answers, after.answers, truth), registered=reference)
+
+    decision = judged(registered)
+    if registered and decision.request_reasons:  # judged against the registered model too: it scores their items
+        unforgotten = [i for i, r in m.forget if r in decision.request_reasons]
+        scores = version_scores(store, m, registered.version, _uri(store, m, registered.version), unforgotten, (),
+                                dtype=dtype, score=score, log=log, what="the registered model")
+        decision = judged(replace(registered, correct={**registered.correct, "forget": dict(scores.correct)}))
     return with_answer_logprobs(decision, item_sets, probe_logprobs(store, batch_id), moved, m.request_of())
+
+
+def _uri(store: ServiceStore, m: BatchManifest, version: str) -> str:
+    return store.uri(store.model_key(m.target_model, version))
 
 
 def _registered_reference(store: ServiceStore, m: BatchManifest, item_sets: Mapping[str, Sequence[Any]],
@@ -194,12 +208,14 @@ def _registered_reference(store: ServiceStore, m: BatchManifest, item_sets: Mapp
                           score: Scorer, log: Callable[[str], Any]) -> RegisteredReference | None:
     """The registered model's kept-set scores and the edited model's ROUGE-L against its answers, from its cache
     (scoring what it lacks on an actor); None when the batch starts from the registered model itself (the
-    starting-version figures are then the same) or the floors against it are off."""
+    starting-version figures are then the same) or judging against it is off (``GateConfig.against_registered``).
+    Its forget-item scores are added by :func:`gate_batch` only for requests the starting version does not find
+    forgotten: a load of it for every batch would double the gate's cost at 70B, for most requests for nothing."""
     root = registered_version(store, m.target_model, m.base_version)
-    if root == m.base_version or not cfg.floors_since_registered:
+    if root == m.base_version or not cfg.against_registered:
         return None
     kept = [it.item_id for name in KEPT for it in item_sets.get(name, ())]
-    scores = version_scores(store, m, root, store.uri(store.model_key(m.target_model, root)), kept, kept,
+    scores = version_scores(store, m, root, _uri(store, m, root), kept, kept,
                             dtype=dtype, score=score, log=log, what="the registered model")
     return RegisteredReference(root, {name: {it.item_id: scores.correct[it.item_id] for it in item_sets.get(name, ())}
                                       for name in KEPT}, answer_rouge(scores.answers, says, truth))

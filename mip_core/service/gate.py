@@ -34,7 +34,10 @@ Each kept-set floor applies twice: against the starting version (what this edit 
 against the **registered model** the lineage started from (what all its edits did together). Every edit of a night
 of 32 kept at least 0.6 of its starting version's answers, yet after 14 versions other people's answers kept 0.398
 of the registered model's (BENCHMARKS.md section 10): losses each under the floor add up, as relapse would if it
-were measured from the starting version. ``GateConfig.floors_since_registered`` turns the second check off.
+were measured from the starting version. The same reference judges a request the starting version does not find
+forgotten enough: it is done when its forgetting rate *since the registered model* reaches ``min_forgetting``
+(earlier edits of the night may have taken a person part of the way, as collateral, and the rest is then too
+little to count as half). ``GateConfig.against_registered`` turns both off.
 
 Everything here but :func:`correctness` and :func:`greedy_by_id` is pure. The service scores and answers each
 model on a Ray actor (``tasks.gate``) and keeps a published version's scores and answers with it
@@ -80,8 +83,9 @@ class GateConfig:
     # sits under what path-restricted MIP keeps (0.83-0.93) and above whole-model RMU's collapse (0.18-0.33), which
     # multiple choice does not see (BENCHMARKS.md section 9).
     min_generation: Share = 0.6
-    # the three floors above also hold against the registered model, once the lineage has edited versions
-    floors_since_registered: bool = True
+    # once the lineage has edited versions, judge against the registered model it started from too: the three
+    # floors above hold against it as well, and a request is forgotten when min_forgetting holds against either
+    against_registered: bool = True
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -139,8 +143,9 @@ class SinceRegistered:
 
 @dataclass(frozen=True)
 class RegisteredReference:
-    """What :func:`decide` compares the kept sets with, beside the starting version: the registered model's
-    correctness (``{set: {item_id: correct}}``, kept sets only) and the edited model's ROUGE-L against its answers."""
+    """What :func:`decide` compares with, beside the starting version: the registered model's correctness
+    (``{set: {item_id: correct}}``: the kept sets, and ``forget`` items where it was scored on them) and the edited
+    model's ROUGE-L against its answers."""
 
     version: str
     correct: Mapping[str, Mapping[str, bool]]
@@ -277,7 +282,7 @@ def since_registered(item_sets: Mapping[str, Sequence[Item]], after: Mapping[str
 
 def _since_registered_reasons(since: SinceRegistered | None, cfg: GateConfig) -> list[str]:
     """The kept-set floors against the registered model: what the lineage's edits lost together."""
-    if since is None or not cfg.floors_since_registered:
+    if since is None or not cfg.against_registered:
         return []
     return (_kept_set_reasons(since.scores, cfg, f" since the registered model {since.version}")
             + _generation_reasons(since.generation, cfg, f"the registered model {since.version}"))
@@ -303,25 +308,47 @@ def _rates(items: Sequence[Item], before: Mapping[str, bool], after: Mapping[str
 
 
 def _request_verdict(items: Sequence[Item], before: Mapping[str, bool], after: Mapping[str, bool],
-                     cfg: GateConfig) -> str | None:
+                     cfg: GateConfig, registered: Mapping[str, bool] | None = None) -> str | None:
     """Why a request's own forget items are not forgotten (checked per modality: a person still recognised from
-    a photo is not forgotten because their name is), or None."""
+    a photo is not forgotten because their name is), or None.
+
+    With ``registered`` (the registered model's correctness on these items), a modality whose rate against the
+    starting version falls short passes when its rate against the registered model reaches the floor: an earlier
+    edit of the night may already have taken a person part of the way (0.667 on the starting version, where a
+    model trained without them scores 0.5), and the rest can then be too little to measure as half."""
     for modality, (n, b, a) in sorted(_rates(items, before, after, lambda it: it.modality).items()):
         rate = forgetting_rate(b, a)
+        _, since = _registered_rate([it for it in items if it.modality == modality], after, registered)
+        if since >= cfg.min_forgetting:
+            continue  # forgotten by the lineage's standard (also when the start knew none of them: NaN)
         if rate != rate:  # NaN: the starting model answered none of them
             return (f"{modality}: the starting model answers none of the request's {n} forget items correctly, so "
                     "forgetting cannot be measured")
         if rate < cfg.min_forgetting:
             return (f"{modality}: forgetting rate {rate:.3f} < {cfg.min_forgetting:.3f} on the request's own {n} "
-                    f"items (accuracy {b:.3f} -> {a:.3f}): the model still knows them")
+                    f"items (accuracy {b:.3f} -> {a:.3f}"
+                    + (f"; {since:.3f} since the registered model" if since == since else "")
+                    + "): the model still knows them")
     return None
 
 
+def _registered_rate(items: Sequence[Item], after: Mapping[str, bool], registered: Mapping[str, bool] | None
+                      ) -> tuple[float, float]:
+    """``(the registered model's accuracy on items, their forgetting rate against it)``; NaNs unless it was scored
+    on all of them."""
+    if not registered or not items or any(it.item_id not in registered for it in items):
+        return float("nan"), float("nan")
+    was = mean([float(registered[it.item_id]) for it in items])
+    return was, forgetting_rate(was, mean([float(after[it.item_id]) for it in items]))
+
+
 def _per_request(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping[str, bool]],
-                 after: Mapping[str, Mapping[str, bool]], request_of: Mapping[str, str], cfg: GateConfig
+                 after: Mapping[str, Mapping[str, bool]], request_of: Mapping[str, str], cfg: GateConfig,
+                 registered: Mapping[str, bool] | None = None
                  ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """Each request's own figures (``n``, ``before``, ``after``, ``forgetting``; its held-out probes beside them as
-    ``test_*``; ``passed``) and, for those that did not pass, why."""
+    ``test_*``; ``registered_before`` and ``registered_forgetting`` where the registered model was scored on its
+    items; ``passed``) and, for those that did not pass, why."""
     figures: dict[str, dict[str, float]] = {}
     reasons: dict[str, str] = {}
     for name, prefix in (("forget", ""), ("test", "test_")):
@@ -336,7 +363,11 @@ def _per_request(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, M
                                                         f"{prefix}forgetting": forgetting_rate(b, a)})
     for request, fig in figures.items():
         mine = [it for it in item_sets.get("forget", ()) if request_of.get(it.item_id, "") == request]
-        why = _request_verdict(mine, before["forget"], after["forget"], cfg)
+        was, since = _registered_rate(mine, after["forget"], registered)
+        if was == was:
+            fig.update({"registered_before": was, "registered_forgetting": since})
+        why = _request_verdict(mine, before["forget"], after["forget"], cfg,
+                               registered if cfg.against_registered else None)  # off: reported, not judged
         if why is not None:
             reasons[request] = why
         fig["passed"] = float(why is None)
@@ -361,7 +392,8 @@ def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping
     since = since_registered(item_sets, after, registered) if registered else None
     reasons = (_kept_set_reasons(scores, cfg) + _generation_reasons(generation, cfg)
                + _since_registered_reasons(since, cfg) + _relapse_reasons(scores, cfg))
-    per_request, request_reasons = _per_request(item_sets, before, after, request_of or {}, cfg)
+    per_request, request_reasons = _per_request(item_sets, before, after, request_of or {}, cfg,
+                                                registered.correct.get("forget") if registered else None)
     if not per_request:
         reasons.append("no forget items were evaluated")
     elif len(request_reasons) == len(per_request):

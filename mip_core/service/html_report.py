@@ -155,7 +155,8 @@ def _request_rows(m: BatchManifest, records: Sequence[Any], gate: Mapping[str, A
         rid = r.request.request_id
         acc = per_request.get(rid, {})
         rows.append([rid, request_state(r, m.batch_id), len(m.items_of.get(rid, ())), acc.get("before"),
-                     acc.get("after"), acc.get("test_before"), acc.get("test_after"), r.model_version, r.reason])
+                     acc.get("after"), acc.get("registered_before"), acc.get("test_before"), acc.get("test_after"),
+                     r.model_version, r.reason])
     return rows
 
 

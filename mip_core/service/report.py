@@ -77,15 +77,16 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
              f"{len(m.requests)} request(s), {len(m.rejected)} rejected at planning, {len(m.forget)} forget items, "
              f"{len(m.edit_retain)} items held during the edit; {len(m.eval_retain)} other people's and "
              f"{len(m.eval_utility)} general-knowledge items (held out) scored.", "", "## Requests", "",
-             "| request | state | forget acc before | after | held-out before | after | answer log p | reason |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| request | state | forget acc before | after | registered model's | held-out before | after | answer log p "
+             "| reason |", "|---|---|---|---|---|---|---|---|---|"]
     per_request = (gate or {}).get("per_request", {})
     for rec in records:
         acc = per_request.get(rec.request.request_id, {})
         logp = (f"{acc['logprob_before']:.2f} -> {acc['logprob_after']:.2f}" if "logprob_after" in acc else "-")
         lines.append(f"| `{rec.request.request_id}` | {request_state(rec, m.batch_id)} | "
                      f"{_f(acc.get('before', '-'))} | "
-                     f"{_f(acc.get('after', '-'))} | {_f(acc.get('test_before', '-'))} | "
+                     f"{_f(acc.get('after', '-'))} | {_f(acc.get('registered_before', '-'))} | "
+                     f"{_f(acc.get('test_before', '-'))} | "
                      f"{_f(acc.get('test_after', '-'))} | {logp} | {rec.reason or ''} |")
     if m.scores_dataset:
         lines += ["", "Probes asked about each person, the model's answers and which were kept: "
@@ -103,7 +104,7 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
         lines += ["", f"Gate: each request's own forgetting >= {cfg['min_forgetting']}; retention >= "
                       f"{cfg['min_retention']} and utility >= {cfg['min_utility']} per modality; generation "
                       f"(ROUGE-L) >= {cfg.get('min_generation', '-')}"
-                      f"{_BOTH if cfg.get('floors_since_registered') else ''}"
+                      f"{_BOTH if cfg.get('against_registered') else ''}"
                       "; people forgotten "
                       f"earlier rise by <= {cfg.get('max_relapse', '-')}: "
                       f"**{'passed' if gate['passed'] else 'failed'}**"]

@@ -113,8 +113,8 @@ def test_reports_name_requests_and_metrics_but_no_personal_data():
     text = batch_report(m, records, gate=d, version="v0002", error=None, timings={"plan": 0.5, "edit": 12.25},
                         links={"manifest.json": "/s/b1/manifest.json"})
     assert "**published** `demo` `v0002` (from `v0001`)" in text
-    assert "| `a` | done | 1.000 | 0.000 | - | - | - |  |" in text
-    assert "| `x` | rejected | - | - | - | - | - | subjects[0]: no probe answered |" in text
+    assert "| `a` | done | 1.000 | 0.000 | - | - | - | - |  |" in text
+    assert "| `x` | rejected | - | - | - | - | - | - | subjects[0]: no probe answered |" in text
     assert "| forget | text | 1 | 1.000 | 0.000 | 1.000 |" in text and "| edit | 12.2 |" in text
     assert BatchManifest.from_json(m.to_json()) == m
     written = "\n".join([text, batch_html(m, records, gate=d, version="v0002", error=None, timings={}),
@@ -277,7 +277,7 @@ def test_losses_each_under_the_floor_that_add_up_since_the_registered_model_hold
     assert d.to_dict()["registered"]["version"] == "v0001"
     assert d.to_dict()["registered"]["scores"][0]["relative"] == pytest.approx(0.75)
     assert "since the registered model v0001:" in format_decision(d)
-    off = decide(ERODED_SETS, start, edited, GateConfig(floors_since_registered=False),
+    off = decide(ERODED_SETS, start, edited, GateConfig(against_registered=False),
                  registered=RegisteredReference("v0001", REGISTERED))
     assert off.passed and off.registered is not None  # measured and reported, not gated
 
@@ -309,6 +309,48 @@ def test_the_reports_show_the_kept_sets_against_the_registered_model():
     page = batch_html(m, [], gate=gate, version=None, error=None, timings={})
     # per edit everything passes; against v0001 retention 0.75 and ROUGE-L 0.5 fail
     assert "registered model v0001" in page and page.count("FAIL") == 2
+
+
+#: One request, four multimodal forget items. The registered model knew all four; earlier edits of the night left
+#: the starting version knowing two (f1, f2); this edit moves none of them.
+PARTLY = {"forget": [item(f"f{i}", "multimodal") for i in range(1, 5)]}
+PARTLY_START = {"forget": {"f1": True, "f2": True, "f3": False, "f4": False}}
+ALL_KNOWN = {"forget": {f"f{i}": True for i in range(1, 5)}}
+MINE = {f"f{i}": "a" for i in range(1, 5)}
+
+
+def test_a_request_earlier_edits_took_part_of_the_way_is_forgotten_by_its_rate_since_the_registered_model():
+    alone = decide(PARTLY, PARTLY_START, PARTLY_START, GateConfig(), request_of=MINE)
+    assert alone.request_reasons == {"a": "multimodal: forgetting rate 0.000 < 0.500 on the request's own 4 items "
+                                          "(accuracy 0.500 -> 0.500): the model still knows them"}
+    d = decide(PARTLY, PARTLY_START, PARTLY_START, GateConfig(), request_of=MINE,
+               registered=RegisteredReference("v0001", ALL_KNOWN))  # 1.0 -> 0.5: half of what it knew
+    assert d.passed and d.request_reasons == {}
+    assert d.per_request["a"] == {"n": 4.0, "before": 0.5, "after": 0.5, "forgetting": 0.0,
+                                       "registered_before": 1.0, "registered_forgetting": 0.5, "passed": 1.0}
+    off = decide(PARTLY, PARTLY_START, PARTLY_START, GateConfig(against_registered=False), request_of=MINE,
+                 registered=RegisteredReference("v0001", ALL_KNOWN))
+    assert not off.passed and "a" in off.request_reasons
+
+
+def test_a_request_is_not_forgotten_unless_the_rate_since_the_registered_model_reaches_the_floor():
+    edited = {"forget": PARTLY_START["forget"] | {"f3": True}}  # 3 of 4 right: 0.25 below the registered model
+    start = {"forget": edited["forget"]}
+    d = decide(PARTLY, start, edited, GateConfig(), request_of=MINE, registered=RegisteredReference("v0001", ALL_KNOWN))
+    assert d.request_reasons == {"a": "multimodal: forgetting rate 0.000 < 0.500 on the request's own 4 items "
+                                      "(accuracy 0.750 -> 0.750; 0.250 since the registered model): the model still "
+                                      "knows them"}
+    # the registered model scored on some of the items only: not judged against it
+    some = RegisteredReference("v0001", {"forget": {"f1": True, "f2": True}})
+    assert "registered_before" not in decide(PARTLY, PARTLY_START, PARTLY_START, GateConfig(), request_of=MINE,
+                                             registered=some).per_request["a"]
+
+
+def test_a_request_the_starting_version_answers_none_of_is_forgotten_when_the_registered_model_knew_them():
+    none = {"forget": {f"f{i}": False for i in range(1, 5)}}
+    assert "cannot be measured" in decide(PARTLY, none, none, GateConfig(), request_of=MINE).request_reasons["a"]
+    d = decide(PARTLY, none, none, GateConfig(), request_of=MINE, registered=RegisteredReference("v0001", ALL_KNOWN))
+    assert d.passed and d.per_request["a"]["registered_forgetting"] == 1.0
 
 
 def test_answer_rouge_compares_the_edited_answer_with_the_starting_models():
