@@ -236,6 +236,40 @@ def person_rise(store_root: str, bench: Any) -> dict[str, Any]:
                            for p, v in done.items()}}
 
 
+def failed_people(store_root: str, bench: Any, gold_uri: str) -> dict[str, Any]:
+    """Each failed request of a scenario's store: its person's multiple-choice accuracy per modality on the version
+    its last batch started from, on the final version, and on the gold model (which never saw them), with the
+    recorded reason. Whether a request failed on questions a model that never saw the person answers too."""
+    from mip_core.evaluation.runner import multiple_choice
+    from mip_core.modeling import load_model
+    from mip_core.service.store import ServiceStore
+    from tasks.service import manifest_of
+
+    store = ServiceStore(store_root)
+    failed = [r for r in store.list() if r.state == "failed"]
+    started = {r.request.request_id: manifest_of(store, str(r.batch_id)).base_version for r in failed}
+    items = {r.request.request_id: [it for it in bench.items if it.kind == "qa"
+                                    and it.profile_id == str(r.request.subjects[0])] for r in failed}
+    final = store.current_version("demo")
+    loads = [("start", store.uri(store.model_key("demo", v)), [r for r in items if started[r] == v])
+             for v in sorted(set(started.values()))]  # (what, model, the requests it is measured for)
+    loads += [("final", store.uri(store.model_key("demo", final)), list(items)), ("gold", gold_uri, list(items))]
+    acc: dict[tuple[str, str], list[bool]] = {}
+    for what, uri, rids in loads:
+        loaded = load_model(uri)
+        for rid in rids:
+            acc[(rid, what)] = multiple_choice(loaded.model, loaded.processor, bench, items[rid])
+    out = {}
+    for r in failed:
+        rid = r.request.request_id
+        out[rid] = {"person": str(r.request.subjects[0]), "started_from": started[rid], "reason": r.reason}
+        for modality in sorted({it.modality for it in items[rid]}):
+            pos = [k for k, it in enumerate(items[rid]) if it.modality == modality]
+            out[rid][modality] = {"n": len(pos)} | {what: _r(sum(acc[(rid, what)][k] for k in pos) / len(pos))
+                                                    for what in ("start", "final", "gold")}
+    return {"final": final, "requests": out}
+
+
 def table(rows: list[dict]) -> str:
     """The night rows as the markdown table of BENCHMARKS.md section 10."""
     def f(x: Any) -> str:
@@ -269,6 +303,8 @@ def main() -> None:
     ap.add_argument("--work", default="demo_out/nightly_bench")
     ap.add_argument("--person-rise", metavar="STORE", help="print each forgotten person's accuracy then and now "
                     "in a scenario's store (e.g. demo_out/nightly_bench/five_nights/store) and exit")
+    ap.add_argument("--failed-people", metavar="STORE", help="print each failed request's person's accuracy "
+                    "(starting version, final version, gold model) in a scenario's store and exit")
     ap.add_argument("--table", action="store_true", help="print --out's night rows as a markdown table and exit")
     ap.add_argument("--print-people", action="store_true", help="print the people every scenario draws from "
                     "(comma-separated, for the gold model's --exclude) and exit")
@@ -276,10 +312,12 @@ def main() -> None:
     if args.table:
         print(table(json.loads(Path(args.out).read_text())["rows"]))
         return
-    if args.person_rise:  # for a scenario run before this measure was added to the run itself
+    if args.person_rise or args.failed_people:  # for a scenario run before these measures joined the run
         from mip_core.benchmark import load_benchmark
 
-        print(json.dumps(person_rise(args.person_rise, load_benchmark(args.bench))))
+        bench = load_benchmark(args.bench)
+        print(json.dumps(person_rise(args.person_rise, bench) if args.person_rise
+                         else failed_people(args.failed_people, bench, args.gold)))
         return
     from mip_core.benchmark import load_benchmark
     from mip_core.benchmark.holdout import holdout_items
@@ -324,6 +362,8 @@ def main() -> None:
         meta["rows"] += run_scenario(name, args, people, bench, sets, gold, vanilla, holdout, json.loads(args.spec))
         if len(SCENARIOS[name]["nights"]) > 1:
             meta.setdefault("person_rise", {})[name] = person_rise(str(Path(args.work) / name / "store"), bench)
+        meta.setdefault("failed_people", {})[name] = failed_people(str(Path(args.work) / name / "store"), bench,
+                                                                   args.gold)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {out}\n{table(meta['rows'])}")

@@ -32,7 +32,7 @@ from mip_core.parquet_io import read_item_paths, read_path_graph, write_path_gra
 from mip_core.service.batch import BatchManifest, plan_batch, unknown_versions
 from mip_core.service.gate import GateConfig, format_decision
 from mip_core.service.lease import LeaseHeld, hold
-from mip_core.service.forgotten import forgotten_before
+from mip_core.service.forgotten import asked_elsewhere, forgotten_before
 from mip_core.service.planning import plan_people_batch
 from mip_core.service.probes import MIN_CONFIDENCE
 from mip_core.service.html_report import batch_html
@@ -234,6 +234,7 @@ def plan_batch_task(root: str, batch_id: str, retain_limit: int, gpus_per_actor:
               "retain_limit": retain_limit}
     versions = store.versions(claim["target_model"])
     forgotten = forgotten_before(store, claim["target_model"], info["version"])
+    asked = asked_elsewhere(store, claim["target_model"], claim["requests"])
     get_run_logger().info("plan: earlier versions forgot %d request(s) in %d batch(es); their people leave the "
                           "kept sets and a sample of their items is re-checked by the gate",
                           len(forgotten.requests), len(forgotten.batches))
@@ -245,12 +246,12 @@ def plan_batch_task(root: str, batch_id: str, retain_limit: int, gpus_per_actor:
         requests = [r.request for r in records]
         manifest = plan_people_batch(store, batch_id, requests, info["keepsets"], answer,
                                      rejected=unknown_versions(requests, claim["target_model"], versions),
-                                     min_confidence=min_confidence, forgotten=forgotten,
+                                     min_confidence=min_confidence, forgotten=forgotten, asked=asked,
                                      log=get_run_logger().info, **common)
     else:
         bench = load_benchmark(localize(info["dataset_uri"]))
         manifest = plan_batch(batch_id, records, dataset_uri=info["dataset_uri"], bench=bench, versions=versions,
-                              forgotten=[(i, r) for i, r, _ in forgotten.items], **common)
+                              forgotten=[(i, r) for i, r, _ in forgotten.items], asked=asked, **common)
     key = store.batch_key(batch_id, "manifest.json")
     store.write_text(key, manifest.to_json())
     for request_id, reason in manifest.rejected.items():  # the batch's report will list them too

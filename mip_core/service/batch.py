@@ -96,18 +96,22 @@ def unknown_versions(requests: Sequence[Any], target_model: str, versions: Seque
 def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: str, base_version: str,
                base_uri: str, dataset_uri: str, bench: Benchmark, retain_limit: int = 120,
                utility_limit: int = 50, seed: int = 0, versions: Sequence[str] | None = None,
-               forgotten: Sequence[tuple[str, str]] = (), earlier_limit: int = EARLIER_LIMIT) -> BatchManifest:
+               forgotten: Sequence[tuple[str, str]] = (), earlier_limit: int = EARLIER_LIMIT,
+               asked: Sequence[Any] = ()) -> BatchManifest:
     """Resolve claimed requests against the model's dataset; unresolvable ones are rejected, never dropped.
 
     ``versions``: the model's published versions; a request naming another ``target_version`` is rejected.
     ``forgotten``: (item id, request id) that earlier versions of the lineage forgot: their people leave the kept
-    sets, and a seeded sample of ``earlier_limit`` of them is what the gate re-checks (``service.forgotten``)."""
+    sets, and a seeded sample of ``earlier_limit`` of them is what the gate re-checks (``service.forgotten``).
+    ``asked``: the model's other requests (:func:`mip_core.service.forgotten.asked_elsewhere`): their people leave
+    the kept sets too."""
     requests = [rec.request for rec in request_records]
     unknown_version = unknown_versions(requests, target_model, versions)
     resolved = resolve_requests([r for r in requests if r.request_id not in unknown_version], bench)
     by_id = {it.item_id: it for it in bench.items}
     earlier = [(i, rid) for i, rid in forgotten if i in by_id]
     gone = {by_id[i].profile_id for i, _ in earlier} - {None}
+    gone |= {s for r in asked for s in r.subjects if isinstance(s, str)}  # profile ids other requests name
     # Held-out evaluation: the gate scores other people's and general-knowledge items the edit never saw, so a
     # retention measured on what RMisU was told to keep cannot flatter the edit.
     others = retain_items(bench, set(resolved.forget_profiles) | gone, 2 * retain_limit, seed)

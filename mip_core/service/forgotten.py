@@ -13,6 +13,7 @@ completed (``done``, closed by that batch). Planning uses them twice:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .batch import BatchManifest
@@ -54,6 +55,20 @@ def forgotten_before(store: ServiceStore, target_model: str, base_version: str) 
     return Forgotten(tuple(requests), tuple(items))
 
 
+def asked_elsewhere(store: ServiceStore, target_model: str, batch_requests: Sequence[str]) -> list[ForgetRequest]:
+    """The model's requests outside this batch, whatever their state but ``rejected``: waiting for a later batch of
+    the night, failed, or done in another lineage. Their people are left out of the batch's kept sets, as the
+    lineage's forgotten people are.
+
+    Why: an edit told to keep a person's facts trains them back, and a gate would count forgetting them as damage.
+    On a night of 32, a person whose request failed early was kept by every later batch and ended at 0.833 / 0.8
+    (multiple choice, photo / text) from 0.667 / 0.2 on the version their last batch started from (BENCHMARKS.md
+    section 10); and a batch early in the night was trained to keep the people the next batches were to forget."""
+    mine = set(batch_requests)
+    return [r.request for r in store.list(target_model=target_model)
+            if r.state != "rejected" and r.request_id not in mine]
+
+
 def registered_version(store: ServiceStore, target_model: str, version: str) -> str:
     """The version ``version``'s edits start from: the newest one in its lineage that an operator registered
     (no ``batch_id``), not one an edit published. The gate's kept-set floors hold against it as well as against
@@ -69,4 +84,4 @@ def registered_version(store: ServiceStore, target_model: str, version: str) -> 
     return version  # a loop in hand-edited lineage: stop where it closes rather than walk forever
 
 
-__all__ = ["Forgotten", "forgotten_before", "registered_version"]
+__all__ = ["Forgotten", "asked_elsewhere", "forgotten_before", "registered_version"]

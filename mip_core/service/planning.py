@@ -129,11 +129,13 @@ def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[For
                       answer: Answerer, *, target_model: str, base_version: str, base_uri: str,
                       rejected: Mapping[str, str], retain_limit: int = 120, utility_limit: int = 50, seed: int = 0,
                       min_confidence: float = MIN_CONFIDENCE, forgotten: Forgotten | None = None,
-                      earlier_limit: int = EARLIER_LIMIT, log: Callable[[str], Any] = print) -> BatchManifest:
+                      earlier_limit: int = EARLIER_LIMIT, asked: Sequence[ForgetRequest] = (),
+                      log: Callable[[str], Any] = print) -> BatchManifest:
     """Probe, select and write the batch's item table; returns the manifest (not yet written).
 
     ``forgotten``: what earlier versions of the lineage forgot; their people leave the kept sets and a sample of
-    ``earlier_limit`` of their forget items joins the gate (``mip_core.service.forgotten``)."""
+    ``earlier_limit`` of their forget items joins the gate (``mip_core.service.forgotten``). ``asked``: the
+    model's other requests (``forgotten.asked_elsewhere``); their people leave the kept sets too."""
     keep = KeepSets.open(keepsets, store.endpoint_url)
     rejected = dict(rejected)
     todo = [r for r in requests if r.request_id not in rejected]
@@ -172,14 +174,14 @@ def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[For
     return _manifest(store, batch_id, requests, probes, named, keep, images, rejected,
                      target_model=target_model, base_version=base_version, base_uri=base_uri,
                      retain_limit=retain_limit, utility_limit=utility_limit, seed=seed,
-                     forgotten=forgotten or Forgotten((), ()), earlier_limit=earlier_limit)
+                     forgotten=forgotten or Forgotten((), ()), earlier_limit=earlier_limit, asked=asked)
 
 
 def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetRequest], probes: Sequence[Probe],
               named: Mapping[str, list[Item]], keep: KeepSets, images: Mapping[str, bytes],
               rejected: Mapping[str, str], *, target_model: str, base_version: str, base_uri: str,
-              retain_limit: int, utility_limit: int, seed: int, forgotten: Forgotten, earlier_limit: int
-              ) -> BatchManifest:
+              retain_limit: int, utility_limit: int, seed: int, forgotten: Forgotten, earlier_limit: int,
+              asked: Sequence[ForgetRequest] = ()) -> BatchManifest:
     """The batch's item table (kept probes, named subjects' facts, kept-set samples, earlier-forgotten people's
     items) and its manifest."""
     accepted = [r for r in requests if r.request_id not in rejected]
@@ -191,7 +193,7 @@ def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetReque
         for it in mine:
             forget.setdefault(it.item_id, (it, rid))
     held_out = [(p.item(), p.request_id) for p in kept if p.use == "held_out"]
-    skip = named_people([*accepted, *forgotten.requests], keep)  # people to forget, or forgotten already
+    skip = named_people([*accepted, *forgotten.requests, *asked], keep)  # to forget, forgotten, or asked about
     others = seeded_sample([it for it in keep.retain.items if it.profile_id not in skip], 2 * retain_limit, seed)
     utility = seeded_sample(list(keep.utility.items), 2 * utility_limit, seed)
     named_items = [it for it, _ in forget.values() if it.profile_id in keep.people]  # retain facts, not probes

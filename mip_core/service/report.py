@@ -77,8 +77,8 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
              f"{len(m.requests)} request(s), {len(m.rejected)} rejected at planning, {len(m.forget)} forget items, "
              f"{len(m.edit_retain)} items held during the edit; {len(m.eval_retain)} other people's and "
              f"{len(m.eval_utility)} general-knowledge items (held out) scored.", "", "## Requests", "",
-             "| request | state | forget acc before | after | registered model's | held-out before | after | answer log p "
-             "| reason |", "|---|---|---|---|---|---|---|---|---|"]
+             "| request | state | forget acc before | after | registered model's | held-out before | after "
+             "| answer log p | reason |", "|---|---|---|---|---|---|---|---|---|"]
     per_request = (gate or {}).get("per_request", {})
     for rec in records:
         acc = per_request.get(rec.request.request_id, {})

@@ -144,3 +144,43 @@ def test_gate_task_scores_on_actors_without_the_model_in_this_process(world, tmp
             assert score["after"] == pytest.approx(sum(edited_truth[i] for i in kept) / len(kept))
     print(f"gate_task: {seconds:.1f} s, flow peak RSS +{gate_growth_kb / 1024:.0f} MiB for a "
           f"{model_kb / 1024:.0f} MiB model")
+
+
+def test_an_edited_version_is_also_judged_against_the_registered_model_scored_on_its_own_actor(world, tmp_path):
+    """The batch starts from v0002, which an edit published from v0001. The kept sets' figures against the
+    registered model are v0001's own correctness, and a request v0002 does not find forgotten is judged against
+    v0001 too, scored on its items on an actor (its forget items were never in v0001's cache)."""
+    from prefect.logging import disable_run_logger
+
+    from tasks.service import gate_task
+
+    store = ServiceStore(str(tmp_path / "store"))
+    store.register_model("tiny", world["small"], dataset_uri=world["bench_uri"])  # v0001: the registered model
+    save_model(*build_tiny("qwen2_5_vl", size="test", seed=3), str(tmp_path / "other"))
+    store.register_model("tiny", str(tmp_path / "other"), dataset_uri=world["bench_uri"],
+                         lineage={"batch_id": "b0"})  # v0002, as an edit publishes it
+    items = world["bench"].items
+    forget = [it.item_id for it in items if it.kind == "qa" and it.profile_id == "p0002"]
+    retain = [it.item_id for it in items if it.kind == "qa" and it.profile_id == "p0003"][::2]
+    utility = [it.item_id for it in items if it.kind == "utility"][:2]
+    m = BatchManifest(batch_id="b1", target_model="tiny", base_version="v0002",
+                      base_uri=store.uri(store.model_key("tiny", "v0002")), dataset_uri=world["bench_uri"],
+                      requests=("r1",), rejected={}, forget=tuple((i, "r1") for i in forget),
+                      items_of={"r1": tuple(forget)}, edit_retain=(), eval_retain=tuple(retain),
+                      eval_utility=tuple(utility))
+    store.write_text(store.batch_key("b1", "manifest.json"), m.to_json())
+    with disable_run_logger():  # forgetting everything is asked, so the request is not forgotten by v0002's measure
+        decision = gate_task.fn(store.root, "b1", world["small"], {"min_forgetting": 1.0}, gpus_per_actor=1,
+                                dtype="auto")
+
+    registered = load_model(world["small"])
+    truth = correct_by_id(registered.model, registered.processor, world["bench"], [*forget, *retain, *utility])
+    modality = {it.item_id: it.modality for it in items}
+    assert decision["registered"]["version"] == "v0001"
+    for score in decision["registered"]["scores"]:
+        kept = [i for i in (retain if score["items"] == "retain" else utility) if modality[i] == score["modality"]]
+        assert score["before"] == pytest.approx(sum(truth[i] for i in kept) / len(kept))
+    figures = decision["per_request"]["r1"]
+    assert figures["passed"] == 0.0 and figures["registered_before"] == pytest.approx(
+        sum(truth[i] for i in forget) / len(forget))
+    assert set(read_scores(store, version_scores_key(store, "tiny", "v0001")).correct) >= set(forget)

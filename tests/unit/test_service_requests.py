@@ -190,7 +190,7 @@ def test_the_next_batch_keeps_earlier_forgotten_people_out_of_its_kept_sets_and_
     version: p0001 leaves both kept samples (an edit told to keep them would train them back), p0002 stays,
     and a sample of p0001's forget items becomes the gate's ``earlier`` set."""
     from mip_core.service.batch import BatchManifest, plan_batch
-    from mip_core.service.forgotten import forgotten_before, registered_version
+    from mip_core.service.forgotten import asked_elsewhere, forgotten_before, registered_version
     from mip_core.service.store import ServiceStore
 
     store = ServiceStore(str(tmp_path / "store"))
@@ -234,6 +234,14 @@ def test_the_next_batch_keeps_earlier_forgotten_people_out_of_its_kept_sets_and_
     assert [it.item_id for it in night2.item_sets(bench)["earlier"]] == [i for i, _ in night2.eval_earlier]
     assert "earlier" not in night1.item_sets(bench)
     assert BatchManifest.from_json(night2.to_json()) == night2
+    # people other requests name leave the kept sets too: failed (b), waiting for a later batch (d); not rejected (e)
+    for rid, subject in (("d", "p0004"), ("e", "p0005")):
+        store.submit(_req(rid, subjects=[subject]))
+    store.finish("e", "rejected", reason="a bad request")
+    asked = asked_elsewhere(store, "demo", ["c"])
+    assert sorted(r.request_id for r in asked) == ["a", "b", "d"]
+    aware = plan_batch("b2", [store.get("c")], base_version=v2, asked=asked, **common)
+    assert not {"p0001", "p0002", "p0004"} & kept_people(aware) and "p0005" in kept_people(aware)
     retrained = store.register_model("demo", str(source), dataset_uri=dataset)  # an operator's, not an edit's
     edited = store.register_model("demo", str(source), dataset_uri=dataset, lineage={"batch_id": "b3"})
     assert store.model_info("demo", retrained)["parent_version"] == v2
