@@ -91,7 +91,7 @@ def test_the_next_night_rechecks_people_the_lineage_forgot_from_their_own_batch_
     """Night 1 forgets Carol by name and photo; the next night's batch copies a sample of her probes (and their
     photos) from night 1's item table into its own as the gate's ``earlier`` set, and keeps her out of the
     kept samples."""
-    from mip_core.service.forgotten import forgotten_before
+    from mip_core.service.forgotten import asked_elsewhere, forgotten_before
 
     store, bench, loaded, tmp = registered
     carol, dave = bench.profiles[3], bench.profiles[4]
@@ -133,3 +133,13 @@ def test_the_next_night_rechecks_people_the_lineage_forgot_from_their_own_batch_
     by_id = {it.item_id: it for it in table.items}
     kept_people = {by_id[i].profile_id for i in m2.edit_retain + m2.eval_retain if by_id[i].kind == "qa"}
     assert kept_people and carol.profile_id not in kept_people and dave.profile_id not in kept_people
+
+    # a request waiting for a later batch names Erin (by name): she leaves the kept samples, which held her before
+    erin = next(p for p in bench.profiles[5:] if p.profile_id in kept_people)
+    store.submit(ForgetRequest(request_id="r-erin", target_model="tiny", requester="t", reason="privacy",
+                               subjects=[{"name": erin.name}]))
+    m3 = plan_people_batch(store, "n3", [night2], info["keepsets"], answer, target_model="tiny",
+                           base_version=version, base_uri=info["uri"], rejected={}, retain_limit=10, utility_limit=4,
+                           forgotten=forgotten, earlier_limit=6, asked=asked_elsewhere(store, "tiny", ["r-dave"]))
+    by_id = {it.item_id: it for it in load_items(localize(m3.dataset_uri)).items}
+    assert erin.profile_id not in {by_id[i].profile_id for i in m3.edit_retain + m3.eval_retain}
