@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from flows.params import ServiceSpec
 from mip_core.errors import InputError
 from mip_core.service.requests import ForgetRequest
-from mip_core.service.runs import BatchTakenOver, RunLease, check_owner, new_run_id, record_failure
+from mip_core.service.runs import BatchTakenOver, RunLease, check_owner, new_run_id, record_failure, target_of
 from mip_core.service.store import ServiceStore
 from tasks.service import (adopt_batch, attribute_task, batches_storage, check_settings, claim_pending,
                            claim_requests, close_task, edit_task, gate_task, plan_batch_task, publish_task,
@@ -89,20 +89,33 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
     if error:
         raise RuntimeError(f"batch {batch_id}: {error}; report {closed['report']}")
     return {"batch_id": batch_id, "version": state["version"], "report": closed["report"], "timings": timings,
-            "retry": closed["retry"]}
+            "retry": closed["retry"], "spent": closed.get("spent")}
 
 
 def process_all(batch_ids: list[str], spec: ServiceSpec, run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Process ``batch_ids`` in turn, and the smaller batches a held-back batch is split into, each on the model
-    version the batch before it published; returns ``(results, failed batch ids)``."""
+    version the batch before it published; returns ``(results, failed batch ids)``. Once a model's lineage has
+    spent what the gate's floors against its registered model allow (``gate.lineage_spent``), its remaining
+    batches are closed failed with that reason, unedited."""
     queue, results, failed = list(batch_ids), [], []
+    spent: dict[str, str] = {}  # target model -> why its lineage takes no more edits in this run
+    store = ServiceStore(spec.root)
     while queue:
         batch_id = queue.pop(0)
+        target = target_of(store, batch_id)
+        if target in spent:
+            closed = close_task(spec.root, batch_id, None, None, spent[target], {})
+            results.append({"batch_id": batch_id, "version": None, "report": closed["report"], "timings": {},
+                            "retry": [], "spent": spent[target]})
+            continue
         state = process_batch(batch_id, spec, run_id, return_state=True)
         if not state.is_completed():
             failed.append(batch_id)
             continue
         results.append(state.result())
+        if results[-1]["spent"]:
+            get_run_logger().warning("batch %s: %s", batch_id, results[-1]["spent"])
+            spent[target] = results[-1]["spent"]
         queue = results[-1]["retry"] + queue  # split halves next, before other models' batches
     return results, failed
 

@@ -30,7 +30,7 @@ from mip_core.modeling.io import localize
 from mip_core.path_graph import reduce_paths
 from mip_core.parquet_io import read_item_paths, read_path_graph, write_path_graph
 from mip_core.service.batch import BatchManifest, plan_batch, unknown_versions
-from mip_core.service.gate import GateConfig, format_decision
+from mip_core.service.gate import GateConfig, format_decision, lineage_spent
 from mip_core.service.lease import LeaseHeld, hold
 from mip_core.service.forgotten import asked_elsewhere, forgotten_before
 from mip_core.service.planning import plan_people_batch
@@ -356,7 +356,8 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
                timings: dict[str, float], shards: list[dict[str, Any]] | None = None,
                resources: dict[str, Any] | None = None, split_for: str | None = None) -> dict[str, Any]:
     """Give every claimed request its terminal record, write the reports (markdown and HTML), attach them to the
-    run; returns ``{"report": the markdown report's URI, "retry": new batch ids}``.
+    run; returns ``{"report": the markdown report's URI, "retry": new batch ids, "target_model", "spent": why the
+    model's lineage takes no more edits this run, or None}`` (``gate.lineage_spent``).
 
     With ``split_for`` (the run id), no request fails only because it shared a batch: a held-back batch of
     several requests moves them into two smaller batches owned by that run (``retry``), and a published one moves
@@ -367,7 +368,7 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
         report_key = close_unplanned(store, batch_id, error or "the batch was closed before it was planned")
         create_markdown_artifact(markdown=store.read_text(report_key), key=_artifact_key(batch_id),
                                  description=f"MIP-Editor batch {batch_id}")
-        return {"report": store.uri(report_key), "retry": []}
+        return {"report": store.uri(report_key), "retry": [], "spent": None}
     m = manifest_of(store, batch_id)
     report_key = store.batch_key(batch_id, "report.md")
     failed_items = {i for s in (shards or []) for i, _ in s.get("failures", [])}
@@ -411,7 +412,8 @@ def close_task(root: str, batch_id: str, version: str | None, gate: dict[str, An
     if link:
         create_link_artifact(link=link.url, key=f"{artifact_key}-html", link_text=f"report.html ({batch_id})",
                              description=f"MIP-Editor batch {batch_id}: HTML report, {link.how}")
-    return {"report": store.uri(report_key), "retry": retry}
+    return {"report": store.uri(report_key), "retry": retry, "target_model": m.target_model,
+            "spent": None if error else lineage_spent(gate, len(m.accepted))}
 
 
 def _retry_batches(store: ServiceStore, m: BatchManifest, gate: dict[str, Any] | None, version: str | None,

@@ -162,6 +162,7 @@ class GateDecision:
     request_reasons: Mapping[str, str] = field(default_factory=dict)  # request -> why it is not forgotten
     generation: tuple[GenerationScore, ...] = ()  # kept sets' ROUGE-L per modality; empty when not measured
     registered: SinceRegistered | None = None  # the kept sets against the registered model (edited versions only)
+    registered_reasons: tuple[str, ...] = ()  # those of ``reasons`` that are floors against the registered model
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reasons": list(self.reasons), "config": self.config.to_dict(),
@@ -169,7 +170,8 @@ class GateDecision:
                 "per_request": {k: dict(v) for k, v in self.per_request.items()},
                 "request_reasons": dict(self.request_reasons),
                 "generation": [asdict(g) for g in self.generation],
-                "registered": self.registered.to_dict() if self.registered else None}
+                "registered": self.registered.to_dict() if self.registered else None,
+                "registered_reasons": list(self.registered_reasons)}
 
     def request_passed(self, request_id: str) -> bool:
         return bool(self.per_request.get(request_id, {}).get("passed"))
@@ -390,8 +392,9 @@ def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping
     scores = _set_scores(item_sets, before, after)
     generation = generation_scores(item_sets, rouge or {})
     since = since_registered(item_sets, after, registered) if registered else None
-    reasons = (_kept_set_reasons(scores, cfg) + _generation_reasons(generation, cfg)
-               + _since_registered_reasons(since, cfg) + _relapse_reasons(scores, cfg))
+    lineage = _since_registered_reasons(since, cfg)
+    reasons = (_kept_set_reasons(scores, cfg) + _generation_reasons(generation, cfg) + lineage
+               + _relapse_reasons(scores, cfg))
     per_request, request_reasons = _per_request(item_sets, before, after, request_of or {}, cfg,
                                                 registered.correct.get("forget") if registered else None)
     if not per_request:
@@ -399,7 +402,27 @@ def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping
     elif len(request_reasons) == len(per_request):
         reasons += [f"forget{f' ({r})' if r else ''} {why}" for r, why in sorted(request_reasons.items())]
     return GateDecision(not reasons, tuple(reasons), tuple(scores), per_request, cfg, request_reasons,
-                        tuple(generation), since)
+                        tuple(generation), since, tuple(lineage))
+
+
+def lineage_spent(gate: Mapping[str, Any] | None, n_requests: int) -> str | None:
+    """Why the model's lineage takes no more edits in this run, or None: a batch of one request was held back by
+    the floors against the registered model and nothing else (its own person forgotten, the per-edit floors met).
+
+    Why stop: splitting cannot shrink a batch of one, and every edit the service makes costs other people some of
+    their answers (on the demo model 5-30 % ROUGE-L per version, BENCHMARKS.md section 10), so the next requests
+    would each be edited, held back and failed in turn, an edit apiece for nothing. Only a model retrained without
+    the people forgotten so far, registered as the new reference, gives the room back."""
+    if not gate or gate.get("passed") or n_requests != 1:
+        return None
+    lineage = gate.get("registered_reasons") or []
+    if not lineage or set(gate.get("reasons", [])) - set(lineage):
+        return None
+    version = (gate.get("registered") or {}).get("version", "the registered model")
+    return (f"not edited: the model's versions since the registered {version} have spent what the gate's floors "
+            f"against it allow (a batch of one request was held back by them alone: {'; '.join(lineage)}). "
+            "Retrain the model without the people forgotten so far, register it under the same name, and resubmit "
+            "this request as it is")
 
 
 def with_answer_logprobs(decision: GateDecision, item_sets: Mapping[str, Sequence[Item]],
@@ -455,4 +478,5 @@ def format_decision(decision: GateDecision) -> str:
 
 __all__ = ["KEPT", "SETS", "GateConfig", "GateDecision", "GenerationScore", "RegisteredReference", "SetScore",
            "SinceRegistered", "answer_rouge", "by_set", "correct_by_id", "correctness", "decide", "evaluate_and_gate",
-           "format_decision", "generation_scores", "greedy_by_id", "since_registered", "with_answer_logprobs"]
+           "format_decision", "generation_scores", "greedy_by_id", "lineage_spent", "since_registered",
+           "with_answer_logprobs"]

@@ -79,6 +79,11 @@ def owner_of(store: ServiceStore, batch_id: str) -> str | None:
     return store.read_json(_claim_key(store, batch_id)).get("owner")
 
 
+def target_of(store: ServiceStore, batch_id: str) -> str:
+    """The model a claimed batch edits (from its ``claim.json``)."""
+    return str(store.read_json(_claim_key(store, batch_id))["target_model"])
+
+
 def write_claim(store: ServiceStore, batch_id: str, target_model: str, requests: list[str], owner: str) -> None:
     store.write_json(_claim_key(store, batch_id), {"target_model": target_model, "requests": requests,
                                                    "owner": owner, "claimed_at": iso_utc(utc_now())})
@@ -207,4 +212,4 @@ def check_owner(store: ServiceStore, batch_id: str, run_id: str) -> None:
 
 __all__ = ["MAX_RUNS_PER_BATCH", "BatchTakenOver", "RunLease", "abandon_reason", "adopt", "batch_owner_state",
            "check_owner", "claimed_batches", "close_unplanned", "new_run_id", "orphaned_batches", "owner_of",
-           "record_failure", "split_batch", "write_claim"]
+           "record_failure", "split_batch", "target_of", "write_claim"]

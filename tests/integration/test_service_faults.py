@@ -180,6 +180,47 @@ def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, 
     assert store.list("pending") == [] and store.list("claimed") == []
 
 
+def test_once_one_request_alone_is_held_back_by_the_floors_against_the_registered_model_the_rest_are_not_edited(
+        harness, trained_tiny, tmp_path):
+    """Night 1 publishes a fixed-budget edit that disturbs other people's answers (no floor). Night 2 asks that
+    nobody else's answer differ from the registered model's (retention floor 1.0) with an edit of one step at
+    lr 1e-8, which changes no answer of the version it starts from: the first request, alone in its batch, is held
+    back by the floor against the registered model and nothing else, so the second is closed failed, unedited."""
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+    from tasks.service import manifest_of
+
+    store, ids = _store_with_requests(tmp_path, trained_tiny, 3)
+    for rid in ids[1:]:  # night 2's: set aside while night 1 runs
+        store.finish(rid, "rejected", reason="not tonight")
+    floors_off = {"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0, "min_generation": 0.0}
+    nightly_unlearning(ServiceSpec(root=store.root, **BASE, gate=floors_off,
+                                   edit={"rmisu": {"steps": 40, "lr": 3e-2, "check_every": 0}}))
+    assert store.versions("tiny") == ["v0001", "v0002"]
+    later = [f"g-{k}" for k in (1, 2)]
+    for rid, was in zip(later, ids[1:], strict=True):
+        store.submit(ForgetRequest(request_id=rid, target_model="tiny", subjects=list(store.get(was).request.subjects),
+                                   requester="t", reason="privacy"))
+    spec = ServiceSpec(root=store.root, **BASE, requests_per_batch=1, gate=floors_off | {"min_retention": 1.0},
+                       edit={"rmisu": {"steps": 1, "lr": 1e-8, "check_every": 0}})
+    first, second = nightly_unlearning(spec)
+
+    assert store.versions("tiny") == ["v0001", "v0002"]  # nothing published on night 2
+    gate = store.read_json(store.batch_key(first["batch_id"], "gate.json"))
+    assert manifest_of(store, first["batch_id"]).requests == ("g-1",) and gate["registered"]["version"] == "v0001"
+    per_edit = [s["relative"] for s in gate["scores"] if s["items"] == "retain"]
+    assert per_edit and all(r == 1.0 for r in per_edit), gate["scores"]  # the edit changed no answer
+    assert gate["reasons"] == gate["registered_reasons"] and gate["reasons"], gate  # held back by those alone
+    assert all("since the registered model v0001" in r for r in gate["reasons"])
+    held, unedited = store.get("g-1"), store.get("g-2")
+    assert held.state == "failed" and "since the registered model v0001" in held.reason, held
+    assert unedited.state == "failed" and unedited.reason.startswith("not edited: "), unedited
+    assert unedited.batch_id == second["batch_id"] and first["spent"] == unedited.reason
+    assert second["spent"] == unedited.reason and second["version"] is None
+    assert not store.exists(store.batch_key(second["batch_id"], "manifest.json"))  # never planned nor edited
+    assert unedited.reason in store.read_text(store.batch_key(second["batch_id"], "report.md"))
+
+
 def test_a_crashing_step_fails_every_request_and_publishes_nothing(harness, trained_tiny, tmp_path):
     from flows.params import ServiceSpec
     from flows.service import unlearn_batch

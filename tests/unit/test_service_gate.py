@@ -11,7 +11,7 @@ import pytest
 from mip_core.errors import InputError
 from mip_core.service.batch import BatchManifest
 from mip_core.service.gate import (GateConfig, RegisteredReference, answer_rouge, decide, format_decision,
-                                   with_answer_logprobs)
+                                   lineage_spent, with_answer_logprobs)
 from mip_core.service.html_report import batch_html
 from mip_core.service.report import batch_report, unplanned_report
 from mip_core.service.requests import ForgetItem, ForgetRequest, KnownFact, Person, RequestRecord
@@ -280,6 +280,21 @@ def test_losses_each_under_the_floor_that_add_up_since_the_registered_model_hold
     off = decide(ERODED_SETS, start, edited, GateConfig(against_registered=False),
                  registered=RegisteredReference("v0001", REGISTERED))
     assert off.passed and off.registered is not None  # measured and reported, not gated
+
+
+def test_a_lineage_is_spent_when_one_request_alone_is_held_back_by_the_floors_against_the_registered_model_only():
+    start, edited = _eroded()
+    held = decide(ERODED_SETS, start, edited, GateConfig(), request_of={f"f{i}": "a" for i in range(1, 5)},
+                  registered=RegisteredReference("v0001", REGISTERED)).to_dict()
+    assert held["registered_reasons"] == held["reasons"]
+    why = lineage_spent(held, 1)
+    assert why is not None and why.startswith("not edited: ") and "registered v0001" in why
+    assert "retention since the registered model v0001 0.750" in why
+    assert lineage_spent(held, 2) is None  # several requests: the batch is split, smaller edits may fit
+    own = decide(ERODED_SETS, start, start, GateConfig(), request_of={f"f{i}": "a" for i in range(1, 5)},
+                 registered=RegisteredReference("v0001", REGISTERED)).to_dict()  # its own people not forgotten
+    assert not own["passed"] and lineage_spent(own, 1) is None
+    assert lineage_spent(decide(ERODED_SETS, start, edited, GateConfig()).to_dict(), 1) is None  # passed
 
 
 def test_generation_is_held_to_its_floor_against_the_registered_models_answers_too():
