@@ -107,8 +107,10 @@ class ServiceSpec(BaseModel):
                                  "process on one device.")
     ranks: int = Field(2, ge=1, description="Edit job ranks (GPUs, or gloo CPU processes here).")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node edits (infra/deepspeed).")
-    retain_limit: int = Field(120, ge=1, description="Other people's items the edit holds against; as many "
-                                                      "others (held out) are scored by the gate.")
+    retain_limit: int = Field(120, ge=1, description="Other people's items (held out from the edit) the gate "
+                                                      "scores.")
+    edit_retain_limit: int | None = Field(None, ge=1, description="Other people's items the edit holds against, "
+                                          "drawn apart from the gate's; None: as many as the gate scores.")
     probe_min_confidence: float = Field(0.5, ge=0, le=1, description="For requests that name a person: a probe "
                                         "(a registered question template answered by the model) is kept when the "
                                         "model's answer has at least this geometric-mean token probability.")

@@ -65,7 +65,7 @@ def process_batch(batch_id: str, spec: ServiceSpec, run_id: str) -> dict[str, An
     error = None
     try:
         step("plan", plan_batch_task, spec.root, batch_id, spec.retain_limit, spec.gpus_per_actor, spec.dtype,
-             spec.probe_min_confidence)
+             spec.probe_min_confidence, spec.edit_retain_limit)
         state["shards"] = step("attribute", attribute_task, spec.root, batch_id, spec.n_actors, spec.attribution,
                                spec.max_shard, spec.gpus_per_actor, spec.dtype)
         graph_uri = step("reduce", reduce_task, spec.root, batch_id, state["shards"])

@@ -219,7 +219,7 @@ def claim_requests(root: str, request_ids: list[str], run_id: str) -> str:
 
 @task(name="plan-batch", **COMPUTE_RETRIES)
 def plan_batch_task(root: str, batch_id: str, retain_limit: int, gpus_per_actor: int = 1, dtype: str = "auto",
-                    min_confidence: float = MIN_CONFIDENCE) -> str:
+                    min_confidence: float = MIN_CONFIDENCE, edit_retain_limit: int | None = None) -> str:
     """Turn the claimed requests into the batch's items; unresolvable ones are rejected now, with why.
 
     A model registered with keep-sets: each person is probed with the model's templates on a Ray actor (the
@@ -231,7 +231,7 @@ def plan_batch_task(root: str, batch_id: str, retain_limit: int, gpus_per_actor:
     records = [store.get(r) for r in claim["requests"]]
     base_uri = store.uri(store.model_key(claim["target_model"], info["version"]))
     common = {"target_model": claim["target_model"], "base_version": info["version"], "base_uri": base_uri,
-              "retain_limit": retain_limit}
+              "retain_limit": retain_limit, "edit_retain_limit": edit_retain_limit}
     versions = store.versions(claim["target_model"])
     forgotten = forgotten_before(store, claim["target_model"], info["version"])
     asked = asked_elsewhere(store, claim["target_model"], claim["requests"])

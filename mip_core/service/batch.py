@@ -14,7 +14,7 @@ from typing import Any
 
 from mip_core.benchmark import Benchmark, Item
 from mip_core.errors import InputError
-from mip_core.service.resolve import resolve_requests, retain_items, seeded_sample
+from mip_core.service.resolve import kept_split, resolve_requests, retain_items, seeded_sample
 
 MANIFEST_VERSION = 1
 #: Earlier-forgotten items the gate re-checks per batch (a sample: the gate's cost grows with it, not with the
@@ -95,6 +95,7 @@ def unknown_versions(requests: Sequence[Any], target_model: str, versions: Seque
 
 def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: str, base_version: str,
                base_uri: str, dataset_uri: str, bench: Benchmark, retain_limit: int = 120,
+               edit_retain_limit: int | None = None,
                utility_limit: int = 50, seed: int = 0, versions: Sequence[str] | None = None,
                forgotten: Sequence[tuple[str, str]] = (), earlier_limit: int = EARLIER_LIMIT,
                asked: Sequence[Any] = ()) -> BatchManifest:
@@ -103,8 +104,9 @@ def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: s
     ``versions``: the model's published versions; a request naming another ``target_version`` is rejected.
     ``forgotten``: (item id, request id) that earlier versions of the lineage forgot: their people leave the kept
     sets, and a seeded sample of ``earlier_limit`` of them is what the gate re-checks (``service.forgotten``).
-    ``asked``: the model's other requests (:func:`mip_core.service.forgotten.asked_elsewhere`): their people leave
-    the kept sets too."""
+    ``retain_limit``: other people's items the gate scores; ``edit_retain_limit``: how many others the edit holds
+    against (None: as many; ``resolve.kept_split``). ``asked``: the model's other requests
+    (``forgotten.asked_elsewhere``): their people leave the kept sets too."""
     requests = [rec.request for rec in request_records]
     unknown_version = unknown_versions(requests, target_model, versions)
     resolved = resolve_requests([r for r in requests if r.request_id not in unknown_version], bench)
@@ -114,7 +116,8 @@ def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: s
     gone |= {s for r in asked for s in r.subjects if isinstance(s, str)}  # profile ids other requests name
     # Held-out evaluation: the gate scores other people's and general-knowledge items the edit never saw, so a
     # retention measured on what RMisU was told to keep cannot flatter the edit.
-    others = retain_items(bench, set(resolved.forget_profiles) | gone, 2 * retain_limit, seed)
+    held, scored = kept_split(retain_items(bench, set(resolved.forget_profiles) | gone, None, seed), retain_limit,
+                              edit_retain_limit, seed)
     utility = [it.item_id for it in bench.items if it.kind == "utility"][: 2 * utility_limit]
     facts: dict[tuple[str | None, str, str], str] = {}  # a forget fact -> the request that asked for it first
     for it, rid in resolved.forget:
@@ -128,8 +131,8 @@ def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: s
         rejected={**unknown_version, **resolved.rejected},
         forget=tuple((it.item_id, rid) for it, rid in resolved.forget),
         items_of={rid: tuple(ids) for rid, ids in resolved.items_of.items() if rid not in resolved.rejected},
-        edit_retain=tuple([it.item_id for it in others[0::2]] + utility[0::2]),
-        eval_retain=tuple(it.item_id for it in others[1::2]), eval_utility=tuple(utility[1::2]),
+        edit_retain=tuple([it.item_id for it in held] + utility[0::2]),
+        eval_retain=tuple(it.item_id for it in scored), eval_utility=tuple(utility[1::2]),
         eval_test=tuple(i for i, _ in held_out), held_out=tuple(held_out),
         eval_earlier=tuple(seeded_sample([p for p in earlier if p[0] not in facts_ids], earlier_limit, seed)))
 

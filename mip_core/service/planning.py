@@ -32,7 +32,7 @@ from .items import ITEMSET_FILE, ItemTable, image_relpath, load_item_table, read
 from .keepsets import keepset_subjects, read_templates
 from .probes import MIN_CONFIDENCE, Probe, build_candidates, no_probe_reason, person_key, probes_table, select_probes
 from .requests import ForgetRequest, Person, norm_text
-from .resolve import seeded_sample
+from .resolve import kept_split, seeded_sample
 from .store import ServiceStore
 
 Answerer = Callable[[str, Sequence[str]], Mapping[str, tuple[str, float]]]
@@ -127,7 +127,8 @@ def _image_bytes(table: ItemTable, items: Iterable[Item]) -> dict[str, bytes]:
 
 def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[ForgetRequest], keepsets: Mapping[str, str],
                       answer: Answerer, *, target_model: str, base_version: str, base_uri: str,
-                      rejected: Mapping[str, str], retain_limit: int = 120, utility_limit: int = 50, seed: int = 0,
+                      rejected: Mapping[str, str], retain_limit: int = 120, edit_retain_limit: int | None = None,
+                      utility_limit: int = 50, seed: int = 0,
                       min_confidence: float = MIN_CONFIDENCE, forgotten: Forgotten | None = None,
                       earlier_limit: int = EARLIER_LIMIT, asked: Sequence[ForgetRequest] = (),
                       log: Callable[[str], Any] = print) -> BatchManifest:
@@ -173,14 +174,16 @@ def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[For
                                         "(probes.parquet lists them): nothing measurable to forget")
     return _manifest(store, batch_id, requests, probes, named, keep, images, rejected,
                      target_model=target_model, base_version=base_version, base_uri=base_uri,
-                     retain_limit=retain_limit, utility_limit=utility_limit, seed=seed,
+                     retain_limit=retain_limit, edit_retain_limit=edit_retain_limit, utility_limit=utility_limit,
+                     seed=seed,
                      forgotten=forgotten or Forgotten((), ()), earlier_limit=earlier_limit, asked=asked)
 
 
 def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetRequest], probes: Sequence[Probe],
               named: Mapping[str, list[Item]], keep: KeepSets, images: Mapping[str, bytes],
               rejected: Mapping[str, str], *, target_model: str, base_version: str, base_uri: str,
-              retain_limit: int, utility_limit: int, seed: int, forgotten: Forgotten, earlier_limit: int,
+              retain_limit: int, edit_retain_limit: int | None, utility_limit: int, seed: int, forgotten: Forgotten,
+              earlier_limit: int,
               asked: Sequence[ForgetRequest] = ()) -> BatchManifest:
     """The batch's item table (kept probes, named subjects' facts, kept-set samples, earlier-forgotten people's
     items) and its manifest."""
@@ -194,7 +197,9 @@ def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetReque
             forget.setdefault(it.item_id, (it, rid))
     held_out = [(p.item(), p.request_id) for p in kept if p.use == "held_out"]
     skip = named_people([*accepted, *forgotten.requests, *asked], keep)  # to forget, forgotten, or asked about
-    others = seeded_sample([it for it in keep.retain.items if it.profile_id not in skip], 2 * retain_limit, seed)
+    held, scored = kept_split([it for it in keep.retain.items if it.profile_id not in skip], retain_limit,
+                              edit_retain_limit, seed)
+    others = held + scored
     utility = seeded_sample(list(keep.utility.items), 2 * utility_limit, seed)
     named_items = [it for it, _ in forget.values() if it.profile_id in keep.people]  # retain facts, not probes
     taken = {it.item_id for it, _ in [*forget.values(), *held_out]}
@@ -216,8 +221,8 @@ def _manifest(store: ServiceStore, batch_id: str, requests: Sequence[ForgetReque
         dataset_uri=dataset_uri, requests=tuple(r.request_id for r in requests), rejected=dict(rejected),
         forget=tuple((it.item_id, rid) for it, rid in forget.values()),
         items_of={rid: tuple(it.item_id for it in mine) for rid, mine in own.items()},
-        edit_retain=tuple([it.item_id for it in others[0::2]] + [it.item_id for it in utility[0::2]]),
-        eval_retain=tuple(it.item_id for it in others[1::2]), eval_utility=tuple(it.item_id for it in utility[1::2]),
+        edit_retain=tuple([it.item_id for it in held] + [it.item_id for it in utility[0::2]]),
+        eval_retain=tuple(it.item_id for it in scored), eval_utility=tuple(it.item_id for it in utility[1::2]),
         eval_test=tuple(it.item_id for it, _ in held_out), held_out=tuple((it.item_id, r) for it, r in held_out),
         scores_dataset=keep.scores_key, eval_earlier=tuple((it.item_id, rid) for it, rid in earlier))
 

@@ -236,6 +236,21 @@ def retain_items(
     return seeded_sample(pool, limit, seed)
 
 
+def kept_split(pool: Sequence[T], eval_limit: int, edit_limit: int | None, seed: int) -> tuple[list[T], list[T]]:
+    """``(what the edit holds against, what the gate scores)`` of a kept-set pool, disjoint, each in pool order.
+
+    ``edit_limit`` None: a seeded sample of ``2 * eval_limit`` alternately to each (the gate's held-out items and
+    the edit's are as many). Otherwise the gate's ``eval_limit`` items are drawn first and the edit holds against
+    up to ``edit_limit`` of the rest: the gate's cost stays, and the edit protects more of the people it must keep
+    (every step draws a few retain examples, so a larger pool costs memory for the encoded examples, not time)."""
+    if edit_limit is None:
+        both = seeded_sample(pool, 2 * eval_limit, seed)
+        return both[0::2], both[1::2]
+    scored_at = set(seeded_sample(range(len(pool)), eval_limit, seed))  # positions: the same draw as the items'
+    rest = [x for i, x in enumerate(pool) if i not in scored_at]
+    return seeded_sample(rest, edit_limit, seed), [x for i, x in enumerate(pool) if i in scored_at]
+
+
 def seeded_sample(pool: Sequence[T], limit: int | None, seed: int) -> list[T]:
     """Up to ``limit`` of ``pool`` (None: all), drawn with ``seed``, in the pool's order."""
     if limit is None or limit >= len(pool):
@@ -246,4 +261,5 @@ def seeded_sample(pool: Sequence[T], limit: int | None, seed: int) -> list[T]:
     return [it for i, it in enumerate(pool) if i in keep]
 
 
-__all__ = ["ITEM_KINDS", "SUBJECT_KINDS", "ResolvedBatch", "resolve_requests", "retain_items", "seeded_sample"]
+__all__ = ["ITEM_KINDS", "SUBJECT_KINDS", "ResolvedBatch", "kept_split", "resolve_requests", "retain_items",
+           "seeded_sample"]

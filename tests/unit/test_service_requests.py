@@ -182,6 +182,19 @@ def test_retain_items_sample(bench):
     assert retain_items(bench, ["p0001"], 5, 4) != a
 
 
+def test_the_edit_can_hold_against_more_people_than_the_gate_scores_and_never_the_same_items():
+    from mip_core.service.resolve import kept_split, seeded_sample
+
+    pool = [f"i{k:02d}" for k in range(40)]
+    held, scored = kept_split(pool, 5, None, 7)  # as before: 10 drawn, alternately to each
+    both = seeded_sample(pool, 10, 7)
+    assert (held, scored) == (both[0::2], both[1::2])
+    held, scored = kept_split(pool, 5, 30, 7)
+    assert len(scored) == 5 and len(held) == 30 and not set(held) & set(scored)
+    assert scored == seeded_sample(pool, 5, 7)  # the gate's sample does not depend on the edit's size
+    assert held == sorted(held) and kept_split(pool, 5, 100, 7)[0] == [i for i in pool if i not in scored]
+
+
 # ---- what the lineage forgot -------------------------------------------------------------------------------
 
 
