@@ -247,11 +247,12 @@ def failed_people(store_root: str, bench: Any, gold_uri: str) -> dict[str, Any]:
 
     store = ServiceStore(store_root)
     failed = [r for r in store.list() if r.state == "failed"]
-    started = {r.request.request_id: manifest_of(store, str(r.batch_id)).base_version for r in failed}
+    started = {r.request.request_id: manifest_of(store, str(r.batch_id)).base_version for r in failed
+               if store.exists(store.batch_key(str(r.batch_id), "manifest.json"))}  # closed unedited: none
     items = {r.request.request_id: [it for it in bench.items if it.kind == "qa"
                                     and it.profile_id == str(r.request.subjects[0])] for r in failed}
     final = store.current_version("demo")
-    loads = [("start", store.uri(store.model_key("demo", v)), [r for r in items if started[r] == v])
+    loads = [("start", store.uri(store.model_key("demo", v)), [r for r in items if started.get(r) == v])
              for v in sorted(set(started.values()))]  # (what, model, the requests it is measured for)
     loads += [("final", store.uri(store.model_key("demo", final)), list(items)), ("gold", gold_uri, list(items))]
     acc: dict[tuple[str, str], list[bool]] = {}
@@ -262,11 +263,11 @@ def failed_people(store_root: str, bench: Any, gold_uri: str) -> dict[str, Any]:
     out = {}
     for r in failed:
         rid = r.request.request_id
-        out[rid] = {"person": str(r.request.subjects[0]), "started_from": started[rid], "reason": r.reason}
+        out[rid] = {"person": str(r.request.subjects[0]), "started_from": started.get(rid), "reason": r.reason}
         for modality in sorted({it.modality for it in items[rid]}):
             pos = [k for k, it in enumerate(items[rid]) if it.modality == modality]
             out[rid][modality] = {"n": len(pos)} | {what: _r(sum(acc[(rid, what)][k] for k in pos) / len(pos))
-                                                    for what in ("start", "final", "gold")}
+                                                    for what in ("start", "final", "gold") if (rid, what) in acc}
     return {"final": final, "requests": out}
 
 
@@ -360,11 +361,12 @@ def main() -> None:
             meta["rows"] = [r for r in earlier["rows"] if r["scenario"] not in names]
     for name in names:
         meta["rows"] += run_scenario(name, args, people, bench, sets, gold, vanilla, holdout, json.loads(args.spec))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(meta, indent=1) + "\n")  # the rows first: the measures below load models again
         if len(SCENARIOS[name]["nights"]) > 1:
             meta.setdefault("person_rise", {})[name] = person_rise(str(Path(args.work) / name / "store"), bench)
         meta.setdefault("failed_people", {})[name] = failed_people(str(Path(args.work) / name / "store"), bench,
                                                                    args.gold)
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {out}\n{table(meta['rows'])}")
 
