@@ -182,10 +182,11 @@ def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, 
 
 def test_once_one_request_alone_is_held_back_by_the_floors_against_the_registered_model_the_rest_are_not_edited(
         harness, trained_tiny, tmp_path):
-    """Night 1 publishes a fixed-budget edit that disturbs other people's answers (no floor). Night 2 asks that
-    nobody else's answer differ from the registered model's (retention floor 1.0) with an edit of one step at
-    lr 1e-8, which changes no answer of the version it starts from: the first request, alone in its batch, is held
-    back by the floor against the registered model and nothing else, so the second is closed failed, unedited."""
+    """Night 1 publishes a fixed-budget edit without retain terms, which disturbs other people's answers (no floor
+    holds it back). Night 2 asks that nobody else's answer differ from the registered model's (retention floor 1.0)
+    with an edit of one step at lr 1e-8, which changes no answer of the version it starts from: the first request,
+    alone in its batch, is held back by the floor against the registered model and nothing else, so the second is
+    closed failed, unedited."""
     from flows.params import ServiceSpec
     from flows.service import nightly_unlearning
     from tasks.service import manifest_of
@@ -194,8 +195,9 @@ def test_once_one_request_alone_is_held_back_by_the_floors_against_the_registere
     for rid in ids[1:]:  # night 2's: set aside while night 1 runs
         store.finish(rid, "rejected", reason="not tonight")
     floors_off = {"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0, "min_generation": 0.0}
-    nightly_unlearning(ServiceSpec(root=store.root, **BASE, gate=floors_off,
-                                   edit={"rmisu": {"steps": 40, "lr": 3e-2, "check_every": 0}}))
+    nightly_unlearning(ServiceSpec(root=store.root, **BASE, gate=floors_off,  # no retain term: others drift
+                                   edit={"rmisu": {"steps": 40, "lr": 3e-2, "check_every": 0, "retain_weight": 0,
+                                                   "retain_ce_weight": 0}}))
     assert store.versions("tiny") == ["v0001", "v0002"]
     later = [f"g-{k}" for k in (1, 2)]
     for rid, was in zip(later, ids[1:], strict=True):
