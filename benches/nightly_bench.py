@@ -271,6 +271,37 @@ def failed_people(store_root: str, bench: Any, gold_uri: str) -> dict[str, Any]:
     return {"final": final, "requests": out}
 
 
+def held_out(store_root: str, bench: Any, sets: dict, vanilla_uri: str) -> dict[str, Any]:
+    """Never-requested people's items that no edit of the store held against (no batch's ``edit_retain``): their
+    retention (multiple choice) and ROUGE-L against the vanilla model's answers on the final version.
+
+    Why: the night rows measure every never-requested item, and with a large retain pool the edits trained to keep
+    most of them, so those rows show protection where it was trained; these items show what an edit does to facts
+    it was not told about (a real model knows far more than any keep-set)."""
+    from mip_core.evaluation.metrics import rouge_l
+    from mip_core.evaluation.runner import generate_answers, multiple_choice
+    from mip_core.modeling import load_model
+    from mip_core.service.store import ServiceStore
+    from tasks.service import manifest_of
+
+    store = ServiceStore(store_root)
+    batches = [b.rstrip("/").split("/")[-1] for b in store._list("batches")]
+    trained = {i for b in batches if store.exists(store.batch_key(b, "manifest.json"))
+               for i in manifest_of(store, b).edit_retain}
+    items = [it for it in sets["retain"] if it.item_id not in trained]
+    gen = random.Random(0).sample(items, min(ROUGE_RETAIN_SAMPLE, len(items)))
+    final = store.current_version("demo")
+    got = {}
+    for what, uri in (("vanilla", vanilla_uri), ("final", store.uri(store.model_key("demo", final)))):
+        loaded = load_model(uri)
+        got[what] = (multiple_choice(loaded.model, loaded.processor, bench, items),
+                     generate_answers(loaded.model, loaded.processor, bench, gen))
+    rouge = [1.0 if a == b else rouge_l(a, b) for a, b in zip(got["final"][1], got["vanilla"][1], strict=True)]
+    return {"final": final, "items_held_by_some_edit": len(trained), "n": len(items), "n_generated": len(gen),
+            "retention": _r(sum(got["final"][0]) / sum(got["vanilla"][0])) if sum(got["vanilla"][0]) else None,
+            "retain_rougeL": _r(sum(rouge) / len(rouge)) if rouge else None}
+
+
 def table(rows: list[dict]) -> str:
     """The night rows as the markdown table of BENCHMARKS.md section 10."""
     def f(x: Any) -> str:
@@ -306,6 +337,8 @@ def main() -> None:
                     "in a scenario's store (e.g. demo_out/nightly_bench/five_nights/store) and exit")
     ap.add_argument("--failed-people", metavar="STORE", help="print each failed request's person's accuracy "
                     "(starting version, final version, gold model) in a scenario's store and exit")
+    ap.add_argument("--held-out", metavar="STORE", help="print retention and ROUGE-L on never-requested items no "
+                    "edit of a scenario's store held against, and exit")
     ap.add_argument("--table", action="store_true", help="print --out's night rows as a markdown table and exit")
     ap.add_argument("--print-people", action="store_true", help="print the people every scenario draws from "
                     "(comma-separated, for the gold model's --exclude) and exit")
@@ -339,6 +372,9 @@ def main() -> None:
         raise InputError(f"--gold {args.gold} saw {sorted(set(people) - excluded)[:5]}...; train it with `mip "
                          f"vanilla ... --exclude {','.join(people)}`")
     sets = _sets(bench, sorted(excluded), args.people_seed)  # never requested: outside the gold's whole list
+    if args.held_out:
+        print(json.dumps(held_out(args.held_out, bench, sets, args.model)))
+        return
     holdout = holdout_items(bench, 10, cache_dir())
     t0 = time.perf_counter()
     vanilla = Measure(args.model, sets, holdout, bench)
@@ -367,6 +403,8 @@ def main() -> None:
             meta.setdefault("person_rise", {})[name] = person_rise(str(Path(args.work) / name / "store"), bench)
         meta.setdefault("failed_people", {})[name] = failed_people(str(Path(args.work) / name / "store"), bench,
                                                                    args.gold)
+        meta.setdefault("held_out", {})[name] = held_out(str(Path(args.work) / name / "store"), bench, sets,
+                                                         args.model)
         out.write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {out}\n{table(meta['rows'])}")
 
