@@ -111,7 +111,7 @@ class ServiceSpec(BaseModel):
                                                       "scores.")
     # 1000: on the demo model, holding against every other person's item (678) instead of 120 kept other people's
     # greedy answers at 0.75-0.84 ROUGE-L of the registered model's after 4 versions, not 0.61-0.62 (BENCHMARKS.md
-    # section 10). Each step still draws 6; the pool costs memory for its encoded examples (images included).
+    # section 10). Each step still draws 6; the pool costs its encoding and the memory of its examples (images too).
     edit_retain_limit: int | None = Field(1000, ge=1, description="Other people's items the edit holds against, "
                                           "drawn apart from the gate's; None: as many as the gate scores.")
     probe_min_confidence: float = Field(0.5, ge=0, le=1, description="For requests that name a person: a probe "

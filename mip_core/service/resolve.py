@@ -242,7 +242,8 @@ def kept_split(pool: Sequence[T], eval_limit: int, edit_limit: int | None, seed:
     ``edit_limit`` None: a seeded sample of ``2 * eval_limit`` alternately to each (the gate's held-out items and
     the edit's are as many). Otherwise the gate's ``eval_limit`` items are drawn first and the edit holds against
     up to ``edit_limit`` of the rest: the gate's cost stays, and the edit protects more of the people it must keep
-    (every step draws a few retain examples, so a larger pool costs memory for the encoded examples, not time)."""
+    (every step draws a few retain examples whatever the pool: a larger one costs the encoding and memory of its
+    examples)."""
     if edit_limit is None:
         both = seeded_sample(pool, 2 * eval_limit, seed)
         return both[0::2], both[1::2]
