@@ -8,9 +8,9 @@ night, on the version the one before published, and a published batch retries al
 forgotten (``ServiceSpec.split_held_back``). Once one request alone is held back by the gate's floors against the
 registered model and nothing else, the model's remaining batches of the run are closed failed unedited
 (``gate.lineage_spent``). Whatever happens, ``close`` gives every claimed request a terminal record (done, or
-failed with the reason), so no request is lost; a failed step still fails the run, so operators see it. A run whose process dies leaves its batch claimed; its
-lease lapses and the next run resumes the batch (``runs``), unless the batch failed the same way twice or its runs
-died three times: then it is closed failed, never looped on.
+failed with the reason), so no request is lost; a failed step still fails the run, so operators see it. A run
+whose process dies leaves its batch claimed; its lease lapses and the next run resumes the batch (``runs``),
+unless the batch failed the same way twice or its runs died three times: then it is closed failed, never looped on.
 """
 
 from __future__ import annotations
