@@ -185,10 +185,12 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
     registered = _registered_reference(store, m, item_sets, after.answers, truth, cfg, dtype=dtype, score=score,
                                        log=log)
 
+    # read and computed once: a request judged against the registered model too is decided a second time
+    was, now = _with_forgotten_level(store, m, by_set(item_sets, before.correct)), by_set(item_sets, after.correct)
+    rouge, request_of = answer_rouge(before.answers, after.answers, truth), m.request_of()
+
     def judged(reference: RegisteredReference | None) -> GateDecision:
-        return decide(item_sets, _with_forgotten_level(store, m, by_set(item_sets, before.correct)),
-                      by_set(item_sets, after.correct), cfg, request_of=m.request_of(),
-                      rouge=answer_rouge(before.answers, after.answers, truth), registered=reference)
+        return decide(item_sets, was, now, cfg, request_of=request_of, rouge=rouge, registered=reference)
 
     decision = judged(registered)
     if registered and decision.request_reasons:  # judged against the registered model too: it scores their items
@@ -196,7 +198,7 @@ def gate_batch(store: ServiceStore, batch_id: str, edited_uri: str, cfg: GateCon
         scores = version_scores(store, m, registered.version, _uri(store, m, registered.version), unforgotten, (),
                                 dtype=dtype, score=score, log=log, what="the registered model")
         decision = judged(replace(registered, correct={**registered.correct, "forget": dict(scores.correct)}))
-    return with_answer_logprobs(decision, item_sets, probe_logprobs(store, batch_id), moved, m.request_of())
+    return with_answer_logprobs(decision, item_sets, probe_logprobs(store, batch_id), moved, request_of)
 
 
 def _uri(store: ServiceStore, m: BatchManifest, version: str) -> str:
