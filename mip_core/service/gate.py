@@ -457,20 +457,22 @@ def evaluate_and_gate(base: nn.Module, edited: nn.Module, processor: Any, bench:
     return decide(item_sets, before, after, cfg, request_of=request_of, rouge=answer_rouge(said, says, truth))
 
 
+def _score_line(s: SetScore) -> str:
+    name = SET_LABELS.get(s.items, s.items)
+    return f"{name:18s} {s.modality:11s} {s.n:4d} {s.before:7.3f} {s.after:7.3f} {s.relative:9.3f}"
+
+
 def format_decision(decision: GateDecision) -> str:
     """A fixed-width table of the scores and the verdict, for logs and the batch report."""
     lines = [f"{'set':18s} {'modality':11s} {'n':>4s} {'before':>7s} {'after':>7s} {'relative':>9s}"]
-    for s in decision.scores:
-        name = SET_LABELS.get(s.items, s.items)
-        lines.append(f"{name:18s} {s.modality:11s} {s.n:4d} {s.before:7.3f} {s.after:7.3f} {s.relative:9.3f}")
+    lines += [_score_line(s) for s in decision.scores]
     if decision.generation:  # ROUGE-L of the edited model's answers against the starting model's
         lines.append(f"{'generation':18s} {'modality':11s} {'n':>4s} {'ROUGE-L':>7s}")
         lines += [f"{g.items:18s} {g.modality:11s} {g.n:4d} {g.rouge_l:7.3f}" for g in decision.generation]
     if decision.registered:  # the same kept sets against the registered model
         since = decision.registered
         lines.append(f"since the registered model {since.version}:")
-        lines += [f"{s.items:18s} {s.modality:11s} {s.n:4d} {s.before:7.3f} {s.after:7.3f} {s.relative:9.3f}"
-                  for s in since.scores]
+        lines += [_score_line(s) for s in since.scores]
         lines += [f"{g.items + ' ROUGE-L':18s} {g.modality:11s} {g.n:4d} {g.rouge_l:7.3f}" for g in since.generation]
     verdict = "PASSED" if decision.passed else "FAILED: " + "; ".join(decision.reasons)
     return "\n".join([*lines, f"gate {verdict}"])
