@@ -91,6 +91,23 @@ def test_the_actor_scores_like_in_process_correctness_in_another_process(world):
     assert not os.path.exists(f"/proc/{pid}")
 
 
+def _one_request_batch(store: ServiceStore, world: dict, model: str, version: str, forgotten: str, kept: str
+                       ) -> tuple[list[str], list[str], list[str]]:
+    """Write batch ``b1``'s manifest: one request forgetting ``forgotten``'s items, on ``version`` of ``model``,
+    every other item of ``kept`` and two utility items scored; returns ``(forget, retain, utility)`` item ids."""
+    items = world["bench"].items
+    forget = [it.item_id for it in items if it.kind == "qa" and it.profile_id == forgotten]
+    retain = [it.item_id for it in items if it.kind == "qa" and it.profile_id == kept][::2]
+    utility = [it.item_id for it in items if it.kind == "utility"][:2]
+    m = BatchManifest(batch_id="b1", target_model=model, base_version=version,
+                      base_uri=store.uri(store.model_key(model, version)), dataset_uri=world["bench_uri"],
+                      requests=("r1",), rejected={}, forget=tuple((i, "r1") for i in forget),
+                      items_of={"r1": tuple(forget)}, edit_retain=(), eval_retain=tuple(retain),
+                      eval_utility=tuple(utility))
+    store.write_text(store.batch_key("b1", "manifest.json"), m.to_json())
+    return forget, retain, utility
+
+
 def test_gate_task_scores_on_actors_without_the_model_in_this_process(world, tmp_path):
     from prefect.logging import disable_run_logger
 
@@ -99,15 +116,7 @@ def test_gate_task_scores_on_actors_without_the_model_in_this_process(world, tmp
     store = ServiceStore(str(tmp_path / "store"))
     store.register_model("big", world["big"], dataset_uri=world["bench_uri"])
     items = world["bench"].items
-    forget = [it.item_id for it in items if it.kind == "qa" and it.profile_id == "p0000"]
-    retain = [it.item_id for it in items if it.kind == "qa" and it.profile_id == "p0001"][::2]
-    utility = [it.item_id for it in items if it.kind == "utility"][:2]
-    m = BatchManifest(batch_id="b1", target_model="big", base_version="v0001",
-                      base_uri=store.uri(store.model_key("big", "v0001")), dataset_uri=world["bench_uri"],
-                      requests=("r1",), rejected={}, forget=tuple((i, "r1") for i in forget),
-                      items_of={"r1": tuple(forget)}, edit_retain=(), eval_retain=tuple(retain),
-                      eval_utility=tuple(utility))
-    store.write_text(store.batch_key("b1", "manifest.json"), m.to_json())
+    forget, retain, utility = _one_request_batch(store, world, "big", "v0001", "p0000", "p0001")
     model_kb = sum(f.stat().st_size for f in (tmp_path / "store" / "models" / "big" / "v0001").glob("*.safetensors")
                    ) // 1024
     assert model_kb > 250_000
@@ -160,15 +169,7 @@ def test_an_edited_version_is_also_judged_against_the_registered_model_scored_on
     store.register_model("tiny", str(tmp_path / "other"), dataset_uri=world["bench_uri"],
                          lineage={"batch_id": "b0"})  # v0002, as an edit publishes it
     items = world["bench"].items
-    forget = [it.item_id for it in items if it.kind == "qa" and it.profile_id == "p0002"]
-    retain = [it.item_id for it in items if it.kind == "qa" and it.profile_id == "p0003"][::2]
-    utility = [it.item_id for it in items if it.kind == "utility"][:2]
-    m = BatchManifest(batch_id="b1", target_model="tiny", base_version="v0002",
-                      base_uri=store.uri(store.model_key("tiny", "v0002")), dataset_uri=world["bench_uri"],
-                      requests=("r1",), rejected={}, forget=tuple((i, "r1") for i in forget),
-                      items_of={"r1": tuple(forget)}, edit_retain=(), eval_retain=tuple(retain),
-                      eval_utility=tuple(utility))
-    store.write_text(store.batch_key("b1", "manifest.json"), m.to_json())
+    forget, retain, utility = _one_request_batch(store, world, "tiny", "v0002", "p0002", "p0003")
     with disable_run_logger():  # forgetting everything is asked, so the request is not forgotten by v0002's measure
         decision = gate_task.fn(store.root, "b1", world["small"], {"min_forgetting": 1.0}, gpus_per_actor=1,
                                 dtype="auto")
