@@ -285,7 +285,7 @@ def held_out(store_root: str, bench: Any, sets: dict, vanilla_uri: str) -> dict[
     from tasks.service import manifest_of
 
     store = ServiceStore(store_root)
-    batches = [b.rstrip("/").split("/")[-1] for b in store._list("batches")]
+    batches = {b for r in store.list() for b in [*r.held_back_in, r.batch_id] if b}  # every batch a request was in
     trained = {i for b in batches if store.exists(store.batch_key(b, "manifest.json"))
                for i in manifest_of(store, b).edit_retain}
     items = [it for it in sets["retain"] if it.item_id not in trained]
