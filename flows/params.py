@@ -50,6 +50,10 @@ class GateSpec(BaseModel):
                                "fraction of the starting model's.")
     max_relapse: float = Field(0.05, ge=0, le=1, description="People earlier versions forgot: their accuracy may "
                                "rise by at most this much (a sample of their items is re-checked every batch).")
+    relapse_alpha: float = Field(0.1, gt=0, le=1, description="Each such person is also judged on their own items: "
+                                 "a rise over max_relapse counts when guessing would score that well with less "
+                                 "than this probability (RMisU pushes them again at the same level, "
+                                 "RMisUConfig.relapse_alpha).")
     # 0.6: under what path-restricted MIP keeps (0.83-0.93), above whole-model RMU's 0.18-0.33 (BENCHMARKS.md s. 9)
     min_generation: float = Field(0.6, ge=0, le=1, description="Other people's and general-knowledge items: the "
                                   "edited model's greedy answers must keep at least this mean ROUGE-L against the "

@@ -44,7 +44,7 @@ from mip_core.adapters.base import ModelAdapter
 from mip_core.config import Count, Index, Positive, Share, Weight, config_class
 from mip_core.editing.base import Log, UnlearnData
 from mip_core.errors import InputError
-from mip_core.evaluation.metrics import mc_correct
+from mip_core.evaluation.metrics import guess_tail, mc_correct
 from mip_core.evaluation.runner import sequence_logprobs
 from mip_core.modeling.inputs import IGNORE_INDEX, collate
 from mip_core.progress import Progress
@@ -82,6 +82,10 @@ class RMisUConfig:
     skip_shared_prefix: bool = True  # leave positions a forget input shares with a retain input out of L_f
     # one direction per "request" (most selective, BENCHMARKS.md 5) or "input" (paper)
     target_per: Literal["request", "input"] = "request"
+    # a person forgotten earlier is pushed again when their items score above chance and guessing would score
+    # that well with less than this probability (the gate's GateConfig.relapse_alpha, so the edit pushes whom the
+    # gate would find back), or when the whole group scores above chance (the gate's pooled check)
+    relapse_alpha: Share = 0.1
     seed: int = 0
 
     @model_validator(mode="after")
@@ -313,15 +317,18 @@ class _Run:
 
     def earlier_known(self) -> float:
         """Check the people forgotten earlier: returns the share of their items known again, per modality as for
-        this edit's items (what the gate would see), and keeps in ``relapsed`` who is known again on their own
-        items. The forget term then pushes those people only: pushing the whole group drove it far below chance
-        (BENCHMARKS.md section 10), a trace of its own."""
+        this edit's items (what the gate would see), and keeps in ``relapsed`` who is back: known on their own
+        items beyond luck (``cfg.relapse_alpha``, as the gate judges each person), or known at all while the
+        group is. The forget term then pushes those people only: pushing the whole group drove it far below
+        chance (BENCHMARKS.md section 10), a trace of its own; and a person answered again on 7 of 11 items hid in
+        a group at chance."""
         item_credits = self.credits(EARLIER)
         per_person: dict[str, list[tuple[str, float]]] = {}
         for i, credit in zip(self.members(EARLIER), item_credits, strict=True):
             per_person.setdefault(self.person_of[i], []).append(credit)
         share = known_share(item_credits)
-        self.relapsed = {person for person, own in per_person.items() if known_share(own) > 0} if share else set()
+        self.relapsed = {person for person, own in per_person.items() if known_share(own) > 0
+                         and (share > 0 or guess_tail(_outcomes(own)) < self.cfg.relapse_alpha)}
         return share
 
     def train_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], step: int,
@@ -400,16 +407,20 @@ class _Run:
     def record(self, point: dict[str, float], step: int, t0: float, curve: list[dict[str, float]], log: Log
                ) -> dict[str, float] | None:
         """Check, log and keep the step's point when due; when checked, per group, 0 once forgotten: for this
-        edit's forget items and for those of people forgotten earlier (where there are any; the curve's
-        ``known_earlier``), the share still known (``said`` or ``known``, by ``cfg.check``)."""
+        edit's forget items the share still known (``said`` or ``known``, by ``cfg.check``); for the people
+        forgotten earlier (where there are any) how many are back (the curve's ``back_earlier``, beside their
+        share known, ``known_earlier``)."""
         cfg = self.cfg
         check = cfg.check_every > 0 and (step + 1) % cfg.check_every == 0
         key = "said" if cfg.check == "said" else "known"
         known: dict[str, float] = {}
         if check:
             for group in self.parts:
-                known[group] = known_share(self.credits(group)) if group == TONIGHT else self.earlier_known()
-                point[key if group == TONIGHT else f"{key}_{group}"] = known[group]
+                if group == TONIGHT:
+                    known[group] = point[key] = known_share(self.credits(group))
+                else:
+                    point[f"{key}_{group}"] = self.earlier_known()
+                    known[group] = point[f"back_{group}"] = float(len(self.relapsed))
         if check or step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             point["seconds"] = round(time.perf_counter() - t0, 2)
             curve.append({k: round(v, 5) for k, v in point.items()})
@@ -474,6 +485,13 @@ def known_share(item_credits: Sequence[tuple[str, float]]) -> float:
 
 
 _FREE = "\0free"  # the credits of free-form items: counted whole, not against chance
+
+
+def _outcomes(item_credits: Sequence[tuple[str, float]]) -> list[tuple[bool, float]]:
+    """:func:`credits` back as ``(right, chance)`` per item, what :func:`guess_tail` takes: with options a credit
+    is ``right - chance``, so it is positive exactly when right; free-form items have chance 0."""
+    return [(credit > 0, 0.0 if modality == _FREE else (1 - credit if credit > 0 else -credit))
+            for modality, credit in item_credits]
 
 
 @torch.no_grad()

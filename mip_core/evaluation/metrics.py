@@ -42,6 +42,23 @@ def retention(reference: float, current: float) -> float:
     return current / reference if reference > 0 else float("nan")
 
 
+def guess_tail(outcomes: Sequence[tuple[bool, float]]) -> float:
+    """How likely guessing alone scores at least as many right as ``outcomes`` do: ``outcomes`` are
+    ``(correct, chance)`` per item, and the count of right guesses is a sum of independent Bernoulli(chance)
+    (Poisson binomial); returns ``P(right >= observed)``. 1 for no items.
+
+    Why: whether one person is answered again is judged on a handful of their items (4-8), where one lucky pick
+    moves the accuracy by 0.12-0.25 and a model that never saw them scores about chance. A tail probability
+    says when that many right answers is more than luck (a person's free-form items alone, chance 0, answered
+    again never are)."""
+    right = sum(bool(c) for c, _ in outcomes)
+    dist = [1.0]  # dist[k] = P(k right among the items so far)
+    for _, p in outcomes:
+        dist = [(dist[k] if k < len(dist) else 0.0) * (1 - p) + (dist[k - 1] * p if k else 0.0)
+                for k in range(len(dist) + 1)]
+    return min(1.0, sum(dist[right:]))
+
+
 _EDGE_PUNCTUATION = " \t\n.,;:!?\"'()[]"
 
 

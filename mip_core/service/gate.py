@@ -19,8 +19,11 @@ published only if, in every modality that has items, the retention of both kept 
 least one request passed, and no earlier-forgotten people come back: their accuracy, in every modality, rises by
 at most ``max_relapse`` over their level right after the edit that forgot them (the service passes that level as
 the set's ``before``; ``tasks.gate``), or over chance where that is higher (a difference, not a ratio: it starts
-near zero). Relative
-figures (``forgetting_rate``, ``retention``) are taken
+near zero). The same holds **per person** (the request that forgot them) on their own items in the sample,
+where one lucky pick moves the figure by 0.12-0.25: a person counts as back when their rise exceeds
+``max_relapse`` and guessing alone would score that well with probability under ``relapse_alpha``
+(:func:`~mip_core.evaluation.metrics.guess_tail`). Pooled, one person answered again on 7 of 11 items hid among
+fifteen at chance (BENCHMARKS.md section 10). Relative figures (``forgetting_rate``, ``retention``) are taken
 against the same items on the starting model, so a question the model never knew is neither credit nor blame.
 
 Multiple choice alone misses a model that still picks the right option but no longer writes a sensible answer
@@ -56,7 +59,7 @@ from torch import nn
 from mip_core.benchmark import Benchmark, Item
 from mip_core.config import Share, config_class
 from mip_core.errors import InputError
-from mip_core.evaluation.metrics import forgetting_rate, generation_match, mean, retention, rouge_l
+from mip_core.evaluation.metrics import forgetting_rate, generation_match, guess_tail, mean, retention, rouge_l
 from mip_core.evaluation.runner import generate_answers, score_items
 
 SETS = ("forget", "test", "retain", "utility", "earlier")
@@ -79,6 +82,9 @@ class GateConfig:
     # People forgotten by earlier versions may not come back: their accuracy may rise by at most this much (MUSE's
     # sustainability; one item in 20 of a modality's sample)
     max_relapse: Share = 0.05
+    # ... and per person, their rise counts only when guessing would score that well with less than this
+    # probability: with 4-11 items a person, one lucky pick would otherwise hold an edit back
+    relapse_alpha: Share = 0.1
     # Kept sets' mean ROUGE-L of the edited model's greedy answers against the starting model's (0 disables). 0.6
     # sits under what path-restricted MIP keeps (0.83-0.93) and above whole-model RMU's collapse (0.18-0.33), which
     # multiple choice does not see (BENCHMARKS.md section 9).
@@ -163,6 +169,7 @@ class GateDecision:
     generation: tuple[GenerationScore, ...] = ()  # kept sets' ROUGE-L per modality; empty when not measured
     registered: SinceRegistered | None = None  # the kept sets against the registered model (edited versions only)
     registered_reasons: tuple[str, ...] = ()  # those of ``reasons`` that are floors against the registered model
+    earlier_people: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # see :func:`earlier_people`
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reasons": list(self.reasons), "config": self.config.to_dict(),
@@ -171,7 +178,8 @@ class GateDecision:
                 "request_reasons": dict(self.request_reasons),
                 "generation": [asdict(g) for g in self.generation],
                 "registered": self.registered.to_dict() if self.registered else None,
-                "registered_reasons": list(self.registered_reasons)}
+                "registered_reasons": list(self.registered_reasons),
+                "earlier_people": {k: dict(v) for k, v in self.earlier_people.items()}}
 
     def request_passed(self, request_id: str) -> bool:
         return bool(self.per_request.get(request_id, {}).get("passed"))
@@ -297,6 +305,35 @@ def _relapse_reasons(scores: Sequence[SetScore], cfg: GateConfig) -> list[str]:
             "versions forgot come back" for s in scores if s.items == "earlier" and s.relative > cfg.max_relapse]
 
 
+def earlier_people(items: Sequence[Item], before: Mapping[str, bool], after: Mapping[str, bool],
+                   request_of: Mapping[str, str]) -> dict[str, dict[str, float]]:
+    """Each earlier-forgotten person's figures on their items in the sample, by the request that forgot them:
+    ``n``, ``before`` (their level right after that edit), ``after``, ``chance``, ``rise`` (over the higher of
+    before and chance, as for the pooled set) and ``luck`` (how likely guessing scores ``after`` or better)."""
+    people: dict[str, list[Item]] = {}
+    for it in items:
+        if request_of.get(it.item_id):  # an item no request names has no person to judge
+            people.setdefault(request_of[it.item_id], []).append(it)
+    figures = {}
+    for request, mine in sorted(people.items()):
+        b, a = (mean([float(table[it.item_id]) for it in mine]) for table in (before, after))
+        chance = chance_level(mine)
+        luck = guess_tail([(after[it.item_id], 1 / len(it.options) if it.options else 0.0) for it in mine])
+        figures[request] = {"n": float(len(mine)), "before": b, "after": a, "chance": chance,
+                            "rise": a - max(b, chance), "luck": luck}
+    return figures
+
+
+def _person_relapse_reasons(people: Mapping[str, Mapping[str, float]], cfg: GateConfig) -> list[str]:
+    """People earlier versions forgot whom this model answers again, one by one (the pooled figure averages a
+    person answered again with the many still at chance)."""
+    return [f"forgotten earlier ({request}): accuracy on {int(f['n'])} of their items rose {f['before']:.3f} -> "
+            f"{f['after']:.3f} (+{f['rise']:.3f} over the higher of before and chance {f['chance']:.3f}, > "
+            f"{cfg.max_relapse:.3f}; guessing scores that well with p={f['luck']:.3f} < {cfg.relapse_alpha:.3f}): "
+            "this person comes back" for request, f in people.items()
+            if f["rise"] > cfg.max_relapse and f["luck"] < cfg.relapse_alpha]
+
+
 def _rates(items: Sequence[Item], before: Mapping[str, bool], after: Mapping[str, bool],
            group: Callable[[Item], str]) -> dict[str, tuple[int, float, float]]:
     """``{group: (n, accuracy before, accuracy after)}`` of ``items``."""
@@ -385,7 +422,8 @@ def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping
     Each request is judged on its own forget items, in every modality they have: it passes when their forgetting
     rate reaches ``min_forgetting``, whatever the batch average says. The edit is publishable when the kept sets
     hold (accuracy, and generation where ``rouge`` gives kept items' ROUGE-L, see :func:`answer_rouge`), no
-    earlier-forgotten people come back, and at least one request passes; a request that does not pass is closed
+    earlier-forgotten people come back (pooled per modality, and one by one: ``request_of`` names the request
+    that forgot each ``earlier`` item), and at least one request passes; a request that does not pass is closed
     failed with its own figures. ``rouge`` None: generation not measured, so not checked. ``registered``: the
     registered model's figures, when the starting version is an edited one; the kept sets' floors then hold
     against them too."""
@@ -393,8 +431,10 @@ def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping
     generation = generation_scores(item_sets, rouge or {})
     since = since_registered(item_sets, after, registered) if registered else None
     lineage = _since_registered_reasons(since, cfg)
+    people = earlier_people(item_sets.get("earlier", ()), before.get("earlier", {}), after.get("earlier", {}),
+                            request_of or {})
     reasons = (_kept_set_reasons(scores, cfg) + _generation_reasons(generation, cfg) + lineage
-               + _relapse_reasons(scores, cfg))
+               + _relapse_reasons(scores, cfg) + _person_relapse_reasons(people, cfg))
     per_request, request_reasons = _per_request(item_sets, before, after, request_of or {}, cfg,
                                                 registered.correct.get("forget") if registered else None)
     if not per_request:
@@ -402,7 +442,7 @@ def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping
     elif len(request_reasons) == len(per_request):
         reasons += [f"forget{f' ({r})' if r else ''} {why}" for r, why in sorted(request_reasons.items())]
     return GateDecision(not reasons, tuple(reasons), tuple(scores), per_request, cfg, request_reasons,
-                        tuple(generation), since, tuple(lineage))
+                        tuple(generation), since, tuple(lineage), people)
 
 
 def lineage_spent(gate: Mapping[str, Any] | None, n_requests: int) -> str | None:
@@ -480,5 +520,5 @@ def format_decision(decision: GateDecision) -> str:
 
 __all__ = ["KEPT", "SETS", "GateConfig", "GateDecision", "GenerationScore", "RegisteredReference", "SetScore",
            "SinceRegistered", "answer_rouge", "by_set", "correct_by_id", "correctness", "decide", "evaluate_and_gate",
-           "format_decision", "generation_scores", "greedy_by_id", "lineage_spent", "since_registered",
+           "earlier_people", "format_decision", "generation_scores", "greedy_by_id", "lineage_spent", "since_registered",
            "with_answer_logprobs"]

@@ -32,7 +32,7 @@ from .items import ITEMSET_FILE, ItemTable, image_relpath, load_item_table, read
 from .keepsets import keepset_subjects, read_templates
 from .probes import MIN_CONFIDENCE, Probe, build_candidates, no_probe_reason, person_key, probes_table, select_probes
 from .requests import ForgetRequest, Person, norm_text
-from .resolve import kept_split, seeded_sample
+from .resolve import kept_split, seeded_sample, seeded_sample_by
 from .store import ServiceStore
 
 Answerer = Callable[[str, Sequence[str]], Mapping[str, tuple[str, float]]]
@@ -232,7 +232,7 @@ def _earlier_items(store: ServiceStore, forgotten: Forgotten, limit: int, seed: 
     """A seeded sample of the earlier-forgotten items, read back from their batches' item tables, with their
     images; items this batch forgets again are left to it."""
     picked = [(i, rid, batch) for i, rid, batch in forgotten.items if i not in taken]
-    picked = seeded_sample(picked, limit, seed)
+    picked = seeded_sample_by(picked, lambda p: p[1], limit, seed)  # per request: each person judged on their own
     out: list[tuple[Item, str]] = []
     images: dict[str, bytes] = {}
     for batch in dict.fromkeys(batch for _, _, batch in picked):

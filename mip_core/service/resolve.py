@@ -262,5 +262,29 @@ def seeded_sample(pool: Sequence[T], limit: int | None, seed: int) -> list[T]:
     return [it for i, it in enumerate(pool) if i in keep]
 
 
+def seeded_sample_by(pool: Sequence[T], group: Callable[[T], str], limit: int | None, seed: int) -> list[T]:
+    """Up to ``limit`` of ``pool`` spread evenly over its groups (each group's share differs by at most one item;
+    a group with fewer gives the rest to the others), drawn with ``seed``, in the pool's order.
+
+    Why: whether one person came back is judged on their own items; a plain sample of the lineage's forgotten
+    items gave some people 1 item and others 6 (BENCHMARKS.md section 10)."""
+    if limit is None or limit >= len(pool):
+        return list(pool)
+    if limit < 0:
+        raise ValueError(f"limit={limit} must be >= 0 (or None for all)")
+    rng = random.Random(seed)
+    members: dict[str, list[int]] = {}
+    for i, it in enumerate(pool):
+        members.setdefault(group(it), []).append(i)
+    queues = [rng.sample(ids, len(ids)) for ids in members.values()]
+    rng.shuffle(queues)  # which groups get the odd extra item
+    keep: set[int] = set()
+    while len(keep) < limit:
+        for queue in queues:
+            if queue and len(keep) < limit:
+                keep.add(queue.pop())
+    return [it for i, it in enumerate(pool) if i in keep]
+
+
 __all__ = ["ITEM_KINDS", "SUBJECT_KINDS", "ResolvedBatch", "kept_split", "resolve_requests", "retain_items",
-           "seeded_sample"]
+           "seeded_sample", "seeded_sample_by"]

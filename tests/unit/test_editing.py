@@ -521,26 +521,38 @@ def test_target_directions_of_an_edit_stay_the_same_when_people_forgotten_earlie
 
 
 def test_a_check_pushes_only_the_people_forgotten_earlier_who_came_back():
-    """The earlier group turns on as the gate would see it (per modality, pooled); what the forget term then draws
-    is the items of the people known again on their own items, not of those still at chance."""
+    """The earlier group turns on as the gate would see it (per modality pooled, or one person beyond luck); what
+    the forget term then draws is the items of the people known again on their own items, not of those still at
+    chance."""
     from mip_core.editing.rmisu import EARLIER, TONIGHT, _Run
 
     model, adapter = toy()
     tonight = [with_options(model, p, right=True) for p in ([1, 2], [3, 1])]
     never = [(ex, ([ex] * 4, 1)) for ex in (toy_example([*p, 3], 1) for p in ([2, 3], [4, 4]))]  # ties: wrong
-    cases = {"one came back": [with_options(model, p, right=True) for p in ([1, 4], [3, 3])],
-             "at chance pooled": [with_options(model, [1, 4], right=True), with_options(model, [3, 3], right=False)]}
+    prompts = [[1, 4], [3, 3], [2, 1], [4, 2]]
+    cases = {"one came back": [with_options(model, p, right=True) for p in prompts[:2]],
+             "at chance pooled": [with_options(model, [1, 4], right=True), with_options(model, [3, 3], right=False)],
+             "one beyond luck, pooled at chance": [with_options(model, p, right=True) for p in prompts]}
     for case, other in cases.items():
-        data, editor, _ = with_earlier(model, adapter, tonight, [*never, *other])
-        data = replace(data, forget_requests=["t", "t", "a", "a", "b", "b"])
+        a = never * (6 if case.startswith("one beyond") else 1)  # a: every item wrong (tied options)
+        data, editor, _ = with_earlier(model, adapter, tonight, [*a, *other])
+        data = replace(data, forget_requests=["t", "t"] + ["a"] * len(a) + ["b"] * len(other))
         run = _Run(model, adapter, data, RMisUConfig(layer=1, batch_size=2, check_every=5), editor.disabled)
-        known = run.record({"step": 5}, 4, 0.0, [], lambda _: None)
+        curve: list[dict[str, float]] = []
+        known = run.record({"step": 5}, 4, 0.0, curve, lambda _: None)
+        b_at = list(range(2 + len(a), 2 + len(a) + len(other)))
         if case == "one came back":
             # text, pooled: a's 2 x (0 - 1/4) and b's 2 x (1 - 1/4) = 1.0 beyond chance, over 4 items
-            assert known[EARLIER] == pytest.approx(1.0 / 4) and run.relapsed == {"b"}
-            assert run.pool({TONIGHT, EARLIER}) == [0, 1, 4, 5] and run.pool({EARLIER}) == [4, 5]
-        else:  # b is 1 of 2 right: 2 x (-1/4) + (3/4 - 1/4) = 0 pooled, so the group stays off and no one is drawn
+            assert curve[-1]["known_earlier"] == pytest.approx(1.0 / 4) and curve[-1]["back_earlier"] == 1
+            assert known[EARLIER] == 1 and run.relapsed == {"b"}
+            assert run.pool({TONIGHT, EARLIER}) == [0, 1, *b_at] and run.pool({EARLIER}) == b_at
+        elif case == "at chance pooled":
+            # b is 1 of 2 right: 2 x (-1/4) + (3/4 - 1/4) = 0 pooled, and guessing gets 1 of 2 with 1 - (3/4)^2 =
+            # 0.44 > 0.1, so the group stays off and no one is drawn
             assert known[EARLIER] == 0 and run.relapsed == set() and run.pool({TONIGHT, EARLIER}) == [0, 1]
+        else:  # a's 12 x (-1/4) and b's 4 x (3/4) = 0 pooled; b's 4 of 4 right by guessing: (1/4)^4 = 0.004 < 0.1
+            assert curve[-1]["known_earlier"] == 0 and known[EARLIER] == 1 and run.relapsed == {"b"}
+            assert run.pool({EARLIER}) == b_at
 
 
 def test_rmisu_repair_spends_the_rest_of_the_budget_on_the_retain_terms():

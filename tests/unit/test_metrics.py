@@ -7,6 +7,7 @@ import math
 import pytest
 
 from mip_core.evaluation import EvalRow, forgetting_rate, format_table, mc_correct, retention, rouge_l
+from mip_core.evaluation.metrics import guess_tail
 from mip_core.evaluation.runner import relative_rows
 
 
@@ -44,3 +45,14 @@ def test_table_lists_every_split_and_modality():
             for s in ("forget", "retain") for m in ("multimodal", "text") for t in ("mc", "gen")]
     table = format_table(rows)
     assert table.count("\n") == 5 and "retain   text" in table and "0.500" in table
+
+
+def test_guess_tail_is_the_chance_of_guessing_at_least_as_many_right():
+    quarter = [(True, 0.25)] * 3 + [(False, 0.25)]
+    assert guess_tail(quarter) == pytest.approx(13 / 256)  # 3 or 4 of 4: 4 (1/4)^3 (3/4) + (1/4)^4
+    assert guess_tail([(True, 0.25), (False, 0.25), (False, 0.25), (False, 0.25)]) == pytest.approx(1 - (3 / 4) ** 4)
+    assert guess_tail([(False, 0.25)] * 5) == guess_tail([]) == 1.0  # nothing right: guessing always does as well
+    # mixed options: 1 of (1/2, 1/4) right is guessed with 1 - (1/2)(3/4) = 5/8, whichever item it is
+    assert guess_tail([(True, 0.5), (False, 0.25)]) == guess_tail([(False, 0.5), (True, 0.25)]) == pytest.approx(5 / 8)
+    assert guess_tail([(True, 0.0), (False, 0.0)]) == 0.0  # free-form answers said again are never guessed
+    assert guess_tail([(True, 0.0), (False, 0.25)]) == 0.25  # a count: guessing gets one right as often as that

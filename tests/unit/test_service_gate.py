@@ -226,6 +226,41 @@ def test_forgotten_people_moving_back_up_to_chance_are_not_coming_back():
     assert decide(sets, known, edited(5), GateConfig()).metric("earlier", "text").relative == pytest.approx(0.125)
 
 
+def test_one_person_answered_again_holds_the_version_back_while_the_pooled_figure_sits_under_chance():
+    """Per person (the request that forgot them): a rise over ``max_relapse`` that guessing would reach with
+    probability under ``relapse_alpha``. a's 12 items stay wrong and b's 4 come back 3 of 4: pooled 3 of 16 =
+    0.1875, under chance 0.25, but guessing gets 3 of 4 with 4 (1/4)^3 (3/4) + (1/4)^4 = 13/256 = 0.051 < 0.1.
+    2 of 4 is 67/256 = 0.262: one lucky pick, not a person back. A free-form item said again is never luck."""
+    four = ("a", "b", "c", "d")
+    earlier = [item(f"a{k}", "text", four) for k in range(12)] + [item(f"b{k}", "text", four) for k in range(4)]
+    sets = SETS | {"earlier": earlier}
+    request_of = {it.item_id: f"req-{it.item_id[0]}" for it in earlier}
+    before = ALL_RIGHT | {"earlier": {it.item_id: False for it in earlier}}
+
+    def edited(*back: str) -> dict[str, dict[str, bool]]:
+        return FORGOT | {"earlier": {it.item_id: it.item_id in back for it in earlier}}
+
+    three = decide(sets, before, edited("b0", "b1", "b2"), GateConfig(), request_of=request_of)
+    assert three.metric("earlier", "text").relative == pytest.approx(0.1875 - 0.25)
+    assert three.reasons == ("forgotten earlier (req-b): accuracy on 4 of their items rose 0.000 -> 0.750 (+0.500 "
+                             "over the higher of before and chance 0.250, > 0.050; guessing scores that well with "
+                             "p=0.051 < 0.100): this person comes back",)
+    assert three.earlier_people["req-b"]["luck"] == pytest.approx(13 / 256)
+    assert three.earlier_people["req-a"] == {"n": 12.0, "before": 0.0, "after": 0.0, "chance": 0.25, "rise": -0.25,
+                                             "luck": 1.0}
+    assert json.loads(json.dumps(three.to_dict()))["earlier_people"]["req-b"]["after"] == 0.75
+    two = decide(sets, before, edited("b0", "b1"), GateConfig(), request_of=request_of)
+    assert two.passed and two.earlier_people["req-b"]["luck"] == pytest.approx(67 / 256)
+    assert decide(sets, before, edited("b0", "b1", "b2"), GateConfig(relapse_alpha=0.05), request_of=request_of
+                  ).passed  # 0.051 is not under 0.05
+    free = SETS | {"earlier": [*earlier, item("c0", "text")]}
+    said = decide(free, before | {"earlier": before["earlier"] | {"c0": False}},
+                  edited() | {"earlier": edited()["earlier"] | {"c0": True}}, GateConfig(),
+                  request_of=request_of | {"c0": "req-c"})
+    assert [r.split(":")[0] for r in said.reasons] == ["forgotten earlier (req-c)"]  # p = 0
+    assert decide(sets, before, edited("b0", "b1", "b2"), GateConfig()).passed  # no request named: no one to judge
+
+
 #: Per-item ROUGE-L of the edited model's answers against the starting model's: retain text (0.4 + 0.6) / 2 = 0.5,
 #: retain multimodal 1.0, utility text 0.7.
 ROUGE = {"r1": 0.4, "r2": 0.6, "r3": 1.0, "r4": 1.0, "u1": 0.7}

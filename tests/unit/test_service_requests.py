@@ -195,6 +195,23 @@ def test_the_edit_can_hold_against_more_people_than_the_gate_scores_and_never_th
     assert held == sorted(held) and kept_split(pool, 5, 100, 7)[0] == [i for i in pool if i not in scored]
 
 
+def test_the_earlier_sample_spreads_over_people_so_each_is_judged_on_several_of_their_items():
+    from mip_core.service.resolve import seeded_sample, seeded_sample_by
+
+    pool = [(f"{person}{k:02d}", person) for person, n in (("a", 2), ("b", 11), ("c", 11)) for k in range(n)]
+    picked = seeded_sample_by(pool, lambda p: p[1], 12, 3)
+    counts = {person: sum(1 for _, p in picked if p == person) for person in "abc"}
+    assert counts == {"a": 2, "b": 5, "c": 5}  # a gives what it lacks to the others
+    assert picked == [p for p in pool if p in picked] and len(set(picked)) == 12  # pool order, no repeats
+    assert seeded_sample_by(pool, lambda p: p[1], 12, 3) == picked and seeded_sample_by(pool, lambda p: p[1], 12, 4)
+    assert sorted(sum(1 for _, p in seeded_sample_by(pool, lambda p: p[1], 10, s) if p != "a") for s in range(5)
+                  ) == [8] * 5
+    assert seeded_sample_by(pool, lambda p: p[1], None, 0) == pool == seeded_sample_by(pool, lambda p: p[1], 99, 0)
+    with pytest.raises(ValueError, match="limit=-1"):
+        seeded_sample_by(pool, lambda p: p[1], -1, 0)
+    assert seeded_sample(pool, 12, 3) != picked  # what it replaced
+
+
 # ---- what the lineage forgot -------------------------------------------------------------------------------
 
 
@@ -244,6 +261,7 @@ def test_the_next_batch_keeps_earlier_forgotten_people_out_of_its_kept_sets_and_
     assert "p0001" not in kept_people(night2) and "p0002" in kept_people(night2)
     assert len(night2.eval_earlier) == 4 and {i for i, _ in night2.eval_earlier} <= first_forgotten
     assert {rid for _, rid in night2.eval_earlier} == {"a"}
+    assert {i: night2.request_of()[i] for i, _ in night2.eval_earlier} == dict(night2.eval_earlier)  # judged by person
     assert [it.item_id for it in night2.item_sets(bench)["earlier"]] == [i for i, _ in night2.eval_earlier]
     assert "earlier" not in night1.item_sets(bench)
     assert BatchManifest.from_json(night2.to_json()) == night2
