@@ -105,9 +105,7 @@ def process_all(batch_ids: list[str], spec: ServiceSpec, run_id: str) -> tuple[l
         batch_id = queue.pop(0)
         target = target_of(store, batch_id)
         if target in spent:
-            closed = close_task(spec.root, batch_id, None, None, spent[target], {})
-            results.append({"batch_id": batch_id, "version": None, "report": closed["report"], "timings": {},
-                            "retry": [], "spent": spent[target]})
+            results += close_unedited(store, spec, batch_id, run_id, spent[target])
             continue
         state = process_batch(batch_id, spec, run_id, return_state=True)
         if not state.is_completed():
@@ -119,6 +117,20 @@ def process_all(batch_ids: list[str], spec: ServiceSpec, run_id: str) -> tuple[l
             spent[target] = results[-1]["spent"]
         queue = results[-1]["retry"] + queue  # split halves next, before other models' batches
     return results, failed
+
+
+def close_unedited(store: ServiceStore, spec: ServiceSpec, batch_id: str, run_id: str, why: str
+                   ) -> list[dict[str, Any]]:
+    """Close a batch failed without editing it (its model's lineage is spent), if this run still owns it;
+    returns its result, or none when another run adopted it (that run closes it, as :func:`process_batch` does)."""
+    try:
+        check_owner(store, batch_id, run_id)
+    except BatchTakenOver as exc:
+        get_run_logger().warning("batch %s: %s", batch_id, exc)
+        return []
+    closed = close_task(spec.root, batch_id, None, None, why, {})
+    return [{"batch_id": batch_id, "version": None, "report": closed["report"], "timings": {}, "retry": [],
+             "spent": why}]
 
 
 @flow(name="nightly-unlearning")

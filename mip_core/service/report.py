@@ -63,6 +63,17 @@ def _registered_lines(since: Mapping[str, Any] | None) -> list[str]:
                     for s in since["scores"]]
 
 
+def _earlier_people_lines(people: Mapping[str, Mapping[str, float]] | None) -> list[str]:
+    """Each person forgotten earlier on their items of the sample (none when there are none)."""
+    if not people:
+        return []
+    lines = ["", "People forgotten earlier, one by one (by the request that forgot them): accuracy on their items of "
+                 "the sample right after that edit and now, and how likely guessing scores now's accuracy or better",
+             "", "| request | n | forgotten level | now | chance | rise | guessing |", "|---|---|---|---|---|---|---|"]
+    return lines + [f"| `{rid}` | {int(f['n'])} | {_f(f['before'])} | {_f(f['after'])} | {_f(f['chance'])} | "
+                    f"{_f(f['rise'])} | {_f(f['luck'])} |" for rid, f in people.items()]
+
+
 def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str, Any] | None, version: str | None,
                  error: str | None, timings: Mapping[str, float], shards: Sequence[Mapping[str, Any]] | None = None,
                  links: Mapping[str, str] | None = None) -> str:
@@ -100,13 +111,16 @@ def batch_report(m: BatchManifest, records: Sequence[Any], *, gate: Mapping[str,
                          f"{_f(s['before'])} | {_f(s['after'])} | {_f(s['relative'])} |")
         lines += _generation_lines(gate.get("generation", []))
         lines += _registered_lines(gate.get("registered"))
+        lines += _earlier_people_lines(gate.get("earlier_people"))
         cfg = gate["config"]
         lines += ["", f"Gate: each request's own forgetting >= {cfg['min_forgetting']}; retention >= "
                       f"{cfg['min_retention']} and utility >= {cfg['min_utility']} per modality; generation "
                       f"(ROUGE-L) >= {cfg.get('min_generation', '-')}"
                       f"{_BOTH if cfg.get('against_registered') else ''}"
                       "; people forgotten "
-                      f"earlier rise by <= {cfg.get('max_relapse', '-')}: "
+                      f"earlier rise by <= {cfg.get('max_relapse', '-')}"
+                      + (f" (each person too, unless guessing explains it: p >= {cfg['relapse_alpha']})"
+                         if "relapse_alpha" in cfg else "") + ": "
                       f"**{'passed' if gate['passed'] else 'failed'}**"]
     if shards:
         failed = sum(len(s.get("failures", [])) for s in shards)

@@ -163,6 +163,13 @@ def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, 
     for s in (s for s in gate["scores"] if s["items"] == "earlier"):
         mine = [level[i] for i in earlier if modality[i] == s["modality"]]
         assert s["n"] == len(mine) and s["before"] == pytest.approx(sum(mine) / len(mine)), (s, mine)
+    # ... and one by one, each person on their own items of the sample, against that same level
+    now = scored(later[-1])  # the edited model's scores
+    assert set(gate["earlier_people"]) == set(earlier.values())
+    for rid, figures in gate["earlier_people"].items():
+        mine = [i for i, r in earlier.items() if r == rid]
+        assert figures["n"] == len(mine) and figures["before"] == pytest.approx(sum(level[i] for i in mine) / len(mine))
+        assert figures["after"] == pytest.approx(sum(now[i] for i in mine) / len(mine)), (rid, figures)
     # the edit keeps them forgotten: it was given the same sample, and each of its checks measured them apart
     edit = store.read_json(store.batch_key(later[-1], "edited", "unlearn.json"))
     assert [tuple(p) for p in store.read_json(store.batch_key(later[-1], "edit_config.json"))["earlier"]] == list(
@@ -221,6 +228,33 @@ def test_once_one_request_alone_is_held_back_by_the_floors_against_the_registere
     assert second["spent"] == unedited.reason and second["version"] is None
     assert not store.exists(store.batch_key(second["batch_id"], "manifest.json"))  # never planned nor edited
     assert unedited.reason in store.read_text(store.batch_key(second["batch_id"], "report.md"))
+
+
+def test_a_spent_lineage_closes_only_the_batches_this_run_still_owns(harness, trained_tiny, tmp_path):
+    """A batch another run adopted (this run's lease lapsed) is left to that run, claimed; the batch this run
+    still owns is closed failed, unedited, with the reason."""
+    from prefect import flow
+
+    from flows.params import ServiceSpec
+    from flows.service import close_unedited
+    from mip_core.service.runs import RunLease, write_claim
+
+    store, ids = _store_with_requests(tmp_path, trained_tiny, 2)
+    why = "not edited: the model's versions since the registered v0001 have spent what the gate's floors allow"
+    with RunLease(store, ttl_s=600) as run:
+        for rid, batch_id, owner in ((ids[0], "b-mine", run.run_id), (ids[1], "b-theirs", "run-other")):
+            store.claim([rid], batch_id)
+            write_claim(store, batch_id, "tiny", [rid], owner)
+
+        @flow
+        def close_both() -> list[list[dict]]:
+            spec = ServiceSpec(root=str(tmp_path / "store"))
+            return [close_unedited(store, spec, b, run.run_id, why) for b in ("b-mine", "b-theirs")]
+
+        mine, theirs = close_both()
+    assert theirs == [] and store.get(ids[1]).state == "claimed"
+    assert [r["spent"] for r in mine] == [why] and mine[0]["version"] is None
+    assert (store.get(ids[0]).state, store.get(ids[0]).reason) == ("failed", why)
 
 
 def test_a_crashing_step_fails_every_request_and_publishes_nothing(harness, trained_tiny, tmp_path):

@@ -249,6 +249,12 @@ def test_one_person_answered_again_holds_the_version_back_while_the_pooled_figur
     assert three.earlier_people["req-a"] == {"n": 12.0, "before": 0.0, "after": 0.0, "chance": 0.25, "rise": -0.25,
                                              "luck": 1.0}
     assert json.loads(json.dumps(three.to_dict()))["earlier_people"]["req-b"]["after"] == 0.75
+    m = BatchManifest(batch_id="b1", target_model="tiny", base_version="v0003", base_uri="/m", dataset_uri="/d",
+                      requests=("a",), rejected={}, forget=(("f1", "a"),), items_of={"a": ("f1",)}, edit_retain=(),
+                      eval_retain=("r1",), eval_utility=())
+    text = batch_report(m, [], gate=three.to_dict(), version=None, error=None, timings={})
+    assert "| `req-b` | 4 | 0.000 | 0.750 | 0.250 | 0.500 | 0.051 |" in text
+    assert "each person too, unless guessing explains it: p >= 0.1" in text
     two = decide(sets, before, edited("b0", "b1"), GateConfig(), request_of=request_of)
     assert two.passed and two.earlier_people["req-b"]["luck"] == pytest.approx(67 / 256)
     assert decide(sets, before, edited("b0", "b1", "b2"), GateConfig(relapse_alpha=0.05), request_of=request_of
