@@ -213,9 +213,10 @@ def run_scenario(name: str, args: argparse.Namespace, people: list[str], bench: 
     return rows
 
 
-def person_rise(store_root: str, bench: Any) -> dict[str, Any]:
-    """Each forgotten person's multiple-choice accuracy on the version that forgot them and on the store's current
-    version: whether anyone came back after later edits (the gate checks a pooled sample, not each person)."""
+def person_rise(store_root: str, bench: Any, gold_uri: str | None = None) -> dict[str, Any]:
+    """Each forgotten person's multiple-choice accuracy on the version that forgot them, on the store's current
+    version and (with ``gold_uri``) on the gold model: whether anyone came back after later edits, on all their
+    items (the gate checks a sample of them), and how far each ends from a model that never saw them."""
     from mip_core.evaluation.runner import multiple_choice
     from mip_core.modeling import load_model
     from mip_core.service.store import ServiceStore
@@ -225,15 +226,42 @@ def person_rise(store_root: str, bench: Any) -> dict[str, Any]:
     final = store.current_version("demo")
     items = {p: [it for it in bench.items if it.kind == "qa" and it.profile_id == p] for p in done}
     acc: dict[tuple[str, str], float] = {}
-    for version in sorted(set(done.values()) | {final}):
-        loaded = load_model(store.uri(store.model_key("demo", version)), device="cpu")
+    models = {v: store.uri(store.model_key("demo", v)) for v in sorted(set(done.values()) | {final})}
+    for version, uri in (models | ({"gold": gold_uri} if gold_uri else {})).items():
+        loaded = load_model(uri, device="cpu")
         for p in done:
             acc[(p, version)] = sum(multiple_choice(loaded.model, loaded.processor, bench, items[p])) / len(items[p])
     rise = {p: acc[(p, final)] - acc[(p, v)] for p, v in done.items()}
-    return {"final": final, "people": len(done), "pooled_rise": _r(sum(rise.values()) / len(rise) if rise else None),
-            "max_person_rise": _r(max(rise.values(), default=None)),
-            "per_person": {p: {"forgotten_by": v, "then": _r(acc[(p, v)]), "now": _r(acc[(p, final)])}
-                           for p, v in done.items()}}
+    out = {"final": final, "people": len(done), "pooled_rise": _r(sum(rise.values()) / len(rise) if rise else None),
+           "max_person_rise": _r(max(rise.values(), default=None)),
+           "risen_over_0.05": sum(r > 0.05 + 1e-9 for r in rise.values()),
+           "per_person": {p: {"forgotten_by": v, "then": _r(acc[(p, v)]), "now": _r(acc[(p, final)])}
+                          | ({"gold": _r(acc[(p, "gold")])} if gold_uri else {}) for p, v in done.items()}}
+    if gold_uri and done:
+        gap = [acc[(p, final)] - acc[(p, "gold")] for p in done]
+        out |= {"within_0.05_of_gold": sum(abs(g) <= 0.05 + 1e-9 for g in gap), "mean_abs_minus_gold": _r(
+            sum(abs(g) for g in gap) / len(gap)), "min_minus_gold": _r(min(gap)), "max_minus_gold": _r(max(gap))}
+    return out
+
+
+def gold_agreement(bench: Any, people: list[str], gold_uris: list[str]) -> dict[str, Any]:
+    """Each person's multiple-choice accuracy on two gold models (trained the same way without them, different
+    seeds), and how often they agree within 0.05: the per-person yardstick's own noise. Neither saw the people, so
+    what they answer right is guessing, and at 11 items a person 0.05 is less than one item."""
+    from mip_core.evaluation.runner import multiple_choice
+    from mip_core.modeling import load_model
+
+    items = {p: [it for it in bench.items if it.kind == "qa" and it.profile_id == p] for p in people}
+    acc: list[dict[str, float]] = []
+    for uri in gold_uris:
+        loaded = load_model(uri, device="cpu")
+        acc.append({p: sum(multiple_choice(loaded.model, loaded.processor, bench, items[p])) / len(items[p])
+                    for p in people})
+    gap = [acc[1][p] - acc[0][p] for p in people]
+    return {"golds": gold_uris, "people": len(people), "within_0.05": sum(abs(g) <= 0.05 + 1e-9 for g in gap),
+            "mean_abs_diff": _r(sum(abs(g) for g in gap) / len(gap)), "pooled": [_r(sum(a.values()) / len(a))
+                                                                                for a in acc],
+            "per_person": {p: [_r(a[p]) for a in acc] for p in people}}
 
 
 def failed_people(store_root: str, bench: Any, gold_uri: str) -> dict[str, Any]:
@@ -339,6 +367,8 @@ def main() -> None:
                     "(starting version, final version, gold model) in a scenario's store and exit")
     ap.add_argument("--held-out", metavar="STORE", help="print retention and ROUGE-L on never-requested items no "
                     "edit of a scenario's store held against, and exit")
+    ap.add_argument("--gold-agreement", metavar="GOLD2", help="print each person's accuracy on --gold and on "
+                    "GOLD2 (the same recipe, another --seed) and how often they agree within 0.05, and exit")
     ap.add_argument("--table", action="store_true", help="print --out's night rows as a markdown table and exit")
     ap.add_argument("--print-people", action="store_true", help="print the people every scenario draws from "
                     "(comma-separated, for the gold model's --exclude) and exit")
@@ -350,7 +380,7 @@ def main() -> None:
         from mip_core.benchmark import load_benchmark
 
         bench = load_benchmark(args.bench)
-        print(json.dumps(person_rise(args.person_rise, bench) if args.person_rise
+        print(json.dumps(person_rise(args.person_rise, bench, args.gold) if args.person_rise
                          else failed_people(args.failed_people, bench, args.gold)))
         return
     from mip_core.benchmark import load_benchmark
@@ -361,11 +391,15 @@ def main() -> None:
 
     bench = load_benchmark(args.bench)
     names = args.scenarios.split(",")
-    need = max(sum(SCENARIOS[n]["nights"]) for n in SCENARIOS if n in names or args.print_people)
+    need = max(sum(SCENARIOS[n]["nights"]) for n in SCENARIOS
+               if n in names or args.print_people or args.gold_agreement)
     ordered = sorted(bench.with_forget_seed(args.people_seed).profiles, key=lambda p: p.forget_rank)
     people = [p.profile_id for p in ordered][:need]
     if args.print_people:
         print(",".join(people))
+        return
+    if args.gold_agreement:
+        print(json.dumps(gold_agreement(bench, people, [args.gold, args.gold_agreement])))
         return
     excluded = set((read_training_log(args.gold) or {}).get("config", {}).get("exclude_profiles") or ())
     if not set(people) <= excluded:
@@ -400,7 +434,8 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(meta, indent=1) + "\n")  # the rows first: the measures below load models again
         if len(SCENARIOS[name]["nights"]) > 1:
-            meta.setdefault("person_rise", {})[name] = person_rise(str(Path(args.work) / name / "store"), bench)
+            meta.setdefault("person_rise", {})[name] = person_rise(str(Path(args.work) / name / "store"), bench,
+                                                                   args.gold)
         meta.setdefault("failed_people", {})[name] = failed_people(str(Path(args.work) / name / "store"), bench,
                                                                    args.gold)
         meta.setdefault("held_out", {})[name] = held_out(str(Path(args.work) / name / "store"), bench, sets,
