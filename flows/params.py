@@ -77,8 +77,10 @@ class ServiceSpec(BaseModel):
                               "the rest wait for the next run.")
     requests_per_batch: int | None = Field(4, ge=1, description="A run's requests are edited in batches of this "
                                            "many, one after another, each on the version the one before published "
-                                           "(BENCHMARKS.md sections 6 and 10: 4 one-person requests pass the gate "
-                                           "on the demo model, 16 at once do not). None: one batch per model.")
+                                           "(BENCHMARKS.md section 10: on the demo model, batches of 4 leave the "
+                                           "forgotten people at the gold model's level; one batch of 16 or 32 does "
+                                           "more per night, in one version, but pushes them 0.05 below it, where a "
+                                           "membership attack finds them more easily). None: one batch per model.")
     n_actors: int = Field(2, ge=1, description="Ray attribution actors (one GPU each where the cluster has GPUs). "
                                                "RAY_ADDRESS selects an existing cluster.")
     max_shard: int | None = Field(None, ge=1, description="Cap on items per shard (default: items / actors).")
