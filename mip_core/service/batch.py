@@ -20,7 +20,8 @@ MANIFEST_VERSION = 1
 #: Earlier-forgotten items the gate re-checks per batch, spread evenly over the people (a sample: the gate's and the
 #: edit's checks grow with it, not with the lineage). Each person is judged on their own items, so they need
 #: several: all 11 of each of 10 people, about 4 each for the 31 of a night of 32 one-person requests. With 60
-#: (1-4 a person), a person answered again on 7 of 11 items passed (BENCHMARKS.md section 10).
+#: (2 to 6 a person on the fifth night of 4), a person answered again on 7 of 11 items passed (BENCHMARKS.md
+#: section 10).
 EARLIER_LIMIT = 120
 
 

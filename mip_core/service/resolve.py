@@ -267,7 +267,7 @@ def seeded_sample_by(pool: Sequence[T], group: Callable[[T], str], limit: int | 
     a group with fewer gives the rest to the others), drawn with ``seed``, in the pool's order.
 
     Why: whether one person came back is judged on their own items; a plain sample of the lineage's forgotten
-    items gave some people 1 item and others 6 (BENCHMARKS.md section 10)."""
+    items gave the 16 people of a fifth night 2 to 6 items each (BENCHMARKS.md section 10)."""
     if limit is None or limit >= len(pool):
         return list(pool)
     if limit < 0:
