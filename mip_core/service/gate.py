@@ -251,7 +251,11 @@ def _set_scores(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Ma
 
 def chance_level(items: Sequence[Item]) -> float:
     """Expected accuracy of picking an option at random (a free-form item counts 0: nothing to pick)."""
-    return mean([1 / len(it.options) if it.options else 0.0 for it in items]) if items else 0.0
+    return mean([_item_chance(it) for it in items]) if items else 0.0
+
+
+def _item_chance(it: Item) -> float:
+    return 1 / len(it.options) if it.options else 0.0
 
 
 def generation_scores(item_sets: Mapping[str, Sequence[Item]], rouge: Mapping[str, float]
@@ -318,7 +322,7 @@ def earlier_people(items: Sequence[Item], before: Mapping[str, bool], after: Map
     for request, mine in sorted(people.items()):
         b, a = (mean([float(table[it.item_id]) for it in mine]) for table in (before, after))
         chance = chance_level(mine)
-        luck = guess_tail([(after[it.item_id], 1 / len(it.options) if it.options else 0.0) for it in mine])
+        luck = guess_tail([(after[it.item_id], _item_chance(it)) for it in mine])
         figures[request] = {"n": float(len(mine)), "before": b, "after": a, "chance": chance,
                             "rise": a - max(b, chance), "luck": luck}
     return figures
