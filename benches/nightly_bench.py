@@ -213,24 +213,32 @@ def run_scenario(name: str, args: argparse.Namespace, people: list[str], bench: 
     return rows
 
 
+def _people_accuracy(uri: str, bench: Any, people: Any) -> dict[str, float]:
+    """Each person's multiple-choice accuracy on their benchmark questions, on the model at ``uri``."""
+    from mip_core.evaluation.runner import multiple_choice
+    from mip_core.modeling import load_model
+
+    loaded = load_model(uri, device="cpu")
+    out = {}
+    for p in people:
+        items = [it for it in bench.items if it.kind == "qa" and it.profile_id == p]
+        out[p] = sum(multiple_choice(loaded.model, loaded.processor, bench, items)) / len(items)
+    return out
+
+
 def person_rise(store_root: str, bench: Any, gold_uri: str | None = None) -> dict[str, Any]:
     """Each forgotten person's multiple-choice accuracy on the version that forgot them, on the store's current
     version and (with ``gold_uri``) on the gold model: whether anyone came back after later edits, on all their
     items (the gate checks a sample of them), and how far each ends from a model that never saw them."""
-    from mip_core.evaluation.runner import multiple_choice
-    from mip_core.modeling import load_model
     from mip_core.service.store import ServiceStore
 
     store = ServiceStore(store_root)
     done = {str(r.request.subjects[0]): str(r.model_version) for r in store.list() if r.state == "done"}
     final = store.current_version("demo")
-    items = {p: [it for it in bench.items if it.kind == "qa" and it.profile_id == p] for p in done}
     acc: dict[tuple[str, str], float] = {}
     models = {v: store.uri(store.model_key("demo", v)) for v in sorted(set(done.values()) | {final})}
     for version, uri in (models | ({"gold": gold_uri} if gold_uri else {})).items():
-        loaded = load_model(uri, device="cpu")
-        for p in done:
-            acc[(p, version)] = sum(multiple_choice(loaded.model, loaded.processor, bench, items[p])) / len(items[p])
+        acc |= {(p, version): a for p, a in _people_accuracy(uri, bench, done).items()}
     rise = {p: acc[(p, final)] - acc[(p, v)] for p, v in done.items()}
     out = {"final": final, "people": len(done), "pooled_rise": _r(sum(rise.values()) / len(rise) if rise else None),
            "max_person_rise": _r(max(rise.values(), default=None)),
@@ -248,15 +256,7 @@ def gold_agreement(bench: Any, people: list[str], gold_uris: list[str]) -> dict[
     """Each person's multiple-choice accuracy on two gold models (trained the same way without them, different
     seeds), and how often they agree within 0.05: the per-person yardstick's own noise. Neither saw the people, so
     what they answer right is guessing, and at 11 items a person 0.05 is less than one item."""
-    from mip_core.evaluation.runner import multiple_choice
-    from mip_core.modeling import load_model
-
-    items = {p: [it for it in bench.items if it.kind == "qa" and it.profile_id == p] for p in people}
-    acc: list[dict[str, float]] = []
-    for uri in gold_uris:
-        loaded = load_model(uri, device="cpu")
-        acc.append({p: sum(multiple_choice(loaded.model, loaded.processor, bench, items[p])) / len(items[p])
-                    for p in people})
+    acc = [_people_accuracy(uri, bench, people) for uri in gold_uris]
     gap = [acc[1][p] - acc[0][p] for p in people]
     return {"golds": gold_uris, "people": len(people), "within_0.05": sum(abs(g) <= 0.05 + 1e-9 for g in gap),
             "mean_abs_diff": _r(sum(abs(g) for g in gap) / len(gap)), "pooled": [_r(sum(a.values()) / len(a))
