@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from operator import itemgetter
 from typing import Any
 
 from mip_core.benchmark import Benchmark, Item
@@ -138,12 +139,9 @@ def plan_batch(batch_id: str, request_records: Sequence[Any], *, target_model: s
         edit_retain=tuple([it.item_id for it in held] + utility[0::2]),
         eval_retain=tuple(it.item_id for it in scored), eval_utility=tuple(utility[1::2]),
         eval_test=tuple(i for i, _ in held_out), held_out=tuple(held_out),
-        eval_earlier=tuple(seeded_sample_by([p for p in earlier if p[0] not in facts_ids], _request, earlier_limit,
-                                            seed)))
-
-
-def _request(pair: tuple[str, str]) -> str:
-    return pair[1]
+        # spread over the requests that forgot them: each person is judged on their own items
+        eval_earlier=tuple(seeded_sample_by([p for p in earlier if p[0] not in facts_ids], itemgetter(1),
+                                            earlier_limit, seed)))
 
 
 __all__ = ["EARLIER_LIMIT", "MANIFEST_VERSION", "BatchManifest", "plan_batch", "unknown_versions"]

@@ -523,6 +523,6 @@ def format_decision(decision: GateDecision) -> str:
 
 
 __all__ = ["KEPT", "SETS", "GateConfig", "GateDecision", "GenerationScore", "RegisteredReference", "SetScore",
-           "SinceRegistered", "answer_rouge", "by_set", "correct_by_id", "correctness", "decide", "evaluate_and_gate",
-           "earlier_people", "format_decision", "generation_scores", "greedy_by_id", "lineage_spent", "since_registered",
-           "with_answer_logprobs"]
+           "SinceRegistered", "answer_rouge", "by_set", "correct_by_id", "correctness", "decide", "earlier_people",
+           "evaluate_and_gate", "format_decision", "generation_scores", "greedy_by_id", "lineage_spent",
+           "since_registered", "with_answer_logprobs"]

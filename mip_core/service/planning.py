@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from mip_core.benchmark.schema import Item
@@ -232,7 +233,7 @@ def _earlier_items(store: ServiceStore, forgotten: Forgotten, limit: int, seed: 
     """A seeded sample of the earlier-forgotten items, read back from their batches' item tables, with their
     images; items this batch forgets again are left to it."""
     picked = [(i, rid, batch) for i, rid, batch in forgotten.items if i not in taken]
-    picked = seeded_sample_by(picked, lambda p: p[1], limit, seed)  # per request: each person judged on their own
+    picked = seeded_sample_by(picked, itemgetter(1), limit, seed)  # per request: each person judged on their own
     out: list[tuple[Item, str]] = []
     images: dict[str, bytes] = {}
     for batch in dict.fromkeys(batch for _, _, batch in picked):
