@@ -226,6 +226,12 @@ def test_forgotten_people_moving_back_up_to_chance_are_not_coming_back():
     assert decide(sets, known, edited(5), GateConfig()).metric("earlier", "text").relative == pytest.approx(0.125)
 
 
+#: A batch of one request on an edited version, for the reports' tests.
+ONE_REQUEST_ON_V3 = BatchManifest(batch_id="b1", target_model="tiny", base_version="v0003", base_uri="/m",
+                                  dataset_uri="/d", requests=("a",), rejected={}, forget=(("f1", "a"),),
+                                  items_of={"a": ("f1",)}, edit_retain=(), eval_retain=("r1",), eval_utility=())
+
+
 def test_one_person_answered_again_holds_the_version_back_while_the_pooled_figure_sits_under_chance():
     """Per person (the request that forgot them): a rise over ``max_relapse`` that guessing would reach with
     probability under ``relapse_alpha``. a's 12 items stay wrong and b's 4 come back 3 of 4: pooled 3 of 16 =
@@ -249,9 +255,7 @@ def test_one_person_answered_again_holds_the_version_back_while_the_pooled_figur
     assert three.earlier_people["req-a"] == {"n": 12.0, "before": 0.0, "after": 0.0, "chance": 0.25, "rise": -0.25,
                                              "luck": 1.0}
     assert json.loads(json.dumps(three.to_dict()))["earlier_people"]["req-b"]["after"] == 0.75
-    m = BatchManifest(batch_id="b1", target_model="tiny", base_version="v0003", base_uri="/m", dataset_uri="/d",
-                      requests=("a",), rejected={}, forget=(("f1", "a"),), items_of={"a": ("f1",)}, edit_retain=(),
-                      eval_retain=("r1",), eval_utility=())
+    m = ONE_REQUEST_ON_V3
     text = batch_report(m, [], gate=three.to_dict(), version=None, error=None, timings={})
     assert "| `req-b` | 4 | 0.000 | 0.750 | 0.250 | 0.500 | 0.051 |" in text
     assert "each person too, unless guessing explains it: p >= 0.1" in text
@@ -356,9 +360,7 @@ def test_the_reports_show_the_kept_sets_against_the_registered_model():
     start, edited = _eroded()
     gate = decide(ERODED_SETS, start, edited, GateConfig(),
                   registered=RegisteredReference("v0001", REGISTERED, {"r1": 0.5})).to_dict()
-    m = BatchManifest(batch_id="b1", target_model="tiny", base_version="v0003", base_uri="/m", dataset_uri="/d",
-                      requests=("a",), rejected={}, forget=(("f1", "a"),), items_of={"a": ("f1",)}, edit_retain=(),
-                      eval_retain=("r1",), eval_utility=())
+    m = ONE_REQUEST_ON_V3
     text = batch_report(m, [], gate=gate, version=None, error=None, timings={})
     assert "Since the registered model `v0001`" in text
     assert "| retain | text | 8 | 1.000 | 0.750 | 0.750 | 0.500 |" in text  # ROUGE-L over the one answered item
