@@ -63,9 +63,10 @@ class RMisUConfig:
     layer: Index | None = None  # language layer whose output is steered
     layer_fraction: Share = 0.75  # paper: 0.2 (7 of 36); later layers were more selective here (BENCHMARKS.md 3)
     # lambda: target norm as a multiple of the frozen hidden-state norm. With the check below, 2 lands nearest the
-    # gold model and halves the membership attack's tell: 5 pushed the forget inputs into garbage (the model wrote
-    # "OdalysiteOdalysite..." for a forgotten person), which no stranger's answer looks like; 1 forgets unevenly;
-    # 0.5 did not forget within the budget (BENCHMARKS.md section 9, "How far to push")
+    # gold model and narrows the membership attack's tell: at 5 the forget inputs were pushed into garbage (the
+    # model wrote "OdalysiteOdalysite..." for a forgotten person), which no stranger's answer looks like; at 2 some
+    # answers are plausible values of the right kind again; 1 forgets unevenly; 0.5 did not forget within the
+    # budget (BENCHMARKS.md section 9, "How far to push")
     target_scale: Positive = 2.0
     retain_weight: Weight = 5.0  # gamma, against the per-token normalised forget term
     retain_ce_weight: Weight = 0.3  # weight of a retain cross-entropy term (Eq. 11); needs a full retain forward

@@ -1,0 +1,108 @@
+"""What a forgotten person's answers turn into, by RMisU target scale (BENCHMARKS.md section 9, "How far to push").
+
+The loss-based membership attack compares how likely the model finds the forget items' answers with how likely it
+finds never-seen people's. A model that never saw the people (the gold model) answers them like strangers: a
+plausible value of the right kind, the right one about as likely as any other option. This script edits the
+vanilla model of the gold benchmark on forget subset 0 with the default ``mip`` edit at each ``--target-scale``,
+and reports per modality the median mean-token log-probability of the right answer and of the wrong options, for
+the forget items and for never-seen people, the membership AUC, and a few greedy answers side by side.
+
+    python benches/forget_familiarity.py --model demo_out/gold_bench/vanilla --bench demo_out/gold_bench/bench \
+        --gold demo_out/gold_bench/gold0 --target-scale 5 2 --out benches/results/forget_familiarity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+MODALITIES = ("multimodal", "text")
+SHOWN = 4  # greedy answers shown per modality
+
+
+def option_levels(model, processor, bench, items) -> tuple[float, float]:
+    """Median mean-token log-probability of the right option and of the wrong ones, over ``items``' options."""
+    from mip_core.evaluation.runner import answer_mean_logprobs
+
+    right, wrong = [], []
+    for it in (it for it in items if it.options):
+        levels = answer_mean_logprobs(model, processor, bench, [it] * len(it.options), list(it.options))
+        right.append(levels[it.answer_index])
+        wrong += [x for k, x in enumerate(levels) if k != it.answer_index]
+    return statistics.median(right), statistics.median(wrong)
+
+
+def familiarity(loaded, bench, forget, holdout_bench, holdout) -> dict[str, dict]:
+    """Per modality: the answer levels of forget and never-seen items, the membership AUC, greedy answers."""
+    from mip_core.evaluation.mia import auc
+    from mip_core.evaluation.runner import answer_mean_logprobs, generate_answers
+
+    model, processor = loaded.model, loaded.processor
+    out = {}
+    for m in MODALITIES:
+        f = [it for it in forget if it.modality == m]
+        h = [it for it in holdout if it.modality == m]
+        f_levels = answer_mean_logprobs(model, processor, bench, f)
+        h_levels = answer_mean_logprobs(model, processor, holdout_bench, h)
+        (f_right, f_wrong), (h_right, h_wrong) = (option_levels(model, processor, bench, f),
+                                                  option_levels(model, processor, holdout_bench, h))
+        out[m] = {"mia_auc": round(auc(f_levels, h_levels), 3),
+                  "forget_right": round(f_right, 2), "forget_wrong": round(f_wrong, 2),
+                  "never_seen_right": round(h_right, 2), "never_seen_wrong": round(h_wrong, 2),
+                  "forget_said": [[it.answer, said] for it, said in
+                                  zip(f[:SHOWN], generate_answers(model, processor, bench, f[:SHOWN]))],
+                  "never_seen_said": [[it.answer, said] for it, said in
+                                      zip(h[:SHOWN], generate_answers(model, processor, holdout_bench, h[:SHOWN]))]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="the vanilla model of the gold benchmark")
+    ap.add_argument("--bench", required=True)
+    ap.add_argument("--gold", required=True, help="the gold model of forget subset 0 (mip vanilla --exclude-forget)")
+    ap.add_argument("--forget", type=int, default=10, help="forget percentage (default 10, as bench-gold)")
+    ap.add_argument("--target-scale", type=float, nargs="+", default=[5.0, 2.0])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from mip_core.benchmark.dataset import load_benchmark
+    from mip_core.benchmark.holdout import holdout_items
+    from mip_core.editing.data import unlearn_data
+    from mip_core.editing.methods import get_method
+    from mip_core.editing.unlearn import forget_graph
+    from mip_core.modeling.io import cache_dir, load_model
+
+    bench = load_benchmark(args.bench).with_forget_seed(0)
+    forget = bench.split_items("forget", forget_pct=args.forget)
+    retain = bench.split_items("retain", forget_pct=args.forget)
+    holdout_bench, holdout = holdout_items(bench, 10, cache_dir())
+    rows = {"gold": familiarity(load_model(args.gold), bench, forget, holdout_bench, holdout)}
+    loaded = load_model(args.model)
+    rows["vanilla"] = familiarity(loaded, bench, forget, holdout_bench, holdout)
+    vanilla = copy.deepcopy(loaded.model.state_dict())
+    data = unlearn_data(loaded.processor, bench, forget, retain)
+    graph = forget_graph(loaded, bench, forget_pct=args.forget, run_id="familiarity")
+    for scale in args.target_scale:
+        loaded.model.load_state_dict(vanilla)
+        method = get_method("mip", edit_overrides={"rmisu": {"target_scale": scale}}, seed=0)
+        method.run(loaded.model, loaded.adapter, data, graph=graph, log=lambda _line: None)
+        rows[f"mip, target_scale {scale:g}"] = familiarity(loaded, bench, forget, holdout_bench, holdout)
+        print(f"target_scale {scale:g}: " + json.dumps({m: rows[f'mip, target_scale {scale:g}'][m]['mia_auc']
+                                                        for m in MODALITIES}), flush=True)
+    result = {"schema": "forget_familiarity/1", "model": args.model, "bench": args.bench, "gold": args.gold,
+              "forget_pct": args.forget, "forget_seed": 0, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: {m: {x: v[m][x] for x in ("mia_auc", "forget_right", "forget_wrong", "never_seen_right",
+                                                    "never_seen_wrong")} for m in MODALITIES}
+                      for k, v in rows.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
