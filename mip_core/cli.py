@@ -155,7 +155,7 @@ def _edit_overrides(args: argparse.Namespace) -> dict[str, object]:
     """Edit flags given on the command line, as overrides of the chosen method's own settings."""
     rmisu = {k: getattr(args, k) for k in ("layer", "target_scale", "retain_weight", "retain_ce_weight", "steps",
                                            "lr", "batch_size", "target_per", "check_every", "check",
-                                           "after_forgotten")
+                                           "after_forgotten", "plausible_weight")
              if getattr(args, k, None) is not None}
     edit = {k: getattr(args, k) for k in ("prune", "per_request") if getattr(args, k, None) is not None}
     return {**edit, "rmisu": rmisu} if rmisu else edit
@@ -460,6 +460,8 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-scale", type=float, help="lambda: target norm / frozen hidden-state norm")
     g.add_argument("--retain-weight", type=float, help="gamma: weight of the retain representation term")
     g.add_argument("--retain-ce-weight", type=float, help="weight of a retain cross-entropy term (0: off)")
+    g.add_argument("--plausible-weight", type=float, help="weight of the term keeping a forget question's wrong "
+                   "options as likely as before the edit (0: off)")
     g.add_argument("--steps", type=int, help="RMisU optimiser steps")
     g.add_argument("--lr", type=float, help="RMisU learning rate")
     g.add_argument("--batch-size", type=int, help="forget (and retain) inputs per RMisU step")

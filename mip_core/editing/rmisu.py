@@ -46,7 +46,7 @@ from mip_core.editing.base import Log, UnlearnData
 from mip_core.errors import InputError
 from mip_core.evaluation.metrics import guess_tail, mc_correct
 from mip_core.evaluation.runner import sequence_logprobs
-from mip_core.modeling.inputs import IGNORE_INDEX, collate
+from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob, collate
 from mip_core.progress import Progress
 
 
@@ -91,6 +91,13 @@ class RMisUConfig:
     # that well with less than this probability (the gate's GateConfig.relapse_alpha, so the edit pushes whom the
     # gate would find back), or when the whole group scores above chance (the gate's pooled check)
     relapse_alpha: Share = 0.1
+    # weight of the plausibility term: on the forget questions, each wrong option (another value of the same kind)
+    # stays at least as likely as the frozen model found it. The push alone leaves a forgotten person's questions
+    # answered by garbage, so the right answer scores far below a stranger's (the membership attack's tell); a model
+    # that never saw them answers with some plausible value. Measured with the three gold models: privacy leak
+    # -0.13 / -0.35 -> +0.09 / -0.02 (BENCHMARKS.md section 9, "How far to push"). 0: off. Items without options
+    # have no wrong answers to keep and are left out of it
+    plausible_weight: Weight = 1.0
     seed: int = 0
 
     @model_validator(mode="after")
@@ -298,6 +305,9 @@ class _Run:
         # their items join the forget term, so those still at chance are not pushed below it
         self.person_of = list(data.forget_requests) or [f"#{i}" for i in range(len(data.forget))]
         self.relapsed: set[str] = set()
+        # the forget items' wrong options and the frozen model's mean token log-probability of each [n]
+        self.wrong, self.wrong_floor = (_wrong_options(model, data, reference, cfg.batch_size, self.device)
+                                        if cfg.plausible_weight > 0 else ([], torch.zeros(0)))
 
     def frozen_hidden(self, batch: dict[str, Tensor]) -> Tensor:
         with torch.no_grad(), self.reference():
@@ -349,6 +359,8 @@ class _Run:
             loss, point = torch.zeros((), device=self.device), {"step": step + 1}
         if self.data.retain and (cfg.retain_weight > 0 or cfg.retain_ce_weight > 0):
             loss = self.add_retain_loss(loss, point)
+        if self.wrong:
+            loss = self.add_plausible_loss(loss, point)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"RMisU loss became {float(loss)} at step {step + 1}; lower RMisUConfig.lr")
         if not self.per_forward:
@@ -408,6 +420,23 @@ class _Run:
             sum(retain_terms).backward()  # type: ignore[union-attr]
         point["retain"] = loss_r.item()
         return loss
+
+    def add_plausible_loss(self, loss: Tensor, point: dict[str, float]) -> Tensor:
+        """Draw wrong options of forget questions and add ``plausible_weight * mean(relu(floor - mean log p))``:
+        an option the edit made less likely than the frozen model found it is pulled back up to that, none above.
+        The right options are left to the forget term and the check: pulling them up too undid the forgetting."""
+        cfg = self.cfg
+        idx = _share([self.rng.randrange(len(self.wrong)) for _ in range(cfg.batch_size)], self.wrong)
+        batch = _on(collate([self.wrong[i] for i in idx], self.data.pad_token_id), self.device)
+        labels = batch.pop("labels")
+        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)  # [B]
+        level = answer_logprob(self.model(**batch).logits, labels) / n_tokens.to(self.device)  # [B]
+        below = (self.wrong_floor[idx].to(level.device) - level).clamp(min=0).mean()
+        term = cfg.plausible_weight * _global_mean(below, torch.tensor(len(idx)), self.size)
+        if self.per_forward:
+            term.backward()
+        point["plausible"] = below.item()
+        return loss + term
 
     def record(self, point: dict[str, float], step: int, t0: float, curve: list[dict[str, float]], log: Log
                ) -> dict[str, float] | None:
@@ -571,6 +600,23 @@ def _directions(direction_of: list[int], earlier: Sequence[bool], dim: int, seed
     mine = max((row for row, old in zip(direction_of, flags, strict=True) if not old),
                default=-1) + 1  # earlier examples follow this edit's, so their rows do too
     return torch.cat([sphere(mine, dim, seed), sphere(n - mine, dim, seed + 1)]) if n > mine else sphere(n, dim, seed)
+
+
+@torch.no_grad()
+def _wrong_options(model: nn.Module, data: UnlearnData, reference: Callable[[], AbstractContextManager[None]],
+                   batch_size: int, device: torch.device) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """The wrong options of this edit's forget items with options (encoded with the option as the answer), and
+    the frozen model's mean per-token log-probability of each ``[n]``: the floor the plausibility term keeps.
+    People forgotten earlier are left out: their own edit kept theirs, and an edit that finds them at chance must
+    stay the edit it would be without them."""
+    earlier = data.forget_earlier or [False] * len(data.forget)
+    options = data.forget_options or [((), -1)] * len(data.forget)
+    wrong = [ex for (opts, right), old in zip(options, earlier, strict=True) if not old
+             for k, ex in enumerate(opts) if k != right]
+    with reference():
+        totals = sequence_logprobs(model, wrong, data.pad_token_id, batch_size, device=device)
+    tokens = [max(1, int((ex["labels"][1:] != IGNORE_INDEX).sum())) for ex in wrong]
+    return wrong, torch.tensor(totals) / torch.tensor(tokens, dtype=torch.float32)
 
 
 def _on(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

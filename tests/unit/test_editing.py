@@ -485,8 +485,10 @@ def test_rmisu_forgets_again_people_forgotten_earlier_that_a_check_finds_known()
     at chance. Without them in the data the same edit stops at once and leaves them known."""
     from mip_core.editing.rmisu import still_known
 
+    # the check's mechanics alone: on a 4-token toy, keeping tonight's wrong options likely (the plausibility term)
+    # also lifts the tokens the earlier items answer with
     cfg = RMisUConfig(layer=1, steps=120, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0, check_every=5,
-                      after_forgotten="stop")
+                      after_forgotten="stop", plausible_weight=0.0)
     ends = {}
     for guarded in (True, False):
         model, adapter = toy()
@@ -580,3 +582,31 @@ def test_rmisu_repair_spends_the_rest_of_the_budget_on_the_retain_terms():
     with pytest.raises(InputError, match="after_forgotten='repair' needs a retain term"):
         RMisUConfig(layer=1, after_forgotten="repair", retain_weight=0, retain_ce_weight=0)
     assert RMisUConfig(check_every=0, retain_weight=0, retain_ce_weight=0).after_forgotten == "repair"  # no check
+
+
+def wrong_option_levels(model, data) -> torch.Tensor:
+    """Mean token log-probability of each wrong option of ``data``'s forget items ``[n]``."""
+    from mip_core.evaluation.runner import sequence_logprobs
+
+    wrong = [ex for opts, right in data.forget_options for k, ex in enumerate(opts) if k != right]
+    return torch.tensor(sequence_logprobs(model, wrong, 0, 8)) / 2  # one answer token and the end token each
+
+
+def test_rmisu_plausibility_term_keeps_a_forgotten_persons_wrong_options_as_likely_as_before():
+    """The push alone makes the wrong options of the forget questions less likely too (a forgotten person's
+    questions answered by nothing plausible: the membership attack's tell); with ``plausible_weight`` the same
+    edit leaves them less far below their levels before it, and forgets all the same."""
+    from mip_core.editing.rmisu import still_known
+
+    shortfall = {}
+    for weight in (0.0, 5.0):
+        model, adapter, data, editor, params = known_choices_edit()
+        before = wrong_option_levels(model, data)
+        cfg = RMisUConfig(layer=1, steps=60, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0,
+                          check_every=0, plausible_weight=weight)
+        with editor, trainable_only(model, params):
+            curve, _ = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lambda _: None)
+            shortfall[weight] = float((before - wrong_option_levels(model, data)).clamp(min=0).mean())
+            assert still_known(model, data, torch.device("cpu"), 2) == 0
+        assert ("plausible" in curve[-1]) == (weight > 0)
+    assert shortfall[0.0] > 0.5 and shortfall[5.0] < shortfall[0.0] / 2
