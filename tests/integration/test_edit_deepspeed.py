@@ -119,7 +119,7 @@ def job(tmp_path_factory):
     spec = EditSpec(model_uri=str(root / "model"), bench_uri=str(root / "bench"),
                     forget=[(it.item_id, "req-1") for it in forget], retain_item_ids=retain,
                     graph_uri=str(root / "graph"), output_uri=str(root / "edited"),
-                    edit={"rmisu": {"steps": 20, "layer": 1, "batch_size": 4}},
+                    edit={"rmisu": {"steps": 20, "layer": 1, "batch_size": 4, "target_scale": 5.0}},
                     lineage={"batch_id": "b-test", "requests": ["req-1"]})
     return root, spec
 
@@ -184,7 +184,9 @@ def test_deepspeed_job_edits_only_the_path_and_matches_the_in_process_edit(job, 
     assert unlearn_log["details"]["neurons"] == summary["neurons"]
 
     before, after = _forget_logprob(spec.model_uri, spec), _forget_logprob(remote.output_uri, spec)
-    assert -after > -before + 0.01, (before, after)  # measured 6.840 -> 6.862 nats per answer token
+    # measured 6.840 -> 6.852 nats per answer token (6.862 without the plausibility term, which holds the wrong
+    # options up); target_scale 5 in the spec: at the default 2, 20 steps barely move this random-weight toy
+    assert -after > -before + 0.01, (before, after)
 
     local = replace(spec, output_uri=str(root / "edited_inprocess"))
     one = launch_edit(local, str(tmp_path / "inprocess.json"), str(tmp_path / "inprocess.log"),
