@@ -1,14 +1,16 @@
-"""What a forgotten person's answers turn into, by RMisU target scale (BENCHMARKS.md section 9, "How far to push").
+"""What a forgotten person's answers turn into, by RMisU target scale and plausibility weight (BENCHMARKS.md
+section 9, "How far to push").
 
 The loss-based membership attack compares how likely the model finds the forget items' answers with how likely it
 finds never-seen people's. A model that never saw the people (the gold model) answers them like strangers: a
 plausible value of the right kind, the right one about as likely as any other option. This script edits the
-vanilla model of the gold benchmark on forget subset 0 with the default ``mip`` edit at each ``--target-scale``,
-and reports per modality the median mean-token log-probability of the right answer and of the wrong options, for
-the forget items and for never-seen people, the membership AUC, and a few greedy answers side by side.
+vanilla model of the gold benchmark on forget subset 0 with the ``mip`` edit at each ``--edits`` setting
+(``target_scale:plausible_weight``, the rest default), and reports per modality the median mean-token
+log-probability of the right answer and of the wrong options, for the forget items and for never-seen people, the
+membership AUC, and a few greedy answers side by side.
 
     python benches/forget_familiarity.py --model demo_out/gold_bench/vanilla --bench demo_out/gold_bench/bench \
-        --gold demo_out/gold_bench/gold0 --target-scale 5 2 --out benches/results/forget_familiarity.json
+        --gold demo_out/gold_bench/gold0 --edits 5:0 2:0 2:1 --out benches/results/forget_familiarity.json
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def main() -> None:
     ap.add_argument("--bench", required=True)
     ap.add_argument("--gold", required=True, help="the gold model of forget subset 0 (mip vanilla --exclude-forget)")
     ap.add_argument("--forget", type=int, default=10, help="forget percentage (default 10, as bench-gold)")
-    ap.add_argument("--target-scale", type=float, nargs="+", default=[5.0, 2.0])
+    ap.add_argument("--edits", nargs="+", default=["5:0", "2:0", "2:1"],
+                    help="RMisU settings to compare, each target_scale:plausible_weight")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -88,13 +91,15 @@ def main() -> None:
     vanilla = copy.deepcopy(loaded.model.state_dict())
     data = unlearn_data(loaded.processor, bench, forget, retain)
     graph = forget_graph(loaded, bench, forget_pct=args.forget, run_id="familiarity")
-    for scale in args.target_scale:
+    for setting in args.edits:
+        scale, weight = (float(x) for x in setting.split(":"))
         loaded.model.load_state_dict(vanilla)
-        method = get_method("mip", edit_overrides={"rmisu": {"target_scale": scale}}, seed=0)
+        method = get_method("mip", edit_overrides={"rmisu": {"target_scale": scale, "plausible_weight": weight}},
+                            seed=0)
         method.run(loaded.model, loaded.adapter, data, graph=graph, log=lambda _line: None)
-        rows[f"mip, target_scale {scale:g}"] = familiarity(loaded, bench, forget, holdout_bench, holdout)
-        print(f"target_scale {scale:g}: " + json.dumps({m: rows[f'mip, target_scale {scale:g}'][m]['mia_auc']
-                                                        for m in MODALITIES}), flush=True)
+        name = f"mip, target_scale {scale:g}, plausible_weight {weight:g}"
+        rows[name] = familiarity(loaded, bench, forget, holdout_bench, holdout)
+        print(name + ": " + json.dumps({m: rows[name][m]["mia_auc"] for m in MODALITIES}), flush=True)
     result = {"schema": "forget_familiarity/1", "model": args.model, "bench": args.bench, "gold": args.gold,
               "forget_pct": args.forget, "forget_seed": 0, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "rows": rows}
