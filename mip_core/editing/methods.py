@@ -173,13 +173,15 @@ class MipEditor:
 
 def paper_config() -> EditConfig:
     """The paper's edit: prune, then RMisU at 20 % depth with gamma 1 and no retain cross-entropy, all positions,
-    a fixed budget (no check; 300 steps at 3e-2, the budget this variant was measured with).
+    a fixed budget (no check; 300 steps at 3e-2, the budget this variant was measured with), no plausibility term.
 
-    The target keeps the adaptive norm (a fixed target does nothing at small scale; docs/method.md defect 7).
+    The target keeps the adaptive norm (a fixed target does nothing at small scale; docs/method.md defect 7), at
+    the scale this variant was measured with (5).
     """
     return EditConfig(prune=True, rmisu=RMisUConfig(layer_fraction=0.2, retain_weight=1.0, retain_ce_weight=0.0,
                                                         skip_shared_prefix=False, target_per="input", lr=3e-2,
-                                                        steps=300, check_every=0))
+                                                        steps=300, check_every=0, target_scale=5.0,
+                                                        plausible_weight=0.0))
 
 
 @dataclass(frozen=True)
