@@ -10,11 +10,14 @@ inputs are held where the frozen model puts them:
   states of small models reach norms in the thousands, so a fixed target such as the research code's 10 does
   nothing; defect 7);
 - retain: ``h_l(x_r)`` stays close to ``h_l^frozen(x_r)``;
-- ``L = L_f + gamma * L_r (+ ce_weight * CE_retain)``. Padding is masked out of every term. Both squared
-  distances are divided, token by token, by the frozen squared norm of that token, so the loss is O(1) at any
-  model scale and ``gamma`` and the learning rate carry over between models.
+- plausibility: each wrong option of a forget question stays at least as likely as the frozen model found it
+  (the push alone answers a forgotten person with garbage, which a membership attack tells from a stranger);
+- ``L = L_f + gamma * L_r (+ ce_weight * CE_retain) (+ plausible_weight * L_p)``. Padding is masked out of every
+  term. Both squared distances are divided, token by token, by the frozen squared norm of that token, so the loss
+  is O(1) at any model scale and ``gamma`` and the learning rate carry over between models.
 
-The forward stops at layer ``l`` (a hook raises once ``h_l`` exists), so the layers above it cost nothing. Only
+The representation terms' forwards stop at layer ``l`` (a hook raises once ``h_l`` exists), so the layers above it
+cost nothing there; the retain cross-entropy and the plausibility term run the whole model. Only
 what an editor or the caller made trainable moves; the frozen reference is the same model with the editor
 switched off, so no second copy of the weights is needed.
 
