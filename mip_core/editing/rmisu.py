@@ -48,6 +48,7 @@ from mip_core.config import Count, Index, Positive, Share, Weight, config_class
 from mip_core.editing.base import Log, UnlearnData
 from mip_core.errors import InputError
 from mip_core.evaluation.metrics import guess_tail, mc_correct
+from mip_core.evaluation.mia import mean_answer_logprob
 from mip_core.evaluation.runner import sequence_logprobs
 from mip_core.modeling.inputs import IGNORE_INDEX, answer_logprob, collate
 from mip_core.progress import Progress
@@ -617,9 +618,7 @@ def _wrong_options(model: nn.Module, data: UnlearnData, reference: Callable[[], 
     wrong = [ex for (opts, right), old in zip(options, earlier, strict=True) if not old
              for k, ex in enumerate(opts) if k != right]
     with reference():
-        totals = sequence_logprobs(model, wrong, data.pad_token_id, batch_size, device=device)
-    tokens = [max(1, int((ex["labels"][1:] != IGNORE_INDEX).sum())) for ex in wrong]
-    return wrong, torch.tensor(totals) / torch.tensor(tokens, dtype=torch.float32)
+        return wrong, torch.tensor(mean_answer_logprob(model, wrong, data.pad_token_id, batch_size, device=device))
 
 
 def _on(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -19,10 +19,11 @@ from mip_core.modeling.inputs import IGNORE_INDEX
 
 
 def mean_answer_logprob(model: nn.Module, examples: Sequence[dict[str, Tensor]], pad_token_id: int,
-                        batch_size: int = 64) -> list[float]:
-    """Per example: log p(answer | prompt) divided by the number of answer tokens."""
+                        batch_size: int = 64, device: torch.device | None = None) -> list[float]:
+    """Per example: log p(answer | prompt) divided by the number of answer tokens (``device``: as
+    ``sequence_logprobs``)."""
     model.eval()
-    totals = sequence_logprobs(model, examples, pad_token_id, batch_size)
+    totals = sequence_logprobs(model, examples, pad_token_id, batch_size, device=device)
     n_tokens = [max(1, int((ex["labels"][1:] != IGNORE_INDEX).sum())) for ex in examples]
     return [total / n for total, n in zip(totals, n_tokens, strict=True)]
 
