@@ -27,16 +27,17 @@ MODALITIES = ("multimodal", "text")
 SHOWN = 4  # greedy answers shown per modality
 
 
-def option_levels(model, processor, bench, items) -> tuple[float, float]:
-    """Median mean-token log-probability of the right option and of the wrong ones, over ``items``' options."""
+def option_levels(model, processor, bench, items, answer_levels) -> tuple[float, float]:
+    """Median mean-token log-probability of the right option and of the wrong ones, over ``items``' options.
+
+    The right option is the item's answer (``Item`` checks it), so its level is ``answer_levels``' (one per item,
+    in order); the wrong options are scored in one batched pass."""
     from mip_core.evaluation.runner import answer_mean_logprobs
 
-    right, wrong = [], []
-    for it in (it for it in items if it.options):
-        levels = answer_mean_logprobs(model, processor, bench, [it] * len(it.options), list(it.options))
-        right.append(levels[it.answer_index])
-        wrong += [x for k, x in enumerate(levels) if k != it.answer_index]
-    return statistics.median(right), statistics.median(wrong)
+    with_options = [(it, level) for it, level in zip(items, answer_levels, strict=True) if it.options]
+    wrong = [(it, opt) for it, _ in with_options for k, opt in enumerate(it.options) if k != it.answer_index]
+    wrong_levels = answer_mean_logprobs(model, processor, bench, [it for it, _ in wrong], [o for _, o in wrong])
+    return statistics.median(level for _, level in with_options), statistics.median(wrong_levels)
 
 
 def familiarity(loaded, bench, forget, holdout_bench, holdout) -> dict[str, dict]:
@@ -51,8 +52,8 @@ def familiarity(loaded, bench, forget, holdout_bench, holdout) -> dict[str, dict
         h = [it for it in holdout if it.modality == m]
         f_levels = answer_mean_logprobs(model, processor, bench, f)
         h_levels = answer_mean_logprobs(model, processor, holdout_bench, h)
-        (f_right, f_wrong), (h_right, h_wrong) = (option_levels(model, processor, bench, f),
-                                                  option_levels(model, processor, holdout_bench, h))
+        (f_right, f_wrong), (h_right, h_wrong) = (option_levels(model, processor, bench, f, f_levels),
+                                                  option_levels(model, processor, holdout_bench, h, h_levels))
         out[m] = {"mia_auc": round(auc(f_levels, h_levels), 3),
                   "forget_right": round(f_right, 2), "forget_wrong": round(f_wrong, 2),
                   "never_seen_right": round(h_right, 2), "never_seen_wrong": round(h_wrong, 2),
