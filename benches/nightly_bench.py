@@ -12,6 +12,9 @@ scenario's settings:
   ``split_held_back: false``): what the scheduling changes;
 - ``random16``: ``night16`` editing random neurons instead of paths (the same counts): what the method changes;
 - ``five_nights``: five consecutive nights of 4 requests on one store (the lineage grows);
+- ``names16``: ``night16`` with each request giving only the person's name and photo, the model registered with
+  the plain keep-set files ``mip benchmark export`` writes, and the batches kept off the benchmark
+  (``MIP_NO_BENCHMARK=1``): the service builds its own probes, as for a real client's request;
 - ``smoke``: two nights of one request and a short edit, to check the bench runs.
 
 Rows (``--out``): one per batch the service ran (``batch`` >= 0: the gate's own figures, on its samples), and one
@@ -44,6 +47,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "one_batch32": {"nights": [32], "spec": {"requests_per_batch": None, "split_held_back": False}},
     "random16": {"nights": [16], "spec": {"method": "random"}},
     "five_nights": {"nights": [4] * 5, "spec": {}},
+    "names16": {"nights": [16], "spec": {}, "by_name": True},
     # checks the bench runs (minutes): a short fixed edit strong enough to publish, so night 2 has an earlier person
     "smoke": {"nights": [1, 1], "spec": {"edit": {"rmisu": {"steps": 60, "lr": 0.03}}}},
 }
@@ -105,6 +109,35 @@ def _of(sets: dict[str, list], people: list[str]) -> list:
     return [it for it in sets["people"] if it.profile_id in group]
 
 
+def _pid(bench: Any, subject: Any) -> str:
+    """The profile id a request's subject names: itself (a benchmark id), or the profile with the person's name."""
+    if isinstance(subject, str):
+        return subject
+    return next(p.profile_id for p in bench.profiles if p.name == subject.name)
+
+
+def _register(store: Any, model: str, bench: Any, root: Path, by_name: bool) -> None:
+    """The demo model, with its benchmark, or (``by_name``) with the keep-set files exported from it."""
+    from mip_core.cli import main as mip
+
+    if not by_name:
+        store.register_model("demo", model, dataset_uri=str(bench.root))
+        return
+    keep = root / "keepsets"
+    assert mip(["benchmark", "export", "--bench", str(bench.root), "--out", str(keep)]) == 0
+    assert mip(["models", "register", "--root", store.root, "--name", "demo", "--model", model, "--retain",
+                str(keep / "retain.jsonl"), "--utility", str(keep / "utility.jsonl"), "--templates",
+                str(keep / "templates.jsonl")]) == 0
+
+
+def _subject(bench: Any, pid: str, by_name: bool) -> Any:
+    """A request's subject: the profile id, or (``by_name``) only the person's name and training photo."""
+    if not by_name:
+        return pid
+    profile = bench.profile(pid)
+    return {"name": profile.name, "photos": [str(Path(bench.root) / profile.image)]}
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
@@ -139,13 +172,14 @@ def _batch_rows(store: Any, results: list[dict], scenario: str, night: int) -> l
     return rows
 
 
-def _night_row(scenario: str, night: int, tonight: list[str], earlier: list[list[str]], store: Any,
+def _night_row(scenario: str, night: int, tonight: list[str], earlier: list[list[str]], store: Any, bench: Any,
                sets: dict, m: Measure, gold: Measure, vanilla: Measure, after_own: dict[int, float],
                wall_s: float) -> dict:
     records = [r for r in store.list() if r.request.request_id.startswith(f"n{night}-")]
     earlier_people = [p for group in earlier for p in group]
     rise = [m.acc(_of(sets, group)) - after_own[j] for j, group in enumerate(earlier)]
-    everyone, done = earlier_people + tonight, [str(r.request.subjects[0]) for r in store.list() if r.state == "done"]
+    everyone = earlier_people + tonight
+    done = [_pid(bench, r.request.subjects[0]) for r in store.list() if r.state == "done"]
 
     def leak(people: list[str]) -> float | None:
         """MUSE's privacy leak of ``people``'s items: (AUC - AUC_gold) / AUC_gold."""
@@ -187,26 +221,31 @@ def run_scenario(name: str, args: argparse.Namespace, people: list[str], bench: 
     root = Path(args.work) / name
     shutil.rmtree(root, ignore_errors=True)
     store = ServiceStore(str(root / "store"))
-    store.register_model("demo", args.model, dataset_uri=args.bench)
     scenario = SCENARIOS[name]
+    by_name = scenario.get("by_name", False)
+    _register(store, args.model, bench, root, by_name)
     spec = ServiceSpec(root=store.root, **{**BASE_SPEC, **scenario["spec"], **spec_overrides})
     rows, groups, after_own, start = [], [], {}, 0
     for night, size in enumerate(scenario["nights"], start=1):
         tonight = people[start:start + size]
         start += size
         for j, pid in enumerate(tonight):
-            store.submit(ForgetRequest(request_id=f"n{night}-{j:02d}", target_model="demo", subjects=[pid],
-                                       requester="bench", reason="privacy"))
+            store.submit(ForgetRequest(request_id=f"n{night}-{j:02d}", target_model="demo",
+                                       subjects=[_subject(bench, pid, by_name)], requester="bench", reason="privacy"))
         t0 = time.perf_counter()
+        if by_name:
+            os.environ["MIP_NO_BENCHMARK"] = "1"  # the batches must not open the benchmark
         try:
             results = nightly_unlearning(spec)
         finally:
+            os.environ.pop("MIP_NO_BENCHMARK", None)
             ray.shutdown()
         wall = time.perf_counter() - t0
         version = store.current_version("demo")
         m = Measure(store.uri(store.model_key("demo", version)), sets, holdout, bench, vanilla.answers)
         rows += _batch_rows(store, results, name, night)
-        rows.append(_night_row(name, night, tonight, groups, store, sets, m, gold, vanilla, after_own, wall))
+        rows.append(_night_row(name, night, tonight, groups, store, bench, sets, m, gold, vanilla, after_own,
+                               wall))
         after_own[len(groups)] = m.acc(_of(sets, tonight))
         groups.append(tonight)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "measured_by"}), flush=True)
@@ -233,7 +272,7 @@ def person_rise(store_root: str, bench: Any, gold_uri: str | None = None) -> dic
     from mip_core.service.store import ServiceStore
 
     store = ServiceStore(store_root)
-    done = {str(r.request.subjects[0]): str(r.model_version) for r in store.list() if r.state == "done"}
+    done = {_pid(bench, r.request.subjects[0]): str(r.model_version) for r in store.list() if r.state == "done"}
     final = store.current_version("demo")
     acc: dict[tuple[str, str], float] = {}
     models = {v: store.uri(store.model_key("demo", v)) for v in sorted(set(done.values()) | {final})}
@@ -278,7 +317,7 @@ def failed_people(store_root: str, bench: Any, gold_uri: str) -> dict[str, Any]:
     started = {r.request.request_id: manifest_of(store, str(r.batch_id)).base_version for r in failed
                if store.exists(store.batch_key(str(r.batch_id), "manifest.json"))}  # closed unedited: none
     items = {r.request.request_id: [it for it in bench.items if it.kind == "qa"
-                                    and it.profile_id == str(r.request.subjects[0])] for r in failed}
+                                    and it.profile_id == _pid(bench, r.request.subjects[0])] for r in failed}
     final = store.current_version("demo")
     loads = [("start", store.uri(store.model_key("demo", v)), [r for r in items if started.get(r) == v])
              for v in sorted(set(started.values()))]  # (what, model, the requests it is measured for)
@@ -291,7 +330,7 @@ def failed_people(store_root: str, bench: Any, gold_uri: str) -> dict[str, Any]:
     out = {}
     for r in failed:
         rid = r.request.request_id
-        out[rid] = {"person": str(r.request.subjects[0]), "started_from": started.get(rid), "reason": r.reason}
+        out[rid] = {"person": _pid(bench, r.request.subjects[0]), "started_from": started.get(rid), "reason": r.reason}
         for modality in sorted({it.modality for it in items[rid]}):
             pos = [k for k, it in enumerate(items[rid]) if it.modality == modality]
             out[rid][modality] = {"n": len(pos)} | {what: _r(sum(acc[(rid, what)][k] for k in pos) / len(pos))

@@ -133,3 +133,47 @@ def test_free_form_items_are_scored_by_their_greedy_answer_and_the_rest_by_optio
     assert scored[0::2] == multiple_choice(model, processor, bench, items)
     with pytest.raises(ValueError, match=re.escape(repr(items[0].item_id)) + ".*have no options.*score_items"):
         multiple_choice(model, processor, bench, [items[1], as_free[0]])
+
+
+def test_a_free_form_items_wrong_answers_are_other_peoples_answers_to_the_same_fact():
+    from mip_core.editing.data import distractors
+
+    asked = free("q1", answer="Oslo")  # person r.s0, birthplace
+    pool = [free("a", profile_id="p1", answer="Lima"), free("b", profile_id="p2", answer="lima."),  # same words
+            free("c", profile_id="p3", answer="OSLO"),  # the asked person's own answer, other case
+            free("d", profile_id="r.s0", answer="Bergen"),  # the asked person's own other item
+            free("e", profile_id="p4", fact="occupation", answer="baker"),  # another fact
+            free("f", profile_id=None, kind="utility", answer="Paris"),  # about nobody
+            free("g", profile_id="p6", answer="Kyiv"), free("h", profile_id="p7", answer="Rome"),
+            free("i", profile_id="p8", answer="Quito")]
+    picked = distractors(asked, pool)
+    assert len(picked) == 3 and set(picked) <= {"Lima", "Kyiv", "Rome", "Quito"}
+    assert picked == distractors(asked, pool[::-1])  # the hash picks, not the pool's order
+    assert sorted(distractors(asked, pool, n=10)) == ["Kyiv", "Lima", "Quito", "Rome"]  # "Lima" < "lima."
+    assert distractors(asked, pool[:6]) == ["Lima"]  # all there is
+    assert distractors(free("q2", fact="hobby"), pool) == []
+
+
+def test_unlearn_data_encodes_the_wrong_answers_of_options_and_free_form_items_alike(tiny):
+    from mip_core.editing.data import distractors, unlearn_data
+
+    _, processor, bench = tiny
+    qa = [i for i in bench.items if i.kind == "qa"]
+    with_options = next(i for i in qa if i.modality == "text")
+    as_free = dataclasses.replace(next(i for i in qa if i.modality == "multimodal"), options=(), answer_index=-1)
+    retain = [i for i in qa if i.profile_id not in (with_options.profile_id, as_free.profile_id)]
+    data = unlearn_data(processor, bench, [with_options, as_free], retain)
+
+    def answer_of(ex) -> str:  # the labelled answer span, without the end token
+        ids = ex["labels"][ex["labels"] != IGNORE_INDEX].tolist()
+        return processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    options_wrong, free_wrong = data.forget_wrong
+    assert [answer_of(ex) for ex in options_wrong] == [o for o in with_options.options if o != with_options.answer]
+    expected = distractors(as_free, retain)
+    assert len(expected) == 3 and [answer_of(ex) for ex in free_wrong] == expected
+    assert all(torch.equal(ex["pixel_values"], data.forget[1]["pixel_values"]) for ex in free_wrong)  # its photo
+    assert data.wrong_answers() == list(data.forget_wrong)
+    assert data.only_forget([1]).forget_wrong == [free_wrong]
+    unset = dataclasses.replace(data, forget_wrong=())  # data built without them: the wrong options only
+    assert unset.wrong_answers()[0] == options_wrong and unset.wrong_answers()[1] == []
