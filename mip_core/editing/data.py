@@ -38,8 +38,10 @@ def unlearn_data(processor: Any, bench: Benchmark, forget: Sequence[Item], retai
                        forget_options=options,
                        forget_earlier=[False] * len(forget) + [True] * len(earlier) if earlier else (),
                        forget_wrong=[[ex for k, ex in enumerate(opts) if k != right] if opts
+                                     # earlier people's answers are not kept (rmisu._wrong_answers): not encoded
+                                     else [] if k >= len(forget)
                                      else encode_answers(processor, bench, it, distractors(it, retain))
-                                     for it, (opts, right) in zip(both, options, strict=True)])
+                                     for k, (it, (opts, right)) in enumerate(zip(both, options, strict=True))])
 
 
 def encode_options(processor: Any, bench: Benchmark, item: Item) -> tuple[list[dict[str, Tensor]], int]:
@@ -72,9 +74,8 @@ def distractors(item: Item, pool: Sequence[Item], n: int = N_WRONG) -> list[str]
 
     Distinct (compared as words, like the check compares answers), never the item's own answer; picked by a hash
     of the item id and the answer, whatever the pool's order, so every process of an edit and every rerun picks
-    the same ones. A keep set
-    without facts (all ``"fact"``) gives answers of any kind: the frozen model finds those unlikely already, so
-    their floors sit low and the term seldom pulls on them.
+    the same ones. A keep set without facts (all ``"fact"``) gives answers of any kind: the frozen model finds
+    those unlikely already, so their floors sit low and the term seldom pulls on them.
     """
     own = tuple(answer_words(item.answer))
     spellings: dict[tuple[str, ...], set[str]] = {}
