@@ -38,8 +38,10 @@ def unlearn_data(processor: Any, bench: Benchmark, forget: Sequence[Item], retai
                        forget_options=options,
                        forget_earlier=[False] * len(forget) + [True] * len(earlier) if earlier else (),
                        forget_wrong=[[ex for k, ex in enumerate(opts) if k != right] if opts
+                                     # earlier people's answers are not kept (rmisu._wrong_answers): not encoded
+                                     else [] if k >= len(forget)
                                      else encode_answers(processor, bench, it, distractors(it, retain))
-                                     for it, (opts, right) in zip(both, options, strict=True)])
+                                     for k, (it, (opts, right)) in enumerate(zip(both, options, strict=True))])
 
 
 def encode_options(processor: Any, bench: Benchmark, item: Item) -> tuple[list[dict[str, Tensor]], int]:

@@ -80,8 +80,7 @@ class RMisUConfig:
     # check, the forget term on for the whole budget)
     # what a check measures: "said", greedy decoding writes no forget answer any more (still_said); "choice", the
     # forget items' multiple-choice accuracy, per modality, is no better than guessing among their options, the
-    # level of a model that never saw the people (still_known); a free-form item chooses among its answer and its
-    # wrong answers (choices), and falls back to "said" without any
+    # level of a model that never saw the people (still_known; free-form items fall back to "said")
     check: Literal["said", "choice"] = "choice"
     # with check_every, once forgotten: "stop" ends the edit; "repair" spends the rest of the budget on the retain
     # terms alone (back to the forget term whenever a check finds them known again), since the steps after
@@ -333,8 +332,8 @@ class _Run:
         """``group``'s per-item :func:`credits` by ``cfg.check``: with ``"said"`` every item is scored as
         free-form (still said or not), so :func:`known_share` of them is :func:`still_said`."""
         part = self.parts[group]
-        return credits(self.model, part if self.cfg.check == "choice"
-                       else replace(part, forget_options=(), forget_wrong=()), self.device, self.cfg.batch_size)
+        return credits(self.model, part if self.cfg.check == "choice" else replace(part, forget_options=()),
+                       self.device, self.cfg.batch_size)
 
     def earlier_known(self) -> float:
         """Check the people forgotten earlier: returns the share of their items known again, per modality as for
@@ -475,10 +474,10 @@ def still_said(model: nn.Module, data: UnlearnData, device: torch.device, batch_
     token is not required). One forward per batch, no generation.
 
     ``RMisUConfig.check="said"`` checks by this; ``"choice"`` (the default) by :func:`still_known`, which uses
-    it for items without options or wrong answers. Alone, it ended edits on the demo model after 50-100 of 300
-    steps, forgetting as much on benchmark items but less on the service's own probes (BENCHMARKS.md section 8),
-    and with repair it let multiple choice slip above the gold model's (section 9). Every rank scores every input
-    in the same order (ZeRO-3 gathers weights collectively), so all ranks reach the same decision."""
+    it for items without options. Alone, it ended edits on the demo model after 50-100 of 300 steps, forgetting
+    as much on benchmark items but less on the service's own probes (BENCHMARKS.md section 8), and with repair it
+    let multiple choice slip above the gold model's (section 9). Every rank scores every input in the same order
+    (ZeRO-3 gathers weights collectively), so all ranks reach the same decision."""
     return sum(said_each(model, data.forget, data.pad_token_id, device, batch_size)) / max(len(data.forget), 1)
 
 
@@ -534,26 +533,13 @@ def _outcomes(item_credits: Sequence[tuple[str, float]]) -> list[tuple[bool, flo
             for modality, credit in item_credits]
 
 
-def choices(data: UnlearnData) -> list[tuple[Sequence[dict[str, Tensor]], int]]:
-    """Each forget item's multiple choice, encoded, and the right one's index: its options, or for a free-form item
-    (a probe the service built) its own answer first and then its wrong answers (other people's answers to the
-    same fact, ``UnlearnData.forget_wrong``); ``((), -1)`` for a free-form item without any.
-
-    So a probe is checked like a benchmark question: known while its answer beats what a model that never knew
-    the person might say, not only while greedy decoding still writes it (which stopped edits with the answer
-    still the likeliest of the choices: a model at 0.36 where the gold model is at 0.23, BENCHMARKS.md 10)."""
-    wrong = data.wrong_answers()
-    return [(opts, right) if opts else (([example, *wrong[i]], 0) if wrong[i] else ((), -1))
-            for i, ((opts, right), example) in enumerate(zip(data.options(), data.forget, strict=True))]
-
-
 @torch.no_grad()
 def credits(model: nn.Module, data: UnlearnData, device: torch.device, batch_size: int
             ) -> list[tuple[str, float]]:
-    """Per forget item, in order, ``(modality, credit)``: with choices (:func:`choices`), 1 if the right one is
-    the most likely minus ``1 / n_choices`` (what guessing gets); free-form without any, ``(_FREE, 1.0)`` while its
-    answer is still said, else 0."""
-    options = choices(data)
+    """Per forget item, in order, ``(modality, credit)``: with options, 1 if the right option is the most likely
+    minus ``1 / n_options`` (what guessing gets); free-form, ``(_FREE, 1.0)`` while its answer is still said,
+    else 0."""
+    options = data.options()
     with_options = [i for i, (opts, _) in enumerate(options) if opts]
     flat = [ex for i in with_options for ex in options[i][0]]
     scores = sequence_logprobs(model, flat, data.pad_token_id, batch_size, device=device)
@@ -661,5 +647,5 @@ def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
             p.requires_grad_(flag)
 
 
-__all__ = ["RMisUConfig", "choices", "credits", "hidden_at", "known_share", "run_rmisu", "said_each", "sphere",
-           "still_known", "still_said", "trainable_only"]
+__all__ = ["RMisUConfig", "credits", "hidden_at", "known_share", "run_rmisu", "said_each", "sphere", "still_known",
+           "still_said", "trainable_only"]

@@ -377,26 +377,6 @@ def test_still_known_counts_right_choices_beyond_chance_per_modality_and_free_fo
     assert still_known(model, data, torch.device("cpu"), batch_size=4) == pytest.approx((2 - 6 / 4) / 6)
 
 
-def test_a_free_form_item_with_wrong_answers_is_checked_by_choice_among_its_answer_and_them():
-    """A probe has no options; with other people's answers to its fact it is known while its own answer is the
-    likeliest of them, exactly as the same item with those as options; without any, by whether it is said."""
-    from mip_core.editing.rmisu import _FREE, credits, still_known
-
-    model, _ = toy()
-    cpu = torch.device("cpu")
-    items = [with_options(model, p, right=r) for p, r in (([1, 2], True), ([3, 1], False), ([2, 2], True),
-                                                          ([4, 1], False))]
-    as_options = UnlearnData([ex for ex, _ in items], [], 0, ["text"] * 4, [], forget_options=[o for _, o in items])
-    as_probes = replace(as_options, forget_options=(), forget_wrong=[[ex for k, ex in enumerate(opts) if k != right]
-                                                                     for opts, right in as_options.forget_options])
-    # right, wrong, right, wrong with 4 choices each: 1 - 1/4 and 0 - 1/4
-    assert credits(model, as_probes, cpu, 2) == credits(model, as_options, cpu, 2) == [("text", 0.75),
-                                                                                         ("text", -0.25)] * 2
-    assert still_known(model, as_probes, cpu, 2) == pytest.approx((2 - 4 / 4) / 4)
-    said = credits(model, replace(as_probes, forget_wrong=()), cpu, 2)
-    assert [m for m, _ in said] == [_FREE] * 4 and all(c in (0.0, 1.0) for _, c in said)
-
-
 def test_still_known_reads_exactly_chance_as_forgotten_with_any_number_of_options():
     from mip_core.editing.rmisu import still_known
 
