@@ -32,11 +32,6 @@ class UnlearnData:
     ``forget_options`` gives each forget example's multiple-choice options, encoded like the example (each with
     its option as the answer), and the index of the right one; ``((), -1)`` for a free-form item. RMisU's
     ``check="choice"`` measures forgetting by them against chance (``rmisu.still_known``).
-    ``forget_wrong`` gives each forget example's wrong answers (other values of its fact), encoded like the example
-    with the wrong answer as the answer: what a model that never knew the person might say instead. RMisU's
-    plausibility term keeps them as likely as they were. ``unlearn_data`` takes an item's wrong options, or for a
-    free-form item (a probe the service built) other people's answers to the same fact; when not given they are
-    the wrong options of ``forget_options`` (:meth:`wrong_answers`).
     ``forget_earlier`` marks the forget examples of people an earlier edit already forgot (the service's earlier
     versions of a lineage). They are not forgotten again by default: RMisU's check watches them apart, and its
     forget term takes the items of those a check finds known again (``run_rmisu``). Methods without a check
@@ -51,27 +46,16 @@ class UnlearnData:
     forget_requests: Sequence[str] = ()
     forget_options: Sequence[tuple[Sequence[dict[str, Tensor]], int]] = ()
     forget_earlier: Sequence[bool] = ()
-    forget_wrong: Sequence[Sequence[dict[str, Tensor]]] = ()
 
     def __post_init__(self) -> None:
         if not self.forget:
             raise InputError("nothing to forget: the forget set is empty; pick a forget split or request items")
         for name, examples in (("forget_modality", self.forget), ("retain_modality", self.retain),
                                ("forget_requests", self.forget), ("forget_options", self.forget),
-                               ("forget_earlier", self.forget), ("forget_wrong", self.forget)):
+                               ("forget_earlier", self.forget)):
             values = getattr(self, name)
             if values and len(values) != len(examples):
                 raise InputError(f"UnlearnData.{name} has {len(values)} entries for {len(examples)} examples")
-
-    def options(self) -> list[tuple[Sequence[dict[str, Tensor]], int]]:
-        """``forget_options``, or every example free-form (``((), -1)``) where none were given."""
-        return list(self.forget_options) or [((), -1)] * len(self.forget)
-
-    def wrong_answers(self) -> list[Sequence[dict[str, Tensor]]]:
-        """``forget_wrong``, or each example's wrong options where it was not given."""
-        if self.forget_wrong:
-            return list(self.forget_wrong)
-        return [[ex for k, ex in enumerate(opts) if k != right] for opts, right in self.options()]
 
     def request_ids(self) -> list[str]:
         """The distinct request ids of the forget examples, in first-seen order."""
@@ -92,7 +76,7 @@ class UnlearnData:
 
         return replace(self, forget=pick(self.forget), forget_modality=pick(self.forget_modality),
                        forget_requests=pick(self.forget_requests), forget_options=pick(self.forget_options),
-                       forget_earlier=pick(self.forget_earlier), forget_wrong=pick(self.forget_wrong))
+                       forget_earlier=pick(self.forget_earlier))
 
 
 @dataclass(frozen=True)

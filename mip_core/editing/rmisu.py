@@ -10,9 +10,8 @@ inputs are held where the frozen model puts them:
   states of small models reach norms in the thousands, so a fixed target such as the research code's 10 does
   nothing; defect 7);
 - retain: ``h_l(x_r)`` stays close to ``h_l^frozen(x_r)``;
-- plausibility: each wrong answer to a forget question (a wrong option, or another person's answer to the same
-  fact for a question without options) stays at least as likely as the frozen model found it (the push alone
-  answers a forgotten person with garbage, which a membership attack tells from a stranger);
+- plausibility: each wrong option of a forget question stays at least as likely as the frozen model found it
+  (the push alone answers a forgotten person with garbage, which a membership attack tells from a stranger);
 - ``L = L_f + gamma * L_r (+ ce_weight * CE_retain) (+ plausible_weight * L_p)``. Padding is masked out of every
   term. Both squared distances are divided, token by token, by the frozen squared norm of that token, so the loss
   is O(1) at any model scale and ``gamma`` and the learning rate carry over between models.
@@ -101,7 +100,7 @@ class RMisUConfig:
     # answered by garbage, so the right answer scores far below a stranger's (the membership attack's tell); a model
     # that never saw them answers with some plausible value. Measured with the three gold models: privacy leak
     # -0.13 / -0.35 -> +0.09 / -0.02 (BENCHMARKS.md section 9, "How far to push"). 0: off. Items without options
-    # (probes the service built) take other people's answers to the same fact (UnlearnData.forget_wrong)
+    # have no wrong answers to keep and are left out of it
     plausible_weight: Weight = 1.0
     seed: int = 0
 
@@ -310,8 +309,8 @@ class _Run:
         # their items join the forget term, so those still at chance are not pushed below it
         self.person_of = list(data.forget_requests) or [f"#{i}" for i in range(len(data.forget))]
         self.relapsed: set[str] = set()
-        # the forget items' wrong answers and the frozen model's mean token log-probability of each [n]
-        self.wrong, self.wrong_floor = (_wrong_answers(model, data, reference, cfg.batch_size, self.device)
+        # the forget items' wrong options and the frozen model's mean token log-probability of each [n]
+        self.wrong, self.wrong_floor = (_wrong_options(model, data, reference, cfg.batch_size, self.device)
                                         if cfg.plausible_weight > 0 else ([], torch.zeros(0)))
 
     def frozen_hidden(self, batch: dict[str, Tensor]) -> Tensor:
@@ -427,8 +426,8 @@ class _Run:
         return loss
 
     def add_plausible_loss(self, loss: Tensor, point: dict[str, float]) -> Tensor:
-        """Draw wrong answers to forget questions and add ``plausible_weight * mean(relu(floor - mean log p))``:
-        an answer the edit made less likely than the frozen model found it is pulled back up to that, none above.
+        """Draw wrong options of forget questions and add ``plausible_weight * mean(relu(floor - mean log p))``:
+        an option the edit made less likely than the frozen model found it is pulled back up to that, none above.
         The right options are left to the forget term and the check: pulling them up too undid the forgetting."""
         cfg = self.cfg
         idx = _share([self.rng.randrange(len(self.wrong)) for _ in range(cfg.batch_size)], self.wrong)
@@ -539,7 +538,7 @@ def credits(model: nn.Module, data: UnlearnData, device: torch.device, batch_siz
     """Per forget item, in order, ``(modality, credit)``: with options, 1 if the right option is the most likely
     minus ``1 / n_options`` (what guessing gets); free-form, ``(_FREE, 1.0)`` while its answer is still said,
     else 0."""
-    options = data.options()
+    options = list(data.forget_options) or [((), -1)] * len(data.forget)
     with_options = [i for i, (opts, _) in enumerate(options) if opts]
     flat = [ex for i in with_options for ex in options[i][0]]
     scores = sequence_logprobs(model, flat, data.pad_token_id, batch_size, device=device)
@@ -608,15 +607,16 @@ def _directions(direction_of: list[int], earlier: Sequence[bool], dim: int, seed
 
 
 @torch.no_grad()
-def _wrong_answers(model: nn.Module, data: UnlearnData, reference: Callable[[], AbstractContextManager[None]],
+def _wrong_options(model: nn.Module, data: UnlearnData, reference: Callable[[], AbstractContextManager[None]],
                    batch_size: int, device: torch.device) -> tuple[list[dict[str, Tensor]], Tensor]:
-    """The wrong answers of this edit's forget items (``UnlearnData.wrong_answers``: an item's wrong options, or
-    other people's answers to its fact), and the frozen model's mean per-token log-probability of each ``[n]``:
-    the floor the plausibility term keeps.
+    """The wrong options of this edit's forget items with options (encoded with the option as the answer), and
+    the frozen model's mean per-token log-probability of each ``[n]``: the floor the plausibility term keeps.
     People forgotten earlier are left out: their own edit kept theirs, and an edit that finds them at chance must
     stay the edit it would be without them."""
     earlier = data.forget_earlier or [False] * len(data.forget)
-    wrong = [ex for answers, old in zip(data.wrong_answers(), earlier, strict=True) if not old for ex in answers]
+    options = data.forget_options or [((), -1)] * len(data.forget)
+    wrong = [ex for (opts, right), old in zip(options, earlier, strict=True) if not old
+             for k, ex in enumerate(opts) if k != right]
     with reference():
         return wrong, torch.tensor(mean_answer_logprob(model, wrong, data.pad_token_id, batch_size, device=device))
 
