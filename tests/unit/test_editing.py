@@ -465,9 +465,8 @@ def test_rmisu_leaves_people_forgotten_earlier_alone_while_every_check_finds_the
         # the right option is the three wrong ones' answer and one token more, so its summed log-probability is
         # theirs plus that token's, always lower: answered wrong at every check, whatever the edit does. (Four
         # identical options relied on an exact tie, which float noise between batch rows breaks on some CPUs.)
-        earlier = [(toy_example([*p, 3], 1), ([toy_example([*p, 3], 1), toy_example([*p, 3, 1], 2),
-                                                 toy_example([*p, 3], 1), toy_example([*p, 3], 1)], 1))
-                   for p in ([2, 3], [4, 4])]
+        pairs = [(toy_example([*p, 3], 1), toy_example([*p, 3, 1], 2)) for p in ([2, 3], [4, 4])]
+        earlier = [(wrong, ([wrong, longer, wrong, wrong], 1)) for wrong, longer in pairs]
         data, editor, params = with_earlier(model, adapter, tonight, earlier)
         with editor, trainable_only(model, params):
             curve, _ = run_rmisu(model, adapter, data if guarded else data.only_forget(range(4)), params, cfg,
