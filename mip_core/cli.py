@@ -177,7 +177,7 @@ def _unlearn(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     summary, graph = unlearn_benchmark(
         loaded, bench, args.method, forget_pct=args.forget, seed=args.subset, graph=graph,
-        edit=_edit_overrides(args), attribution=AttributionConfig(top_k=args.top_k), strangers=args.strangers,
+        edit=_edit_overrides(args), attribution=AttributionConfig(top_k=args.top_k),
         log=lambda line: print(line, flush=True))
     lineage = {"model": args.model, "bench": args.bench, "forget_pct": args.forget, "subset": args.subset,
                "paths": args.paths or (graph.run_id if graph is not None else None)}
@@ -211,7 +211,7 @@ def _compare(args: argparse.Namespace) -> None:
         m for part in args.methods for m in part.split(",") if m)
     cfg = CompareConfig(forget_pct=args.forget, methods=tuple(methods), seeds=args.seeds,
                         attribution=AttributionConfig(top_k=args.top_k), edit=_edit_overrides(args),
-                        holdout_profiles=args.holdout, stranger_profiles=args.strangers, gold=tuple(args.gold or ()))
+                        holdout_profiles=args.holdout, gold=tuple(args.gold or ()))
     bench = load_benchmark(args.bench)
     loaded = load_model(args.model)
     t0 = time.perf_counter()
@@ -471,9 +471,6 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
                    "is said by greedy decoding; 'choice', multiple choice no better than chance, per modality")
     g.add_argument("--after-forgotten", choices=("stop", "repair"), help="with --check-every, once forgotten: "
                    "stop, or spend the rest of the budget on the retain terms")
-    g.add_argument("--strangers", type=int, default=30, metavar="N", help="never-seen people (the benchmark's "
-                   "generator past its last person) whose questions set where the choice check stops: the level "
-                   "the model answers them at (default 30; 0: chance)")
     g.add_argument("--target-per", choices=("input", "request"),
                    help="one RMisU target direction per forget input or per request (default: the method's)")
     g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,

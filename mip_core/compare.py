@@ -27,10 +27,10 @@ from typing import Any
 
 from mip_core.attribution import AttributionConfig
 from mip_core.benchmark import Benchmark
-from mip_core.benchmark.holdout import HOLDOUT_PROFILES, holdout_items, stranger_items
-from mip_core.config import Count, Index, config_class
+from mip_core.benchmark.holdout import holdout_items
+from mip_core.config import Count, config_class
 from mip_core.editing import METHOD_NAMES, MethodName
-from mip_core.editing.data import unlearn_data, with_strangers
+from mip_core.editing.data import unlearn_data
 from mip_core.editing.methods import METHODS, get_method
 from mip_core.editing.rmisu import RMisUConfig
 from mip_core.editing.unlearn import forget_graph
@@ -57,9 +57,7 @@ class CompareConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     rmisu: RMisUConfig | None = None  # None: each method's default
     edit: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides (prune, train_rows, ...)
-    holdout_profiles: int = HOLDOUT_PROFILES  # never-seen people for the membership-inference AUC
-    # further never-seen people (past those), whose questions set where RMisU's choice check stops (0: chance)
-    stranger_profiles: Index = 30
+    holdout_profiles: int = 10  # never-seen people for the membership-inference AUC
     batch_size: int = 64
     gold: tuple[str, ...] = ()  # gold model per forget seed (0 .. seeds-1), or none
 
@@ -118,8 +116,6 @@ def compare(loaded: LoadedModel, bench: Benchmark, cfg: CompareConfig, *, log: C
     holdout_bench, holdout = holdout_items(bench, cfg.holdout_profiles, holdout_root or cache_dir())
     non_members = {m: encode_items(processor, holdout_bench, [it for it in holdout if it.modality == m])
                    for m in MODALITIES}
-    strangers = (stranger_items(bench, cfg.stranger_profiles, holdout_root or cache_dir(),
-                                after=cfg.holdout_profiles) if cfg.stranger_profiles > 0 else None)
     rows: list[CompareRow] = []
     try:
         for seed in range(cfg.seeds):
@@ -128,7 +124,6 @@ def compare(loaded: LoadedModel, bench: Benchmark, cfg: CompareConfig, *, log: C
             forget = b.split_items("forget", forget_pct=cfg.forget_pct)
             retain = b.split_items("retain", forget_pct=cfg.forget_pct)
             data = unlearn_data(processor, b, forget, retain)
-            data = with_strangers(data, processor, *strangers) if strangers else data
             members = {m: [ex for ex, mod in zip(data.forget, data.forget_modality, strict=True) if mod == m]
                        for m in MODALITIES}
             log(f"seed {seed}: forgetting {len(b.forget_profile_ids(cfg.forget_pct))} profiles "

@@ -40,21 +40,4 @@ def holdout_items(bench: Benchmark, n_holdout: int, cache_root: str | os.PathLik
     return extended, [it for it in extended.items if it.kind == "qa" and it.profile_id in new]
 
 
-#: never-seen people whose items are the membership attack's non-members (``mip compare --holdout``)
-HOLDOUT_PROFILES = 10
-
-
-def stranger_items(bench: Benchmark, n_strangers: int, cache_root: str | os.PathLike[str], *,
-                   after: int = HOLDOUT_PROFILES) -> tuple[Benchmark, list[Item]]:
-    """``(holdout benchmark, qa items of n_strangers never-seen people)``: those past the first ``after`` new
-    people, so an edit that stops at the level it measures on strangers is not fitted on the non-members the
-    membership attack then measures it with."""
-    if n_strangers < 1:
-        raise BenchmarkError(f"n_strangers must be >= 1, got {n_strangers}")
-    extended, items = holdout_items(bench, after + n_strangers, cache_root)
-    n = bench.manifest.n_profiles
-    skip = {p.profile_id for p in extended.profiles[n : n + after]}
-    return extended, [it for it in items if it.profile_id not in skip]
-
-
-__all__ = ["HOLDOUT_PROFILES", "holdout_items", "stranger_items"]
+__all__ = ["holdout_items"]

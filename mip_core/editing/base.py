@@ -36,10 +36,6 @@ class UnlearnData:
     versions of a lineage). They are not forgotten again by default: RMisU's check watches them apart, and its
     forget term takes the items of those a check finds known again (``run_rmisu``). Methods without a check
     forget them along with the rest; a per-request edit (``EditConfig.per_request``) leaves them out.
-    ``strangers`` are multiple-choice questions about people the model never saw, encoded like
-    ``forget_options``, with ``stranger_modality`` per question: RMisU's choice check stops at the level the model
-    in hand answers them at, per modality, instead of at chance (``rmisu.stranger_levels``); a model that never saw
-    a person still picks some right options from what the options and other facts give away.
     """
 
     forget: Sequence[dict[str, Tensor]]
@@ -50,8 +46,6 @@ class UnlearnData:
     forget_requests: Sequence[str] = ()
     forget_options: Sequence[tuple[Sequence[dict[str, Tensor]], int]] = ()
     forget_earlier: Sequence[bool] = ()
-    strangers: Sequence[tuple[Sequence[dict[str, Tensor]], int]] = ()
-    stranger_modality: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not self.forget:
@@ -62,9 +56,6 @@ class UnlearnData:
             values = getattr(self, name)
             if values and len(values) != len(examples):
                 raise InputError(f"UnlearnData.{name} has {len(values)} entries for {len(examples)} examples")
-        if len(self.stranger_modality) != len(self.strangers):
-            raise InputError(f"UnlearnData.stranger_modality has {len(self.stranger_modality)} entries for "
-                             f"{len(self.strangers)} strangers' questions; give one modality per question")
 
     def request_ids(self) -> list[str]:
         """The distinct request ids of the forget examples, in first-seen order."""

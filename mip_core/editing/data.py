@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from mip_core.benchmark import Benchmark, Item
@@ -37,14 +36,6 @@ def unlearn_data(processor: Any, bench: Benchmark, forget: Sequence[Item], retai
                        forget_earlier=[False] * len(forget) + [True] * len(earlier) if earlier else ())
 
 
-def with_strangers(data: UnlearnData, processor: Any, bench: Benchmark, strangers: Sequence[Item]) -> UnlearnData:
-    """``data`` with the multiple-choice items of ``strangers`` (people the model never saw, from ``bench``)
-    encoded as ``UnlearnData.strangers``; free-form items are left out (they have no options to guess among)."""
-    chosen = [it for it in strangers if not it.free_form]
-    return replace(data, strangers=[encode_options(processor, bench, it) for it in chosen],
-                   stranger_modality=[it.modality for it in chosen])
-
-
 def encode_options(processor: Any, bench: Benchmark, item: Item) -> tuple[list[dict[str, Tensor]], int]:
     """``item``'s options, each encoded as its answer, and the right one's index; ``([], -1)`` when free-form.
 
@@ -65,4 +56,4 @@ def request_of(item: Item) -> str:
     return item.profile_id or item.item_id
 
 
-__all__ = ["encode_options", "request_of", "unlearn_data", "with_strangers"]
+__all__ = ["encode_options", "request_of", "unlearn_data"]

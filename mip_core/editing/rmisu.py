@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, replace
 from typing import Literal
@@ -78,9 +78,8 @@ class RMisUConfig:
     check_every: Index = 10  # > 0: every this many steps, check whether the forget items are forgotten yet (0: no
     # check, the forget term on for the whole budget)
     # what a check measures: "said", greedy decoding writes no forget answer any more (still_said); "choice", the
-    # forget items' multiple-choice accuracy, per modality, is no better than a stranger's: the level the model in
-    # hand answers never-seen people's questions at (UnlearnData.strangers), or guessing among the options where
-    # none are given (still_known; free-form items fall back to "said")
+    # forget items' multiple-choice accuracy, per modality, is no better than guessing among their options, the
+    # level of a model that never saw the people (still_known; free-form items fall back to "said")
     check: Literal["said", "choice"] = "choice"
     # with check_every, once forgotten: "stop" ends the edit; "repair" spends the rest of the budget on the retain
     # terms alone (back to the forget term whenever a check finds them known again), since the steps after
@@ -253,7 +252,7 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
 
 
 TONIGHT, EARLIER = "forget", "earlier"  # the check's groups: this edit's forget items, people forgotten before
-_WHAT = {"said": "no forget answer is said", "choice": "the forget items are at a stranger's level"}
+_WHAT = {"said": "no forget answer is said", "choice": "the forget items are at chance"}
 
 
 def _switch(group: str, now: set[str], check: str) -> str:
@@ -313,11 +312,6 @@ class _Run:
         # the forget items' wrong options and the frozen model's mean token log-probability of each [n]
         self.wrong, self.wrong_floor = (_wrong_options(model, data, reference, cfg.batch_size, self.device)
                                         if cfg.plausible_weight > 0 else ([], torch.zeros(0)))
-        # per modality, how often the unedited model picks the right option for people it never saw: where the
-        # choice check stops (measured once: the gold model is the model before the edit, minus those people)
-        with reference():
-            self.levels = (stranger_levels(model, data, self.device, cfg.batch_size)
-                           if cfg.check == "choice" and cfg.check_every > 0 else {})
 
     def frozen_hidden(self, batch: dict[str, Tensor]) -> Tensor:
         with torch.no_grad(), self.reference():
@@ -338,7 +332,7 @@ class _Run:
         free-form (still said or not), so :func:`known_share` of them is :func:`still_said`."""
         part = self.parts[group]
         return credits(self.model, part if self.cfg.check == "choice" else replace(part, forget_options=()),
-                       self.device, self.cfg.batch_size, self.levels)
+                       self.device, self.cfg.batch_size)
 
     def earlier_known(self) -> float:
         """Check the people forgotten earlier: returns the share of their items known again, per modality as for
@@ -465,8 +459,6 @@ class _Run:
                 else:
                     point[f"{key}_{group}"] = self.earlier_known()
                     known[group] = point[f"back_{group}"] = float(len(self.relapsed))
-        if step == 0:
-            point.update({f"level_{modality}": level for modality, level in self.levels.items()})
         if check or step == 0 or (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
             point["seconds"] = round(time.perf_counter() - t0, 2)
             curve.append({k: round(v, 5) for k, v in point.items()})
@@ -505,39 +497,18 @@ def said_each(model: nn.Module, examples: Sequence[dict[str, Tensor]], pad_token
     return said
 
 
-def still_known(model: nn.Module, data: UnlearnData, device: torch.device, batch_size: int,
-                levels: Mapping[str, float] | None = None) -> float:
+def still_known(model: nn.Module, data: UnlearnData, device: torch.device, batch_size: int) -> float:
     """Share of forget items the model still knows beyond a stranger's level; 0 once it knows them no better.
 
     An item with options counts as right when its right option is the most likely (``mc_correct``). Per
-    modality, the items right beyond a stranger's level are still known: ``levels[modality]`` per item
-    (:func:`stranger_levels`), else what guessing among the options gets (``sum(1 / n_options)``). A model that
-    never saw the people scores about that (BENCHMARKS.md section 9: the gold models answer their forget people at
-    0.20 / 0.31 with 4 options, the text questions above chance). Free-form items count when still said
+    modality, the items right beyond what guessing among the options gets (``sum(1 / n_options)``) are still
+    known; a model that never saw the people scores about that much (BENCHMARKS.md section 9: the gold models
+    answer their forget people at 0.20 / 0.31 with 4 options). Free-form items count when still said
     (``still_said``). So an edit checked this way stops at a stranger's level rather than driving the forget
     items below chance, which is the trace a membership attack sees (section 9: MIA AUC 0.10-0.22 against the
     gold model's 0.45). Every rank scores every option in the same order, so all ranks decide alike.
     """
-    return known_share(credits(model, data, device, batch_size, levels))
-
-
-@torch.no_grad()
-def stranger_levels(model: nn.Module, data: UnlearnData, device: torch.device, batch_size: int
-                    ) -> dict[str, float]:
-    """Per modality, the share of ``data.strangers`` (never-seen people's questions) ``model`` answers right by
-    multiple choice; ``{}`` without strangers. What a model that never saw a person scores on their questions:
-    the level exact unlearning leaves, which guessing (``1 / n_options``) underestimates where the options and
-    the other facts give some answers away."""
-    flat = [ex for opts, _ in data.strangers for ex in opts]
-    if not flat:
-        return {}
-    scores = sequence_logprobs(model, flat, data.pad_token_id, batch_size, device=device)
-    right: dict[str, list[float]] = {}
-    start = 0
-    for (opts, answer), modality in zip(data.strangers, data.stranger_modality, strict=True):
-        right.setdefault(modality, []).append(mc_correct(scores[start : start + len(opts)], answer))
-        start += len(opts)
-    return {modality: sum(hits) / len(hits) for modality, hits in right.items()}
+    return known_share(credits(model, data, device, batch_size))
 
 
 def known_share(item_credits: Sequence[tuple[str, float]]) -> float:
@@ -562,11 +533,11 @@ def _outcomes(item_credits: Sequence[tuple[str, float]]) -> list[tuple[bool, flo
 
 
 @torch.no_grad()
-def credits(model: nn.Module, data: UnlearnData, device: torch.device, batch_size: int,
-            levels: Mapping[str, float] | None = None) -> list[tuple[str, float]]:
+def credits(model: nn.Module, data: UnlearnData, device: torch.device, batch_size: int
+            ) -> list[tuple[str, float]]:
     """Per forget item, in order, ``(modality, credit)``: with options, 1 if the right option is the most likely
-    minus a stranger's level (``levels[modality]``, else ``1 / n_options``, what guessing gets); free-form,
-    ``(_FREE, 1.0)`` while its answer is still said, else 0."""
+    minus ``1 / n_options`` (what guessing gets); free-form, ``(_FREE, 1.0)`` while its answer is still said,
+    else 0."""
     options = list(data.forget_options) or [((), -1)] * len(data.forget)
     with_options = [i for i, (opts, _) in enumerate(options) if opts]
     flat = [ex for i in with_options for ex in options[i][0]]
@@ -576,8 +547,7 @@ def credits(model: nn.Module, data: UnlearnData, device: torch.device, batch_siz
     for i in with_options:
         opts, answer = options[i]
         modality = data.forget_modality[i] if data.forget_modality else "all"
-        level = (levels or {}).get(modality, 1 / len(opts))
-        out[i] = (modality, mc_correct(scores[start : start + len(opts)], answer) - level)
+        out[i] = (modality, mc_correct(scores[start : start + len(opts)], answer) - 1 / len(opts))
         start += len(opts)
     free = [i for i, (opts, _) in enumerate(options) if not opts]
     for i, said in zip(free, said_each(model, [data.forget[i] for i in free], data.pad_token_id, device,
@@ -678,4 +648,4 @@ def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
 
 
 __all__ = ["RMisUConfig", "credits", "hidden_at", "known_share", "run_rmisu", "said_each", "sphere", "still_known",
-           "still_said", "stranger_levels", "trainable_only"]
+           "still_said", "trainable_only"]

@@ -9,12 +9,11 @@ from typing import Any
 from mip_core.attribution import AttributionConfig, attribute_items
 from mip_core.benchmark import Benchmark
 from mip_core.editing.base import EditSummary
-from mip_core.benchmark.holdout import stranger_items
-from mip_core.editing.data import request_of, unlearn_data, with_strangers
+from mip_core.editing.data import request_of, unlearn_data
 from mip_core.editing.methods import METHODS, get_method
 from mip_core.editing.rmisu import RMisUConfig
 from mip_core.errors import InputError
-from mip_core.modeling.io import LoadedModel, cache_dir, save_model
+from mip_core.modeling.io import LoadedModel, save_model
 from mip_core.path_graph import PathGraph, reduce_paths
 from mip_core.storage import filesystem
 
@@ -40,13 +39,10 @@ def forget_graph(loaded: LoadedModel, bench: Benchmark, *, forget_pct: int, cfg:
 def unlearn_benchmark(loaded: LoadedModel, bench: Benchmark, method: str, *, forget_pct: int = 5, seed: int = 0,
                       graph: PathGraph | None = None, rmisu: RMisUConfig | None = None,
                       edit: dict[str, Any] | None = None, attribution: AttributionConfig | None = None,
-                      strangers: int = 30, log: Callable[[str], None] = print
-                      ) -> tuple[EditSummary, PathGraph | None]:
+                      log: Callable[[str], None] = print) -> tuple[EditSummary, PathGraph | None]:
     """Make ``loaded.model`` forget the forget split of ``bench`` (subset ``seed``) with ``method``, in place.
 
-    A path-based method without ``graph`` attributes the forget items first. ``strangers`` never-seen people
-    (``stranger_items``, the same ones ``mip compare`` uses) set where RMisU's choice check stops; 0: chance.
-    Returns the summary and the graph used.
+    A path-based method without ``graph`` attributes the forget items first. Returns the summary and the graph used.
     """
     if method not in METHODS:
         raise InputError(f"--method {method!r} is not a method; choose from {', '.join(METHODS)}")
@@ -57,8 +53,6 @@ def unlearn_benchmark(loaded: LoadedModel, bench: Benchmark, method: str, *, for
         log(f"path graph: {len(graph)} neurons")
     data = unlearn_data(loaded.processor, b, b.split_items("forget", forget_pct=forget_pct),
                         b.split_items("retain", forget_pct=forget_pct))
-    if strangers > 0:
-        data = with_strangers(data, loaded.processor, *stranger_items(b, strangers, cache_dir()))
     summary = get_method(method, rmisu=rmisu, edit_overrides=edit, seed=seed).run(
         loaded.model, loaded.adapter, data, graph=graph, log=log)
     return summary, graph

@@ -277,15 +277,3 @@ def test_training_without_some_people_leaves_out_exactly_their_items(bench20):
     assert any(it.profile_id is None for it in kept)  # the general-knowledge items stay
     with pytest.raises(InputError, match="exclude_profiles names 1 people .* e.g. \\['nobody'\\]"):
         training_items(bench20, ["nobody"])
-
-
-def test_strangers_are_never_seen_people_past_the_membership_attacks_non_members(bench20, tmp_path):
-    from mip_core.benchmark.holdout import holdout_items, stranger_items
-
-    _, non_members = holdout_items(bench20, 3, tmp_path)
-    extended, strangers = stranger_items(bench20, 2, tmp_path, after=3)
-    ids = [p.profile_id for p in extended.profiles]
-    assert {it.profile_id for it in non_members} == set(ids[20:23])
-    assert {it.profile_id for it in strangers} == set(ids[23:25])  # none of the benchmark's, none of the above
-    assert strangers and all(it.kind == "qa" for it in strangers)
-    assert {it.modality for it in strangers} == {"text", "multimodal"}

@@ -388,57 +388,6 @@ def test_still_known_reads_exactly_chance_as_forgotten_with_any_number_of_option
     assert still_known(model, data, torch.device("cpu"), batch_size=2) == 0
 
 
-def test_stranger_levels_are_the_share_of_never_seen_peoples_questions_answered_right_per_modality():
-    from mip_core.editing.rmisu import still_known, stranger_levels
-
-    model, _ = toy()
-    cpu = torch.device("cpu")
-    text = [with_options(model, p, right=r)[1] for p, r in (([1, 2], True), ([3, 1], True), ([2, 2], False),
-                                                            ([4, 1], False))]
-    image = [with_options(model, [IMAGE, 2], right=True, image=IMG)[1]]
-    forget = [with_options(model, p, right=r) for p, r in (([1, 3], True), ([3, 3], True), ([2, 4], False),
-                                                           ([4, 4], False))]
-    data = UnlearnData([ex for ex, _ in forget], [], 0, ["text"] * 4, [], forget_options=[o for _, o in forget],
-                       strangers=text + image, stranger_modality=["text"] * 4 + ["multimodal"])
-    levels = stranger_levels(model, data, cpu, 3)
-    assert levels == {"text": 0.5, "multimodal": 1.0}  # 2 of 4 strangers' text questions right, 1 of 1 by photo
-    # 2 of 4 forget items right: 1 item beyond chance (2 - 4/4), none beyond the strangers' level (2 - 4 * 0.5)
-    assert still_known(model, data, cpu, 2) == pytest.approx(1 / 4)
-    assert still_known(model, data, cpu, 2, levels) == 0
-
-
-def test_unlearn_data_names_the_field_when_strangers_and_their_modalities_disagree():
-    model, _ = toy()
-    forget, options = with_options(model, [1, 2], right=True)
-    with pytest.raises(InputError, match="stranger_modality has 0 entries for 1"):
-        UnlearnData([forget], [], 0, strangers=[options])
-
-
-def test_rmisu_checked_by_choice_stops_at_the_level_it_measures_on_strangers():
-    """Strangers the unedited model answers half right: the edit stops once the forget items (4 of 4 right at
-    first) are right no more often than that, 2 of 4; without strangers the level is chance and it goes on to 1."""
-    from mip_core.editing.rmisu import credits
-
-    def edit(strangers: bool) -> tuple[list[dict], int]:
-        model, adapter, data, editor, params = known_choices_edit()
-        if strangers:
-            data = replace(data, strangers=[with_options(model, p, right=r)[1] for p, r in (([1, 3], True),
-                                                                                            ([3, 3], False))],
-                           stranger_modality=["text"] * 2)
-        cfg = RMisUConfig(layer=1, steps=200, lr=0.05, batch_size=2, retain_weight=1.0, target_scale=3.0,
-                          check_every=5, check="choice", after_forgotten="stop")
-        with editor, trainable_only(model, params):
-            curve, _ = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lambda _: None)
-            right = sum(credit > 0 for _, credit in credits(model, data, torch.device("cpu"), 2))
-        return curve, right
-
-    at_level, right_at_level = edit(strangers=True)
-    at_chance, right_at_chance = edit(strangers=False)
-    assert at_level[0]["level_text"] == 0.5 and "level_text" not in at_chance[0]
-    assert (right_at_level, right_at_chance) == (2, 1)  # of 4: the strangers' level, chance
-    assert at_level[-1]["step"] < at_chance[-1]["step"]
-
-
 def known_choices_edit():
     """The toy, 4 text forget items whose right options it ranks first (all known), the retain examples, and an
     editor on ``selection``: what an edit checked by multiple choice starts from."""
