@@ -454,6 +454,29 @@ def with_earlier(model, adapter, tonight, earlier):
     return data, editor, editor.trainable_parameters()
 
 
+def test_rmisu_whose_budget_runs_out_on_a_relapse_ends_at_the_last_check_that_found_them_forgotten():
+    """Repair can let the items come back right at the end, with no steps left to push them again: the edit then
+    ends at the weights of the last check at chance, to the bit those of the same edit given only that budget."""
+    from mip_core.editing.rmisu import still_known
+
+    def edit(steps: int) -> tuple[list[dict], list[torch.Tensor], float]:
+        model, adapter, data, editor, params = known_choices_edit()
+        cfg = RMisUConfig(layer=1, steps=steps, lr=0.2, batch_size=2, retain_weight=1.0, target_scale=3.0,
+                          check_every=5)
+        with editor, trainable_only(model, params):
+            curve, _ = run_rmisu(model, adapter, data, params, cfg, reference=editor.disabled, log=lambda _: None)
+            return curve, [p.detach().clone() for p in params], still_known(model, data, torch.device("cpu"), 2)
+
+    checks = [(p["step"], p["known"]) for p in edit(120)[0] if "known" in p]
+    # the first relapse on this CPU (the toy's trajectory differs between CPUs in the last bits)
+    at_chance, relapse = next((a[0], b[0]) for a, b in zip(checks, checks[1:]) if a[1] == 0 < b[1])
+    curve, weights, known_at_end = edit(relapse)
+    assert curve[-1]["known"] > 0 and curve[-1]["back_to_step"] == at_chance and known_at_end == 0
+    _, weights_then, _ = edit(at_chance)
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_then, strict=True))
+    assert "back_to_step" not in edit(at_chance)[0][-1]  # a budget that ends at chance keeps its last weights
+
+
 def test_rmisu_leaves_people_forgotten_earlier_alone_while_every_check_finds_them_forgotten():
     """Items an earlier edit forgot join the forget term only when a check finds them known: while they stay at
     chance, the edit is the one it would be without them, to the bit (the same draws and target directions)."""
