@@ -223,7 +223,8 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     People an earlier edit forgot (``data.forget_earlier``) are kept forgotten, not forgotten again: each check
     measures them apart, and while they score above chance the forget term also takes the items of those known
     again (the gate would not publish a version under which they come back). Without a check
-    (``check_every=0``) they are left alone.
+    (``check_every=0``) they are left alone. A budget that runs out right after a check found anyone known again
+    ends at the weights of the last check that found everyone forgotten (:func:`_back_to`).
     """
     run = _Run(model, adapter, data, cfg, reference)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -244,7 +245,7 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
         if not any(known.values()) and cfg.after_forgotten == "stop":
             log(f"rmisu: {_WHAT[cfg.check]} after {step + 1} of {cfg.steps} steps; stopping")
             break
-        if not any(known.values()):
+        if not any(known.values()) and not any(is_partitioned(p) for p in params):
             forgotten_at = (step + 1, [p.detach().clone() for p in params])
         now = {group for group, share in known.items() if share > 0}
         for group in sorted(now ^ forgetting):
@@ -265,7 +266,8 @@ def _back_to(params: list[nn.Parameter], forgotten_at: tuple[int, list[Tensor]],
     right after a check found them known again (repair lets them drift back, and the forget term had no steps
     left to push): measured on the gold benchmark, where the budget happened to end decided whether a subset
     ended at chance or at 0.44. The copy is of the trainable tensors only (an editor's slices), the same on every
-    rank since every rank's checks decide alike."""
+    rank since every rank's checks decide alike. ZeRO-3 partitioned trainables (whole-model RMU under a sharded
+    launch) are not copied, so such an edit keeps its last weights."""
     step, saved = forgotten_at
     for param, value in zip(params, saved, strict=True):
         param.copy_(value)
