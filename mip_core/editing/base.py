@@ -57,6 +57,10 @@ class UnlearnData:
             if values and len(values) != len(examples):
                 raise InputError(f"UnlearnData.{name} has {len(values)} entries for {len(examples)} examples")
 
+    def options(self) -> list[tuple[Sequence[dict[str, Tensor]], int]]:
+        """``forget_options``, or every example free-form (``((), -1)``) where none were given."""
+        return list(self.forget_options) or [((), -1)] * len(self.forget)
+
     def request_ids(self) -> list[str]:
         """The distinct request ids of the forget examples, in first-seen order."""
         if not self.forget_requests:

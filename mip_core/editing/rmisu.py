@@ -235,6 +235,7 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
     forgetting = {TONIGHT}  # the groups the forget term draws from; people forgotten earlier join when known
     last_known: dict[str, float] = {}
     forgotten_at: tuple[int, list[Tensor]] | None = None  # the last check that found every group forgotten
+    copyable = not any(is_partitioned(p) for p in params)  # a ZeRO-3 shard's copy would be an empty placeholder
     for step in range(cfg.steps):
         point = run.train_step(optimizer, params, step, forget=run.pool(forgetting))
         bar.update()
@@ -242,10 +243,11 @@ def run_rmisu(model: nn.Module, adapter: ModelAdapter, data: UnlearnData, params
         if known is None:
             continue
         last_known = known
-        if not any(known.values()) and cfg.after_forgotten == "stop":
+        forgotten = not any(known.values())
+        if forgotten and cfg.after_forgotten == "stop":
             log(f"rmisu: {_WHAT[cfg.check]} after {step + 1} of {cfg.steps} steps; stopping")
             break
-        if not any(known.values()) and not any(is_partitioned(p) for p in params):
+        if forgotten and copyable:
             forgotten_at = (step + 1, [p.detach().clone() for p in params])
         now = {group for group, share in known.items() if share > 0}
         for group in sorted(now ^ forgetting):
@@ -563,7 +565,7 @@ def credits(model: nn.Module, data: UnlearnData, device: torch.device, batch_siz
     """Per forget item, in order, ``(modality, credit)``: with options, 1 if the right option is the most likely
     minus ``1 / n_options`` (what guessing gets); free-form, ``(_FREE, 1.0)`` while its answer is still said,
     else 0."""
-    options = list(data.forget_options) or [((), -1)] * len(data.forget)
+    options = data.options()
     with_options = [i for i, (opts, _) in enumerate(options) if opts]
     flat = [ex for i in with_options for ex in options[i][0]]
     scores = sequence_logprobs(model, flat, data.pad_token_id, batch_size, device=device)
@@ -639,8 +641,7 @@ def _wrong_options(model: nn.Module, data: UnlearnData, reference: Callable[[], 
     People forgotten earlier are left out: their own edit kept theirs, and an edit that finds them at chance must
     stay the edit it would be without them."""
     earlier = data.forget_earlier or [False] * len(data.forget)
-    options = data.forget_options or [((), -1)] * len(data.forget)
-    wrong = [ex for (opts, right), old in zip(options, earlier, strict=True) if not old
+    wrong = [ex for (opts, right), old in zip(data.options(), earlier, strict=True) if not old
              for k, ex in enumerate(opts) if k != right]
     with reference():
         return wrong, torch.tensor(mean_answer_logprob(model, wrong, data.pad_token_id, batch_size, device=device))

@@ -472,9 +472,9 @@ def test_rmisu_whose_budget_runs_out_on_a_relapse_ends_at_the_last_check_that_fo
     at_chance, relapse = next((a[0], b[0]) for a, b in zip(checks, checks[1:]) if a[1] == 0 < b[1])
     curve, weights, known_at_end = edit(relapse)
     assert curve[-1]["known"] > 0 and curve[-1]["back_to_step"] == at_chance and known_at_end == 0
-    _, weights_then, _ = edit(at_chance)
+    curve_then, weights_then, _ = edit(at_chance)
     assert all(torch.equal(a, b) for a, b in zip(weights, weights_then, strict=True))
-    assert "back_to_step" not in edit(at_chance)[0][-1]  # a budget that ends at chance keeps its last weights
+    assert "back_to_step" not in curve_then[-1]  # a budget that ends at chance keeps its last weights
 
 
 def test_rmisu_leaves_people_forgotten_earlier_alone_while_every_check_finds_them_forgotten():
