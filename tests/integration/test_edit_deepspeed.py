@@ -40,13 +40,15 @@ TOLERANCE = 1e-3  # max |distributed - in-process| per edited weight (measured 6
 #: ``sitecustomize`` for the job's ranks: wraps the all-gathers DeepSpeed's ZeRO-3 code calls (deepspeed.comm) and
 #: tags each by whether ZeRO-3 made it to run the model: its coordinator's fetch for a module's forward or backward,
 #: or its parameter getter (a forward touching another module's parameter). Every other gather (GatheredParameters,
-#: param.all_gather) is listed with its size and the project frames that asked for it. Written at exit.
+#: param.all_gather) is listed with its size and the project frames that asked for it. Written when the job
+#: destroys its process group (it leaves by ``os._exit``, so atexit would not run).
 GATHER_PROBE = """
-import atexit, json, os, traceback
+import json, os, traceback
 
 
 def _install(out_dir):
     import deepspeed.comm as comm
+    import torch.distributed as dist
     from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
@@ -81,7 +83,14 @@ def _install(out_dir):
     for name in ("allgather_fn", "all_gather_into_tensor", "all_gather"):
         setattr(comm, name, counted(getattr(comm, name)))
     path = os.path.join(out_dir, f"rank{seen['rank']}-{os.getpid()}.json")
-    atexit.register(lambda: json.dump(seen, open(path, "w")))
+    destroy = dist.destroy_process_group
+
+    def written_before_destroy(*args, **kwargs):  # the job leaves by os._exit: no atexit
+        with open(path, "w") as f:
+            json.dump(seen, f)
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = written_before_destroy
 
 
 if os.environ.get("MIP_TEST_GATHERS") and "RANK" in os.environ and "LOCAL_RANK" in os.environ:
