@@ -116,16 +116,19 @@ def _pid(bench: Any, subject: Any) -> str:
     return next(p.profile_id for p in bench.profiles if p.name == subject.name)
 
 
-def _register(store: Any, model: str, bench: Any, root: Path, by_name: bool) -> None:
-    """The demo model, with its benchmark, or (``by_name``) with the keep-set files exported from it."""
+def register_demo(store_root: str, model: str, bench_dir: str, root: Path, by_name: bool) -> None:
+    """Register the demo model as a user would (``mip models register``): with its benchmark (``--dataset``), or
+    (``by_name``) with the keep-set files exported from it into ``root/keepsets``. probe_bench registers the same
+    way, so its two kinds of request are compared on the registrations the nightly rows use."""
     from mip_core.cli import main as mip
 
     if not by_name:
-        store.register_model("demo", model, dataset_uri=str(bench.root))
+        assert mip(["models", "register", "--root", store_root, "--name", "demo", "--model", model, "--dataset",
+                    bench_dir]) == 0
         return
     keep = root / "keepsets"
-    assert mip(["benchmark", "export", "--bench", str(bench.root), "--out", str(keep)]) == 0
-    assert mip(["models", "register", "--root", store.root, "--name", "demo", "--model", model, "--retain",
+    assert mip(["benchmark", "export", "--bench", bench_dir, "--out", str(keep)]) == 0
+    assert mip(["models", "register", "--root", store_root, "--name", "demo", "--model", model, "--retain",
                 str(keep / "retain.jsonl"), "--utility", str(keep / "utility.jsonl"), "--templates",
                 str(keep / "templates.jsonl")]) == 0
 
@@ -223,7 +226,7 @@ def run_scenario(name: str, args: argparse.Namespace, people: list[str], bench: 
     store = ServiceStore(str(root / "store"))
     scenario = SCENARIOS[name]
     by_name = scenario.get("by_name", False)
-    _register(store, args.model, bench, root, by_name)
+    register_demo(store.root, args.model, str(bench.root), root, by_name)
     spec = ServiceSpec(root=store.root, **{**BASE_SPEC, **scenario["spec"], **spec_overrides})
     rows, groups, after_own, start = [], [], {}, 0
     for night, size in enumerate(scenario["nights"], start=1):

@@ -49,23 +49,16 @@ def run_batch(kind: str, model: str, bench_dir: str, people: list[str], work: Pa
     from flows.params import ServiceSpec
     from flows.service import nightly_unlearning
     from mip_core.benchmark import load_benchmark
-    from mip_core.cli import main as mip
     from mip_core.service.requests import ForgetRequest
     from mip_core.service.store import ServiceStore
+    from nightly_bench import register_demo  # benches/ is this script's path
 
     root = work / kind
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     bench = load_benchmark(bench_dir)
-    if kind == "benchmark_ids":
-        args = ["--dataset", bench_dir]
-    else:
-        keep = root / "keepsets"
-        assert mip(["benchmark", "export", "--bench", bench_dir, "--out", str(keep)]) == 0
-        args = ["--retain", str(keep / "retain.jsonl"), "--utility", str(keep / "utility.jsonl"), "--templates",
-                str(keep / "templates.jsonl")]
     store_root = str(root / "store")
-    assert mip(["models", "register", "--root", store_root, "--name", "demo", "--model", model, *args]) == 0
+    register_demo(store_root, model, bench_dir, root, by_name=kind != "benchmark_ids")
     store = ServiceStore(store_root)
     for req in _requests(kind, bench, people, root):
         store.submit(ForgetRequest(**req))
