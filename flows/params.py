@@ -129,6 +129,13 @@ class ServiceSpec(BaseModel):
                                   "the same night, and a published batch retries alone the requests it did not make "
                                   "forgotten (a request judged alone that does not pass fails with its own "
                                   "figures); off: its requests fail with the batch.")
+    when_spent: Literal["alone", "close"] = Field("alone", description="Once one request alone is held back by "
+                                                  "the gate's floors against the registered model and nothing "
+                                                  "else (the lineage has spent its room): 'alone' edits each of "
+                                                  "the model's remaining requests of the run on its own, so each "
+                                                  "is published or fails with its own figures (an edit apiece); "
+                                                  "'close' closes them failed unedited, naming the remedy "
+                                                  "(retrain and register), to save those edits.")
     run_lease_ttl_s: float = Field(600, ge=1, description="A run renews its lease every ttl/4 seconds; a batch "
                                    "whose run stopped renewing for this long (killed process, lost node) is "
                                    "resumed by the next nightly run.")

@@ -6,8 +6,8 @@ A batch is a recipe of storage-keyed steps: plan -> attribute (Ray) -> reduce ->
 gate -> publish -> close. A held-back batch of several requests is split in two and each half retried the same
 night, on the version the one before published, and a published batch retries alone the requests it did not make
 forgotten (``ServiceSpec.split_held_back``). Once one request alone is held back by the gate's floors against the
-registered model and nothing else, the model's remaining batches of the run are closed failed unedited
-(``gate.lineage_spent``). Whatever happens, ``close`` gives every claimed request a terminal record (done, or
+registered model and nothing else (``gate.lineage_spent``), the model's remaining requests of the run are edited
+one at a time, or closed failed unedited (``ServiceSpec.when_spent``). Whatever happens, ``close`` gives every claimed request a terminal record (done, or
 failed with the reason), so no request is lost; a failed step still fails the run, so operators see it. A run
 whose process dies leaves its batch claimed; its lease lapses and the next run resumes the batch (``runs``),
 unless the batch failed the same way twice or its runs died three times: then it is closed failed, never looped on.
@@ -24,7 +24,8 @@ from prefect.runtime import flow_run
 from flows.params import ServiceSpec
 from mip_core.errors import InputError
 from mip_core.service.requests import ForgetRequest
-from mip_core.service.runs import BatchTakenOver, RunLease, check_owner, new_run_id, record_failure, target_of
+from mip_core.service.runs import (BatchTakenOver, RunLease, check_owner, new_run_id, record_failure, split_unplanned,
+                                   target_of)
 from mip_core.service.store import ServiceStore
 from tasks.service import (adopt_batch, attribute_task, batches_storage, check_settings, claim_pending,
                            claim_requests, close_task, edit_task, gate_task, plan_batch_task, publish_task,
@@ -97,16 +98,22 @@ def process_all(batch_ids: list[str], spec: ServiceSpec, run_id: str) -> tuple[l
     """Process ``batch_ids`` in turn, and the smaller batches a held-back batch is split into, each on the model
     version the batch before it published; returns ``(results, failed batch ids)``. Once a model's lineage has
     spent what the gate's floors against its registered model allow (``gate.lineage_spent``), its remaining
-    batches are closed failed with that reason, unedited."""
+    batches are split into one-request batches (``when_spent="alone"``) or closed failed unedited (``"close"``)."""
     queue, results, failed = list(batch_ids), [], []
-    spent: dict[str, str] = {}  # target model -> why its lineage takes no more edits in this run
+    spent: dict[str, str] = {}  # target model -> why its lineage is at the floors in this run
+    spent_by: dict[str, str] = {}  # target model -> the one-request batch held back by those floors alone
     store = ServiceStore(spec.root)
     while queue:
         batch_id = queue.pop(0)
         target = target_of(store, batch_id)
-        if target in spent:
+        if target in spent and spec.when_spent == "close":
             results += close_unedited(store, spec, batch_id, run_id, spent[target])
             continue
+        if target in spent:
+            instead = one_by_one(store, batch_id, target, run_id, spent_by[target])
+            if instead != [batch_id]:  # moved to batches of one, or adopted by another run
+                queue = instead + queue
+                continue
         state = process_batch(batch_id, spec, run_id, return_state=True)
         if not state.is_completed():
             failed.append(batch_id)
@@ -114,9 +121,32 @@ def process_all(batch_ids: list[str], spec: ServiceSpec, run_id: str) -> tuple[l
         results.append(state.result())
         if results[-1]["spent"]:
             get_run_logger().warning("batch %s: %s", batch_id, results[-1]["spent"])
-            spent[target] = results[-1]["spent"]
+            spent[target], spent_by[target] = results[-1]["spent"], batch_id
         queue = results[-1]["retry"] + queue  # split halves next, before other models' batches
     return results, failed
+
+
+def one_by_one(store: ServiceStore, batch_id: str, target: str, run_id: str, spent_by: str) -> list[str]:
+    """The batches to process instead of a not yet planned ``batch_id``: itself if it holds one request, else
+    one-request batches its requests move to; none if another run adopted it (that run processes it).
+
+    Why alone: at the floors, how much an edit costs other people depends on whom it forgets. On the night of 32
+    (BENCHMARKS.md section 10) the first request judged alone was held back at 0.595 < 0.600; of the three still
+    waiting, each edited alone from that same version, one was published and two held back (0.563, 0.540); a
+    batch of two of them had cost 0.571."""
+    try:
+        check_owner(store, batch_id, run_id)
+    except BatchTakenOver as exc:
+        get_run_logger().warning("batch %s: %s", batch_id, exc)
+        return []
+    why = (f"the model's lineage is at the gate's floors against its registered version (batch `{spent_by}`, one "
+           "request, was held back by them alone; its report has the figures), so each request is edited alone")
+    singles = split_unplanned(store, batch_id, target, run_id, why)
+    if not singles:
+        return [batch_id]
+    get_run_logger().warning("batch %s: the model's lineage is at the gate's floors against its registered "
+                             "version; its %d requests are edited one at a time: %s", batch_id, len(singles), singles)
+    return singles
 
 
 def close_unedited(store: ServiceStore, spec: ServiceSpec, batch_id: str, run_id: str, why: str

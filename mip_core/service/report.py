@@ -27,6 +27,15 @@ def unplanned_report(batch_id: str, target_model: str, records: Sequence[Any], r
     return "\n".join(lines) + "\n"
 
 
+def split_unedited_report(batch_id: str, target_model: str, records: Sequence[Any], why: str) -> str:
+    """Markdown for a batch whose requests moved to one-request batches before it was planned, so a record's
+    ``held_back_in`` entry for it leads to a report saying why and where each went."""
+    lines = [f"# MIP-Editor batch `{batch_id}`", "", f"Model `{target_model}`: **not edited; each request moved to a "
+             f"batch of its own**: {why}", "", "## Requests", "", "| request | state |", "|---|---|"]
+    lines += [f"| `{rec.request.request_id}` | {request_state(rec, batch_id)} |" for rec in records]
+    return "\n".join(lines) + "\n"
+
+
 def request_state(record: Any, batch_id: str) -> str:
     """A request's state as this batch's report shows it: a request this batch's gate held back and that moved
     on to a smaller batch is "retried in `<batch>`", whatever that batch made of it since."""

@@ -108,6 +108,22 @@ def split_batch(store: ServiceStore, request_ids: list[str], target_model: str, 
     return new_ids
 
 
+def split_unplanned(store: ServiceStore, batch_id: str, target_model: str, owner: str, why: str) -> list[str]:
+    """Move the waiting requests of a batch not yet planned into one-request batches owned by ``owner`` and write
+    the batch's report (``why``, and where each request went); returns the new batch ids, none for a batch of
+    one."""
+    from .report import split_unedited_report
+
+    waiting = claimed_batches(store, target_model).get(batch_id, [])
+    if len(waiting) < 2:
+        return []
+    singles = split_batch(store, waiting, target_model, owner, parts=len(waiting))
+    records = [store.get(r) for r in waiting]
+    store.write_text(store.batch_key(batch_id, "report.md"),
+                     split_unedited_report(batch_id, target_model, records, why))
+    return singles
+
+
 def claimed_batches(store: ServiceStore, target_model: str | None = None) -> dict[str, list[str]]:
     """batch id -> its requests still claimed (their batch has not closed them yet)."""
     out: dict[str, list[str]] = {}

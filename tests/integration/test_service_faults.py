@@ -187,40 +187,58 @@ def test_a_night_edits_its_queue_in_batches_each_on_the_version_before(harness, 
     assert store.list("pending") == [] and store.list("claimed") == []
 
 
-def test_once_one_request_alone_is_held_back_by_the_floors_against_the_registered_model_the_rest_are_not_edited(
-        harness, trained_tiny, tmp_path):
+FLOORS_OFF = {"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0, "min_generation": 0.0}
+
+
+def _eroded_then(tmp_path, trained_tiny, n_later: int) -> tuple[ServiceStore, list[str], dict]:
     """Night 1 publishes a fixed-budget edit without retain terms, which disturbs other people's answers (no floor
-    holds it back). Night 2 asks that nobody else's answer differ from the registered model's (retention floor 1.0)
-    with an edit of one step at lr 1e-8, which changes no answer of the version it starts from: the first request,
-    alone in its batch, is held back by the floor against the registered model and nothing else, so the second is
-    closed failed, unedited."""
+    holds it back); then ``n_later`` requests for the other people are queued. Returns the store, their ids and
+    night 2's spec: nobody else's answer may differ from the registered model's (retention floor 1.0), with an
+    edit of one step at lr 1e-8, which changes no answer of the version it starts from; so any batch of night 2
+    is held back by the floor against the registered model and nothing else."""
+    store, ids = _store_with_requests(tmp_path, trained_tiny, n_later + 1)
+    for rid in ids[1:]:  # night 2's: set aside while night 1 runs
+        store.finish(rid, "rejected", reason="not tonight")
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+
+    nightly_unlearning(ServiceSpec(root=store.root, **BASE, gate=FLOORS_OFF,  # no retain term: others drift
+                                   edit={"rmisu": {"steps": 40, "lr": 3e-2, "check_every": 0, "retain_weight": 0,
+                                                   "retain_ce_weight": 0}}))
+    assert store.versions("tiny") == ["v0001", "v0002"]
+    later = [f"g-{k}" for k in range(1, n_later + 1)]
+    for rid, was in zip(later, ids[1:], strict=True):
+        store.submit(ForgetRequest(request_id=rid, target_model="tiny", subjects=list(store.get(was).request.subjects),
+                                   requester="t", reason="privacy"))
+    night2 = {"root": store.root, **BASE, "gate": FLOORS_OFF | {"min_retention": 1.0},
+              "edit": {"rmisu": {"steps": 1, "lr": 1e-8, "check_every": 0}}}
+    return store, later, night2
+
+
+def _held_by_the_registered_floors_alone(store: ServiceStore, batch_id: str) -> dict:
+    gate = store.read_json(store.batch_key(batch_id, "gate.json"))
+    per_edit = [s["relative"] for s in gate["scores"] if s["items"] == "retain"]
+    assert per_edit and all(r == 1.0 for r in per_edit), gate["scores"]  # the edit changed no answer
+    assert gate["reasons"] == gate["registered_reasons"] and gate["reasons"], gate  # held back by those alone
+    assert all("since the registered model v0001" in r for r in gate["reasons"]) and gate["registered"]["version"] \
+        == "v0001"
+    return gate
+
+
+def test_once_one_request_alone_is_held_back_by_the_floors_against_the_registered_model_close_ends_the_rest(
+        harness, trained_tiny, tmp_path):
+    """With ``when_spent="close"``: the first request, alone in its batch, is held back by the floor against the
+    registered model and nothing else, so the second is closed failed, unedited, naming the remedy."""
     from flows.params import ServiceSpec
     from flows.service import nightly_unlearning
     from tasks.service import manifest_of
 
-    store, ids = _store_with_requests(tmp_path, trained_tiny, 3)
-    for rid in ids[1:]:  # night 2's: set aside while night 1 runs
-        store.finish(rid, "rejected", reason="not tonight")
-    floors_off = {"min_forgetting": 0.0, "min_retention": 0.0, "min_utility": 0.0, "min_generation": 0.0}
-    nightly_unlearning(ServiceSpec(root=store.root, **BASE, gate=floors_off,  # no retain term: others drift
-                                   edit={"rmisu": {"steps": 40, "lr": 3e-2, "check_every": 0, "retain_weight": 0,
-                                                   "retain_ce_weight": 0}}))
-    assert store.versions("tiny") == ["v0001", "v0002"]
-    later = [f"g-{k}" for k in (1, 2)]
-    for rid, was in zip(later, ids[1:], strict=True):
-        store.submit(ForgetRequest(request_id=rid, target_model="tiny", subjects=list(store.get(was).request.subjects),
-                                   requester="t", reason="privacy"))
-    spec = ServiceSpec(root=store.root, **BASE, requests_per_batch=1, gate=floors_off | {"min_retention": 1.0},
-                       edit={"rmisu": {"steps": 1, "lr": 1e-8, "check_every": 0}})
-    first, second = nightly_unlearning(spec)
+    store, _, night2 = _eroded_then(tmp_path, trained_tiny, 2)
+    first, second = nightly_unlearning(ServiceSpec(**night2, requests_per_batch=1, when_spent="close"))
 
     assert store.versions("tiny") == ["v0001", "v0002"]  # nothing published on night 2
-    gate = store.read_json(store.batch_key(first["batch_id"], "gate.json"))
-    assert manifest_of(store, first["batch_id"]).requests == ("g-1",) and gate["registered"]["version"] == "v0001"
-    per_edit = [s["relative"] for s in gate["scores"] if s["items"] == "retain"]
-    assert per_edit and all(r == 1.0 for r in per_edit), gate["scores"]  # the edit changed no answer
-    assert gate["reasons"] == gate["registered_reasons"] and gate["reasons"], gate  # held back by those alone
-    assert all("since the registered model v0001" in r for r in gate["reasons"])
+    assert manifest_of(store, first["batch_id"]).requests == ("g-1",)
+    _held_by_the_registered_floors_alone(store, first["batch_id"])
     held, unedited = store.get("g-1"), store.get("g-2")
     assert held.state == "failed" and "since the registered model v0001" in held.reason, held
     assert unedited.state == "failed" and unedited.reason.startswith("not edited: "), unedited
@@ -228,6 +246,35 @@ def test_once_one_request_alone_is_held_back_by_the_floors_against_the_registere
     assert second["spent"] == unedited.reason and second["version"] is None
     assert not store.exists(store.batch_key(second["batch_id"], "manifest.json"))  # never planned nor edited
     assert unedited.reason in store.read_text(store.batch_key(second["batch_id"], "report.md"))
+
+
+def test_once_the_lineage_is_at_its_floors_each_remaining_request_is_edited_and_judged_alone(
+        harness, trained_tiny, tmp_path):
+    """By default (``when_spent="alone"``), batches of 2: the first is held back and split; its first request,
+    alone, is held back by the floor against the registered model alone. From then on every request of the model
+    is edited in a batch of its own, the queued batch of two as well (moved unplanned, its report says where),
+    and each ends failed with its own gate's figures: none closed unedited, none for a batch it shared."""
+    from flows.params import ServiceSpec
+    from flows.service import nightly_unlearning
+    from tasks.service import manifest_of
+
+    store, later, night2 = _eroded_then(tmp_path, trained_tiny, 4)
+    results = nightly_unlearning(ServiceSpec(**night2, requests_per_batch=2))
+
+    assert store.versions("tiny") == ["v0001", "v0002"]  # nothing published on night 2
+    assert store.list("pending") == [] and store.list("claimed") == []
+    edited = {r["batch_id"]: manifest_of(store, r["batch_id"]).requests for r in results}
+    assert [len(reqs) for reqs in edited.values()] == [2, 1, 1, 1, 1], edited  # A, its halves, then B's singles
+    assert results[1]["spent"] and edited[results[1]["batch_id"]] == ("g-1",)
+    for rid in later:
+        record = store.get(rid)
+        assert record.state == "failed" and edited[record.batch_id] == (rid,), record  # judged alone
+        _held_by_the_registered_floors_alone(store, record.batch_id)
+        assert record.reason.startswith("gate: ") and "since the registered model v0001" in record.reason, record
+    queued_pair = store.get("g-3").held_back_in[-1]
+    assert queued_pair == store.get("g-4").held_back_in[-1] and queued_pair not in edited  # moved, never edited
+    report = store.read_text(store.batch_key(queued_pair, "report.md"))
+    assert "each request moved to a batch of its own" in report and store.get("g-3").batch_id in report
 
 
 def test_a_spent_lineage_closes_only_the_batches_this_run_still_owns(harness, trained_tiny, tmp_path):
