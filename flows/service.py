@@ -132,8 +132,8 @@ def one_by_one(store: ServiceStore, batch_id: str, target: str, run_id: str, spe
 
     Why alone: at the floors, how much an edit costs other people depends on whom it forgets. On the night of 32
     (BENCHMARKS.md section 10) the first request judged alone was held back at 0.595 < 0.600; of the three still
-    waiting, each edited alone from that same version, one was published and two held back (0.563, 0.540); a
-    batch of two of them had cost 0.571."""
+    waiting, each edited alone from that same version, one was published and two held back (0.563, 0.540);
+    the batch of two before had cost 0.571."""
     try:
         check_owner(store, batch_id, run_id)
     except BatchTakenOver as exc:

@@ -450,13 +450,14 @@ def decide(item_sets: Mapping[str, Sequence[Item]], before: Mapping[str, Mapping
 
 
 def lineage_spent(gate: Mapping[str, Any] | None, n_requests: int) -> str | None:
-    """Why the model's lineage takes no more edits in this run, or None: a batch of one request was held back by
-    the floors against the registered model and nothing else (its own person forgotten, the per-edit floors met).
+    """Why the model's lineage is at the gate's floors in this run, or None: a batch of one request was held back
+    by the floors against the registered model and nothing else (its own person forgotten, the per-edit floors
+    met). Worded as the reason a request closed unedited gets (``ServiceSpec.when_spent="close"``).
 
-    Why stop: splitting cannot shrink a batch of one, and every edit the service makes costs other people some of
-    their answers (on the demo model 5-30 % ROUGE-L per version, BENCHMARKS.md section 10), so the next requests
-    would each be edited, held back and failed in turn, an edit apiece for nothing. Only a model retrained without
-    the people forgotten so far, registered as the new reference, gives the room back."""
+    Splitting cannot shrink a batch of one, and every edit costs other people some of their answers (on the demo
+    model 5-30 % ROUGE-L per version, BENCHMARKS.md section 10), so the next requests are edited one at a time
+    (the default; on the night of 32 one of three then passed) or closed. Only a model retrained without the people
+    forgotten so far, registered as the new reference, gives the room back."""
     if not gate or gate.get("passed") or n_requests != 1:
         return None
     lineage = gate.get("registered_reasons") or []
