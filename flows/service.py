@@ -7,10 +7,11 @@ gate -> publish -> close. A held-back batch of several requests is split in two 
 night, on the version the one before published, and a published batch retries alone the requests it did not make
 forgotten (``ServiceSpec.split_held_back``). Once one request alone is held back by the gate's floors against the
 registered model and nothing else (``gate.lineage_spent``), the model's remaining requests of the run are edited
-one at a time, or closed failed unedited (``ServiceSpec.when_spent``). Whatever happens, ``close`` gives every claimed request a terminal record (done, or
-failed with the reason), so no request is lost; a failed step still fails the run, so operators see it. A run
-whose process dies leaves its batch claimed; its lease lapses and the next run resumes the batch (``runs``),
-unless the batch failed the same way twice or its runs died three times: then it is closed failed, never looped on.
+one at a time, or closed failed unedited (``ServiceSpec.when_spent``). Whatever happens, ``close`` gives every
+claimed request a terminal record (done, or failed with the reason), so no request is lost; a failed step still
+fails the run, so operators see it. A run whose process dies leaves its batch claimed; its lease lapses and the
+next run resumes the batch (``runs``), unless the batch failed the same way twice or its runs died three times:
+then it is closed failed, never looped on.
 """
 
 from __future__ import annotations

@@ -228,4 +228,4 @@ def check_owner(store: ServiceStore, batch_id: str, run_id: str) -> None:
 
 __all__ = ["MAX_RUNS_PER_BATCH", "BatchTakenOver", "RunLease", "abandon_reason", "adopt", "batch_owner_state",
            "check_owner", "claimed_batches", "close_unplanned", "new_run_id", "orphaned_batches", "owner_of",
-           "record_failure", "split_batch", "target_of", "write_claim"]
+           "record_failure", "split_batch", "split_unplanned", "target_of", "write_claim"]
