@@ -225,8 +225,6 @@ def test_cli_submit_and_list(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_status_traces_a_request(tmp_path, capsys):
-    from mip_core.cli import main
-
     root = str(tmp_path / "store")
     store = ServiceStore(root)
     for rid in ("s1", "s2", "s3"):
@@ -341,6 +339,24 @@ def test_cli_report_prints_the_html_location_and_json(tmp_path, capsys, monkeypa
     assert main(["report", "b9", "--root", root]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mip: error: batch 'b9' has no report")  # one line, what to do
+
+
+def test_an_unplanned_batch_moves_each_request_to_a_batch_of_its_own_and_says_where(tmp_path):
+    from mip_core.service.runs import claimed_batches, owner_of, split_unplanned
+
+    store = ServiceStore(str(tmp_path))
+    for rid in ("r1", "r2", "r3"):
+        store.submit(_req(rid))
+    store.claim(["r1", "r2", "r3"], "b-queued")
+    singles = split_unplanned(store, "b-queued", "demo", "run-1", "the lineage is at its floors")
+    assert claimed_batches(store) == {b: [r] for b, r in zip(singles, ("r1", "r2", "r3"), strict=True)}
+    assert {owner_of(store, b) for b in singles} == {"run-1"}
+    assert all(store.get(r).held_back_in == ["b-queued"] for r in ("r1", "r2", "r3"))
+    report = store.read_text(store.batch_key("b-queued", "report.md"))
+    assert "the lineage is at its floors" in report
+    assert all(f"| `{r}` | retried in `{b}` |" in report for r, b in zip(("r1", "r2", "r3"), singles, strict=True))
+    assert split_unplanned(store, singles[0], "demo", "run-1", "again") == []  # one request: stays as it is
+    assert claimed_batches(store)[singles[0]] == ["r1"] and not store.exists(store.batch_key(singles[0], "report.md"))
 
 
 def test_a_held_back_batch_splits_into_two_claimed_batches_that_remember_it(tmp_path):
