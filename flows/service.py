@@ -121,7 +121,9 @@ def process_all(batch_ids: list[str], spec: ServiceSpec, run_id: str) -> tuple[l
             continue
         results.append(state.result())
         if results[-1]["spent"]:
-            get_run_logger().warning("batch %s: %s", batch_id, results[-1]["spent"])
+            get_run_logger().warning("batch %s: %s", batch_id, results[-1]["spent"] if spec.when_spent == "close" else
+                                     "one request, held back by the gate's floors against the registered model "
+                                     "alone; the model's other requests of this run are edited one at a time")
             spent[target], spent_by[target] = results[-1]["spent"], batch_id
         queue = results[-1]["retry"] + queue  # split halves next, before other models' batches
     return results, failed
