@@ -127,8 +127,9 @@ def _image_bytes(table: ItemTable, items: Iterable[Item]) -> dict[str, bytes]:
 
 
 def plan_people_batch(store: ServiceStore, batch_id: str, requests: Sequence[ForgetRequest],
-                      keepsets: Mapping[str, str], answer: Answerer, *, target_model: str, base_version: str, base_uri: str,
-                      rejected: Mapping[str, str], retain_limit: int = 120, edit_retain_limit: int | None = None,
+                      keepsets: Mapping[str, str], answer: Answerer, *, target_model: str, base_version: str,
+                      base_uri: str, rejected: Mapping[str, str], retain_limit: int = 120,
+                      edit_retain_limit: int | None = None,
                       utility_limit: int = 50, seed: int = 0,
                       min_confidence: float = MIN_CONFIDENCE, forgotten: Forgotten | None = None,
                       earlier_limit: int = EARLIER_LIMIT, asked: Sequence[ForgetRequest] = (),
