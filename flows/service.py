@@ -101,17 +101,16 @@ def process_all(batch_ids: list[str], spec: ServiceSpec, run_id: str) -> tuple[l
     spent what the gate's floors against its registered model allow (``gate.lineage_spent``), its remaining
     batches are split into one-request batches (``when_spent="alone"``) or closed failed unedited (``"close"``)."""
     queue, results, failed = list(batch_ids), [], []
-    spent: dict[str, str] = {}  # target model -> why its lineage is at the floors in this run
-    spent_by: dict[str, str] = {}  # target model -> the one-request batch held back by those floors alone
+    spent: dict[str, dict[str, Any]] = {}  # target model -> the result of its batch of one that found the floors
     store = ServiceStore(spec.root)
     while queue:
         batch_id = queue.pop(0)
         target = target_of(store, batch_id)
         if target in spent and spec.when_spent == "close":
-            results += close_unedited(store, spec, batch_id, run_id, spent[target])
+            results += close_unedited(store, spec, batch_id, run_id, spent[target]["spent"])
             continue
         if target in spent:
-            instead = one_by_one(store, batch_id, target, run_id, spent_by[target])
+            instead = one_by_one(store, batch_id, target, run_id, spent[target]["batch_id"])
             if instead != [batch_id]:  # moved to batches of one, or adopted by another run
                 queue = instead + queue
                 continue
@@ -124,7 +123,7 @@ def process_all(batch_ids: list[str], spec: ServiceSpec, run_id: str) -> tuple[l
             get_run_logger().warning("batch %s: %s", batch_id, results[-1]["spent"] if spec.when_spent == "close" else
                                      "one request, held back by the gate's floors against the registered model "
                                      "alone; the model's other requests of this run are edited one at a time")
-            spent[target], spent_by[target] = results[-1]["spent"], batch_id
+            spent[target] = results[-1]
         queue = results[-1]["retry"] + queue  # split halves next, before other models' batches
     return results, failed
 
@@ -137,10 +136,7 @@ def one_by_one(store: ServiceStore, batch_id: str, target: str, run_id: str, spe
     (BENCHMARKS.md section 10) the first request judged alone was held back at 0.595 < 0.600; of the three still
     waiting, each edited alone from that same version, one was published and two held back (0.563, 0.540);
     the batch of two before had cost 0.571."""
-    try:
-        check_owner(store, batch_id, run_id)
-    except BatchTakenOver as exc:
-        get_run_logger().warning("batch %s: %s", batch_id, exc)
+    if not _still_owned(store, batch_id, run_id):
         return []
     why = (f"the model's lineage is at the gate's floors against its registered version (batch `{spent_by}`, one "
            "request, was held back by them alone; its report has the figures), so each request is edited alone")
@@ -156,14 +152,21 @@ def close_unedited(store: ServiceStore, spec: ServiceSpec, batch_id: str, run_id
                    ) -> list[dict[str, Any]]:
     """Close a batch failed without editing it (its model's lineage is spent), if this run still owns it;
     returns its result, or none when another run adopted it (that run closes it, as :func:`process_batch` does)."""
-    try:
-        check_owner(store, batch_id, run_id)
-    except BatchTakenOver as exc:
-        get_run_logger().warning("batch %s: %s", batch_id, exc)
+    if not _still_owned(store, batch_id, run_id):
         return []
     closed = close_task(spec.root, batch_id, None, None, why, {})
     return [{"batch_id": batch_id, "version": None, "report": closed["report"], "timings": {}, "retry": [],
              "spent": why}]
+
+
+def _still_owned(store: ServiceStore, batch_id: str, run_id: str) -> bool:
+    """Whether this run still owns ``batch_id`` (else it is logged and left to the run that adopted it)."""
+    try:
+        check_owner(store, batch_id, run_id)
+    except BatchTakenOver as exc:
+        get_run_logger().warning("batch %s: %s", batch_id, exc)
+        return False
+    return True
 
 
 @flow(name="nightly-unlearning")
